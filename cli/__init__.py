@@ -1,0 +1,1 @@
+"""The ``weightedit`` command line (installed as ``weightedit.cli``): thin typer commands over the library."""

@@ -1,0 +1,45 @@
+"""Entry point: ``weightedit <command>``."""
+
+from __future__ import annotations
+
+import typer
+
+from weightedit import __version__
+
+from . import inspect_cmd, orthogonalize_cmd
+
+app = typer.Typer(
+    name="weightedit",
+    help="Find the refusal direction of a chat LLM in any language and project it out of the weights.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"weightedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """weightedit: refusal directions, weight orthogonalization and multilingual evaluation."""
+
+
+for module in (orthogonalize_cmd, inspect_cmd):
+    module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

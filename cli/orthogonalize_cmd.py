@@ -1,0 +1,115 @@
+"""``weightedit orthogonalize``: bake a refusal direction out of the weights into a new checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from weightedit._progress import console
+
+from ._options import (
+    GgufFileOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "orthogonalize",
+        epilog=epilog(
+            "weightedit orthogonalize --model Qwen/Qwen2.5-1.5B-Instruct --direction-lang en --out ./qwen-ortho",
+            "weightedit orthogonalize --model ./model --direction refusal.safetensors --out ./model-ortho",
+            "weightedit orthogonalize --model model.gguf --direction r.safetensors --out ./edited --tied-embeddings edit-both",
+        ),
+    )(orthogonalize)
+
+
+@handle_errors
+def orthogonalize(
+    model: ModelOpt,
+    out: OutOpt,
+    direction: Annotated[
+        Path | None, typer.Option("--direction", "-d", help="Direction file (from `weightedit direction`).")
+    ] = None,
+    direction_lang: Annotated[
+        str | None,
+        typer.Option(
+            "--direction-lang", help="Compute the direction from built-in prompts in these languages (en, or en,zh,ar)."
+        ),
+    ] = None,
+    tied_embeddings: Annotated[
+        str,
+        typer.Option(
+            "--tied-embeddings",
+            help="For tied input/output embeddings: untie (exact edit, lm_head keeps the original) or edit-both (smaller, not exact).",
+        ),
+    ] = "untie",
+    overwrite: OverwriteOpt = False,
+    allow_model_mismatch: Annotated[
+        bool,
+        typer.Option("--allow-model-mismatch", help="Accept a direction file computed on a different model config."),
+    ] = False,
+    revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Project the refusal direction out of every matrix that writes to the residual stream."""
+    from weightedit.direction import load_direction
+    from weightedit.errors import InvalidDirectionError
+    from weightedit.orthogonalize import orthogonalize as run
+
+    if tied_embeddings not in ("untie", "edit-both"):
+        raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
+    if (direction is None) == (direction_lang is None):
+        raise InvalidDirectionError("pass exactly one of --direction FILE or --direction-lang LANGS")
+    if direction_lang is not None:
+        raise InvalidDirectionError(
+            "--direction-lang is not available in this build: compute a direction file first and pass --direction FILE"
+        )
+    d = load_direction(direction)
+    d.meta.setdefault("file", str(direction))
+    report = run(
+        model,
+        out,
+        d,
+        tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
+        overwrite=overwrite,
+        revision=revision,
+        gguf_file=gguf_file,
+        token=token,
+        allow_model_mismatch=allow_model_mismatch,
+        progress=not (quiet or json_out),
+    )
+    summary = {
+        "out": str(report.out),
+        "model_type": report.model_type,
+        "writer_groups": report.groups,
+        "tensors_edited": report.tensors_edited,
+        "tensors_already_orthogonal": report.tensors_already_orthogonal,
+        "tensors_copied": report.tensors_copied,
+        "bytes_written": report.bytes_written,
+        "max_relative_residual": report.max_relative_residual,
+        "tied_embeddings": report.tied_embeddings,
+        "seconds": round(report.seconds, 3),
+    }
+    if json_out:
+        emit_json(summary)
+        return
+    table = Table(title=f"orthogonalized → {report.out}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)

@@ -1,0 +1,32 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (to prove an input was not touched)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118
+                tensors[k] = sf.get_tensor(k)
+    return tensors
+
+
+def raw_bytes(folder: Path) -> dict[str, bytes]:
+    """Each tensor's stored bytes."""
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in load_tensors(folder).items()}

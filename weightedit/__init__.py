@@ -1,0 +1,45 @@
+"""weightedit: find the refusal direction of a chat LLM in any language and project it out of the weights.
+
+The public API is small and flat; heavy modules (torch, transformers) load on first use, so that
+``import weightedit`` and ``weightedit --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # architecture registry
+    "ArchSpec": "arch",
+    "families": "arch",
+    "get_spec": "arch",
+    "register": "arch",
+    # edit
+    "orthogonalize": "orthogonalize",
+    "orthogonalize_checkpoint": "orthogonalize",
+    "plan_edit": "orthogonalize",
+    "EditReport": "orthogonalize",
+    "Checkpoint": "checkpoint",
+    "resolve_model": "sources",
+    "ModelSource": "sources",
+    # directions
+    "Direction": "direction",
+    "load_direction": "direction",
+    "save_direction": "direction",
+    # errors
+    "WeighteditError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightedit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""Evaluation: judges, metrics, reports and plots."""

@@ -1,0 +1,1 @@
+"""Built-in multilingual prompt sets and loaders for user prompt files."""
