@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_hashes
 from safetensors.torch import save_file
-from tiny_models import random_direction
 from typer.testing import CliRunner
-from weightedit.cli.main import app
 
+from weightedit.cli.main import app
 from weightedit.direction import Direction, save_direction
+
+from helpers import folder_hashes
+from tiny_models import random_direction
 
 
 @pytest.fixture()

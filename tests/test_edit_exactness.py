@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
-from weightedit.cli.main import app
 
 from weightedit.arch import families
+from weightedit.cli.main import app
 from weightedit.direction import Direction, save_direction
 from weightedit.hooks import ablate, capture_residuals
+
+from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 
 TOLERANCE = 1e-4  # max abs logit difference, float32 (DESIGN.md §7)
 

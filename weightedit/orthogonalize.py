@@ -43,7 +43,15 @@ from .edit import BlockStats, effective_direction, noise_floor, project_out_, pr
 from .errors import InvalidCheckpointError, InvalidDirectionError
 from .sources import ModelSource, resolve_model
 
-__all__ = ["EditReport", "TiedEmbeddings", "orthogonalize", "orthogonalize_checkpoint", "plan_edit", "EditPlan"]
+__all__ = [
+    "EditReport",
+    "TiedEmbeddings",
+    "orthogonalize",
+    "orthogonalize_checkpoint",
+    "orthogonalize_model_",
+    "plan_edit",
+    "EditPlan",
+]
 
 TiedEmbeddings = Literal["untie", "edit-both"]
 
@@ -593,3 +601,44 @@ class _BackgroundHasher:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+@torch.no_grad()
+def orthogonalize_model_(
+    model: torch.nn.Module, direction: Direction | torch.Tensor, *, tied_embeddings: TiedEmbeddings = "untie"
+) -> dict[str, int]:
+    """In place: apply the same edit to a model already loaded in memory; return the edited groups.
+
+    The streaming :func:`orthogonalize_checkpoint` is the fast path for checkpoints on disk; this one is
+    for a model you already hold (a notebook, a training loop). Tied embeddings are untied by default,
+    with the LM head keeping the original matrix.
+    """
+    config = model.config
+    spec = spec_for_config(config)
+    vector = direction.vector if isinstance(direction, Direction) else direction
+    d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+    r = unit_direction(vector, d_model)
+    params = dict(model.named_parameters())
+    input_embeddings = model.get_input_embeddings().weight
+    output_embeddings = getattr(model.get_output_embeddings(), "weight", None)
+    if output_embeddings is not None and output_embeddings is input_embeddings and tied_embeddings == "untie":
+        # Give the LM head its own copy of the original matrix before the embedding is edited.
+        model.get_output_embeddings().weight = torch.nn.Parameter(input_embeddings.detach().clone())
+        config.tie_word_embeddings = False
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False
+    groups: dict[str, int] = {}
+    for name, param in params.items():
+        m = spec.match(name)
+        if m is None:
+            continue
+        u = r
+        if m.norm_name is not None:
+            u = effective_direction(r, params[m.norm_name].detach().cpu(), spec.norm_offset)
+        data = param.data
+        work = data if data.device.type == "cpu" and data.is_contiguous() else data.detach().to("cpu").contiguous()
+        project_out_(work, u, m.rule.axis)
+        if work is not data:
+            data.copy_(work)
+        groups[m.rule.group] = groups.get(m.rule.group, 0) + 1
+    return dict(sorted(groups.items()))

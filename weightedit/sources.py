@@ -22,7 +22,16 @@ from typing import Any
 
 from .errors import ModelNotFoundError, WeighteditError
 
-__all__ = ["ModelSource", "resolve_model", "cache_dir", "convert_gguf", "sha256_file", "HUB_ALLOW_PATTERNS"]
+__all__ = [
+    "ModelSource",
+    "resolve_model",
+    "cache_dir",
+    "convert_gguf",
+    "sha256_file",
+    "cached_sha256",
+    "remember_sha256",
+    "HUB_ALLOW_PATTERNS",
+]
 
 # What a checkpoint needs from a Hub repo: weights, configs, tokenizer and chat template files.
 HUB_ALLOW_PATTERNS = [
@@ -81,6 +90,42 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def _hash_index() -> Path:
+    return cache_dir() / "sha256-index.json"
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of ``path``, remembered by (path, size, mtime) so unchanged large files are hashed once."""
+    key = _stat_key(path)
+    try:
+        index = json.loads(_hash_index().read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return str(index[key])
+    digest = sha256_file(path)
+    remember_sha256(path, digest)
+    return digest
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    index_path = _hash_index()
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    index[_stat_key(path)] = digest
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(index, indent=0))
+    os.replace(tmp, index_path)
 
 
 def resolve_model(
@@ -216,7 +261,7 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
 
     path = Path(path).resolve()
     with status(f"hashing {path.name}", enabled=progress):
-        digest = sha256_file(path)
+        digest = cached_sha256(path)
     out = cache_dir() / "gguf" / f"{digest[:16]}-{dtype}"
     if (out / "config.json").exists():
         return out, digest

@@ -1,0 +1,1 @@
+"""Recipe YAML files; installed as the data package ``weightedit._recipes``."""

