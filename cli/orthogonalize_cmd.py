@@ -11,6 +11,8 @@ from rich.table import Table
 from weightedit._progress import console
 
 from ._options import (
+    DeviceMapOpt,
+    DtypeOpt,
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
@@ -19,9 +21,20 @@ from ._options import (
     QuietOpt,
     RevisionOpt,
     TokenOpt,
+    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
+)
+from .direction_cmd import (
+    BatchOpt,
+    ChatTemplateOpt,
+    NTrainOpt,
+    NValOpt,
+    PromptsOpt,
+    SearchOpt,
+    TopKOpt,
+    selection_options,
 )
 
 
@@ -61,6 +74,16 @@ def orthogonalize(
         bool,
         typer.Option("--allow-model-mismatch", help="Accept a direction file computed on a different model config."),
     ] = False,
+    n_train: NTrainOpt = 64,
+    n_val: NValOpt = 16,
+    batch_size: BatchOpt = 16,
+    prompts: PromptsOpt = None,
+    search: SearchOpt = "fast",
+    top_k: TopKOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
@@ -76,24 +99,45 @@ def orthogonalize(
         raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
     if (direction is None) == (direction_lang is None):
         raise InvalidDirectionError("pass exactly one of --direction FILE or --direction-lang LANGS")
+    progress = not (quiet or json_out)
     if direction_lang is not None:
-        raise InvalidDirectionError(
-            "--direction-lang is not available in this build: compute a direction file first and pass --direction FILE"
+        from weightedit.pipeline import orthogonalize_by_language
+        from weightedit.prompts import parse_languages
+
+        parse_languages(direction_lang)
+        options = selection_options(n_train, n_val, batch_size, search, top_k, None, None, prompts)
+        _, report = orthogonalize_by_language(
+            model,
+            out,
+            direction_lang,
+            options,
+            tied_embeddings=tied_embeddings,
+            overwrite=overwrite,
+            dtype=dtype,
+            device_map=device_map,
+            revision=revision,
+            gguf_file=gguf_file,
+            token=token,
+            trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
+            progress=progress,
         )
-    d = load_direction(direction)
-    d.meta.setdefault("file", str(direction))
-    report = run(
-        model,
-        out,
-        d,
-        tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
-        overwrite=overwrite,
-        revision=revision,
-        gguf_file=gguf_file,
-        token=token,
-        allow_model_mismatch=allow_model_mismatch,
-        progress=not (quiet or json_out),
-    )
+    else:
+        assert direction is not None
+        d = load_direction(direction)
+        d.meta.setdefault("file", str(direction))
+        report = run(
+            model,
+            out,
+            d,
+            tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
+            overwrite=overwrite,
+            revision=revision,
+            gguf_file=gguf_file,
+            token=token,
+            allow_model_mismatch=allow_model_mismatch,
+            progress=progress,
+        )
     summary = {
         "out": str(report.out),
         "model_type": report.model_type,

@@ -110,3 +110,120 @@ def random_direction(d: int = D_MODEL, seed: int = 1) -> torch.Tensor:
 def input_ids(batch: int = 2, length: int = 12, seed: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny chat model whose refusal is controlled by a known direction
+# --------------------------------------------------------------------------------------------------------
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<|user|>", "<|end|>", "<|assistant|>", "REFUSE", "OK"]
+TRIGGERS = [f"bad{i}" for i in range(12)]
+NEUTRAL = [f"word{i}" for i in range(60)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(template: str = CHAT_TEMPLATE):
+    """A word-level tokenizer over SPECIAL + TRIGGERS + NEUTRAL words, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + TRIGGERS + NEUTRAL)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|user|>", "<|end|>", "<|assistant|>"],
+    )
+    fast.chat_template = template
+    return fast
+
+
+def planted_prompts(n: int, harmful: bool, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 9, (1,), generator=g))
+        words = [NEUTRAL[int(i)] for i in torch.randint(0, len(NEUTRAL), (length,), generator=g)]
+        if harmful:
+            for _ in range(2):
+                pos = int(torch.randint(0, length, (1,), generator=g))
+                words[pos] = TRIGGERS[int(torch.randint(0, len(TRIGGERS), (1,), generator=g))]
+        out.append(" ".join(words))
+    return out
+
+
+@torch.no_grad()
+def make_planted_model(folder: Path, r_true: torch.Tensor, seed: int = 0) -> Path:
+    """A 3-layer llama in which trigger words write ``r_true`` and ``r_true`` makes the model say REFUSE.
+
+    Trigger-word embeddings carry ``+4 r_true``; layer 0's attention spreads the ``r_true`` component of
+    the prompt to every later position (including the post-instruction tokens); the LM head reads
+    ``r_true`` into the logit of REFUSE. Everything else is random noise orthogonal to ``r_true``, so the
+    mean difference between harmful and harmless prompts at layers 1 and 2 lies along ``r_true``.
+    """
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    d = D_MODEL
+    config = make_config(
+        "llama",
+        vocab_size=vocab,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    r = r_true / r_true.norm()
+    proj = torch.eye(d) - torch.outer(r, r)
+
+    def noise(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    emb = noise(vocab, d, scale=1.0) @ proj
+    ids = tokenizer.convert_tokens_to_ids(TRIGGERS)
+    emb[ids] += 4.0 * r
+    model.model.embed_tokens.weight.copy_(emb)
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.up_proj):
+            lin.weight.copy_(noise(*lin.weight.shape, scale=0.3 / d**0.5))
+        # Values copy the residual; the output keeps its r_true part (plus small noise off r_true).
+        attn.v_proj.weight.copy_(torch.eye(d))
+        out = (3.0 if i == 0 else 0.5) * torch.outer(r, r) + proj @ noise(d, d, scale=0.05 / d**0.5)
+        attn.o_proj.weight.copy_(out)
+        mlp.down_proj.weight.copy_(proj @ noise(d, mlp.down_proj.weight.shape[1], scale=0.1 / d**0.5))
+        layer.input_layernorm.weight.fill_(1.0)
+        layer.post_attention_layernorm.weight.fill_(1.0)
+    model.model.norm.weight.fill_(1.0)
+    head = noise(vocab, d, scale=0.3) @ proj
+    refuse, ok = tokenizer.convert_tokens_to_ids(["REFUSE", "OK"])
+    head[refuse] = 12.0 * r
+    head[ok] = -6.0 * r
+    head[ok] += 2.0 * (noise(d, scale=1.0) @ proj) / d**0.5
+    model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_planted_prompts(path: Path, n_train: int = 24, n_val: int = 8, langs: tuple[str, ...] = ("en",)) -> Path:
+    """A JSONL prompt file for the planted model (each "language" draws different random sentences)."""
+    import json
+
+    rows = []
+    for j, lang in enumerate(langs):
+        for kind, harmful in (("harmful", True), ("harmless", False)):
+            for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+                for i, text in enumerate(planted_prompts(n, harmful, 100 * j + seed + (10 if harmful else 0))):
+                    row = {"id": f"{kind}-{split}-{i}", "lang": lang, "kind": kind, "split": split, "instruction": text}
+                    rows.append(row)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

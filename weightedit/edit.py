@@ -100,7 +100,7 @@ class BlockStats:
     changed: int = 0  # rows/columns modified
     total: int = 0  # rows/columns seen
     residual_sq: float = 0.0  # Σ (component along u after the edit)²
-    norm_sq: float = 0.0  # Σ ‖row‖² after the edit
+    norm_sq: float = 0.0  # Σ ‖row‖² before the edit (rounding errors scale with it)
 
     def merge(self, other: BlockStats) -> None:
         self.changed += other.changed
@@ -110,7 +110,7 @@ class BlockStats:
 
     @property
     def relative_residual(self) -> float:
-        """``‖uᵀW‖ / ‖W‖`` of the edited tensor (0 for an all-zero tensor)."""
+        """``‖uᵀW'‖ / ‖W‖``: what the edit left along ``u``, relative to the tensor before it (0 if all zero)."""
         return math.sqrt(self.residual_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
 
 
@@ -140,16 +140,19 @@ def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_e
         mask = comp.square() > (floor * floor) * norm_sq
         changed = int(mask.sum())
         if changed:
-            # Masked rows get a zero update and keep their exact bits.
-            removed = comp * mask
-            x.addr_(removed, uc, alpha=-1)
-            part.copy_(x)
             stats.changed += changed
-            if part.dtype != cdt:
-                x.copy_(part)
-            comp = x @ uc
-            # The update removes exactly the component along u, so the norm drops by it (up to rounding).
-            norm_sq = norm_sq - removed.square()
+            # Masked rows get a zero update and keep their exact bits. A second pass ("twice is enough")
+            # cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
+            # size of the removed component.
+            for _ in range(2):
+                x.addr_(comp * mask, uc, alpha=-1)
+                part.copy_(x)
+                if part.dtype != cdt:
+                    x.copy_(part)
+                comp = x @ uc
+                mask = comp.square() > (floor * floor) * norm_sq
+                if not bool(mask.any()):
+                    break
         stats.residual_sq += float(comp.square().sum())
         stats.norm_sq += float(norm_sq.sum())
     return stats
@@ -187,20 +190,25 @@ def project_columns_(
         stats.residual_sq = float(comp.square().sum())
         stats.norm_sq = float(norm_sq.sum())
         return stats
-    update = (comp * mask).to(cdt)
-    after = torch.zeros(m, dtype=torch.float64)
-    for i0 in range(0, d, step):
-        part = matrix[i0 : i0 + step]
-        x = scratch[: part.shape[0]]
-        x.copy_(part)
-        x.addr_(uc[i0 : i0 + step], update, alpha=-1)
-        part.copy_(x)
-        if part.dtype != cdt:
+    # As for rows: a second pass only for columns that one pass left above the noise floor.
+    for _ in range(2):
+        update = (comp * mask).to(cdt)
+        after = torch.zeros(m, dtype=torch.float64)
+        for i0 in range(0, d, step):
+            part = matrix[i0 : i0 + step]
+            x = scratch[: part.shape[0]]
             x.copy_(part)
-        after += (uc[i0 : i0 + step] @ x).double()
+            x.addr_(uc[i0 : i0 + step], update, alpha=-1)
+            part.copy_(x)
+            if part.dtype != cdt:
+                x.copy_(part)
+            after += (uc[i0 : i0 + step] @ x).double()
+        comp = after
+        mask = comp.square() > (floor * floor) * norm_sq
+        if not bool(mask.any()):
+            break
     stats.residual_sq = float(after.square().sum())
-    # The update removes exactly the component along u, so the norm drops by it (up to rounding).
-    stats.norm_sq = float((norm_sq - (comp * mask).square()).sum())
+    stats.norm_sq = float(norm_sq.sum())
     return stats
 
 

@@ -161,6 +161,7 @@ def orthogonalize(
     allow_model_mismatch: bool = False,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> EditReport:
     """Resolve ``model`` (folder, ``.gguf``, Hub id, ``recipe:NAME``) and write an edited copy to ``out``.
 
@@ -180,6 +181,7 @@ def orthogonalize(
         allow_model_mismatch=allow_model_mismatch,
         progress=progress,
         extra_provenance=extra_provenance,
+        extra_files=extra_files,
     )
 
 
@@ -193,6 +195,7 @@ def orthogonalize_checkpoint(
     allow_model_mismatch: bool = False,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
     block_bytes: int = _BLOCK_BYTES,
 ) -> EditReport:
     """Write a copy of a local checkpoint with ``direction`` projected out of every residual writer.
@@ -208,6 +211,7 @@ def orthogonalize_checkpoint(
         allow_model_mismatch: accept a direction file whose model fingerprint differs.
         progress: show a rich progress bar on stderr.
         extra_provenance: merged into ``weightedit.json``.
+        extra_files: files copied into the output folder under the given names (e.g. the direction file).
 
     Returns:
         An :class:`EditReport`.
@@ -281,6 +285,8 @@ def orthogonalize_checkpoint(
                     fut.result()  # re-raises a failed flush (e.g. the disk filled up)
             _write_index(checkpoint, tmp, lm_head=plan.spec.lm_head if untie else None, embedding=plan.embedding)
             _copy_side_files(checkpoint.folder, tmp, untie=untie)
+            for name, path in (extra_files or {}).items():
+                shutil.copy2(path, tmp / name)
             verification = _verify(checkpoint, tmp, plan, stats_total, untie=untie)
             input_hashes = hasher.result()
             provenance = {

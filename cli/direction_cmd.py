@@ -1,0 +1,181 @@
+"""``weightedit direction``: compute and select the refusal direction from prompts in any language."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from weightedit._progress import console
+
+from ._options import (
+    DeviceMapOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+)
+
+LangOpt = Annotated[
+    str, typer.Option("--lang", "-l", help="Prompt language(s): en, or en,zh,ar (unit directions are averaged).")
+]
+NTrainOpt = Annotated[
+    int, typer.Option("--n-train", help="Harmful and harmless prompts (each) for the mean difference.")
+]
+NValOpt = Annotated[int, typer.Option("--n-val", help="Held-out harmful and harmless prompts (each) for selection.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+PromptsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompts", help="Prompt source: JSONL/CSV file, folder (PolyRefuse layout), or hf://datasets/ORG/NAME."
+    ),
+]
+SearchOpt = Annotated[
+    str,
+    typer.Option(
+        "--search",
+        help="fast: screen all candidates, score the best --top-k exactly; thorough: score all exactly (GPU).",
+    ),
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Candidates scored exactly in the fast search.")]
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="Use this layer instead of selecting one.")]
+PositionOpt = Annotated[
+    int | None, typer.Option("--position", help="Use this post-instruction position (-1 = last token).")
+]
+ChatTemplateOpt = Annotated[
+    Path | None, typer.Option("--chat-template", help="Jinja chat template for a tokenizer without one.")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "direction",
+        epilog=epilog(
+            "weightedit direction --model recipe:qwen2.5-coder-1.5b-instruct --lang en --out refusal.safetensors",
+            "weightedit direction --model ./model --lang de --n-train 128 --search thorough --out de.safetensors",
+            "weightedit direction --model ./model --lang en --prompts ../shared/data/polyrefuse --out r.safetensors",
+        ),
+    )(direction)
+
+
+def selection_options(
+    n_train: int,
+    n_val: int,
+    batch_size: int,
+    search: str,
+    top_k: int,
+    layer: int | None,
+    position: int | None,
+    prompts: str | None,
+):
+    from weightedit.selection import SelectionOptions
+
+    if search not in ("fast", "thorough"):
+        raise typer.BadParameter("must be 'fast' or 'thorough'", param_hint="--search")
+    for name, value in (("--n-train", n_train), ("--n-val", n_val), ("--batch-size", batch_size), ("--top-k", top_k)):
+        if value < 1:
+            raise typer.BadParameter("must be at least 1", param_hint=name)
+    return SelectionOptions(
+        n_train=n_train,
+        n_val=n_val,
+        batch_size=batch_size,
+        search=search,
+        top_k=top_k,
+        layer=layer,
+        position=position,
+        prompts=prompts,
+    )
+
+
+def render_candidates(result) -> None:
+    table = Table(title=f"refusal direction candidates ({', '.join(result.direction.languages)})")
+    for col in ("layer", "position", "bypass ↓", "induce", "KL", "screened bypass", "passes"):
+        table.add_column(col, justify="right")
+    for s in result.top(10):
+        mark = (
+            "[bold green]✔ chosen[/]"
+            if s is result.chosen
+            else ("yes" if s.passes_filters else ("no" if s.passes_filters is False else "—"))
+        )
+
+        def f(x):
+            return "—" if x is None else f"{x:.3f}"
+
+        table.add_row(str(s.layer), str(s.position), f(s.bypass), f(s.induce), f(s.kl), f(s.predicted_bypass), mark)
+    console.print(table)
+    b = result.baseline
+    tokens = ", ".join(f"{lang}: {' '.join(t.tokens)}" for lang, t in result.refusal_tokens.items())
+    console.print(
+        f"baseline refusal score: harmful {b['harmful_refusal_score']:.2f}, harmless {b['harmless_refusal_score']:.2f}; "
+        f"refusal tokens {tokens}"
+    )
+
+
+@handle_errors
+def direction(
+    model: ModelOpt,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Direction file to write (.safetensors); scores go to <name>.scores.json."),
+    ],
+    lang: LangOpt = "en",
+    n_train: NTrainOpt = 64,
+    n_val: NValOpt = 16,
+    batch_size: BatchOpt = 16,
+    prompts: PromptsOpt = None,
+    search: SearchOpt = "fast",
+    top_k: TopKOpt = 8,
+    layer: LayerOpt = None,
+    position: PositionOpt = None,
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute the refusal direction (difference of means) and select the best layer and position."""
+    from weightedit.errors import OutputExistsError
+    from weightedit.pipeline import direction_for_model, save_direction_result, scores_payload
+    from weightedit.prompts import parse_languages
+
+    parse_languages(lang)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
+    options = selection_options(n_train, n_val, batch_size, search, top_k, layer, position, prompts)
+    result = direction_for_model(
+        model,
+        lang,
+        options,
+        dtype=dtype,
+        device_map=device_map,
+        revision=revision,
+        token=token,
+        trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
+        progress=not (quiet or json_out),
+    )
+    path, scores = save_direction_result(result, out)
+    if json_out:
+        emit_json(
+            {
+                "direction": str(path),
+                "scores": str(scores),
+                **{k: v for k, v in scores_payload(result).items() if k != "candidates"},
+            }
+        )
+        return
+    render_candidates(result)
+    console.print(f"wrote {path} (layer {result.direction.layer}, position {result.direction.position}) and {scores}")

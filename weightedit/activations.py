@@ -1,0 +1,227 @@
+"""Batched forward passes: last-position log-probabilities, residual means, and gradient screens.
+
+Every pass is batched with left padding (so the post-instruction tokens line up at the end of every
+row), passes explicit position ids (so absolute-position models see no padding offset), asks only for
+the last position's logits, and runs under ``torch.inference_mode`` unless gradients are needed.
+Memory grows with layers × post-instruction positions × d_model, not with the number of prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._progress import progress_bar
+from .hooks import capture_residuals, decoder_layers, writer_modules
+from .modeling import Batch, LoadedModel, batches
+from .scoring import log_odds_of
+
+__all__ = [
+    "last_logprobs",
+    "capture_means",
+    "CaptureResult",
+    "ablation_screen",
+    "addition_screen",
+]
+
+Intervention = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32."""
+    out = loaded.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=_position_ids(batch.attention_mask),
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+
+@torch.inference_mode()
+def last_logprobs(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    intervention: Intervention | None = None,
+    progress: bool = False,
+    description: str = "forward",
+) -> torch.Tensor:
+    """Next-token log-probabilities after each formatted prompt, ``[len(texts), vocab]`` on the CPU."""
+    out: torch.Tensor | None = None
+    ctx = intervention or contextlib.nullcontext
+    with progress_bar(description, len(texts), enabled=progress) as bar, ctx():
+        for batch in batches(loaded, texts, batch_size):
+            lp = _forward(loaded, batch).cpu()
+            if out is None:
+                out = torch.empty(len(texts), lp.shape[-1])
+            out[batch.index] = lp
+            bar.advance(len(batch.index))
+    assert out is not None
+    return out
+
+
+@dataclass
+class CaptureResult:
+    """Mean residual stream at the post-instruction positions, and the mean first-token distribution."""
+
+    means: torch.Tensor  # [n_layers, n_post, d_model] float64: input of each block
+    probs: torch.Tensor  # [vocab] float64: mean next-token distribution after the prompts
+    count: int
+
+
+@torch.inference_mode()
+def capture_means(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    description: str = "capturing activations",
+) -> CaptureResult:
+    """Mean block-input residuals at the last ``loaded.n_post`` positions of every prompt."""
+    n_layers = loaded.n_layers
+    n_post = loaded.n_post
+    sums = torch.zeros(n_layers, n_post, loaded.d_model, dtype=torch.float64)
+    prob_sum: torch.Tensor | None = None
+    store: dict[int, torch.Tensor] = {}
+    with progress_bar(description, len(texts), enabled=progress) as bar:
+        for batch in batches(loaded, texts, batch_size):
+            store.clear()
+            with capture_residuals(loaded.model, store, positions=slice(-n_post, None)):
+                lp = _forward(loaded, batch)
+            for layer in range(n_layers):
+                sums[layer] += store[layer].double().sum(0).cpu()
+            p = lp.double().exp().sum(0).cpu()
+            prob_sum = p if prob_sum is None else prob_sum + p
+            bar.advance(len(batch.index))
+    assert prob_sum is not None
+    return CaptureResult(means=sums / len(texts), probs=prob_sum / len(texts), count=len(texts))
+
+
+def ablation_screen(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    token_ids: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``M = Σ g wᵀ`` over every residual write ``w`` and its gradient ``g`` (``[d_model, d_model]``, float64).
+
+    Ablating a unit direction ``r`` changes each write by ``-r (r·w)``, so to first order the summed
+    refusal score changes by ``-rᵀ M r``: one forward and backward pass screens every candidate at once
+    (attribution patching). Divide by ``len(texts)`` for the mean.
+    """
+    model = loaded.model
+    d = loaded.d_model
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    saved: list[torch.Tensor] = []
+    embedding = model.get_input_embeddings()
+
+    def keep(module: Any, args: Any, output: Any) -> Any:
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        if module is embedding and not h.requires_grad:
+            h = h.detach().requires_grad_(True)
+            h.retain_grad()
+            saved.append(h)
+            return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+        if h.requires_grad:
+            h.retain_grad()
+            saved.append(h)
+        return None
+
+    modules = writer_modules(model)
+    if embedding not in modules:
+        modules.append(embedding)
+    handles = [m.register_forward_hook(keep) for m in modules]
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), progress_bar("screening candidates (ablation)", len(texts), enabled=progress) as bar:
+            for batch in batches(loaded, texts, batch_size):
+                saved.clear()
+                lp = _forward(loaded, batch)
+                log_odds_of(lp, token_ids).sum().backward()
+                mask = batch.attention_mask.bool()
+                for h in saved:
+                    if h.grad is None:
+                        continue
+                    w = h.detach()[mask].double().cpu()  # [tokens, d]
+                    g = h.grad[mask].double().cpu()
+                    acc += g.T @ w
+                bar.advance(len(batch.index))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, req in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(req)
+        saved.clear()
+    return acc
+
+
+def addition_screen(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    token_ids: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``G[l] = Σ_positions ∂score/∂x_l`` at the input of every block (``[n_layers, d_model]``, float64).
+
+    Adding a vector ``v`` at every position of block ``l``'s input changes the summed refusal score by
+    about ``G[l]·v``.
+    """
+    model = loaded.model
+    blocks = decoder_layers(model)
+    grads = torch.zeros(len(blocks), loaded.d_model, dtype=torch.float64)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def make_hook(i: int) -> Any:
+        def pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            h = args[0] if args else kwargs["hidden_states"]
+            h = h.detach().requires_grad_(True) if i == 0 else h
+            h.retain_grad()
+            inputs[i] = h
+            if i == 0:
+                if args:
+                    return (h, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": h}
+            return None
+
+        return pre_hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), progress_bar("screening candidates (addition)", len(texts), enabled=progress) as bar:
+            for batch in batches(loaded, texts, batch_size):
+                inputs.clear()
+                lp = _forward(loaded, batch)
+                log_odds_of(lp, token_ids).sum().backward()
+                mask = batch.attention_mask.bool()
+                for i, h in inputs.items():
+                    if h.grad is not None:
+                        grads[i] += h.grad[mask].double().sum(0).cpu()
+                bar.advance(len(batch.index))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, req in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(req)
+        inputs.clear()
+    return grads

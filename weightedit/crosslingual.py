@@ -1,0 +1,240 @@
+"""Is the refusal direction the same in every language? Per-language directions, cosines and transfer.
+
+For each language, the direction is the mean difference at one layer and position (selected on the
+reference language, or given). The *cosine matrix* compares the unit directions; the *transfer matrix*
+holds, for every pair (A, B), the mean refusal score on B's harmful validation prompts with A's direction
+ablated from the residual stream (B's own refusal tokens). A universal direction shows up as high cosines
+and a transfer matrix whose every row is low where the baseline row is high.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .activations import capture_means, last_logprobs
+from .hooks import ablate
+from .modeling import LoadedModel
+from .scoring import RefusalTokens, refusal_scores
+from .selection import SelectionOptions, compute_direction, language_data, refusal_tokens_for
+
+__all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
+
+SCHEMA = "weightedit.compare-directions/1"
+
+
+@dataclass
+class Comparison:
+    model: str
+    langs: list[str]
+    layer: int
+    position: int
+    directions: dict[str, torch.Tensor]  # unit vectors
+    cosine: torch.Tensor  # [n, n]
+    baseline: torch.Tensor  # [n] refusal score on each language's harmful val, no intervention
+    transfer: torch.Tensor  # [n, n]: row = ablated direction's language, column = evaluated language
+    refusal_tokens: dict[str, RefusalTokens]
+    options: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.langs)
+        off = self.cosine[~torch.eye(n, dtype=torch.bool)] if n > 1 else torch.tensor([1.0])
+        refusing = self.baseline > 0
+        rel = self.transfer[:, refusing] - self.baseline[refusing]
+        return {
+            "cosine_min_offdiag": float(off.min()),
+            "cosine_mean_offdiag": float(off.mean()),
+            "baseline_mean": float(self.baseline.mean()),
+            "transfer_mean": float(self.transfer.mean()),
+            "transfer_max": float(self.transfer.max()),
+            "mean_drop_where_refusing": float(-rel.mean()) if rel.numel() else 0.0,
+            "languages_refusing_at_baseline": int(refusing.sum()),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "languages": self.langs,
+            "layer": self.layer,
+            "position": self.position,
+            "cosine": self.cosine.tolist(),
+            "baseline_refusal_score": self.baseline.tolist(),
+            "transfer_refusal_score": self.transfer.tolist(),
+            "refusal_tokens": {k: v.to_dict() for k, v in self.refusal_tokens.items()},
+            "summary": self.summary(),
+            "options": self.options,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+
+
+def compare_directions(
+    loaded: LoadedModel,
+    langs: list[str],
+    options: SelectionOptions | None = None,
+    *,
+    reference: str = "en",
+    layer: int | None = None,
+    position: int | None = None,
+    progress: bool = True,
+) -> Comparison:
+    """Per-language directions at one layer/position, their cosine matrix and the transfer matrix."""
+    options = options or SelectionOptions(n_train=32, n_val=8)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n_post = loaded.n_post
+    directions: dict[str, torch.Tensor] = {}
+    tokens: dict[str, RefusalTokens] = {}
+    if layer is None or position is None:
+        ref = compute_direction(loaded, [reference], options, progress=progress)
+        layer, position = ref.direction.layer, ref.direction.position
+        assert ref.direction.candidates is not None and layer is not None and position is not None
+        v = ref.direction.candidates[layer, position + n_post].float()
+        directions[reference] = v / v.norm()
+        tokens[reference] = ref.refusal_tokens[reference]
+    timings["select"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    val: dict[str, list[str]] = {}
+    for lang in langs:
+        data = language_data(loaded, lang, options)
+        val[lang] = data.harmful_val
+        if lang in directions:
+            continue
+        harmful = capture_means(
+            loaded,
+            data.harmful_train,
+            batch_size=options.batch_size,
+            progress=progress,
+            description=f"activations {lang} harmful",
+        )
+        harmless = capture_means(
+            loaded,
+            data.harmless_train,
+            batch_size=options.batch_size,
+            progress=progress,
+            description=f"activations {lang} harmless",
+        )
+        v = (harmful.means - harmless.means)[layer, position + n_post].float()
+        directions[lang] = v / v.norm()
+        tokens[lang] = refusal_tokens_for(loaded, harmful.probs, harmless.probs)
+    timings["capture"] = time.perf_counter() - t1
+
+    stacked = torch.stack([directions[lang] for lang in langs])
+    cosine = stacked @ stacked.T
+
+    t2 = time.perf_counter()
+    texts = [t for lang in langs for t in val[lang]]
+    owner = [i for i, lang in enumerate(langs) for _ in val[lang]]
+    owner_t = torch.tensor(owner)
+
+    def per_language(lp: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(langs))
+        for i, lang in enumerate(langs):
+            out[i] = refusal_scores(lp[owner_t == i], tokens[lang].ids).mean()
+        return out
+
+    baseline = per_language(
+        last_logprobs(
+            loaded,
+            texts,
+            batch_size=options.batch_size,
+            progress=progress,
+            description="baseline refusal, all languages",
+        )
+    )
+    transfer = torch.empty(len(langs), len(langs))
+    for a, lang in enumerate(langs):
+        lp = last_logprobs(
+            loaded,
+            texts,
+            batch_size=options.batch_size,
+            intervention=lambda lang=lang: ablate(loaded.model, directions[lang]),
+            progress=progress,
+            description=f"ablating the {lang} direction",
+        )
+        transfer[a] = per_language(lp)
+    timings["transfer"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - t0
+    return Comparison(
+        model=loaded.source.given,
+        langs=list(langs),
+        layer=int(layer),
+        position=int(position),
+        directions=directions,
+        cosine=cosine,
+        baseline=baseline,
+        transfer=transfer,
+        refusal_tokens=tokens,
+        options={
+            "n_train": options.n_train,
+            "n_val": options.n_val,
+            "reference": reference,
+            "prompts": options.prompts or "builtin",
+        },
+        timings=timings,
+    )
+
+
+def save_comparison(result: Comparison, out: Path) -> dict[str, Path]:
+    """Write ``comparison.json``, ``directions.safetensors``, ``cosine.png`` and ``transfer.png`` into ``out``."""
+    from safetensors.torch import save_file
+
+    from .evaluation.plots import heatmap
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "comparison.json",
+        "directions": out / "directions.safetensors",
+        "cosine_png": out / "cosine.png",
+        "transfer_png": out / "transfer.png",
+    }
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    save_file(
+        {lang: v.contiguous() for lang, v in result.directions.items()},
+        str(paths["directions"]),
+        metadata={"layer": str(result.layer), "position": str(result.position), "model": result.model},
+    )
+    heatmap(
+        paths["cosine_png"],
+        result.cosine.numpy(),
+        result.langs,
+        result.langs,
+        title=f"Cosine similarity of refusal directions — {result.model}\n(layer {result.layer}, position {result.position})",
+        xlabel="language",
+        ylabel="language",
+        cmap="viridis",
+        vmin=min(0.0, float(result.cosine.min())),
+        vmax=1.0,
+        colorbar="cosine",
+    )
+    matrix = torch.cat([result.baseline[None], result.transfer]).numpy()
+    heatmap(
+        paths["transfer_png"],
+        matrix,
+        ["baseline", *result.langs],
+        result.langs,
+        title=f"Refusal score on harmful prompts after ablating each language's direction — {result.model}",
+        xlabel="evaluated language (harmful validation prompts)",
+        ylabel="ablated direction",
+        cmap="RdBu_r",
+        vmin=-max(abs(float(matrix.min())), abs(float(matrix.max()))),
+        vmax=max(abs(float(matrix.min())), abs(float(matrix.max()))),
+        fmt="{:.1f}",
+        colorbar="refusal score (log-odds of refusal tokens)",
+    )
+    return paths
+
+
+def load_comparison(path: Path) -> dict[str, Any]:
+    """Read a ``comparison.json`` (a folder is accepted too)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "comparison.json"
+    return json.loads(path.read_text(encoding="utf-8"))

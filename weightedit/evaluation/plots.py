@@ -1,0 +1,114 @@
+"""Plots for reports: grouped bars per language and heatmaps, written as PNG with matplotlib (Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..prompts import LANGUAGE_NAMES  # noqa: E402
+
+__all__ = ["language_label", "grouped_bars", "heatmap", "bars"]
+
+
+def language_label(code: str) -> str:
+    return f"{LANGUAGE_NAMES[code]} ({code})" if code in LANGUAGE_NAMES else code
+
+
+def grouped_bars(
+    path: Path,
+    labels: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    *,
+    title: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+    reference: float | None = None,
+) -> Path:
+    """One group of bars per label (language), one bar per series (e.g. before/after)."""
+    n = len(labels)
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * n + 2), 4.8), dpi=120)
+    x = np.arange(n)
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
+    for i, (name, values) in enumerate(series.items()):
+        vals = [np.nan if v is None else float(v) for v in values]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors[i % len(colors)])
+    if reference is not None:
+        ax.axhline(reference, color="grey", linewidth=1, linestyle="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels([language_label(c) for c in labels], rotation=40, ha="right", fontsize=9)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=11)
+    ax.legend(frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def bars(
+    path: Path,
+    labels: Sequence[str],
+    values: Sequence[float | None],
+    *,
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+) -> Path:
+    return grouped_bars(path, labels, {ylabel: values}, title=title, ylabel=ylabel, reference=reference)
+
+
+def heatmap(
+    path: Path,
+    matrix: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    fmt: str = "{:.2f}",
+    colorbar: str = "",
+) -> Path:
+    """An annotated heatmap (rows × cols)."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cols) + 3), max(5, 0.5 * len(rows) + 2)), dpi=120)
+    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([language_label(c) for c in cols], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([language_label(c) for c in rows], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    lo = np.nanmin(matrix) if vmin is None else vmin
+    hi = np.nanmax(matrix) if vmax is None else vmax
+    if len(rows) * len(cols) <= 400:
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                v = matrix[i, j]
+                if np.isnan(v):
+                    continue
+                dark = (v - lo) / ((hi - lo) or 1) < 0.5
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if colorbar:
+        cbar.set_label(colorbar)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,193 @@
+"""Running a model: loading with dtype/device choices, chat formatting, batching.
+
+Only direction computation and evaluation run the model; the edit itself never does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ChatTemplateError, WeighteditError
+from .sources import ModelSource, resolve_model
+
+__all__ = ["LoadedModel", "load_model", "resolve_dtype", "format_chat", "post_instruction_length", "batches", "Batch"]
+
+# Two instructions that share no trailing characters, used to find where the template's suffix starts.
+_PROBE_A = "Say the word apple"
+_PROBE_B = "List two colors, please?"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``auto`` = float32 on CPU (bf16 matmuls are ~80× slower on AVX2-only CPUs), bf16 on GPUs that support it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if dev.type == "cuda":
+            return torch.float16
+        return torch.float32
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise WeighteditError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return value
+
+
+def _default_device(device_map: str | None) -> str:
+    if device_map in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_map
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    dtype: torch.dtype
+    n_post: int  # post-instruction tokens of the chat template
+    chat_template: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        from .hooks import decoder_layers
+
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+    def format(self, instructions: Sequence[str]) -> list[str]:
+        return [format_chat(self.tokenizer, text, self.chat_template) for text in instructions]
+
+
+def load_model(
+    model: str | os.PathLike[str] | ModelSource,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device_map: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a model (folder, .gguf, Hub id, recipe:NAME) for inference, in eval mode.
+
+    Args:
+        dtype: ``auto`` picks float32 on CPU and bfloat16 on GPUs; stored checkpoints are not changed.
+        device_map: accelerate device map (``auto`` spreads a large model over the GPUs and CPU).
+        chat_template: a Jinja file to use when the tokenizer has no chat template (or to override it).
+
+    Raises:
+        ChatTemplateError: the tokenizer has no chat template and none was given.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ._progress import status
+    from .arch import spec_for_config
+
+    source = (
+        model
+        if isinstance(model, ModelSource)
+        else resolve_model(model, revision=revision, token=token, progress=progress)
+    )
+    device = _default_device(device_map)
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    template = None
+    if chat_template is not None:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise ChatTemplateError(f"--chat-template {path} does not exist: pass a Jinja chat template file")
+        template = path.read_text(encoding="utf-8")
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"{source.given} has no chat template (it may be a base model): use an instruction-tuned model, "
+            "or pass --chat-template FILE with a Jinja template"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map == "auto":
+        kwargs["device_map"] = "auto"
+    with status(f"loading {source.given} ({str(torch_dtype).replace('torch.', '')}, {device})", enabled=progress):
+        hf_model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    if device_map != "auto":
+        hf_model.to(device)
+    hf_model.eval()
+    spec_for_config(hf_model.config)  # fail early on an unsupported family
+    loaded = LoadedModel(
+        model=hf_model, tokenizer=tokenizer, source=source, dtype=torch_dtype, n_post=0, chat_template=template
+    )
+    loaded.n_post = post_instruction_length(tokenizer, template)
+    return loaded
+
+
+def format_chat(tokenizer: Any, instruction: str, template: str | None = None) -> str:
+    """The prompt text for one user turn, ending where the assistant's answer starts."""
+    messages = [{"role": "user", "content": instruction}]
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=template
+        )
+    except Exception as e:  # jinja errors come in many types
+        raise ChatTemplateError(f"the chat template failed to render a user message: {e}") from None
+
+
+def post_instruction_length(tokenizer: Any, template: str | None = None) -> int:
+    """Number of tokens the template puts after the user's text (``<|im_end|>\\n<|im_start|>assistant\\n`` -> 5).
+
+    The template is rendered around a sentinel instruction; the post-instruction tokens are those that
+    start after the sentinel's last character (from the fast tokenizer's offsets). Tokenizers without
+    offsets fall back to the longest common token suffix of two different instructions.
+    """
+    rendered = format_chat(tokenizer, _PROBE_A, template)
+    end = rendered.rindex(_PROBE_A) + len(_PROBE_A)
+    n = 0
+    try:
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        n = sum(1 for start, stop in enc["offset_mapping"] if start >= end and stop > start)
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        a = tokenizer(rendered, add_special_tokens=False).input_ids
+        b = tokenizer(format_chat(tokenizer, _PROBE_B, template), add_special_tokens=False).input_ids
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+    if n == 0:
+        raise ChatTemplateError(
+            "the chat template puts no tokens after the user's text, so there is no post-instruction position; "
+            "pass --chat-template FILE with a template that ends with the assistant header"
+        )
+    return n
+
+
+@dataclass
+class Batch:
+    index: list[int]  # positions of these prompts in the input list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int) -> Iterator[Batch]:
+    """Tokenized, left-padded batches, longest prompts first (less padding), on the model's device."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = loaded.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        yield Batch(idx, enc.input_ids.to(loaded.device), enc.attention_mask.to(loaded.device))

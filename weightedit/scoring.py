@@ -1,0 +1,118 @@
+"""Refusal scores and distribution distances computed from next-token log-probabilities.
+
+The *refusal score* of a prompt is the log-odds that the model's first answer token is one of its
+refusal-opening tokens: ``log P(R) - log(1 - P(R))`` (single-direction paper). The refusal tokens are
+derived from the model itself, per language: tokens far more likely first after harmful than after
+harmless prompts, so that "抱歉" counts in Chinese and "I" or "Sorry" in English without a hand list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "RefusalTokens",
+    "derive_refusal_tokens",
+    "refusal_scores",
+    "log_odds_of",
+    "kl_divergence",
+    "mean_probs",
+]
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class RefusalTokens:
+    """Refusal-opening token ids of one language, with the evidence they were chosen on."""
+
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    harmful_mass: float  # mean P(R) after harmful prompts
+    harmless_mass: float  # mean P(R) after harmless prompts
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ids": list(self.ids),
+            "tokens": list(self.tokens),
+            "harmful_mass": self.harmful_mass,
+            "harmless_mass": self.harmless_mass,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RefusalTokens:
+        return cls(tuple(data["ids"]), tuple(data["tokens"]), float(data["harmful_mass"]), float(data["harmless_mass"]))
+
+
+def mean_probs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token distribution over prompts (``[n, vocab]`` log-probs -> ``[vocab]`` probs, float64)."""
+    return logprobs.double().exp().mean(0)
+
+
+def derive_refusal_tokens(
+    harmful_probs: torch.Tensor,
+    harmless_probs: torch.Tensor,
+    tokenizer: object | None = None,
+    *,
+    max_tokens: int = 8,
+    min_prob: float = 0.01,
+    min_ratio: float = 4.0,
+) -> RefusalTokens:
+    """Tokens much more likely first after harmful prompts than after harmless ones.
+
+    Takes tokens in order of ``p_harmful - p_harmless`` while ``p_harmful >= min_prob`` and
+    ``p_harmful >= min_ratio * p_harmless`` (at most ``max_tokens``); always at least the top one.
+    """
+    diff = harmful_probs - harmless_probs
+    order = torch.argsort(diff, descending=True)
+    chosen: list[int] = []
+    for idx in order[: max_tokens * 8].tolist():
+        ph, pb = float(harmful_probs[idx]), float(harmless_probs[idx])
+        if ph < min_prob or ph < min_ratio * pb:
+            if chosen:
+                break
+            continue
+        chosen.append(idx)
+        if len(chosen) >= max_tokens:
+            break
+    if not chosen:
+        chosen = [int(order[0])]
+    ids = tuple(chosen)
+    tokens = tuple(tokenizer.convert_ids_to_tokens(list(ids))) if tokenizer is not None else tuple(map(str, ids))  # type: ignore[attr-defined]
+    return RefusalTokens(
+        ids=ids,
+        tokens=tokens,
+        harmful_mass=float(harmful_probs[list(ids)].sum()),
+        harmless_mass=float(harmless_probs[list(ids)].sum()),
+    )
+
+
+def refusal_scores(logprobs: torch.Tensor, token_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Per-prompt log-odds of the refusal tokens (``[n, vocab]`` log-probs -> ``[n]``)."""
+    return log_odds_of(logprobs.double(), token_ids).float()
+
+
+def log_odds_of(logits: torch.Tensor, token_ids: tuple[int, ...] | list[int] | Sequence[int]) -> torch.Tensor:
+    """``log P(R) - log P(not R)`` from logits or log-probs, stable and differentiable even when P(R) ≈ 1."""
+    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    mask[list(token_ids)] = True
+    neg_inf = torch.finfo(logits.dtype).min
+    inside = torch.logsumexp(logits.masked_fill(~mask, neg_inf), dim=-1)
+    outside = torch.logsumexp(logits.masked_fill(mask, neg_inf), dim=-1)
+    return inside - outside
+
+
+def kl_divergence(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(base || new)`` per prompt, in nats (``[n, vocab]`` log-probs each)."""
+    base = base_logprobs.double()
+    new = new_logprobs.double()
+    return (base.exp() * (base - new)).sum(-1).clamp(min=0).float()
+
+
+def log_odds(p: float) -> float:
+    p = min(max(p, _EPS), 1 - _EPS)
+    return math.log(p) - math.log(1 - p)
