@@ -1,0 +1,162 @@
+"""``weightedit evaluate``: refusal and capability, per language, before and after an edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from weightedit._progress import console
+
+from ._options import DeviceMapOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, emit_json, epilog, handle_errors
+from .direction_cmd import BatchOpt, PromptsOpt
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "evaluate",
+        epilog=epilog(
+            "weightedit evaluate --model ./qwen-ortho --baseline recipe:qwen2.5-coder-1.5b-instruct --langs all --out report/",
+            "weightedit evaluate --model ./edited --baseline ./base --langs en,zh --generate 12 --xstest ../shared/data/xstest.jsonl --out r/",
+            "weightedit evaluate --model ./edited --baseline ./base --prompts ../shared/data/polyrefuse --ppl-data ../shared/data/flores-or-sib --out r/",
+        ),
+    )(evaluate)
+
+
+def render_summary(report: dict) -> None:
+    from weightedit.evaluation.report import primary_refusal
+
+    has_base = report["models"]["baseline"] is not None
+    table = Table(title=f"evaluation of {report['models']['edited']['id']}")
+    cols = (
+        ["language", "refusal before", "refusal after", "KL", "ppl ratio"]
+        if has_base
+        else ["language", "refusal", "score", "ppl"]
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.0f}%"
+
+    def num(x):
+        return "—" if x is None else f"{x:.3f}"
+
+    for lang, v in report["languages"].items():
+        e = v["edited"]
+        if has_base:
+            table.add_row(
+                f"{v['name']} ({lang})",
+                pct(primary_refusal(v["baseline"])),
+                pct(primary_refusal(e)),
+                num(e["kl_mean"]),
+                num(v.get("perplexity_ratio")),
+            )
+        else:
+            table.add_row(
+                f"{v['name']} ({lang})", pct(primary_refusal(e)), num(e["refusal_score_mean"]), num(e["perplexity"])
+            )
+    console.print(table)
+
+
+@handle_errors
+def evaluate(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json, report.md, PNGs).")],
+    baseline: Annotated[
+        str | None,
+        typer.Option("--baseline", "-b", help="The model before the edit (Hub id, folder, .gguf, recipe:NAME)."),
+    ] = None,
+    langs: Annotated[str, typer.Option("--langs", help="Languages: all, or a comma list.")] = "all",
+    prompts: PromptsOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Prompt split to evaluate on.")] = "val",
+    limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
+    generate: Annotated[
+        int,
+        typer.Option(
+            "--generate",
+            help="Harmful prompts per language to complete greedily and judge (0 = first-token scores only).",
+        ),
+    ] = 0,
+    generate_harmless: Annotated[
+        int, typer.Option("--generate-harmless", help="Harmless prompts per language to complete and judge.")
+    ] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per completion.")] = 48,
+    judge: Annotated[
+        str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
+    ] = "substring",
+    ppl_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--ppl-data",
+            help="Folder of <lang>.jsonl with a 'text' field (FLORES/SIB) for perplexity; default: built-in parallel sentences.",
+        ),
+    ] = None,
+    ppl_limit: Annotated[int, typer.Option("--ppl-limit", help="Sentences per language for perplexity.")] = 16,
+    xstest: Annotated[
+        Path | None, typer.Option("--xstest", help="XSTest JSONL; its safe prompts measure over-refusal (English).")
+    ] = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="Extra tasks: mgsm (needs --mgsm).")] = "",
+    mgsm: Annotated[Path | None, typer.Option("--mgsm", help="Folder of MGSM <lang>.jsonl files.")] = None,
+    mgsm_limit: Annotated[int, typer.Option("--mgsm-limit", help="MGSM questions per language.")] = 16,
+    comparison: Annotated[
+        Path | None, typer.Option("--comparison", help="compare-directions output folder, to include its heatmaps.")
+    ] = None,
+    batch_size: BatchOpt = 16,
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the baseline even if cached.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure refusal (harmful), over-refusal (harmless, XSTest) and capability (KL, perplexity, MGSM) per language."""
+    from weightedit.evaluation.judges import make_judge
+    from weightedit.evaluation.report import evaluate as run
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.prompts import parse_languages
+
+    codes = parse_languages(langs)
+    make_judge(judge)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t != "mgsm"]
+    if unknown:
+        raise typer.BadParameter(f"unknown task {unknown[0]!r}; available: mgsm", param_hint="--tasks")
+    if "mgsm" in task_list and mgsm is None:
+        raise typer.BadParameter("--tasks mgsm needs --mgsm FOLDER", param_hint="--mgsm")
+    options = EvalOptions(
+        langs=tuple(codes),
+        prompts=prompts,
+        split=split,
+        limit=limit,
+        generate=generate,
+        generate_harmless=generate_harmless,
+        max_new_tokens=max_new_tokens,
+        judge=judge,
+        batch_size=batch_size,
+        ppl_source=str(ppl_data) if ppl_data else None,
+        ppl_limit=ppl_limit,
+        xstest=str(xstest) if xstest else None,
+        mgsm=str(mgsm) if mgsm else None,
+        mgsm_limit=mgsm_limit if "mgsm" in task_list else 0,
+        dtype=dtype,
+        device_map=device_map,
+    )
+    result = run(
+        model,
+        out,
+        options,
+        baseline=baseline,
+        comparison=comparison,
+        use_cache=not no_cache,
+        progress=not (quiet or json_out),
+    )
+    if json_out:
+        emit_json({"files": {k: str(v) for k, v in result.files.items()}, "summary": result.data["summary"]})
+        return
+    render_summary(result.data)
+    console.print(
+        f"report: {result.files['md']} · {result.files['json']} · plots: "
+        + ", ".join(str(p) for k, p in result.files.items() if k.endswith("png"))
+    )

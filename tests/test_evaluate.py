@@ -1,0 +1,281 @@
+"""The evaluator: metrics on known distributions, reports and plots, caching, judges, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from tiny_models import (
+    make_config,
+    make_planted_model,
+    make_tokenizer,
+    planted_prompts,
+    random_direction,
+    write_planted_prompts,
+)
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from weightedit.cli.main import app
+from weightedit.evaluation.report import SCHEMA
+from weightedit.orthogonalize import orthogonalize_checkpoint
+
+R_TRUE = random_direction(seed=5)
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "weightedit" / "evaluation" / "report.schema.json"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    base = make_planted_model(root / "base", R_TRUE)
+    edited = orthogonalize_checkpoint(base, root / "edited", R_TRUE, progress=False).out
+    prompts = write_planted_prompts(root / "prompts.jsonl", n_train=8, n_val=8, langs=("en", "de"))
+    ppl = root / "ppl"
+    ppl.mkdir()
+    for lang, seed in (("en", 3), ("de", 4)):
+        rows = [{"text": t} for t in planted_prompts(6, False, seed)]
+        (ppl / f"{lang}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return base, edited, prompts, ppl
+
+
+def run_evaluate(models, out, *extra):
+    base, edited, prompts, ppl = models
+    args = [
+        "evaluate",
+        "--model",
+        str(edited),
+        "--baseline",
+        str(base),
+        "--langs",
+        "en,de",
+        "--prompts",
+        str(prompts),
+        "--limit",
+        "8",
+        "--ppl-data",
+        str(ppl),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+    return CliRunner().invoke(app, args)
+
+
+def test_report_before_and_after_the_edit(models, tmp_path):
+    out = tmp_path / "report"
+    result = run_evaluate(models, out, "--generate", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    assert report["schema"] == SCHEMA
+    for lang in ("en", "de"):
+        v = report["languages"][lang]
+        assert v["baseline"]["refusal_rate_score"] == 1.0  # the planted model refuses every harmful prompt
+        assert v["edited"]["refusal_rate_score"] == 0.0  # and never after the direction is removed
+        assert v["baseline"]["overrefusal_rate_score"] == 0.0
+        assert v["baseline"]["refusal_tokens"] == ["REFUSE"]
+        assert 0 <= v["edited"]["kl_mean"] < 0.5
+        assert v["baseline"]["kl_mean"] is None
+        assert v["edited"]["n_generated"] == 3 and v["edited"]["judge_score_agreement"] is not None
+        assert 0.5 < v["perplexity_ratio"] < 2
+        assert len(v["samples"]) == 3 and v["samples"][0]["baseline"].startswith("REFUSE")
+    summary = report["summary"]
+    assert summary["languages_meeting_reduction_bar"] == ["de", "en"]
+    for name in ("refusal.png", "perplexity_ratio.png"):
+        assert (out / name).stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "| English (en) |" in md and "| German (de) |" in md and "refusal.png" in md
+
+
+def test_second_run_reuses_the_cached_baseline(models, tmp_path):
+    first = run_evaluate(models, tmp_path / "a")
+    second = run_evaluate(models, tmp_path / "b")
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    r1 = json.loads((tmp_path / "a" / "report.json").read_text())
+    r2 = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert r2["cache"]["baseline_languages_from_cache"] == ["en", "de"]
+    assert r2["timings_s"]["baseline_load"] == 0  # the baseline model was not even loaded
+    assert r1["languages"]["en"]["baseline"] == r2["languages"]["en"]["baseline"]
+    third = run_evaluate(models, tmp_path / "c", "--no-cache")
+    assert third.exit_code == 0
+    r3 = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert r3["cache"]["baseline_languages_from_cache"] == []
+
+
+def test_evaluate_without_baseline_and_with_comparison(models, tmp_path):
+    base, _, prompts, _ = models
+    cmp_dir = tmp_path / "cmp"
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare-directions",
+            "--model",
+            str(base),
+            "--langs",
+            "en,de",
+            "--prompts",
+            str(prompts),
+            "--n-train",
+            "8",
+            "--n-val",
+            "8",
+            "--top-k",
+            "1",
+            "--out",
+            str(cmp_dir),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "single"
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(base),
+            "--langs",
+            "en,de",
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "8",
+            "--comparison",
+            str(cmp_dir),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    assert report["models"]["baseline"] is None
+    assert (out / "cosine.png").stat().st_size > 10_000 and (out / "transfer.png").stat().st_size > 10_000
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tmp_path):
+    from weightedit.evaluation.metrics import perplexity, token_nll
+    from weightedit.modeling import load_model
+
+    tokenizer = make_tokenizer()
+    model = AutoModelForCausalLM.from_config(make_config("llama", vocab_size=len(tokenizer)))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every next-token distribution is uniform
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m", progress=False)
+    nll, count = token_nll(loaded, planted_prompts(5, False, 1), batch_size=2)
+    assert count > 10
+    assert perplexity(nll, count) == pytest.approx(len(tokenizer), rel=1e-4)
+    assert nll / count == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
+
+
+def test_model_judge_plumbing(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from weightedit.evaluation.judges import make_judge
+
+    tokenizer = make_tokenizer()
+    for label, expected in ((1, True), (0, False)):
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            id2label={0: "compliance", 1: "refusal"},
+            label2id={"compliance": 0, "refusal": 1},
+        )
+        model = BertForSequenceClassification(config)
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.copy_(torch.tensor([0.0, 0.0]))
+            model.classifier.bias[label] = 10.0
+        folder = tmp_path / f"judge{label}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        judge = make_judge(f"model:{folder}")
+        assert judge.judge(["word1 word2", "bad1 word3"], ["en", "en"]) == [expected, expected]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--langs", "en,xx"], "available languages are"),
+        (["--judge", "oracle"], "unknown --judge"),
+        (["--split", "test"], "no harmful prompts"),
+    ],
+)
+def test_bad_input(models, tmp_path, extra, message):
+    base, edited, prompts, _ = models
+    args = [
+        "evaluate",
+        "--model",
+        str(edited),
+        "--baseline",
+        str(base),
+        "--langs",
+        "en",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "r"),
+        *extra,
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
+    base, edited, prompts, _ = models
+    from tiny_models import make_model, save_model
+
+    other = save_model(make_model("llama"), tmp_path / "other")
+    tok = make_tokenizer()
+    tok.add_tokens(["extra1", "extra2"])
+    tok.save_pretrained(other)
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(edited),
+            "--baseline",
+            str(other),
+            "--langs",
+            "en",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert res.exit_code == 2 and "different tokenizer" in res.output, res.output
+
+
+def test_output_folder_not_writable(models, tmp_path):
+    base, edited, prompts, _ = models
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", str(edited), "--langs", "en", "--prompts", str(prompts), "--out", str(blocker / "sub")],
+    )
+    assert res.exit_code == 2 and "not writable" in res.output, res.output
+
+
+def test_empty_prompt_source(models, tmp_path):
+    base, edited, _, _ = models
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"instruction": "word1", "lang": "en", "kind": "harmless"}) + "\n")
+    res = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", str(edited), "--langs", "en", "--prompts", str(empty), "--out", str(tmp_path / "r")],
+    )
+    assert res.exit_code == 2 and "no harmful prompts" in res.output, res.output
