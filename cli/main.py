@@ -6,7 +6,7 @@ import typer
 
 from weightedit import __version__
 
-from . import compare_cmd, direction_cmd, evaluate_cmd, inspect_cmd, orthogonalize_cmd
+from . import compare_cmd, demo_cmd, direction_cmd, evaluate_cmd, inspect_cmd, orthogonalize_cmd, recipes_cmd
 
 app = typer.Typer(
     name="weightedit",
@@ -33,7 +33,7 @@ def _root(
     """weightedit: refusal directions, weight orthogonalization and multilingual evaluation."""
 
 
-for module in (direction_cmd, orthogonalize_cmd, evaluate_cmd, compare_cmd, inspect_cmd):
+for module in (demo_cmd, direction_cmd, orthogonalize_cmd, evaluate_cmd, compare_cmd, inspect_cmd, recipes_cmd):
     module.register(app)
 
 

@@ -1,0 +1,129 @@
+"""The end-to-end demo: fetch a model, compute the English direction, edit, evaluate in 14 languages.
+
+Every stage keeps its result in the output folder (and the model and baseline in weightedit's cache), so
+running the demo a second time only re-checks what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._progress import console
+from .direction import load_direction
+from .evaluation.report import evaluate
+from .evaluation.runner import EvalOptions
+from .orthogonalize import orthogonalize_checkpoint
+from .pipeline import direction_for_model, save_direction_result
+from .prompts import LANGUAGES
+from .recipes import demo_recipe, fetch_recipe
+from .selection import SelectionOptions
+
+__all__ = ["DemoOptions", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    recipe: str | None = None  # default: the recipe marked demo
+    out: Path = Path("weightedit-demo")
+    langs: tuple[str, ...] = LANGUAGES
+    direction_lang: str = "en"
+    n_train: int = 32
+    n_val: int = 12
+    top_k: int = 6
+    limit: int = 12
+    ppl_limit: int = 8
+    generate: int = 0
+    batch_size: int = 16
+    prompts: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: dict[str, Any]
+    files: dict[str, Path]
+    timings: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+
+def run_demo(options: DemoOptions) -> DemoResult:
+    timings: dict[str, float] = {}
+    reused: list[str] = []
+    out = options.out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = options.recipe or demo_recipe().name
+
+    t = time.perf_counter()
+    console.rule(f"1/4 fetching recipe:{recipe}")
+    source = fetch_recipe(recipe, progress=options.progress)
+    timings["fetch"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.rule(f"2/4 refusal direction from built-in {options.direction_lang} prompts")
+    direction_path = out / "refusal_direction.safetensors"
+    sel = SelectionOptions(
+        n_train=options.n_train,
+        n_val=options.n_val,
+        top_k=options.top_k,
+        batch_size=options.batch_size,
+        prompts=options.prompts,
+    )
+    wanted = {"n_harmful": sel.n_train, "n_val": sel.n_val, "prompts": sel.prompts or "builtin"}
+    direction = None
+    if direction_path.exists():
+        existing = load_direction(direction_path)
+        config = json.loads((source.folder / "config.json").read_text())
+        try:
+            existing.check_model(config)
+            if all(existing.meta.get(k) == v for k, v in wanted.items()) and existing.languages == (
+                options.direction_lang,
+            ):
+                direction = existing
+                reused.append("direction")
+        except Exception:  # a stale file from another model: recompute
+            direction = None
+    if direction is None:
+        result = direction_for_model(source, options.direction_lang, sel, progress=options.progress)
+        save_direction_result(result, direction_path)
+        direction = result.direction
+    timings["direction"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.rule("3/4 orthogonalizing the weights")
+    edited = out / "model"
+    provenance = edited / "weightedit.json"
+    if (
+        provenance.exists()
+        and json.loads(provenance.read_text()).get("direction", {}).get("sha256") == direction.sha256()
+    ):
+        reused.append("edit")
+    else:
+        orthogonalize_checkpoint(source, edited, direction, overwrite=True, progress=options.progress)
+    timings["edit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.rule(f"4/4 evaluating baseline vs edited in {len(options.langs)} languages")
+    eval_options = EvalOptions(
+        langs=tuple(options.langs),
+        prompts=options.prompts,
+        limit=options.limit,
+        ppl_limit=options.ppl_limit,
+        generate=options.generate,
+        batch_size=options.batch_size,
+    )
+    report = evaluate(str(edited), out / "report", eval_options, baseline=str(source.folder), progress=options.progress)
+    timings["evaluate"] = time.perf_counter() - t
+    if report.data["cache"]["baseline_languages_from_cache"]:
+        reused.append("baseline")
+    report.data["demo"] = {
+        "recipe": recipe,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "reused": reused,
+    }
+    (out / "report" / "demo.json").write_text(json.dumps(report.data["demo"], indent=2) + "\n")
+    return DemoResult(out=out, report=report.data, files=report.files, timings=timings, reused=reused)
