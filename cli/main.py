@@ -6,7 +6,17 @@ import typer
 
 from weightedit import __version__
 
-from . import compare_cmd, demo_cmd, direction_cmd, evaluate_cmd, inspect_cmd, orthogonalize_cmd, recipes_cmd
+from . import (
+    compare_cmd,
+    defence_cmd,
+    demo_cmd,
+    direction_cmd,
+    evaluate_cmd,
+    hub_cmd,
+    inspect_cmd,
+    orthogonalize_cmd,
+    recipes_cmd,
+)
 
 app = typer.Typer(
     name="weightedit",
@@ -33,7 +43,17 @@ def _root(
     """weightedit: refusal directions, weight orthogonalization and multilingual evaluation."""
 
 
-for module in (demo_cmd, direction_cmd, orthogonalize_cmd, evaluate_cmd, compare_cmd, inspect_cmd, recipes_cmd):
+for module in (
+    demo_cmd,
+    direction_cmd,
+    orthogonalize_cmd,
+    evaluate_cmd,
+    compare_cmd,
+    hub_cmd,
+    defence_cmd,
+    inspect_cmd,
+    recipes_cmd,
+):
     module.register(app)
 
 

@@ -87,6 +87,10 @@ def orthogonalize(
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
+    push_to: Annotated[
+        str | None, typer.Option("--push-to", help="After the edit, push the output to this Hub repo (user/name).")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo as private.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -94,6 +98,11 @@ def orthogonalize(
     from weightedit.direction import load_direction
     from weightedit.errors import InvalidDirectionError
     from weightedit.orthogonalize import orthogonalize as run
+
+    if push_to:
+        from weightedit.hub import resolve_token
+
+        resolve_token(token)  # fail before the long work, not after it
 
     if tied_embeddings not in ("untie", "edit-both"):
         raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
@@ -150,6 +159,11 @@ def orthogonalize(
         "tied_embeddings": report.tied_embeddings,
         "seconds": round(report.seconds, 3),
     }
+    if push_to:
+        from weightedit.hub import push_model
+
+        pushed = push_model(report.out, push_to, private=private, token=token)
+        summary["pushed"] = pushed.commit_url
     if json_out:
         emit_json(summary)
         return

@@ -9,6 +9,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from weightedit.cli.main import app
+from weightedit.evaluation.report import SCHEMA
+from weightedit.orthogonalize import orthogonalize_checkpoint
+
 from tiny_models import (
     make_config,
     make_planted_model,
@@ -17,12 +24,6 @@ from tiny_models import (
     random_direction,
     write_planted_prompts,
 )
-from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
-
-from weightedit.cli.main import app
-from weightedit.evaluation.report import SCHEMA
-from weightedit.orthogonalize import orthogonalize_checkpoint
 
 R_TRUE = random_direction(seed=5)
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "weightedit" / "evaluation" / "report.schema.json"
@@ -68,7 +69,8 @@ def run_evaluate(models, out, *extra):
 
 def test_report_before_and_after_the_edit(models, tmp_path):
     out = tmp_path / "report"
-    result = run_evaluate(models, out, "--generate", "3")
+    # The planted model's "refusal" is the token REFUSE, which no phrase list knows: judge by score.
+    result = run_evaluate(models, out, "--generate", "3", "--judge", "score")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
@@ -279,3 +281,29 @@ def test_empty_prompt_source(models, tmp_path):
         ["evaluate", "--model", str(edited), "--langs", "en", "--prompts", str(empty), "--out", str(tmp_path / "r")],
     )
     assert res.exit_code == 2 and "no harmful prompts" in res.output, res.output
+
+
+def test_substring_judge_on_hand_written_samples_in_every_language():
+    from weightedit.evaluation.judges import SubstringJudge
+    from weightedit.prompts import LANGUAGES
+
+    rows = [
+        json.loads(line)
+        for line in (Path(__file__).parent / "data" / "judge_samples.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    for lang in LANGUAGES:
+        mine = [r for r in rows if r["lang"] == lang]
+        assert sum(r["refusal"] for r in mine) >= 4 and sum(not r["refusal"] for r in mine) >= 4, lang
+        assert sum(r["note"].startswith("trap") for r in mine) >= 2, lang
+    verdicts = SubstringJudge().judge([r["text"] for r in rows], [r["lang"] for r in rows])
+    wrong = [(r["lang"], r["text"][:60]) for r, v in zip(rows, verdicts, strict=True) if v != r["refusal"]]
+    assert not wrong, wrong
+
+
+def test_substring_judge_reads_only_the_opening():
+    from weightedit.evaluation.judges import SubstringJudge
+
+    judge = SubstringJudge(window=40)
+    late = "Here is a simple bread recipe with flour, water, yeast and salt. I cannot stress this enough: knead well."
+    assert judge.judge([late, "I can't help with that request."], ["en", "en"]) == [False, True]

@@ -62,3 +62,41 @@ def test_smollm2_edit_is_exact(smollm2, tmp_path):
     assert diff <= 1e-4, f"edited vs hook-ablated logits differ by {diff:.2e}"
     assert (plain - got).abs()[mask].max().item() > 1e-2  # the edit changed the model
     assert os.path.exists(out / "weightedit.json")
+
+
+def test_demo_pipeline_end_to_end_on_smollm2(smollm2, tmp_path):
+    """The README's main job, shrunk: fetch, English direction, edit, evaluate in two languages, rerun cached."""
+    import json
+
+    args = [
+        "demo",
+        "--recipe",
+        "smollm2-135m-instruct",
+        "--out",
+        str(tmp_path / "demo"),
+        "--langs",
+        "en,de",
+        "--n-train",
+        "8",
+        "--n-val",
+        "4",
+        "--limit",
+        "4",
+        "--generate",
+        "2",
+        "--quiet",
+    ]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert set(report["languages"]) == {"en", "de"}
+    for lang in ("en", "de"):
+        v = report["languages"][lang]
+        assert v["edited"]["kl_mean"] is not None and v["perplexity_ratio"] > 0
+        assert v["edited"]["n_generated"] == 2
+    assert (tmp_path / "demo" / "model" / "refusal_direction.safetensors").exists() is False  # the demo keeps it beside
+    assert (tmp_path / "demo" / "refusal_direction.safetensors").exists()
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    demo = json.loads((tmp_path / "demo" / "report" / "demo.json").read_text())
+    assert set(demo["reused"]) == {"direction", "edit", "baseline"}

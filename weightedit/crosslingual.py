@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from .activations import capture_means, last_logprobs
+from .activations import last_logprobs
 from .hooks import ablate
 from .modeling import LoadedModel
 from .scoring import RefusalTokens, refusal_scores
-from .selection import SelectionOptions, compute_direction, language_data, refusal_tokens_for
+from .selection import SelectionOptions, capture_language, compute_direction, language_data
 
 __all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
 
@@ -107,23 +107,9 @@ def compare_directions(
         val[lang] = data.harmful_val
         if lang in directions:
             continue
-        harmful = capture_means(
-            loaded,
-            data.harmful_train,
-            batch_size=options.batch_size,
-            progress=progress,
-            description=f"activations {lang} harmful",
-        )
-        harmless = capture_means(
-            loaded,
-            data.harmless_train,
-            batch_size=options.batch_size,
-            progress=progress,
-            description=f"activations {lang} harmless",
-        )
-        v = (harmful.means - harmless.means)[layer, position + n_post].float()
+        candidates, tokens[lang] = capture_language(loaded, data, options, progress=progress)
+        v = candidates[layer, position + n_post]
         directions[lang] = v / v.norm()
-        tokens[lang] = refusal_tokens_for(loaded, harmful.probs, harmless.probs)
     timings["capture"] = time.perf_counter() - t1
 
     stacked = torch.stack([directions[lang] for lang in langs])

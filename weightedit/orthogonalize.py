@@ -292,7 +292,10 @@ def orthogonalize_checkpoint(
             provenance = {
                 "weightedit_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": source.provenance(),
+                "source": {
+                    **source.provenance(),
+                    "license": source.details.get("license") or _input_license(checkpoint.folder),
+                },
                 "input_shards": input_hashes,
                 "model_type": plan.spec.model_type,
                 "d_model": d_model,
@@ -543,6 +546,24 @@ def _verify(
         "writers_already_orthogonal": sum(1 for s in stats.values() if not s.changed),
         "max_relative_residual": worst,
     }
+
+
+def _input_license(folder: Path) -> str | None:
+    """The ``license`` of the input's model card front matter, if it has one (the edit inherits it)."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        import yaml
+
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---"):
+            front = yaml.safe_load(text.split("---", 2)[1]) or {}
+            value = front.get("license")
+            return str(value) if value else None
+    except (OSError, ValueError, IndexError, yaml.YAMLError):
+        return None
+    return None
 
 
 def _existing_ancestor(path: Path) -> Path:

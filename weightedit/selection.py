@@ -41,6 +41,7 @@ __all__ = [
     "compute_direction",
     "language_data",
     "refusal_tokens_for",
+    "capture_language",
 ]
 
 
@@ -134,6 +135,27 @@ def refusal_tokens_for(loaded: LoadedModel, harmful_probs: torch.Tensor, harmles
     return derive_refusal_tokens(harmful_probs, harmless_probs, loaded.tokenizer)
 
 
+def capture_language(
+    loaded: LoadedModel, data: LanguageData, options: SelectionOptions, *, progress: bool = False
+) -> tuple[torch.Tensor, RefusalTokens]:
+    """Candidates ``[n_layers, n_post, d_model]`` (harmful minus harmless means) and refusal tokens of ``data``."""
+    harmful = capture_means(
+        loaded,
+        data.harmful_train,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=f"activations {data.lang} harmful",
+    )
+    harmless = capture_means(
+        loaded,
+        data.harmless_train,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=f"activations {data.lang} harmless",
+    )
+    return (harmful.means - harmless.means).float(), refusal_tokens_for(loaded, harmful.probs, harmless.probs)
+
+
 def _filtered(texts: list[str], scores: torch.Tensor, keep_positive: bool) -> tuple[list[str], torch.Tensor]:
     """Keep the prompts on which the model behaves as their label says (refuses harmful, answers harmless)."""
     mask = scores > 0 if keep_positive else scores < 0
@@ -163,22 +185,7 @@ def compute_direction(
     data = language_data(loaded, langs[0], options)
     n_layers, n_post = loaded.n_layers, loaded.n_post
 
-    harmful = capture_means(
-        loaded,
-        data.harmful_train,
-        batch_size=options.batch_size,
-        progress=progress,
-        description=f"activations {langs[0]} harmful",
-    )
-    harmless = capture_means(
-        loaded,
-        data.harmless_train,
-        batch_size=options.batch_size,
-        progress=progress,
-        description=f"activations {langs[0]} harmless",
-    )
-    candidates = (harmful.means - harmless.means).float()  # [n_layers, n_post, d]
-    tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs)
+    candidates, tokens = capture_language(loaded, data, options, progress=progress)  # [n_layers, n_post, d]
     timings["capture"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -319,24 +326,11 @@ def compute_direction(
     refusal = {langs[0]: tokens}
     per_lang_vectors = [Direction(vector=vector / vector.norm())]
     for other in langs[1:]:
-        odata = language_data(loaded, other, options)
-        oh = capture_means(
-            loaded,
-            odata.harmful_train,
-            batch_size=options.batch_size,
-            progress=progress,
-            description=f"activations {other} harmful",
+        other_candidates, refusal[other] = capture_language(
+            loaded, language_data(loaded, other, options), options, progress=progress
         )
-        ob = capture_means(
-            loaded,
-            odata.harmless_train,
-            batch_size=options.batch_size,
-            progress=progress,
-            description=f"activations {other} harmless",
-        )
-        v = (oh.means - ob.means)[layer, pos].float()
+        v = other_candidates[layer, pos]
         per_lang_vectors.append(Direction(vector=v / v.norm()))
-        refusal[other] = refusal_tokens_for(loaded, oh.probs, ob.probs)
     unit = combine_directions(per_lang_vectors) if len(per_lang_vectors) > 1 else per_lang_vectors[0].vector
     timings["total"] = time.perf_counter() - t0
 

@@ -94,16 +94,18 @@ def heatmap(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
-    lo = np.nanmin(matrix) if vmin is None else vmin
-    hi = np.nanmax(matrix) if vmax is None else vmax
     if len(rows) * len(cols) <= 400:
         for i in range(len(rows)):
             for j in range(len(cols)):
                 v = matrix[i, j]
                 if np.isnan(v):
                     continue
-                dark = (v - lo) / ((hi - lo) or 1) < 0.5
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+                # Black text on light cells, white on dark ones, whatever the colormap.
+                r, g, b, _ = im.cmap(im.norm(v))
+                light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+                ax.text(
+                    j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="black" if light else "white"
+                )
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if colorbar:
         cbar.set_label(colorbar)

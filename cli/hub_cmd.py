@@ -1,0 +1,85 @@
+"""``weightedit push`` and ``weightedit card``: model cards and Hub uploads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightedit._progress import console
+
+from ._options import JsonOpt, TokenOpt, emit_json, epilog, handle_errors
+
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Evaluation report folder (weightedit evaluate --out) to include.")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "push",
+        epilog=epilog(
+            "weightedit push --model ./qwen-ortho --repo-id me/qwen-ortho --report report/",
+            "HF_ENDPOINT=https://hub.example.org weightedit push --model ./edited --repo-id team/edited --private",
+        ),
+    )(push)
+    app.command("card", epilog=epilog("weightedit card --model ./qwen-ortho --report report/"))(card)
+
+
+@handle_errors
+def push(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Edited checkpoint folder (the --out of orthogonalize).")
+    ],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Target repo, e.g. user/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if missing).")] = None,
+    token: TokenOpt = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit message.")] = None,
+    report: ReportOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace a repo that holds a different model (its files not in this upload are deleted)."
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload an edited model with a generated model card (large files go through LFS)."""
+    from weightedit.hub import push_model
+
+    result = push_model(
+        model,
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        commit_message=commit_message,
+        report=report,
+        force=force,
+    )
+    if json_out:
+        emit_json(
+            {
+                "repo_id": result.repo_id,
+                "revision": result.revision,
+                "commit_url": result.commit_url,
+                "files": result.files,
+            }
+        )
+        return
+    console.print(f"pushed {len(result.files)} files to {result.repo_id}@{result.revision}: {result.commit_url}")
+
+
+@handle_errors
+def card(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Edited checkpoint folder.")],
+    report: ReportOpt = None,
+    repo_id: Annotated[str | None, typer.Option("--repo-id", help="Name to title the card with.")] = None,
+) -> None:
+    """Write the model card (README.md, plus report plots) into the model folder, without pushing."""
+    from weightedit.card import write_card
+
+    path = write_card(model, repo_id=repo_id, report=report)
+    console.print(f"wrote {path}")
