@@ -15,7 +15,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from fake_hub import READ_TOKEN, FakeHub, running_hub, use_hub
 from huggingface_hub import ModelCard
 from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
@@ -27,6 +26,7 @@ from weightedit.direction import Direction, save_direction
 from weightedit.evaluation.report import SCHEMA, write_report
 from weightedit.orthogonalize import orthogonalize_checkpoint
 
+from fake_hub import READ_TOKEN, FakeHub, running_hub, use_hub
 from helpers import folder_hashes
 from tiny_models import random_direction
 

@@ -7,10 +7,11 @@ import re
 import unicodedata
 
 import pytest
-from conftest import SHARED_DATA
 
 from weightedit.errors import PromptsError
 from weightedit.prompts import LANGUAGES, builtin_prompts, load_prompts, parse_languages
+
+from conftest import SHARED_DATA
 
 KINDS = ("harmful", "harmless")
 # Characters each language's text must contain (languages with their own script).

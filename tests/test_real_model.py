@@ -94,7 +94,6 @@ def test_demo_pipeline_end_to_end_on_smollm2(smollm2, tmp_path):
         v = report["languages"][lang]
         assert v["edited"]["kl_mean"] is not None and v["perplexity_ratio"] > 0
         assert v["edited"]["n_generated"] == 2
-    assert (tmp_path / "demo" / "model" / "refusal_direction.safetensors").exists() is False  # the demo keeps it beside
     assert (tmp_path / "demo" / "refusal_direction.safetensors").exists()
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output

@@ -9,6 +9,7 @@ Memory grows with layers × post-instruction positions × d_model, not with the 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,16 +36,47 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _forward(loaded: LoadedModel, batch: Batch) -> torch.Tensor:
-    """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32."""
+def _forward(loaded: LoadedModel, batch: Batch, prefix_cache: Any = None) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32.
+
+    With ``prefix_cache`` (keys and values of ``batch.prefix``), only the rows after the shared prefix are
+    run: the padding sits between the prefix and each row and is masked out, and positions continue
+    after the prefix.
+    """
+    if prefix_cache is None or batch.prefix is None:
+        out = loaded.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=_position_ids(batch.attention_mask),
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    n, p = batch.input_ids.shape[0], batch.prefix.numel()
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(n)
+    mask = torch.cat(
+        [torch.ones(n, p, dtype=batch.attention_mask.dtype, device=batch.attention_mask.device), batch.attention_mask],
+        1,
+    )
+    position_ids = (p + batch.attention_mask.long().cumsum(-1) - 1).clamp(min=p)
     out = loaded.model(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=_position_ids(batch.attention_mask),
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
         logits_to_keep=1,
-        use_cache=False,
+        use_cache=True,
     )
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+
+def _prefix_cache(loaded: LoadedModel, prefix: torch.Tensor | None) -> Any:
+    """Keys and values of the shared prefix (computed under whatever interventions are active)."""
+    if prefix is None or not loaded.prefix_caching:
+        return None
+    out = loaded.model(input_ids=prefix[None], use_cache=True, logits_to_keep=1)
+    return out.past_key_values
 
 
 @torch.inference_mode()
@@ -61,8 +93,11 @@ def last_logprobs(
     out: torch.Tensor | None = None
     ctx = intervention or contextlib.nullcontext
     with progress_bar(description, len(texts), enabled=progress) as bar, ctx():
-        for batch in batches(loaded, texts, batch_size):
-            lp = _forward(loaded, batch).cpu()
+        cache = None
+        for batch in batches(loaded, texts, batch_size, split_prefix=loaded.prefix_caching):
+            if cache is None:
+                cache = _prefix_cache(loaded, batch.prefix)
+            lp = _forward(loaded, batch, cache).cpu()
             if out is None:
                 out = torch.empty(len(texts), lp.shape[-1])
             out[batch.index] = lp
@@ -96,10 +131,13 @@ def capture_means(
     prob_sum: torch.Tensor | None = None
     store: dict[int, torch.Tensor] = {}
     with progress_bar(description, len(texts), enabled=progress) as bar:
-        for batch in batches(loaded, texts, batch_size):
+        cache = None
+        for batch in batches(loaded, texts, batch_size, split_prefix=loaded.prefix_caching):
+            if cache is None:
+                cache = _prefix_cache(loaded, batch.prefix)
             store.clear()
             with capture_residuals(loaded.model, store, positions=slice(-n_post, None)):
-                lp = _forward(loaded, batch)
+                lp = _forward(loaded, batch, cache)
             for layer in range(n_layers):
                 sums[layer] += store[layer].double().sum(0).cpu()
             p = lp.double().exp().sum(0).cpu()

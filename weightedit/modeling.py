@@ -56,6 +56,10 @@ class LoadedModel:
     dtype: torch.dtype
     n_post: int  # post-instruction tokens of the chat template
     chat_template: str | None = None
+    # Compute the keys and values of the prompt prefix shared by a whole call (system prompt, template
+    # header) once, instead of once per prompt. Off for families whose attention mixes the prefix in a way
+    # a plain cache does not reproduce (sliding windows shorter than a prompt).
+    prefix_caching: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -134,10 +138,25 @@ def load_model(
     hf_model.eval()
     spec_for_config(hf_model.config)  # fail early on an unsupported family
     loaded = LoadedModel(
-        model=hf_model, tokenizer=tokenizer, source=source, dtype=torch_dtype, n_post=0, chat_template=template
+        model=hf_model,
+        tokenizer=tokenizer,
+        source=source,
+        dtype=torch_dtype,
+        n_post=0,
+        chat_template=template,
+        prefix_caching=_prefix_caching_safe(hf_model.config),
     )
     loaded.n_post = post_instruction_length(tokenizer, template)
     return loaded
+
+
+def _prefix_caching_safe(config: Any) -> bool:
+    """A cached prefix followed by padding shifts key indices; that only matters inside a short sliding window."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return True
+    return int(window) >= 1024  # far longer than any prompt weightedit runs
 
 
 def format_chat(tokenizer: Any, instruction: str, template: str | None = None) -> str:
@@ -180,14 +199,45 @@ def post_instruction_length(tokenizer: Any, template: str | None = None) -> int:
 @dataclass
 class Batch:
     index: list[int]  # positions of these prompts in the input list
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # [batch, length], left-padded (after ``prefix`` when there is one)
     attention_mask: torch.Tensor
+    prefix: torch.Tensor | None = None  # token ids shared by every prompt of the call, [prefix_len]
 
 
-def batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int) -> Iterator[Batch]:
-    """Tokenized, left-padded batches, longest prompts first (less padding), on the model's device."""
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+def shared_prefix(loaded: LoadedModel, token_lists: Sequence[list[int]]) -> int:
+    """Length of the token prefix every prompt shares (system prompt and template header), keeping at least
+    one token of each prompt and the post-instruction tokens out of it."""
+    if len(token_lists) < 2:
+        return 0
+    shortest = min(len(t) for t in token_lists)
+    n = 0
+    first = token_lists[0]
+    while n < shortest - loaded.n_post - 1 and all(t[n] == first[n] for t in token_lists):
+        n += 1
+    return n
+
+
+def batches(
+    loaded: LoadedModel, texts: Sequence[str], batch_size: int, *, split_prefix: bool = False
+) -> Iterator[Batch]:
+    """Tokenized, left-padded batches, longest prompts first (less padding), on the model's device.
+
+    With ``split_prefix`` the token prefix shared by all ``texts`` is taken off every row and returned in
+    ``Batch.prefix``, so that its keys and values can be computed once for the whole call.
+    """
+    tok = loaded.tokenizer
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    cut = shared_prefix(loaded, ids) if split_prefix else 0
+    prefix = torch.tensor(ids[0][:cut], device=loaded.device) if cut else None
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+    pad = tok.pad_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = loaded.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        yield Batch(idx, enc.input_ids.to(loaded.device), enc.attention_mask.to(loaded.device))
+        rows = [ids[i][cut:] for i in idx]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[j, width - len(r) :] = 1
+        yield Batch(idx, input_ids.to(loaded.device), mask.to(loaded.device), prefix)

@@ -1,0 +1,238 @@
+"""verify-defence on tiny models whose refusal mechanism is known by construction.
+
+- the planted model (``tiny_models.make_planted_model``): refusal runs through one direction, so the
+  tool's own attack must remove it (verdict "broken", exit code 1);
+- the nonlinear model (``defence_models.make_nonlinear_model``): refusal is read from the norm of a 2-D
+  plane, so removing any single direction leaves most of it (verdict "holds", exit code 0);
+- the planted model on prompts without trigger words barely refuses: "nothing to defend", exit code 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import weightedit.defence as defence
+from weightedit.activations import last_logprobs
+from weightedit.cli.main import app
+from weightedit.hooks import ablate
+from weightedit.modeling import load_model
+from weightedit.scoring import refusal_scores
+
+from defence_models import (
+    make_nonlinear_model,
+    phase_prompts,
+    plane_basis,
+    write_nonlinear_prompts,
+    write_trigger_free_prompts,
+)
+from tiny_models import make_planted_model, planted_prompts, random_direction, write_planted_prompts
+
+R_TRUE = random_direction(seed=5)
+LANGS = ("en", "de")
+# Candidate layers stop below floor(0.8 × 3) = 2 in both 3-layer models.
+MAX_CANDIDATE_LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defence-planted")
+    model = make_planted_model(root / "model", R_TRUE)
+    return model, write_planted_prompts(root / "prompts.jsonl", langs=LANGS)
+
+
+@pytest.fixture(scope="module")
+def nonlinear(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defence-nonlinear")
+    model = make_nonlinear_model(root / "model")
+    return model, write_nonlinear_prompts(root / "prompts.jsonl", langs=LANGS)
+
+
+def run_defence(model, prompts, out, *extra, n_val="8", limit="8"):
+    args = [
+        "verify-defence",
+        "--model",
+        str(model),
+        "--langs",
+        ",".join(LANGS),
+        "--prompts",
+        str(prompts),
+        "--limit",
+        limit,
+        "--n-train",
+        "24",
+        "--n-val",
+        n_val,
+        "--top-k",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture
+def spy_attacks(monkeypatch):
+    """Record the (attack, direction) pairs that verify-defence computes, without changing them."""
+    seen: list = []
+    original = defence._attack_directions
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(defence, "_attack_directions", spy)
+    return seen
+
+
+def check_report_files(out, data):
+    for name in ("defence.json", "defence.md", "defence.png"):
+        assert (out / name).exists(), name
+    assert (out / "defence.png").stat().st_size > 10_000
+    assert data["schema"] == defence.SCHEMA
+    md = (out / "defence.md").read_text()
+    assert f"**Verdict: {data['verdict']}**" in md and "defence.png" in md
+    for lang, v in data["languages"].items():
+        assert f"| {v['name']} ({lang}) |" in md and v["verdict"] in md
+    for attack in data["attacks"]:
+        assert f"| {attack['name']} |" in md
+        assert attack["layer"] <= MAX_CANDIDATE_LAYER
+        for lang in LANGS:
+            # The capability cost of each attack, per language.
+            kl, ratio = attack["kl"][lang], attack["perplexity_ratio"][lang]
+            assert kl is not None and math.isfinite(kl) and kl >= -1e-6
+            assert ratio is not None and 0.5 < ratio < 2
+    if data["attacks"]:
+        assert "| attack | KL | perplexity ratio |" in md
+
+
+def test_single_direction_defence_is_broken(planted, tmp_path, spy_attacks):
+    model, prompts = planted
+    out = tmp_path / "report"
+    result = run_defence(model, prompts, out, "--attack-candidates", "2")
+    assert result.exit_code == 1, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert data["verdict"] == "broken"
+    assert data["options"]["threshold"] == 0.5 and data["options"]["attack_candidates"] == 2
+    assert [a["source_lang"] for a in data["attacks"]] == ["en", "en"]
+    # The tool's own attack directions are the planted one.
+    assert len(spy_attacks) == 2
+    for _, direction in spy_attacks:
+        assert abs(float(direction.vector @ R_TRUE)) > 0.99
+    for lang in LANGS:
+        v = data["languages"][lang]
+        assert v["verdict"] == "broken"
+        assert v["refusal_before"] == 1.0
+        assert v["refusal_after_worst"] < data["options"]["threshold"] * v["refusal_before"]
+        assert v["refusal_after_worst"] == 0.0
+        assert v["strongest_attack"] in {a["name"] for a in data["attacks"]}
+        assert all(a["refusal"][lang] == 0.0 for a in data["attacks"])
+    assert "broken" in result.output
+
+
+def test_nonlinear_model_mechanism(nonlinear):
+    """The construction does what its docstring says, checked with run-time hooks (no weight edit)."""
+    model, _ = nonlinear
+    loaded = load_model(model, progress=False)
+    refuse = loaded.tokenizer.convert_tokens_to_ids("REFUSE")
+    harmful = loaded.format(phase_prompts(24, seed=7))
+    harmless = loaded.format(planted_prompts(12, False, 7))
+
+    def scores(texts, *directions):
+        with contextlib.ExitStack() as stack:
+            for direction in directions:  # nested ablations of orthogonal directions remove their span
+                stack.enter_context(ablate(loaded.model, direction))
+            return refusal_scores(last_logprobs(loaded, texts), [refuse])
+
+    assert (scores(harmful) > 0).all() and (scores(harmless) < 0).all()
+    r1, r2, _, _ = plane_basis()
+    # Removing the whole plane removes refusal: it really runs through the plane...
+    assert (scores(harmful, r1, r2) < 0).all()
+    # ...but removing any one direction in the plane leaves most of it.
+    for degrees in range(0, 180, 15):
+        t = math.radians(degrees)
+        rate = float((scores(harmful, math.cos(t) * r1 + math.sin(t) * r2) > 0).float().mean())
+        assert rate >= 2 / 3, f"ablating the direction at {degrees}° leaves {rate:.0%} refusal"
+
+
+def test_nonlinear_defence_holds_per_language(nonlinear, tmp_path, spy_attacks):
+    model, prompts = nonlinear
+    out = tmp_path / "report"
+    result = run_defence(model, prompts, out, "--attack-candidates", "1", "--per-language", n_val="12", limit="12")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert data["verdict"] == "holds" and data["options"]["per_language"] is True
+    # One English candidate, then German's own direction at the same layer and position.
+    assert [a["source_lang"] for a in data["attacks"]] == ["en", "de"]
+    assert data["attacks"][1]["name"].startswith("de ")
+    assert (data["attacks"][0]["layer"], data["attacks"][0]["position"]) == (
+        data["attacks"][1]["layer"],
+        data["attacks"][1]["position"],
+    )
+    # The attacks are the tool's own, and they lie in the plane that carries refusal: the strongest
+    # single directions there are against this mechanism.
+    plane = plane_basis()[:2]
+    assert len(spy_attacks) == 2
+    for _, direction in spy_attacks:
+        assert float((plane @ direction.vector).norm()) > 0.99
+    for lang in LANGS:
+        v = data["languages"][lang]
+        assert v["verdict"] == "holds"
+        assert v["refusal_before"] == 1.0
+        assert v["refusal_after_worst"] is not None
+        assert v["refusal_after_worst"] >= data["options"]["threshold"] * v["refusal_before"]
+        assert v["refusal_after_worst"] == min(a["refusal"][lang] for a in data["attacks"])
+    assert "holds" in result.output
+
+
+def test_model_that_barely_refuses_has_nothing_to_defend(planted, tmp_path, spy_attacks):
+    model, _ = planted
+    prompts = write_trigger_free_prompts(tmp_path / "prompts.jsonl", langs=LANGS)
+    out = tmp_path / "report"
+    result = run_defence(model, prompts, out, "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["verdict"] == "nothing to defend"
+    assert set(printed["files"]) == {"json", "md", "png"}
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert data["verdict"] == "nothing to defend"
+    assert data["attacks"] == [] and spy_attacks == []  # no direction computed, no attack run
+    assert "directions" not in data["timings_s"]
+    for lang in LANGS:
+        v = data["languages"][lang]
+        assert v["verdict"] == "nothing to defend"
+        assert v["refusal_before"] < data["options"]["min_refusal"]
+        assert v["refusal_after_worst"] is None and v["strongest_attack"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--langs", "xx"], "available languages are"),
+        (["--direction-lang", "xx"], "available languages are"),
+        (["--threshold", "2"], "must be in (0, 1]"),
+        (["--threshold", "0"], "must be in (0, 1]"),
+        (["--attack-candidates", "0"], "must be at least 1"),
+        (["--judge", "nonsense"], "judge"),
+    ],
+)
+def test_verify_defence_bad_input(planted, tmp_path, args, message):
+    model, prompts = planted
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        ["verify-defence", "--model", str(model), "--langs", "en", "--prompts", str(prompts), "--out", str(out), *args],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not out.exists()
