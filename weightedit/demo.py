@@ -116,7 +116,15 @@ def run_demo(options: DemoOptions) -> DemoResult:
         generate=options.generate,
         batch_size=options.batch_size,
     )
-    report = evaluate(str(edited), out / "report", eval_options, baseline=str(source.folder), progress=options.progress)
+    report = evaluate(
+        str(edited),
+        out / "report",
+        eval_options,
+        baseline=str(source.folder),
+        progress=options.progress,
+        name=f"{recipe}, {options.direction_lang} direction removed",
+        baseline_name=recipe,
+    )
     timings["evaluate"] = time.perf_counter() - t
     if report.data["cache"]["baseline_languages_from_cache"]:
         reused.append("baseline")

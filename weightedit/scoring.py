@@ -82,7 +82,9 @@ def derive_refusal_tokens(
     if not chosen:
         chosen = [int(order[0])]
     ids = tuple(chosen)
-    tokens = tuple(tokenizer.convert_ids_to_tokens(list(ids))) if tokenizer is not None else tuple(map(str, ids))  # type: ignore[attr-defined]
+    # Decoded text ("我", "Sorry"), not the byte-level vocabulary entries ("æĪĳ").
+    decode = tokenizer.decode if tokenizer is not None else (lambda x: str(x[0]))  # type: ignore[attr-defined]
+    tokens = tuple(decode([i]) for i in ids)
     return RefusalTokens(
         ids=ids,
         tokens=tokens,

@@ -373,8 +373,13 @@ def evaluate(
     comparison: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    name: str | None = None,
+    baseline_name: str | None = None,
 ) -> EvaluationReport:
-    """Evaluate ``model`` (and ``baseline``) in every language of ``options`` and write the report to ``out``."""
+    """Evaluate ``model`` (and ``baseline``) in every language of ``options`` and write the report to ``out``.
+
+    ``name`` and ``baseline_name`` label the models in the report and plots (default: what was passed).
+    """
     t0 = time.perf_counter()
     _check_writable(out)
     prompts = {lang: load_eval_data(lang, options).harmful for lang in options.langs}  # fail early on bad sources
@@ -403,6 +408,10 @@ def evaluate(
     timings["edited"] = time.perf_counter() - t
     timings.update({f"edited_{k}": v for k, v in edited_run.seconds.items()})
     timings["total"] = time.perf_counter() - t0
+    if name:
+        edited_run.model = name
+    if base_run is not None and baseline_name:
+        base_run.model = baseline_name
     report = build_report(edited_run, base_run, options, timings=timings, prompts=prompts)
     files = write_report(report, out, comparison=comparison)
     if comparison is not None and Path(comparison).is_dir():
