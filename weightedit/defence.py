@@ -228,7 +228,7 @@ def _write(data: dict[str, Any], out: Path) -> dict[str, Path]:
         },
         title=f"verify-defence — {data['model']}: {data['verdict']}",
         ylabel="harmful-prompt refusal (%)",
-        ylim=(0, 105),
+        ylim=(0, 115),
     )
     files["json"].write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     lines = [

@@ -29,16 +29,25 @@ def grouped_bars(
     ylabel: str,
     ylim: tuple[float, float] | None = None,
     reference: float | None = None,
+    value_format: str = "{:.0f}",
 ) -> Path:
-    """One group of bars per label (language), one bar per series (e.g. before/after)."""
+    """One group of bars per label (language), one bar per series (e.g. before/after).
+
+    Every bar carries its value (so a 0 is visibly a measured zero, not a missing bar), and the y axis leaves
+    headroom above the tallest bar for the legend.
+    """
     n = len(labels)
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(max(8, 0.75 * n + 2), 4.8), dpi=120)
     x = np.arange(n)
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
+    top = 0.0
     for i, (name, values) in enumerate(series.items()):
         vals = [np.nan if v is None else float(v) for v in values]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors[i % len(colors)])
+        drawn = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors[i % len(colors)])
+        labels_i = ["" if np.isnan(v) else value_format.format(v) for v in vals]
+        ax.bar_label(drawn, labels=labels_i, fontsize=7, padding=1.5)
+        top = max([top, *(v for v in vals if not np.isnan(v))])
     if reference is not None:
         ax.axhline(reference, color="grey", linewidth=1, linestyle="--")
     ax.set_xticks(x)
@@ -46,8 +55,11 @@ def grouped_bars(
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
+    else:
+        ax.set_ylim(0, max(top, reference or 0.0) * 1.2 or 1.0)
     ax.set_title(title, fontsize=11)
-    ax.legend(frameon=False)
+    if len(series) > 1:
+        ax.legend(frameon=False, ncols=len(series), loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +76,11 @@ def bars(
     title: str,
     ylabel: str,
     reference: float | None = None,
+    value_format: str = "{:.2f}",
 ) -> Path:
-    return grouped_bars(path, labels, {ylabel: values}, title=title, ylabel=ylabel, reference=reference)
+    return grouped_bars(
+        path, labels, {ylabel: values}, title=title, ylabel=ylabel, reference=reference, value_format=value_format
+    )
 
 
 def heatmap(

@@ -298,7 +298,7 @@ def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None =
         {k: [None if x is None else 100 * x for x in vals] for k, vals in series.items()},
         title=f"Harmful-prompt refusal per language — {model}",
         ylabel="refusal rate (%)",
-        ylim=(0, 105),
+        ylim=(0, 115),
     )
     if has_base:
         files["perplexity_png"] = grouped_bars(
@@ -308,6 +308,7 @@ def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None =
             title=f"Perplexity ratio (edited / baseline) on parallel sentences — {model}",
             ylabel="perplexity ratio",
             reference=1.0,
+            value_format="{:.2f}",
         )
     if comparison is not None:
         from ..crosslingual import load_comparison
