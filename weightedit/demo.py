@@ -75,6 +75,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     )
     wanted = {"n_harmful": sel.n_train, "n_val": sel.n_val, "prompts": sel.prompts or "builtin"}
     direction = None
+    load_s = 0.0  # model loading, reported as its own stage
     if direction_path.exists():
         existing = load_direction(direction_path)
         config = json.loads((source.folder / "config.json").read_text())
@@ -91,7 +92,8 @@ def run_demo(options: DemoOptions) -> DemoResult:
         result = direction_for_model(source, options.direction_lang, sel, progress=options.progress)
         save_direction_result(result, direction_path)
         direction = result.direction
-    timings["direction"] = time.perf_counter() - t
+        load_s += result.timings.get("load", 0.0)
+    timings["direction"] = time.perf_counter() - t - load_s
 
     t = time.perf_counter()
     console.rule("3/4 orthogonalizing the weights")
@@ -125,7 +127,10 @@ def run_demo(options: DemoOptions) -> DemoResult:
         name=f"{recipe}, {options.direction_lang} direction removed",
         baseline_name=recipe,
     )
-    timings["evaluate"] = time.perf_counter() - t
+    eval_load_s = sum(report.data["timings_s"].get(k, 0.0) for k in ("baseline_load", "edited_load"))
+    timings["evaluate"] = time.perf_counter() - t - eval_load_s
+    timings["load"] = load_s + eval_load_s
+    timings = {k: timings[k] for k in ("fetch", "load", "direction", "edit", "evaluate")}
     if report.data["cache"]["baseline_languages_from_cache"]:
         reused.append("baseline")
     report.data["demo"] = {

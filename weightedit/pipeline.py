@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def direction_for_model(
 ) -> DirectionResult:
     """Load ``model``, compute its refusal direction from prompts in ``langs``, and free the model."""
     codes = parse_languages(langs)
+    t0 = time.perf_counter()
     loaded = load_model(
         model,
         dtype=dtype,
@@ -45,8 +47,11 @@ def direction_for_model(
         chat_template=chat_template,
         progress=progress,
     )
+    load_s = time.perf_counter() - t0
     try:
-        return compute_direction(loaded, codes, options, progress=progress)
+        result = compute_direction(loaded, codes, options, progress=progress)
+        result.timings["load"] = load_s
+        return result
     finally:
         del loaded
         gc.collect()
