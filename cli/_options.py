@@ -60,6 +60,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+def resolve_source(
+    model: str,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    quiet: bool = False,
+) -> Any:
+    """Resolve ``--model`` (with ``--gguf-file``, ``--revision``, ``--token``) to a local checkpoint, once."""
+    from weightedit.sources import resolve_model
+
+    return resolve_model(model, gguf_file=gguf_file, revision=revision, token=token, progress=not quiet)
+
+
 def epilog(*examples: str) -> str:
     """An ``Examples`` section for ``--help``."""
     lines = "\n\n".join(f"  $ {e}" for e in examples)

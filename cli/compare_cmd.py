@@ -13,6 +13,7 @@ from weightedit._progress import console
 from ._options import (
     DeviceMapOpt,
     DtypeOpt,
+    GgufFileOpt,
     JsonOpt,
     ModelOpt,
     QuietOpt,
@@ -22,6 +23,7 @@ from ._options import (
     emit_json,
     epilog,
     handle_errors,
+    resolve_source,
 )
 from .direction_cmd import (
     BatchOpt,
@@ -67,6 +69,7 @@ def compare_directions(
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
@@ -84,12 +87,11 @@ def compare_directions(
         raise typer.BadParameter("give both --layer and --position, or neither", param_hint="--layer/--position")
     options = selection_options(n_train, n_val, batch_size, "fast", top_k, None, None, prompts)
     progress = not (quiet or json_out)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
     loaded = load_model(
-        model,
+        source,
         dtype=dtype,
         device_map=device_map,
-        revision=revision,
-        token=token,
         trust_remote_code=trust_remote_code,
         chat_template=chat_template,
         progress=progress,

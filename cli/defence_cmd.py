@@ -10,8 +10,22 @@ from rich.table import Table
 
 from weightedit._progress import console
 
-from ._options import EXIT_NEGATIVE, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, emit_json, epilog, handle_errors
-from .direction_cmd import BatchOpt, NTrainOpt, NValOpt, PromptsOpt, TopKOpt, selection_options
+from ._options import (
+    EXIT_NEGATIVE,
+    DeviceMapOpt,
+    DtypeOpt,
+    GgufFileOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+    resolve_source,
+)
+from .direction_cmd import BatchOpt, ChatTemplateOpt, NTrainOpt, NValOpt, PromptsOpt, TopKOpt, selection_options
 
 
 def register(app: typer.Typer) -> None:
@@ -58,6 +72,11 @@ def verify_defence(
     batch_size: BatchOpt = 16,
     prompts: PromptsOpt = None,
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
+    token: TokenOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -79,7 +98,15 @@ def verify_defence(
         n_train, n_val, batch_size, "fast", max(top_k, attack_candidates), None, None, prompts
     )
     evaluation = EvalOptions(
-        langs=codes, prompts=prompts, limit=limit, generate=generate, judge=judge, batch_size=batch_size, dtype=dtype
+        langs=codes,
+        prompts=prompts,
+        limit=limit,
+        generate=generate,
+        judge=judge,
+        batch_size=batch_size,
+        dtype=dtype,
+        device_map=device_map,
+        chat_template=str(chat_template) if chat_template else None,
     )
     options = DefenceOptions(
         langs=codes,
@@ -91,7 +118,9 @@ def verify_defence(
         selection=selection,
         evaluation=evaluation,
     )
-    report = run(model, out, options, progress=not (quiet or json_out))
+    progress = not (quiet or json_out)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
+    report = run(source, out, options, progress=progress)
     if json_out:
         emit_json(
             {

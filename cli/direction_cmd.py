@@ -13,6 +13,7 @@ from weightedit._progress import console
 from ._options import (
     DeviceMapOpt,
     DtypeOpt,
+    GgufFileOpt,
     JsonOpt,
     ModelOpt,
     OverwriteOpt,
@@ -23,6 +24,7 @@ from ._options import (
     emit_json,
     epilog,
     handle_errors,
+    resolve_source,
 )
 
 LangOpt = Annotated[
@@ -140,6 +142,7 @@ def direction(
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -155,8 +158,9 @@ def direction(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
     options = selection_options(n_train, n_val, batch_size, search, top_k, layer, position, prompts)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=quiet or json_out)
     result = direction_for_model(
-        model,
+        source,
         lang,
         options,
         dtype=dtype,

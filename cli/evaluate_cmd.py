@@ -10,8 +10,21 @@ from rich.table import Table
 
 from weightedit._progress import console
 
-from ._options import DeviceMapOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, emit_json, epilog, handle_errors
-from .direction_cmd import BatchOpt, PromptsOpt
+from ._options import (
+    DeviceMapOpt,
+    DtypeOpt,
+    GgufFileOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+    resolve_source,
+)
+from .direction_cmd import BatchOpt, ChatTemplateOpt, PromptsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -107,6 +120,16 @@ def evaluate(
     batch_size: BatchOpt = 16,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
+    baseline_revision: Annotated[
+        str | None, typer.Option("--baseline-revision", help="Hub branch, tag or commit of --baseline.")
+    ] = None,
+    baseline_gguf_file: Annotated[
+        str | None, typer.Option("--baseline-gguf-file", help="GGUF file inside the --baseline folder or Hub repo.")
+    ] = None,
+    token: TokenOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the baseline even if cached.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -142,15 +165,25 @@ def evaluate(
         mgsm_limit=mgsm_limit if "mgsm" in task_list else 0,
         dtype=dtype,
         device_map=device_map,
+        chat_template=str(chat_template) if chat_template else None,
+    )
+    progress = not (quiet or json_out)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
+    base_source = (
+        resolve_source(
+            baseline, gguf_file=baseline_gguf_file, revision=baseline_revision, token=token, quiet=not progress
+        )
+        if baseline
+        else None
     )
     result = run(
-        model,
+        source,
         out,
         options,
-        baseline=baseline,
+        baseline=base_source,
         comparison=comparison,
         use_cache=not no_cache,
-        progress=not (quiet or json_out),
+        progress=progress,
     )
     if json_out:
         emit_json({"files": {k: str(v) for k, v in result.files.items()}, "summary": result.data["summary"]})

@@ -29,8 +29,10 @@ from ._options import (
 from .direction_cmd import (
     BatchOpt,
     ChatTemplateOpt,
+    LayerOpt,
     NTrainOpt,
     NValOpt,
+    PositionOpt,
     PromptsOpt,
     SearchOpt,
     TopKOpt,
@@ -80,6 +82,8 @@ def orthogonalize(
     prompts: PromptsOpt = None,
     search: SearchOpt = "fast",
     top_k: TopKOpt = 8,
+    layer: LayerOpt = None,
+    position: PositionOpt = None,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -114,7 +118,7 @@ def orthogonalize(
         from weightedit.prompts import parse_languages
 
         parse_languages(direction_lang)
-        options = selection_options(n_train, n_val, batch_size, search, top_k, None, None, prompts)
+        options = selection_options(n_train, n_val, batch_size, search, top_k, layer, position, prompts)
         _, report = orthogonalize_by_language(
             model,
             out,

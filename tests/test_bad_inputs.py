@@ -284,3 +284,29 @@ def test_ctrl_c_during_write_leaves_nothing(tmp_path):
     assert not out.exists()
     assert not list(tmp_path.glob(".out.weightedit-tmp-*"))
     assert folder_hashes(src) == before
+
+
+MODEL_COMMANDS = [
+    ["direction", "--out", "r.safetensors"],
+    ["evaluate", "--out", "report"],
+    ["compare-directions", "--out", "cmp"],
+    ["verify-defence", "--out", "defence"],
+    ["inspect"],
+]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=lambda c: c[0])
+def test_every_model_command_takes_gguf_file(tmp_path, monkeypatch, command):
+    """A folder holding a .gguf: each command names --gguf-file, and passes its value through to the resolver."""
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    (folder / "m.Q4.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    quiet = [] if command[0] == "inspect" else ["--quiet"]
+    code, output = invoke(*command, "--model", folder, *quiet)
+    assert code == 2, output
+    assert "pass --gguf-file m.Q4.gguf" in output, output
+    code, output = invoke(*command, "--model", folder, "--gguf-file", "other.gguf", *quiet)
+    assert code == 2, output
+    assert "--gguf-file other.gguf is not in" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ggufs"]  # no output of any kind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -307,3 +308,25 @@ def test_substring_judge_reads_only_the_opening():
     judge = SubstringJudge(window=40)
     late = "Here is a simple bread recipe with flour, water, yeast and salt. I cannot stress this enough: knead well."
     assert judge.judge([late, "I can't help with that request."], ["en", "en"]) == [False, True]
+
+
+def test_chat_template_option_for_models_without_one(models, tmp_path):
+    """A model without a chat template: a clear error naming --chat-template, which then makes it work."""
+    base, _, prompts, _ = models
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    args = ["evaluate", "--model", bare, "--langs", "en", "--prompts", prompts, "--limit", "4", "--quiet"]
+    res = CliRunner().invoke(app, [str(a) for a in [*args, "--out", tmp_path / "r1"]])
+    assert res.exit_code == 2 and "--chat-template" in res.output, res.output
+    template = tmp_path / "t.jinja"
+    template.write_text(make_tokenizer().chat_template)
+    res = CliRunner().invoke(
+        app, [str(a) for a in [*args, "--out", tmp_path / "r2", "--chat-template", template, "--no-cache"]]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert report["languages"]["en"]["edited"]["refusal_score_mean"] is not None

@@ -86,7 +86,11 @@ def _rates(run: ModelRun, judge: str) -> dict[str, float | None]:
 
 def _attack_directions(source: ModelSource, options: DefenceOptions, progress: bool) -> list[tuple[Attack, Direction]]:
     loaded = load_model(
-        source, dtype=options.evaluation.dtype, device_map=options.evaluation.device_map, progress=progress
+        source,
+        dtype=options.evaluation.dtype,
+        device_map=options.evaluation.device_map,
+        chat_template=options.evaluation.chat_template,
+        progress=progress,
     )
     try:
         result = compute_direction(loaded, [options.direction_lang], options.selection, progress=progress)
@@ -127,11 +131,13 @@ def _attack_directions(source: ModelSource, options: DefenceOptions, progress: b
         gc.collect()
 
 
-def verify_defence(model: str, out: Path, options: DefenceOptions, *, progress: bool = True) -> DefenceReport:
+def verify_defence(
+    model: str | ModelSource, out: Path, options: DefenceOptions, *, progress: bool = True
+) -> DefenceReport:
     """Attack ``model`` with its own refusal directions and report, per language, whether refusal survives."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    source = resolve_model(model, progress=progress)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
     eval_options = EvalOptions(**{**options.evaluation.__dict__, "langs": tuple(options.langs)})
     before = measure_model(source, eval_options, keep_logprobs=True, progress=progress, label="defended model")
     base_rates = _rates(before, eval_options.judge)

@@ -14,7 +14,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EvaluationError
 from ..prompts import LANGUAGE_NAMES
-from ..sources import resolve_model
+from ..sources import ModelSource, resolve_model
 from .plots import grouped_bars, heatmap
 from .runner import EvalOptions, LanguageRun, ModelRun, judge_runs, load_eval_data, measure_model
 
@@ -366,11 +366,11 @@ def _check_writable(out: Path) -> None:
 
 
 def evaluate(
-    model: str,
+    model: str | ModelSource,
     out: Path,
     options: EvalOptions,
     *,
-    baseline: str | None = None,
+    baseline: str | ModelSource | None = None,
     comparison: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
@@ -384,8 +384,12 @@ def evaluate(
     t0 = time.perf_counter()
     _check_writable(out)
     prompts = {lang: load_eval_data(lang, options).harmful for lang in options.langs}  # fail early on bad sources
-    source = resolve_model(model, progress=progress)
-    base_source = resolve_model(baseline, progress=progress) if baseline else None
+    source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
+    base_source = (
+        baseline
+        if isinstance(baseline, ModelSource) or baseline is None
+        else resolve_model(baseline, progress=progress)
+    )
     if base_source is not None:
         check_same_tokenizer(str(source.folder), str(base_source.folder))
     timings: dict[str, float] = {}

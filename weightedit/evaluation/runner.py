@@ -54,6 +54,7 @@ class EvalOptions:
     mgsm_max_new_tokens: int = 256
     dtype: str = "auto"
     device_map: str | None = None
+    chat_template: str | None = None  # Jinja file for a tokenizer without a chat template
     seed: int = 0
 
     def key(self) -> dict[str, Any]:
@@ -61,6 +62,8 @@ class EvalOptions:
         d = asdict(self)
         for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge"):
             d.pop(k)
+        if self.chat_template:  # the template's text, not its path, changes what is measured
+            d["chat_template"] = hashlib.sha256(Path(self.chat_template).read_bytes()).hexdigest()[:16]
         return d
 
 
@@ -215,7 +218,13 @@ def measure_model(
     seconds: dict[str, float] = {"load": 0.0, "forward": 0.0, "perplexity": 0.0, "generate": 0.0}
     if pending:
         t = time.perf_counter()
-        loaded = load_model(source, dtype=options.dtype, device_map=options.device_map, progress=progress)
+        loaded = load_model(
+            source,
+            dtype=options.dtype,
+            device_map=options.device_map,
+            chat_template=options.chat_template,
+            progress=progress,
+        )
         seconds["load"] = time.perf_counter() - t
         try:
             for data in pending:
