@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -30,3 +31,11 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def raw_bytes(folder: Path) -> dict[str, bytes]:
     """Each tensor's stored bytes."""
     return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in load_tensors(folder).items()}
+
+
+def strip_chat_template(folder: Path) -> None:
+    """Remove the chat template from a saved tokenizer, as in a base model."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)

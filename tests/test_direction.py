@@ -15,6 +15,7 @@ from weightedit.modeling import load_model, post_instruction_length
 from weightedit.scoring import derive_refusal_tokens, kl_divergence, refusal_scores
 from weightedit.selection import SelectionOptions, compute_direction
 
+from helpers import strip_chat_template
 from tiny_models import (
     TRIGGERS,
     make_planted_model,
@@ -119,10 +120,7 @@ def test_model_without_chat_template_is_a_clear_error(planted, tmp_path):
     model, _ = planted
     copy = tmp_path / "base"
     shutil.copytree(model, copy)
-    config = json.loads((copy / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (copy / "tokenizer_config.json").write_text(json.dumps(config))
-    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    strip_chat_template(copy)
     with pytest.raises(ChatTemplateError, match="--chat-template"):
         load_model(copy, progress=False)
     template = tmp_path / "t.jinja"

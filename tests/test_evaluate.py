@@ -17,6 +17,7 @@ from weightedit.cli.main import app
 from weightedit.evaluation.report import SCHEMA
 from weightedit.orthogonalize import orthogonalize_checkpoint
 
+from helpers import strip_chat_template
 from tiny_models import (
     make_config,
     make_planted_model,
@@ -315,10 +316,7 @@ def test_chat_template_option_for_models_without_one(models, tmp_path):
     base, _, prompts, _ = models
     bare = tmp_path / "bare"
     shutil.copytree(base, bare)
-    config = json.loads((bare / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(config))
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    strip_chat_template(bare)
     args = ["evaluate", "--model", bare, "--langs", "en", "--prompts", prompts, "--limit", "4", "--quiet"]
     res = CliRunner().invoke(app, [str(a) for a in [*args, "--out", tmp_path / "r1"]])
     assert res.exit_code == 2 and "--chat-template" in res.output, res.output
