@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -39,3 +40,17 @@ def strip_chat_template(folder: Path) -> None:
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def logit_tolerance(*, n_layers: int, weight_dtype: torch.dtype, logit_scale: float) -> float:
+    """How far two float32 computations of the same logits may differ from rounding alone.
+
+    The edited checkpoint stores ``W - r rᵀW`` rounded to ``weight_dtype`` (relative error ≤ eps/2 per entry), and
+    both it and the hook-ablated original run in float32, where each block adds relative error of order eps to
+    the residual stream. The two sub-blocks of each of ``n_layers`` blocks contribute independent errors, which add
+    in quadrature: relative error ≈ eps·√(2·n_layers). The factor 16 covers the few roundings per sub-block (two
+    matmuls, a norm, a residual add) and leaves margin; it was fixed from this argument, not fitted to a
+    measurement. Scaled by the largest logit, since errors are relative. A broken edit moves logits by > 1e-2.
+    """
+    eps = max(torch.finfo(weight_dtype).eps, torch.finfo(torch.float32).eps)
+    return 16.0 * eps * math.sqrt(2 * n_layers) * logit_scale

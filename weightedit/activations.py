@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,18 @@ __all__ = [
 ]
 
 Intervention = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _cache_keyword(model: Any) -> str:
+    """Name of the forward argument that takes a key/value cache: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (the old name is removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The key/value cache of a forward output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,9 +77,9 @@ def _forward(loaded: LoadedModel, batch: Batch, prefix_cache: Any = None) -> tor
         input_ids=batch.input_ids,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
         logits_to_keep=1,
         use_cache=True,
+        **{_cache_keyword(loaded.model): cache},
     )
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
@@ -76,7 +89,7 @@ def _prefix_cache(loaded: LoadedModel, prefix: torch.Tensor | None) -> Any:
     if prefix is None or not loaded.prefix_caching:
         return None
     out = loaded.model(input_ids=prefix[None], use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    return _output_cache(out)
 
 
 @torch.inference_mode()
