@@ -84,7 +84,14 @@ def evaluate(
     ] = None,
     langs: Annotated[str, typer.Option("--langs", help="Languages: all, or a comma list.")] = "all",
     prompts: PromptsOpt = None,
-    split: Annotated[str, typer.Option("--split", help="Prompt split to evaluate on.")] = "val",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="Prompts to judge on: auto (the source's held-out part: built-in test split; never a prompt used to "
+            "choose a direction), or train/val/test to force one.",
+        ),
+    ] = "auto",
     limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
     generate: Annotated[
         int,

@@ -144,7 +144,7 @@ def write_nonlinear_prompts(path: Path, n_train: int = 24, n_val: int = 12, lang
     """A JSONL prompt source for :func:`make_nonlinear_model` (harmful prompts cycle through the phases)."""
     rows = []
     for j, lang in enumerate(langs):
-        for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_val, 3)):
             for i, text in enumerate(phase_prompts(n, 100 * j + seed + 10, offset=j)):
                 rows.append(_row(lang, "harmful", split, i, text))
             for i, text in enumerate(planted_prompts(n, False, 100 * j + seed)):
@@ -156,7 +156,7 @@ def write_trigger_free_prompts(path: Path, n_train: int = 24, n_val: int = 8, la
     """A prompt source whose "harmful" prompts hold no trigger word: trigger-driven models barely refuse them."""
     rows = []
     for j, lang in enumerate(langs):
-        for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_val, 3)):
             for kind, offset in (("harmful", 50), ("harmless", 0)):
                 for i, text in enumerate(planted_prompts(n, False, 100 * j + seed + offset)):
                     rows.append(_row(lang, kind, split, i, text))

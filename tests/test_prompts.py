@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from weightedit.errors import PromptsError
-from weightedit.prompts import LANGUAGES, builtin_prompts, load_prompts, parse_languages
+from weightedit.prompts import LANGUAGES, builtin_prompts, load_prompts, parse_languages, role_prompts
 
 from conftest import SHARED_DATA
 
@@ -37,7 +37,7 @@ def test_fourteen_languages():
 def test_sets_are_parallel_across_languages(kind):
     english = builtin_prompts(kind, "en")
     assert len(english) >= 160
-    assert sum(p.split == "train" for p in english) >= 128
+    assert [sum(p.split == split for p in english) for split in ("train", "val", "test")] == [96, 32, 32]
     for lang in LANGUAGES:
         prompts = builtin_prompts(kind, lang)
         assert [p.id for p in prompts] == [p.id for p in english], lang
@@ -71,7 +71,34 @@ def test_no_empty_or_duplicate_lines_and_right_script(kind, lang):
 def test_splits_are_fixed():
     prompts = builtin_prompts("harmful", "de", "val")
     assert len(prompts) == 32 and all(p.split == "val" for p in prompts)
-    assert prompts[0].id == "harmful-128"
+    assert prompts[0].id == "harmful-096"
+    assert builtin_prompts("harmful", "de", "test")[0].id == "harmful-128"
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_roles_are_disjoint_for_every_builtin_language(kind, lang):
+    """No prompt used to fit or select a direction is ever judged (ids and texts)."""
+    roles = {role: role_prompts(None, kind, lang, role) for role in ("fit", "select", "judge")}
+    ids = {role: {p.id for p in r.prompts} for role, r in roles.items()}
+    texts = {role: set(r.texts) for role, r in roles.items()}
+    assert [len(ids[r]) for r in ("fit", "select", "judge")] == [96, 32, 32]
+    for a, b in (("fit", "select"), ("fit", "judge"), ("select", "judge")):
+        assert not ids[a] & ids[b] and not texts[a] & texts[b], (a, b)
+    assert roles["judge"].description == "test split"
+
+
+def test_roles_of_sources_without_a_test_split(tmp_path):
+    # PolyRefuse's layout (train + val): selection holds out the tail of train, evaluation judges val.
+    folder = Path(__file__).parent / "data" / "polyrefuse-layout"
+    fit, select, judge = (role_prompts(folder, "harmless", "yo", role) for role in ("fit", "select", "judge"))
+    assert judge.split == "val" and fit.split == select.split == "train"
+    assert not {p.id for p in fit.prompts} & {p.id for p in select.prompts}
+    # A file without splits: 60/20/20 in file order.
+    flat = tmp_path / "p.jsonl"
+    flat.write_text("".join(json.dumps({"instruction": f"do thing {i}", "kind": "harmful"}) + "\n" for i in range(10)))
+    parts = [role_prompts(flat, "harmful", "en", role).texts for role in ("fit", "select", "judge")]
+    assert [len(x) for x in parts] == [6, 2, 2] and sum(parts, []) == [f"do thing {i}" for i in range(10)]
 
 
 def test_polyrefuse_layout_loads_as_is():

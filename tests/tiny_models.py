@@ -215,13 +215,14 @@ def make_planted_model(folder: Path, r_true: torch.Tensor, seed: int = 0) -> Pat
 
 
 def write_planted_prompts(path: Path, n_train: int = 24, n_val: int = 8, langs: tuple[str, ...] = ("en",)) -> Path:
-    """A JSONL prompt file for the planted model (each "language" draws different random sentences)."""
+    """A JSONL prompt file for the planted model (each "language" draws different random sentences), with
+    train, val and test splits like the built-in sets."""
     import json
 
     rows = []
     for j, lang in enumerate(langs):
         for kind, harmful in (("harmful", True), ("harmless", False)):
-            for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+            for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_val, 3)):
                 for i, text in enumerate(planted_prompts(n, harmful, 100 * j + seed + (10 if harmful else 0))):
                     row = {"id": f"{kind}-{split}-{i}", "lang": lang, "kind": kind, "split": split, "instruction": text}
                     rows.append(row)

@@ -22,7 +22,7 @@ import torch
 from ..activations import last_logprobs
 from ..errors import EvaluationError, PromptsError
 from ..modeling import LoadedModel, load_model
-from ..prompts import LANGUAGES, load_prompts
+from ..prompts import LANGUAGES, load_prompts, role_prompts
 from ..scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
 from .judges import make_judge
@@ -30,14 +30,16 @@ from .metrics import extract_number, generate, perplexity, token_nll
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: refusal tokens from fit prompts, judged prompts from the judge role
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     langs: tuple[str, ...] = LANGUAGES
     prompts: str | None = None  # prompt source (None = built-in)
-    split: str = "val"
+    # "auto": the judge role of the prompt source (built-in: the test split), disjoint from every prompt
+    # direction selection or a defence attack uses; or a split name (train/val/test) to force one.
+    split: str = "auto"
     limit: int = 32  # harmful and harmless prompts per language
     generate: int = 0  # harmful prompts per language to complete and judge (0 = forward metrics only)
     generate_harmless: int = 0  # harmless prompts per language to complete and judge
@@ -77,10 +79,23 @@ class EvalData:
     ppl: list[str]
     xstest: list[str] = field(default_factory=list)
     mgsm: list[tuple[str, float]] = field(default_factory=list)
+    split: str = ""  # where the judged prompts come from ("test split", ...)
+    token_harmful: list[str] = field(default_factory=list)  # fit prompts the refusal tokens are derived from
+    token_harmless: list[str] = field(default_factory=list)
 
     def digest(self) -> str:
         payload = json.dumps(
-            [self.lang, self.harmful, self.harmless, self.ppl, self.xstest, self.mgsm], ensure_ascii=False
+            [
+                self.lang,
+                self.harmful,
+                self.harmless,
+                self.ppl,
+                self.xstest,
+                self.mgsm,
+                self.token_harmful,
+                self.token_harmless,
+            ],
+            ensure_ascii=False,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -92,13 +107,27 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise PromptsError(f"cannot read {path}: {e}") from None
 
 
+def _eval_prompts(options: EvalOptions, kind: str, lang: str) -> tuple[list[str], str]:
+    """The prompts to judge on, and a description of where they come from."""
+    if options.split == "auto":
+        chosen = role_prompts(options.prompts, kind, lang, "judge")  # type: ignore[arg-type]
+        return chosen.texts[: options.limit], chosen.description
+    if options.split not in ("train", "val", "test"):
+        raise EvaluationError(f"unknown --split {options.split!r}: use auto, train, val or test")
+    texts = [p.text for p in load_prompts(options.prompts, kind, lang, options.split)]  # type: ignore[arg-type]
+    return texts[: options.limit], f"{options.split} split (chosen by the user)"
+
+
 def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
-    harmful = [p.text for p in load_prompts(options.prompts, "harmful", lang, options.split)][: options.limit]  # type: ignore[arg-type]
-    harmless = [p.text for p in load_prompts(options.prompts, "harmless", lang, options.split)][: options.limit]  # type: ignore[arg-type]
+    harmful, split = _eval_prompts(options, "harmful", lang)
+    harmless, _ = _eval_prompts(options, "harmless", lang)
     if not harmful or not harmless:
         raise EvaluationError(
             f"empty prompt source for {lang}: no harmful or harmless prompts in split {options.split!r}"
         )
+    # Refusal tokens come from the fit (training) prompts, never from the prompts they score.
+    token_harmful = role_prompts(options.prompts, "harmful", lang, "fit").texts[: options.limit]  # type: ignore[arg-type]
+    token_harmless = role_prompts(options.prompts, "harmless", lang, "fit").texts[: options.limit]  # type: ignore[arg-type]
     if options.ppl_source:
         path = Path(options.ppl_source) / f"{lang}.jsonl"
         if not path.exists():
@@ -108,7 +137,7 @@ def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
         ppl = [str(r["text"]) for r in _read_jsonl(path) if r.get("text")][: options.ppl_limit]
     else:
         # The built-in harmless prompts are parallel sentences in every language.
-        ppl = [p.text for p in load_prompts(None, "harmless", lang, "val")][: options.ppl_limit]
+        ppl = role_prompts(None, "harmless", lang, "judge").texts[: options.ppl_limit]
     xstest: list[str] = []
     if options.xstest and lang == "en":
         rows = _read_jsonl(Path(options.xstest))
@@ -120,7 +149,7 @@ def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
         path = Path(options.mgsm) / f"{lang}.jsonl"
         if path.exists():
             mgsm = [(str(r["question"]), float(r["answer"])) for r in _read_jsonl(path)][: options.mgsm_limit]
-    return EvalData(lang, harmful, harmless, ppl, xstest, mgsm)
+    return EvalData(lang, harmful, harmless, ppl, xstest, mgsm, split, token_harmful, token_harmless)
 
 
 def model_fingerprint(source: ModelSource) -> str:
@@ -276,7 +305,11 @@ def _measure_language(
         description=f"{label} {lang}: harmless",
     )
     if reference is None:
-        tokens = derive_refusal_tokens(mean_probs(lp_h), mean_probs(lp_b), loaded.tokenizer)
+        fit_h = last_logprobs(loaded, loaded.format(data.token_harmful or data.harmful), batch_size=options.batch_size)
+        fit_b = last_logprobs(
+            loaded, loaded.format(data.token_harmless or data.harmless), batch_size=options.batch_size
+        )
+        tokens = derive_refusal_tokens(mean_probs(fit_h), mean_probs(fit_b), loaded.tokenizer)
     else:
         tokens = reference.tokens
     run = LanguageRun(

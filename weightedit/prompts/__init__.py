@@ -2,8 +2,12 @@
 
 The built-in sets (``prompts/data/{harmful,harmless}/<lang>.jsonl``) were written for weightedit: 160
 harmful and 160 harmless instructions per language, parallel across the 14 languages (the same meaning at
-the same id), with a fixed split (``train``: ids 000–127, ``val``: 128–159). See the README section
-"Built-in prompts" for how they were written and checked.
+the same id), with a fixed split (``train``: ids 000–095, ``val``: 096–127, ``test``: 128–159). See the README
+section "Built-in prompts" for how they were written and checked.
+
+Every prompt source is used in three disjoint *roles* (:func:`role_prompts`): ``fit`` (mean differences and
+refusal tokens), ``select`` (choosing the layer and position, and attacking in ``verify-defence``) and
+``judge`` (every measurement a user reads). No prompt used to choose or attack is used to judge.
 
 User prompts load from:
 
@@ -35,10 +39,14 @@ __all__ = [
     "parse_languages",
     "Kind",
     "Split",
+    "Role",
+    "ROLES",
+    "RolePrompts",
+    "role_prompts",
 ]
 
 Kind = Literal["harmful", "harmless"]
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
 
 LANGUAGE_NAMES: dict[str, str] = {
     "ar": "Arabic",
@@ -138,6 +146,101 @@ def load_prompts(source: str | Path | None, kind: Kind, lang: str, split: Split 
             + ": check its lang/kind/split columns or folder layout"
         )
     return prompts
+
+
+Role = Literal["fit", "select", "judge"]
+ROLES: tuple[Role, ...] = ("fit", "select", "judge")
+
+
+@dataclass(frozen=True)
+class RolePrompts:
+    """The prompts of one role, and where in the source they came from (for reports)."""
+
+    prompts: list[Prompt]
+    role: Role
+    split: str  # the source's split these came from ("test", "val", "train", or "all")
+    part: str  # "" when the whole split; otherwise which part of it ("last 20%", "first 80%", ...)
+
+    @property
+    def description(self) -> str:
+        return f"{self.split} split" + (f" ({self.part})" if self.part else "")
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.prompts]
+
+
+def _available_splits(source: str | Path | None, kind: Kind, lang: str) -> dict[str, list[Prompt]]:
+    found: dict[str, list[Prompt]] = {}
+    for split in ("train", "val", "test"):
+        try:
+            prompts = load_prompts(source, kind, lang, split)
+        except PromptsError:
+            continue
+        if all(p.split == split for p in prompts):
+            found[split] = prompts
+    return found
+
+
+def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -> RolePrompts:
+    """The ``kind`` prompts of ``lang`` that play ``role``; the three roles never share a prompt.
+
+    - A source with a ``test`` split (the built-in sets): fit = train, select = val (or the last 20% of train
+      when there is no val split), judge = test.
+    - A source with ``train`` and ``val`` only (PolyRefuse): fit = the first 80% of train, select = its last 20%,
+      judge = val.
+    - A source without splits: fit = the first 60%, select = the next 20%, judge = the last 20%, in file order.
+
+    Raises:
+        PromptsError: the source has no such prompts, or too few to split.
+    """
+    if role not in ROLES:
+        raise PromptsError(f"prompt role must be one of {', '.join(ROLES)}, got {role!r}")
+    splits = _available_splits(source, kind, lang)
+
+    def tail(prompts: list[Prompt], split: str) -> tuple[RolePrompts, RolePrompts]:
+        if len(prompts) < 2:
+            raise PromptsError(
+                f"{source or 'the built-in set'} has {len(prompts)} {kind} {lang} prompts in its {split} split, too "
+                "few to hold some out for selection: add prompts or a val split"
+            )
+        cut = len(prompts) - max(1, len(prompts) // 5)
+        return (
+            RolePrompts(prompts[:cut], "fit", split, "first 80%"),
+            RolePrompts(prompts[cut:], "select", split, "last 20%"),
+        )
+
+    if "test" in splits or ("train" in splits and "val" in splits):
+        if "train" not in splits:
+            raise PromptsError(
+                f"{source or 'the built-in set'} has no train split of {kind} {lang} prompts: add one, or use a source "
+                "without splits"
+            )
+        if "test" in splits:
+            judge = RolePrompts(splits["test"], "judge", "test", "")
+            if "val" in splits:
+                fit, select = (
+                    RolePrompts(splits["train"], "fit", "train", ""),
+                    RolePrompts(splits["val"], "select", "val", ""),
+                )
+            else:
+                fit, select = tail(splits["train"], "train")
+        else:
+            judge = RolePrompts(splits["val"], "judge", "val", "")
+            fit, select = tail(splits["train"], "train")
+    else:
+        everything = load_prompts(source, kind, lang)
+        if len(everything) < 3:
+            raise PromptsError(
+                f"{source} has {len(everything)} {kind} {lang} prompts, too few to split into fit/select/judge parts: "
+                "add prompts"
+            )
+        a = (len(everything) * 3) // 5
+        b = a + max(1, len(everything) // 5)
+        fit = RolePrompts(everything[:a], "fit", "all", "first 60%")
+        select = RolePrompts(everything[a:b], "select", "all", "next 20%")
+        judge = RolePrompts(everything[b:], "judge", "all", "last 20%")
+    return {"fit": fit, "select": select, "judge": judge}[role]
 
 
 def _download_dataset(repo_id: str) -> Path:
