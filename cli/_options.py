@@ -88,7 +88,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except WeighteditError as e:
-            _fail(str(e))
+            from ._messages import cli_message
+
+            _fail(cli_message(e))
             if os.environ.get("WEIGHTEDIT_DEBUG"):
                 raise
             raise typer.Exit(EXIT_ERROR) from None

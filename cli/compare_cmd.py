@@ -26,9 +26,12 @@ from ._options import (
     resolve_source,
 )
 from .direction_cmd import (
+    AllowFailingOpt,
     BatchOpt,
     ChatTemplateOpt,
+    CheckGenerationsOpt,
     LayerOpt,
+    MaxKlOpt,
     NTrainOpt,
     NValOpt,
     PositionOpt,
@@ -65,6 +68,9 @@ def compare_directions(
     batch_size: BatchOpt = 16,
     prompts: PromptsOpt = None,
     top_k: TopKOpt = 8,
+    max_kl: MaxKlOpt = 0.1,
+    allow_failing_filters: AllowFailingOpt = False,
+    check_generations: CheckGenerationsOpt = 4,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -85,7 +91,19 @@ def compare_directions(
     parse_languages(reference)
     if (layer is None) != (position is None):
         raise typer.BadParameter("give both --layer and --position, or neither", param_hint="--layer/--position")
-    options = selection_options(n_train, n_val, batch_size, "fast", top_k, None, None, prompts)
+    options = selection_options(
+        n_train,
+        n_val,
+        batch_size,
+        "fast",
+        top_k,
+        None,
+        None,
+        prompts,
+        max_kl=max_kl,
+        allow_failing_filters=allow_failing_filters,
+        check_generations=check_generations,
+    )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
     loaded = load_model(
@@ -105,13 +123,18 @@ def compare_directions(
     for col in ("language", "cos to reference", "baseline score", f"score, {reference} ablated", "score, own ablated"):
         table.add_column(col, justify="right")
     ref_index = result.langs.index(reference) if reference in result.langs else 0
+
+    def score(value) -> str:
+        value = float(value)
+        return "does not refuse" if value != value else f"{value:.2f}"
+
     for i, lang in enumerate(result.langs):
         table.add_row(
             lang,
             f"{float(result.cosine[ref_index, i]):.3f}",
-            f"{float(result.baseline[i]):.2f}",
-            f"{float(result.transfer[ref_index, i]):.2f}",
-            f"{float(result.transfer[i, i]):.2f}",
+            score(result.baseline[i]),
+            score(result.transfer[ref_index, i]),
+            score(result.transfer[i, i]),
         )
     console.print(table)
     s = result.summary()

@@ -10,7 +10,7 @@ import typer
 from weightedit._progress import console
 
 from ._options import QuietOpt, epilog, handle_errors
-from .direction_cmd import BatchOpt, PromptsOpt
+from .direction_cmd import AllowNonRefusingOpt, BatchOpt, CheckGenerationsOpt, PromptsOpt
 from .evaluate_cmd import render_summary
 
 
@@ -41,6 +41,8 @@ def demo(
     ] = 0,
     prompts: PromptsOpt = None,
     batch_size: BatchOpt = 16,
+    allow_non_refusing: AllowNonRefusingOpt = False,
+    check_generations: CheckGenerationsOpt = 8,
     quiet: QuietOpt = False,
 ) -> None:
     """Fetch the demo model, compute its English refusal direction, edit it, and evaluate it in 14 languages."""
@@ -58,6 +60,8 @@ def demo(
         generate=generate,
         prompts=prompts,
         batch_size=batch_size,
+        allow_non_refusing=allow_non_refusing,
+        check_generations=check_generations,
         progress=not quiet,
     )
     result = run_demo(options)

@@ -69,6 +69,29 @@ def register(app: typer.Typer) -> None:
     )(direction)
 
 
+MaxKlOpt = Annotated[
+    float, typer.Option("--max-kl", help="KL filter (nats on harmless prompts): candidates above it are never chosen.")
+]
+AllowFailingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-failing-filters",
+        help="When no candidate passes the KL filter, keep the lowest bypass anyway (recorded; the model may degrade).",
+    ),
+]
+AllowNonRefusingOpt = Annotated[
+    bool,
+    typer.Option("--allow-non-refusing", help="Use a language the model does not refuse in (its scores mean little)."),
+]
+CheckGenerationsOpt = Annotated[
+    int,
+    typer.Option(
+        "--check-generations",
+        help="Harmful training prompts completed and judged to confirm each language refuses (0 skips the check).",
+    ),
+]
+
+
 def selection_options(
     n_train: int,
     n_val: int,
@@ -78,14 +101,15 @@ def selection_options(
     layer: int | None,
     position: int | None,
     prompts: str | None,
+    *,
+    max_kl: float = 0.1,
+    allow_failing_filters: bool = False,
+    allow_non_refusing: bool = False,
+    check_generations: int = 8,
 ):
+    """The library's :class:`SelectionOptions` (which checks every value) from the CLI's flags."""
     from weightedit.selection import SelectionOptions
 
-    if search not in ("fast", "thorough"):
-        raise typer.BadParameter("must be 'fast' or 'thorough'", param_hint="--search")
-    for name, value in (("--n-train", n_train), ("--n-val", n_val), ("--batch-size", batch_size), ("--top-k", top_k)):
-        if value < 1:
-            raise typer.BadParameter("must be at least 1", param_hint=name)
     return SelectionOptions(
         n_train=n_train,
         n_val=n_val,
@@ -95,16 +119,25 @@ def selection_options(
         layer=layer,
         position=position,
         prompts=prompts,
+        kl_threshold=max_kl,
+        allow_failing_filters=allow_failing_filters,
+        allow_non_refusing=allow_non_refusing,
+        check_generations=check_generations,
     )
 
 
 def render_candidates(result) -> None:
     table = Table(title=f"refusal direction candidates ({', '.join(result.direction.languages)})")
-    for col in ("layer", "position", "bypass ↓", "induce", "KL", "screened bypass", "passes"):
+    for col in ("layer", "position", "bypass ↓", "induce", "KL", "pre-screen bypass", "passes"):
         table.add_column(col, justify="right")
+    chosen_mark = {
+        "passed": "[bold green]✔ chosen[/]",
+        "kl-only": "[bold yellow]chosen (induce filter failed)[/]",
+        "failed-filters": "[bold red]chosen (KL filter failed)[/]",
+    }[result.status]
     for s in result.top(10):
         mark = (
-            "[bold green]✔ chosen[/]"
+            chosen_mark
             if s is result.chosen
             else ("yes" if s.passes_filters else ("no" if s.passes_filters is False else "—"))
         )
@@ -112,14 +145,26 @@ def render_candidates(result) -> None:
         def f(x):
             return "—" if x is None else f"{x:.3f}"
 
-        table.add_row(str(s.layer), str(s.position), f(s.bypass), f(s.induce), f(s.kl), f(s.predicted_bypass), mark)
+        table.add_row(str(s.layer), str(s.position), f(s.bypass), f(s.induce), f(s.kl), f(s.prescreen_bypass), mark)
     console.print(table)
     b = result.baseline
     tokens = ", ".join(f"{lang}: {' '.join(t.tokens)}" for lang, t in result.refusal_tokens.items())
+    checks = ", ".join(
+        f"{lang}: {t.judged}/{t.generated} judged refusals" for lang, t in result.refusal_tokens.items() if t.generated
+    )
     console.print(
         f"baseline refusal score: harmful {b['harmful_refusal_score']:.2f}, harmless {b['harmless_refusal_score']:.2f}; "
-        f"refusal tokens {tokens}"
+        f"refusal tokens {tokens}" + (f"; {checks}" if checks else "")
     )
+    search = result.search
+    if search.get("strategy") == "fast":
+        rho = search.get("spearman_prescreen_vs_exact")
+        console.print(
+            f"fast search: {search['prescreened']} candidates pre-screened, {search['scored']} scored exactly"
+            + (f" (pre-screen vs exact bypass: Spearman {rho:.2f})" if rho is not None else "")
+        )
+    if result.status != "passed":
+        console.print(f"[bold yellow]warning:[/] {result.note}")
 
 
 @handle_errors
@@ -138,6 +183,10 @@ def direction(
     top_k: TopKOpt = 8,
     layer: LayerOpt = None,
     position: PositionOpt = None,
+    max_kl: MaxKlOpt = 0.1,
+    allow_failing_filters: AllowFailingOpt = False,
+    allow_non_refusing: AllowNonRefusingOpt = False,
+    check_generations: CheckGenerationsOpt = 8,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -157,7 +206,20 @@ def direction(
     parse_languages(lang)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
-    options = selection_options(n_train, n_val, batch_size, search, top_k, layer, position, prompts)
+    options = selection_options(
+        n_train,
+        n_val,
+        batch_size,
+        search,
+        top_k,
+        layer,
+        position,
+        prompts,
+        max_kl=max_kl,
+        allow_failing_filters=allow_failing_filters,
+        allow_non_refusing=allow_non_refusing,
+        check_generations=check_generations,
+    )
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=quiet or json_out)
     result = direction_for_model(
         source,

@@ -27,9 +27,13 @@ from ._options import (
     handle_errors,
 )
 from .direction_cmd import (
+    AllowFailingOpt,
+    AllowNonRefusingOpt,
     BatchOpt,
     ChatTemplateOpt,
+    CheckGenerationsOpt,
     LayerOpt,
+    MaxKlOpt,
     NTrainOpt,
     NValOpt,
     PositionOpt,
@@ -84,6 +88,10 @@ def orthogonalize(
     top_k: TopKOpt = 8,
     layer: LayerOpt = None,
     position: PositionOpt = None,
+    max_kl: MaxKlOpt = 0.1,
+    allow_failing_filters: AllowFailingOpt = False,
+    allow_non_refusing: AllowNonRefusingOpt = False,
+    check_generations: CheckGenerationsOpt = 8,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -118,7 +126,20 @@ def orthogonalize(
         from weightedit.prompts import parse_languages
 
         parse_languages(direction_lang)
-        options = selection_options(n_train, n_val, batch_size, search, top_k, layer, position, prompts)
+        options = selection_options(
+            n_train,
+            n_val,
+            batch_size,
+            search,
+            top_k,
+            layer,
+            position,
+            prompts,
+            max_kl=max_kl,
+            allow_failing_filters=allow_failing_filters,
+            allow_non_refusing=allow_non_refusing,
+            check_generations=check_generations,
+        )
         _, report = orthogonalize_by_language(
             model,
             out,
@@ -149,6 +170,7 @@ def orthogonalize(
             gguf_file=gguf_file,
             token=token,
             allow_model_mismatch=allow_model_mismatch,
+            allow_failing_filters=allow_failing_filters,
             progress=progress,
         )
     summary = {

@@ -15,7 +15,7 @@ from weightedit.modeling import load_model, post_instruction_length
 from weightedit.scoring import derive_refusal_tokens, kl_divergence, refusal_scores
 from weightedit.selection import SelectionOptions, compute_direction
 
-from helpers import strip_chat_template
+from helpers import PrefixJudge, strip_chat_template
 from tiny_models import (
     TRIGGERS,
     make_planted_model,
@@ -44,6 +44,7 @@ def test_selection_recovers_the_planted_direction(planted, search):
         loaded,
         ["en"],
         SelectionOptions(n_train=24, n_val=8, prompts=str(prompts), search=search, top_k=3),
+        judge=PrefixJudge(),
         progress=False,
     )
     cosine = float(result.direction.vector @ R_TRUE)
@@ -172,6 +173,8 @@ def test_direction_cli_writes_file_with_metadata(planted, tmp_path):
             "2",
             "--out",
             str(out),
+            "--check-generations",
+            "0",
             "--quiet",
         ],
     )
@@ -217,6 +220,8 @@ def test_orthogonalize_by_language_removes_the_planted_refusal(planted, tmp_path
             "2",
             "--out",
             str(out),
+            "--check-generations",
+            "0",
             "--quiet",
         ],
     )
@@ -283,6 +288,8 @@ def test_compare_directions_on_the_planted_model(planted, tmp_path):
             "2",
             "--out",
             str(out),
+            "--check-generations",
+            "0",
             "--quiet",
         ],
     )

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from weightedit.arch import families
 from weightedit.cli.main import app
 from weightedit.direction import Direction, save_direction
-from weightedit.hooks import ablate, capture_residuals
+from weightedit.hooks import ablate, ablate_as_edit, capture_residuals
 
 from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 
@@ -67,3 +67,23 @@ def test_orthogonalize_matches_ablation(family, tiny_checkpoints, direction_file
             with capture_residuals(original, before):
                 original(ids)
             assert max(((h @ r).abs().max() / h.norm(dim=-1).max()).item() for h in before.values()) > 1e-2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_selection_intervention_matches_the_edited_checkpoint(family, tiny_checkpoints, direction_file, tmp_path):
+    """What selection scores (ablate_as_edit on the original) is what the written checkpoint computes, in every
+    family: post-norm blocks (writers projected against γ ⊙ r), MoE expert stacks, learned positions, tied heads."""
+    src = tiny_checkpoints(family)
+    out = tmp_path / "edited"
+    result = run_cli("orthogonalize", "--model", src, "--direction", direction_file, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    r = random_direction()
+    ids = input_ids()
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        with ablate_as_edit(original, r):
+            want = original(ids).logits
+        got = edited(ids).logits
+        assert (original(ids).logits - got).abs().max() > 100 * TOLERANCE
+    assert (want - got).abs().max().item() <= TOLERANCE

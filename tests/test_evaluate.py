@@ -132,6 +132,8 @@ def test_evaluate_without_baseline_and_with_comparison(models, tmp_path):
             "1",
             "--out",
             str(cmp_dir),
+            "--check-generations",
+            "0",
             "--quiet",
         ],
     )
@@ -213,7 +215,7 @@ def test_model_judge_plumbing(tmp_path):
     [
         (["--langs", "en,xx"], "available languages are"),
         (["--judge", "oracle"], "unknown --judge"),
-        (["--split", "test"], "no harmful prompts"),
+        (["--split", "nope"], "unknown --split"),
     ],
 )
 def test_bad_input(models, tmp_path, extra, message):

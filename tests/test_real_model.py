@@ -92,6 +92,9 @@ def test_demo_pipeline_end_to_end_on_smollm2(smollm2, tmp_path):
         "4",
         "--generate",
         "2",
+        # SmolLM2 refuses nothing (test_smollm2_direction_with_defaults_never_ships_a_broken_model): the demo
+        # runs its mechanics only when told to use a non-refusing language.
+        "--allow-non-refusing",
         "--quiet",
     ]
     first = CliRunner().invoke(app, args)
@@ -107,3 +110,15 @@ def test_demo_pipeline_end_to_end_on_smollm2(smollm2, tmp_path):
     assert second.exit_code == 0, second.output
     demo = json.loads((tmp_path / "demo" / "report" / "demo.json").read_text())
     assert set(demo["reused"]) == {"direction", "edit", "baseline"}
+
+
+def test_smollm2_direction_with_defaults_never_ships_a_broken_model(smollm2, tmp_path):
+    """SmolLM2 answers harmful requests (it hardly refuses anything): with default settings `direction` must say
+    so and exit 2, not pick a candidate whose edit breaks the model (layer 7, KL 8-11 nats, before)."""
+    out = tmp_path / "r.safetensors"
+    result = CliRunner().invoke(
+        app, ["direction", "--model", str(smollm2), "--lang", "en", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "does not refuse in en" in " ".join(result.output.split())
+    assert not out.exists()

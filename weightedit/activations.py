@@ -182,14 +182,15 @@ def ablation_screen(
 
     def keep(module: Any, args: Any, output: Any) -> Any:
         h = output if isinstance(output, torch.Tensor) else output[0]
-        if module is embedding and not h.requires_grad:
+        if not h.requires_grad:
+            # Embeddings (token and learned-position ones) are the first writes: nothing upstream needs a
+            # gradient, so make their output a leaf that gets one.
             h = h.detach().requires_grad_(True)
             h.retain_grad()
             saved.append(h)
             return h if isinstance(output, torch.Tensor) else (h, *output[1:])
-        if h.requires_grad:
-            h.retain_grad()
-            saved.append(h)
+        h.retain_grad()
+        saved.append(h)
         return None
 
     modules = writer_modules(model)
@@ -209,9 +210,14 @@ def ablation_screen(
                 for h in saved:
                     if h.grad is None:
                         continue
-                    w = h.detach()[mask].double().cpu()  # [tokens, d]
-                    g = h.grad[mask].double().cpu()
-                    acc += g.T @ w
+                    if h.dim() == 3 and h.shape[:2] == mask.shape:
+                        w, g = h.detach()[mask], h.grad[mask]  # [tokens, d]
+                    else:
+                        # Writes not laid out as [batch, seq, d]: MoE experts see only their routed tokens
+                        # ([routed, d]), learned positions may broadcast over the batch. Padding positions need
+                        # no mask here: nothing reads them, so their gradient is zero.
+                        w, g = h.detach().reshape(-1, d), h.grad.reshape(-1, d)
+                    acc += g.double().cpu().T @ w.double().cpu()
                 bar.advance(len(batch.index))
     finally:
         for h in handles:

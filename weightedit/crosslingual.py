@@ -2,9 +2,13 @@
 
 For each language, the direction is the mean difference at one layer and position (selected on the
 reference language, or given). The *cosine matrix* compares the unit directions; the *transfer matrix*
-holds, for every pair (A, B), the mean refusal score on B's harmful validation prompts with A's direction
-ablated from the residual stream (B's own refusal tokens). A universal direction shows up as high cosines
-and a transfer matrix whose every row is low where the baseline row is high.
+holds, for every pair (A, B), the mean refusal score on B's harmful select prompts with A's direction
+removed as the weight edit removes it (B's own refusal tokens). A universal direction shows up as high
+cosines and a transfer matrix whose every row is low where the baseline row is high.
+
+A language the model does not refuse in (:attr:`weightedit.scoring.RefusalTokens.refuses`) still gets a
+direction and cosines, but no refusal scores: its baseline and transfer column are NaN ("does not refuse"),
+since scores built on tokens that do not mark refusal mean nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from typing import Any
 import torch
 
 from .activations import last_logprobs
-from .hooks import ablate
+from .hooks import ablate_as_edit
 from .modeling import LoadedModel
 from .scoring import RefusalTokens, refusal_scores
-from .selection import SelectionOptions, capture_language, compute_direction, language_data
+from .selection import SelectionOptions, capture_language, check_refusal, compute_direction, language_data
 
 __all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
 
@@ -42,19 +46,26 @@ class Comparison:
     options: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, float]:
+    @property
+    def not_refusing(self) -> list[str]:
+        return [lang for lang in self.langs if not self.refusal_tokens[lang].refuses]
+
+    def summary(self) -> dict[str, Any]:
         n = len(self.langs)
         off = self.cosine[~torch.eye(n, dtype=torch.bool)] if n > 1 else torch.tensor([1.0])
-        refusing = self.baseline > 0
+        scored = ~torch.isnan(self.baseline)
+        refusing = scored & (self.baseline > 0)
         rel = self.transfer[:, refusing] - self.baseline[refusing]
+        transfer = self.transfer[:, scored]
         return {
             "cosine_min_offdiag": float(off.min()),
             "cosine_mean_offdiag": float(off.mean()),
-            "baseline_mean": float(self.baseline.mean()),
-            "transfer_mean": float(self.transfer.mean()),
-            "transfer_max": float(self.transfer.max()),
+            "baseline_mean": float(self.baseline[scored].mean()) if scored.any() else None,
+            "transfer_mean": float(transfer.mean()) if transfer.numel() else None,
+            "transfer_max": float(transfer.max()) if transfer.numel() else None,
             "mean_drop_where_refusing": float(-rel.mean()) if rel.numel() else 0.0,
             "languages_refusing_at_baseline": int(refusing.sum()),
+            "languages_not_refusing": self.not_refusing,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -65,13 +76,18 @@ class Comparison:
             "layer": self.layer,
             "position": self.position,
             "cosine": self.cosine.tolist(),
-            "baseline_refusal_score": self.baseline.tolist(),
-            "transfer_refusal_score": self.transfer.tolist(),
+            # NaN (null) where the evaluated language does not refuse.
+            "baseline_refusal_score": _nulls(self.baseline.tolist()),
+            "transfer_refusal_score": [_nulls(row) for row in self.transfer.tolist()],
             "refusal_tokens": {k: v.to_dict() for k, v in self.refusal_tokens.items()},
             "summary": self.summary(),
             "options": self.options,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
         }
+
+
+def _nulls(values: list[float]) -> list[float | None]:
+    return [None if v != v else v for v in values]
 
 
 def compare_directions(
@@ -107,7 +123,8 @@ def compare_directions(
         val[lang] = data.harmful_val
         if lang in directions:
             continue
-        candidates, tokens[lang] = capture_language(loaded, data, options, progress=progress)
+        candidates, lang_tokens = capture_language(loaded, data, options, progress=progress)
+        tokens[lang] = check_refusal(loaded, data, lang_tokens, options, progress=progress)
         v = candidates[layer, position + n_post]
         directions[lang] = v / v.norm()
     timings["capture"] = time.perf_counter() - t1
@@ -121,9 +138,10 @@ def compare_directions(
     owner_t = torch.tensor(owner)
 
     def per_language(lp: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(langs))
+        out = torch.full((len(langs),), float("nan"))
         for i, lang in enumerate(langs):
-            out[i] = refusal_scores(lp[owner_t == i], tokens[lang].ids).mean()
+            if tokens[lang].refuses:
+                out[i] = refusal_scores(lp[owner_t == i], tokens[lang].ids).mean()
         return out
 
     baseline = per_language(
@@ -141,7 +159,7 @@ def compare_directions(
             loaded,
             texts,
             batch_size=options.batch_size,
-            intervention=lambda lang=lang: ablate(loaded.model, directions[lang]),
+            intervention=lambda lang=lang: ablate_as_edit(loaded.model, directions[lang]),
             progress=progress,
             description=f"ablating the {lang} direction",
         )
@@ -201,17 +219,20 @@ def save_comparison(result: Comparison, out: Path) -> dict[str, Path]:
         colorbar="cosine",
     )
     matrix = torch.cat([result.baseline[None], result.transfer]).numpy()
+    finite = matrix[~torch.isnan(torch.from_numpy(matrix)).numpy()]
+    scale = max(abs(float(finite.min())), abs(float(finite.max()))) if finite.size else 1.0
+    silent = set(result.not_refusing)
     heatmap(
         paths["transfer_png"],
         matrix,
         ["baseline", *result.langs],
-        result.langs,
+        [f"{lang} (does not refuse)" if lang in silent else lang for lang in result.langs],
         title=f"Refusal score on harmful prompts after ablating each language's direction — {result.model}",
-        xlabel="evaluated language (harmful validation prompts)",
+        xlabel="evaluated language (harmful select prompts; blank: the model does not refuse in it)",
         ylabel="ablated direction",
         cmap="RdBu_r",
-        vmin=-max(abs(float(matrix.min())), abs(float(matrix.max()))),
-        vmax=max(abs(float(matrix.min())), abs(float(matrix.max()))),
+        vmin=-scale,
+        vmax=scale,
         fmt="{:.1f}",
         colorbar="refusal score (log-odds of refusal tokens)",
     )

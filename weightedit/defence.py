@@ -9,6 +9,7 @@ rate before the attack. Languages where the model barely refuses to begin with g
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -93,7 +94,10 @@ def _attack_directions(source: ModelSource, options: DefenceOptions, progress: b
         progress=progress,
     )
     try:
-        result = compute_direction(loaded, [options.direction_lang], options.selection, progress=progress)
+        # An attack reports what a direction does even when it fails the selection filters or the model does
+        # not refuse in the attack language: the verdict, not selection, decides what counts.
+        selection = dataclasses.replace(options.selection, allow_failing_filters=True, allow_non_refusing=True)
+        result = compute_direction(loaded, [options.direction_lang], selection, progress=progress)
         n_post = loaded.n_post
         candidates = result.direction.candidates
         assert candidates is not None

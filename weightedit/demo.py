@@ -39,6 +39,8 @@ class DemoOptions:
     generate: int = 0
     batch_size: int = 16
     prompts: str | None = None
+    allow_non_refusing: bool = False  # for models that refuse nothing (mechanics only; see SelectionOptions)
+    check_generations: int = 8
     progress: bool = True
 
 
@@ -72,6 +74,8 @@ def run_demo(options: DemoOptions) -> DemoResult:
         top_k=options.top_k,
         batch_size=options.batch_size,
         prompts=options.prompts,
+        allow_non_refusing=options.allow_non_refusing,
+        check_generations=options.check_generations,
     )
     wanted = {"n_harmful": sel.n_train, "n_val": sel.n_val, "prompts": sel.prompts or "builtin"}
     direction = None

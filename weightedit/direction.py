@@ -16,9 +16,17 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidDirectionError
+from .errors import FilterFailedDirectionError, InvalidDirectionError
 
-__all__ = ["Direction", "save_direction", "load_direction", "config_fingerprint", "combine_directions"]
+__all__ = [
+    "Direction",
+    "save_direction",
+    "load_direction",
+    "config_fingerprint",
+    "combine_directions",
+    "check_selection",
+    "selection_failed_kl",
+]
 
 # Config keys that do not change the residual stream's basis (and untying changes the tie flag).
 _VOLATILE_CONFIG_KEYS = {
@@ -94,6 +102,27 @@ class Direction:
                 f"one (config {config_fingerprint(config)}): recompute it on this model, or pass "
                 "--allow-model-mismatch if both share a residual basis (e.g. a fine-tune)"
             )
+
+
+def selection_failed_kl(direction: Direction) -> bool:
+    """Whether the direction's own selection recorded that it failed the KL filter (files without a record pass)."""
+    selection = direction.meta.get("selection") if isinstance(direction.meta, dict) else None
+    return isinstance(selection, dict) and selection.get("kl_filter_passed") is False
+
+
+def check_selection(
+    direction: Direction, *, allow_failing_filters: bool = False, source: str = "the direction"
+) -> None:
+    """Refuse a direction whose selection failed the KL filter, unless the caller accepts it.
+
+    Raises:
+        FilterFailedDirectionError: the direction's metadata records a failed KL filter.
+    """
+    if selection_failed_kl(direction) and not allow_failing_filters:
+        selection = direction.meta["selection"]
+        raise FilterFailedDirectionError(
+            source=source, kl=selection.get("kl"), max_kl=(selection.get("filters") or {}).get("max_kl")
+        )
 
 
 def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:

@@ -61,3 +61,59 @@ class RecipeError(WeighteditError, ValueError):
 
 class HubError(WeighteditError, RuntimeError):
     """A Hub operation failed (authentication, permissions, conflicts, network)."""
+
+
+class OptionsError(WeighteditError, ValueError):
+    """An option has a value the library cannot use.
+
+    Attributes:
+        option: the option's name in the library (``kl_threshold``); the CLI maps it to its flag.
+        value: the value given.
+        problem: what is wrong with it and what is allowed.
+    """
+
+    def __init__(self, option: str, value: object, problem: str) -> None:
+        self.option, self.value, self.problem = option, value, problem
+        super().__init__(f"{option}={value!r}: {problem}")
+
+
+class SelectionError(WeighteditError, ValueError):
+    """No candidate direction passed the KL filter, so none can be edited out without damaging the model.
+
+    Attributes:
+        candidates: the best candidates by bypass score, described (layer, position, bypass, KL).
+        max_kl: the KL filter that all of them failed.
+        scored: how many candidates were scored exactly.
+    """
+
+    def __init__(self, *, candidates: list[str], max_kl: float, scored: int) -> None:
+        self.candidates, self.max_kl, self.scored = candidates, max_kl, scored
+        super().__init__(
+            f"no candidate direction passes the KL filter (KL ≤ {max_kl}; {scored} scored exactly); best by bypass: "
+            f"{'; '.join(candidates)}: raise kl_threshold, set allow_failing_filters, search thoroughly, or use "
+            "more prompts"
+        )
+
+
+class NotRefusingError(WeighteditError, ValueError):
+    """The model does not refuse in a language, so it has no refusal direction there.
+
+    Attributes:
+        lang: the language code.
+        reason: the evidence (refusal-token contrast, judged completions).
+    """
+
+    def __init__(self, *, lang: str, reason: str) -> None:
+        self.lang, self.reason = lang, reason
+        super().__init__(f"the model does not refuse in {lang}: {reason}; set allow_non_refusing to use it anyway")
+
+
+class FilterFailedDirectionError(WeighteditError, ValueError):
+    """A direction whose selection failed the KL filter was given to an edit that was not told to accept it."""
+
+    def __init__(self, *, source: str, kl: float | None, max_kl: float | None) -> None:
+        self.source, self.kl, self.max_kl = source, kl, max_kl
+        super().__init__(
+            f"{source} failed its KL filter at selection (KL {kl} > {max_kl}): an edit with it damages ordinary "
+            "answers; choose another direction, or set allow_failing_filters to write it anyway"
+        )

@@ -1,9 +1,15 @@
 """Interventions on a loaded model's residual stream, via forward hooks.
 
-These are the run-time counterparts of the weight edit: ``ablate`` projects a direction out of the
-residual stream at every block's input and output (what an orthogonalized checkpoint computes for
-pre-norm models), ``add`` adds a multiple of a direction at one layer (used for the *induce* score), and
-``capture`` records the residual stream.
+These are the run-time counterparts of the weight edit:
+
+- ``ablate_as_edit`` projects each writer's output against the vector the weight edit projects that writer
+  against (``r``, or ``γ ⊙ r`` normalized for the writers of post-norm blocks), so a model under it computes
+  exactly what the orthogonalized checkpoint computes, in every family. Selection and transfer scores use it.
+- ``ablate`` projects a direction out of the residual stream at every block's input and output (activation
+  ablation). For pre-norm models this equals the edit; for post-norm ones it does not (the norm after a
+  writer renormalizes), so it serves as the activation-space reference.
+- ``add`` adds a multiple of a direction at one layer (used for the *induce* score), and
+  ``capture_residuals`` records the residual stream.
 """
 
 from __future__ import annotations
@@ -16,8 +22,18 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, spec_for_config
+from .edit import effective_direction
 
-__all__ = ["decoder_layers", "writer_modules", "ablate", "add", "capture_residuals", "project_away"]
+__all__ = [
+    "decoder_layers",
+    "writer_modules",
+    "writer_targets",
+    "ablate",
+    "ablate_as_edit",
+    "add",
+    "capture_residuals",
+    "project_away",
+]
 
 
 def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> Sequence[nn.Module]:
@@ -62,6 +78,59 @@ def writer_modules(model: nn.Module, spec: ArchSpec | None = None) -> list[nn.Mo
         module = model.get_submodule(target.rsplit(".", 1)[0])
         seen.setdefault(id(module), module)
     return list(seen.values())
+
+
+def writer_targets(
+    model: nn.Module, direction: torch.Tensor, spec: ArchSpec | None = None
+) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Each module that owns a writer tensor, with the unit vector the edit projects its output against.
+
+    The module's output is the write (``W x + b`` of a linear layer, an embedding row, a fused expert
+    stack's combined output); for post-norm writers the vector is ``γ ⊙ r`` normalized, where ``γ`` is the
+    effective gain of the norm that follows (:func:`weightedit.edit.effective_direction`). Writers whose norm
+    zeroes ``r`` are left out: nothing along ``r`` reaches the residual stream from them.
+    """
+    spec = spec or spec_for_config(model.config)
+    r = (direction / direction.norm()).detach().to("cpu", torch.float32)
+    params = dict(model.named_parameters())
+    out: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    for name in params:
+        m = spec.match(name)
+        if m is None:
+            continue
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if id(module) in out:
+            continue
+        norm = params.get(m.norm_name) if m.norm_name else None
+        u = effective_direction(r, None if norm is None else norm.detach().cpu(), spec.norm_offset)
+        if float(u.norm()) > 0:
+            out[id(module)] = (module, u)
+    return list(out.values())
+
+
+@contextlib.contextmanager
+def ablate_as_edit(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Within the block, run ``model`` as the checkpoint orthogonalized against ``direction`` would run.
+
+    Every writer module's output is projected against its own vector (:func:`writer_targets`), which is what
+    the edit does to the writer's weights and bias. The LM head is left alone, as the default untying edit
+    leaves it.
+    """
+    handles = []
+
+    def make_hook(u: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return _replace_hidden(output, lambda h: project_away(h, u))
+
+        return hook
+
+    try:
+        for module, u in writer_targets(model, direction):
+            handles.append(module.register_forward_hook(make_hook(u)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

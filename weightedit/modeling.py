@@ -159,15 +159,28 @@ def _prefix_caching_safe(config: Any) -> bool:
     return int(window) >= 1024  # far longer than any prompt weightedit runs
 
 
+_THINK_OPEN = "<think>"
+_THINK_CLOSE = "</think>"
+
+
 def format_chat(tokenizer: Any, instruction: str, template: str | None = None) -> str:
-    """The prompt text for one user turn, ending where the assistant's answer starts."""
+    """The prompt text for one user turn, ending where the assistant's answer starts.
+
+    Reasoning templates are rendered with thinking disabled (``enable_thinking=False``, which Qwen3-style
+    templates read and others ignore); a template that still leaves a ``<think>`` block open gets it closed
+    empty, so that the first token after the prompt is an answer token, not the start of a reasoning trace.
+    """
     messages = [{"role": "user", "content": instruction}]
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=template
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=template, enable_thinking=False
         )
     except Exception as e:  # jinja errors come in many types
         raise ChatTemplateError(f"the chat template failed to render a user message: {e}") from None
+    opened = text.rfind(_THINK_OPEN)
+    if opened >= 0 and text.find(_THINK_CLOSE, opened) < 0 and text.rfind(instruction) < opened:
+        text = text.rstrip("\n") + "\n\n" + _THINK_CLOSE + "\n\n"
+    return text
 
 
 def post_instruction_length(tokenizer: Any, template: str | None = None) -> int:

@@ -38,7 +38,7 @@ from .checkpoint import (
     read_header,
     read_tensor_bytes,
 )
-from .direction import Direction
+from .direction import Direction, check_selection
 from .edit import BlockStats, effective_direction, noise_floor, project_out_, project_rows_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
 from .sources import ModelSource, resolve_model
@@ -159,6 +159,7 @@ def orthogonalize(
     gguf_file: str | None = None,
     token: str | bool | None = None,
     allow_model_mismatch: bool = False,
+    allow_failing_filters: bool = False,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
@@ -179,10 +180,16 @@ def orthogonalize(
         tied_embeddings=tied_embeddings,
         overwrite=overwrite,
         allow_model_mismatch=allow_model_mismatch,
+        allow_failing_filters=allow_failing_filters,
         progress=progress,
         extra_provenance=extra_provenance,
         extra_files=extra_files,
     )
+
+
+def _direction_name(direction: Direction) -> str:
+    file = direction.meta.get("file") if isinstance(direction.meta, dict) else None
+    return f"direction {file}" if file else "the direction"
 
 
 def orthogonalize_checkpoint(
@@ -193,6 +200,7 @@ def orthogonalize_checkpoint(
     tied_embeddings: TiedEmbeddings = "untie",
     overwrite: bool = False,
     allow_model_mismatch: bool = False,
+    allow_failing_filters: bool = False,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
@@ -209,6 +217,8 @@ def orthogonalize_checkpoint(
             shared matrix and keeps the checkpoint tied (smaller, not exact).
         overwrite: replace an existing ``out`` once the new one is complete.
         allow_model_mismatch: accept a direction file whose model fingerprint differs.
+        allow_failing_filters: accept a direction whose selection failed the KL filter (recorded in
+            ``weightedit.json``); without it such a direction is refused before anything is written.
         progress: show a rich progress bar on stderr.
         extra_provenance: merged into ``weightedit.json``.
         extra_files: files copied into the output folder under the given names (e.g. the direction file).
@@ -229,6 +239,7 @@ def orthogonalize_checkpoint(
     d_model = checkpoint.d_model
     if isinstance(direction, Direction):
         direction.check_model(checkpoint.config, allow_mismatch=allow_model_mismatch)
+        check_selection(direction, allow_failing_filters=allow_failing_filters, source=_direction_name(direction))
         r = unit_direction(direction.vector, d_model)
     else:
         r = unit_direction(direction, d_model)
@@ -284,7 +295,10 @@ def orthogonalize_checkpoint(
                 for fut in pending_syncs:
                     fut.result()  # re-raises a failed flush (e.g. the disk filled up)
             _write_index(checkpoint, tmp, lm_head=plan.spec.lm_head if untie else None, embedding=plan.embedding)
-            _copy_side_files(checkpoint.folder, tmp, untie=untie)
+            # A config that says "tied" beside a stored lm_head would make transformers read the edited embedding
+            # as the head instead of the stored one; the stored head is what this edit keeps, so say untied.
+            stale_tie = plan.embedding is not None and not plan.tied and _config_ties(checkpoint.config)
+            _copy_side_files(checkpoint.folder, tmp, untie=untie or stale_tie)
             for name, path in (extra_files or {}).items():
                 shutil.copy2(path, tmp / name)
             verification = _verify(checkpoint, tmp, plan, stats_total, untie=untie)
@@ -312,7 +326,11 @@ def orthogonalize_checkpoint(
                         if k in ("file", "file_sha256", "n_harmful", "n_harmless", "selection")
                     },
                 },
-                "options": {"tied_embeddings": tied_embeddings if plan.tied else None},
+                "options": {
+                    "tied_embeddings": tied_embeddings if plan.tied else None,
+                    "allow_model_mismatch": allow_model_mismatch,
+                    "allow_failing_filters": allow_failing_filters,
+                },
                 "edited_groups": plan.groups(),
                 "verification": verification,
                 **(extra_provenance or {}),
@@ -492,6 +510,12 @@ def _write_index(checkpoint: Checkpoint, tmp: Path, *, lm_head: str | None, embe
     meta["total_size"] = sum(h.file_size - h.data_start for h in headers)
     index["metadata"] = meta
     (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _config_ties(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` asks for tied embeddings (or leaves it to a class default that may be true)."""
+    configs = [config, *([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])]
+    return any(c.get("tie_word_embeddings", True) is not False for c in configs)
 
 
 def _copy_side_files(src: Path, tmp: Path, *, untie: bool) -> None:

@@ -66,6 +66,9 @@ def scores_payload(result: DirectionResult) -> dict[str, Any]:
         "layer": d.layer,
         "position": d.position,
         "chosen": result.chosen.to_dict(),
+        "status": result.status,
+        "note": result.note,
+        "search": result.search,
         "baseline": result.baseline,
         "refusal_tokens": {k: v.to_dict() for k, v in result.refusal_tokens.items()},
         "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
@@ -129,6 +132,7 @@ def orthogonalize_by_language(
             result.direction,
             tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
             overwrite=overwrite,
+            allow_failing_filters=options.allow_failing_filters if options else False,
             progress=progress,
             extra_files={direction_path.name: direction_path, scores_path.name: scores_path},
         )
