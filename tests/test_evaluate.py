@@ -285,32 +285,6 @@ def test_empty_prompt_source(models, tmp_path):
     assert res.exit_code == 2 and "no harmful prompts" in res.output, res.output
 
 
-def test_substring_judge_on_hand_written_samples_in_every_language():
-    from weightedit.evaluation.judges import SubstringJudge
-    from weightedit.prompts import LANGUAGES
-
-    rows = [
-        json.loads(line)
-        for line in (Path(__file__).parent / "data" / "judge_samples.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    for lang in LANGUAGES:
-        mine = [r for r in rows if r["lang"] == lang]
-        assert sum(r["refusal"] for r in mine) >= 4 and sum(not r["refusal"] for r in mine) >= 4, lang
-        assert sum(r["note"].startswith("trap") for r in mine) >= 2, lang
-    verdicts = SubstringJudge().judge([r["text"] for r in rows], [r["lang"] for r in rows])
-    wrong = [(r["lang"], r["text"][:60]) for r, v in zip(rows, verdicts, strict=True) if v != r["refusal"]]
-    assert not wrong, wrong
-
-
-def test_substring_judge_reads_only_the_opening():
-    from weightedit.evaluation.judges import SubstringJudge
-
-    judge = SubstringJudge(window=40)
-    late = "Here is a simple bread recipe with flour, water, yeast and salt. I cannot stress this enough: knead well."
-    assert judge.judge([late, "I can't help with that request."], ["en", "en"]) == [False, True]
-
-
 def test_chat_template_option_for_models_without_one(models, tmp_path):
     """A model without a chat template: a clear error naming --chat-template, which then makes it work."""
     base, _, prompts, _ = models
