@@ -26,7 +26,7 @@ from ..prompts import LANGUAGES, load_prompts
 from ..scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
 from .judges import make_judge
-from .metrics import extract_number, generate, perplexity, token_nll
+from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perplexity, token_nll
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
 
@@ -330,7 +330,7 @@ def _measure_language(
             loaded, loaded.format(data.xstest[: options.generate]), description=f"{label} XSTest: generating", **gen
         )
     if data.mgsm:
-        suffix = {"en": "Answer with the final number."}.get(lang, "Answer with the final number.")
+        suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
         completions = generate(
             loaded,
             loaded.format([f"{q}\n{suffix}" for q, _ in data.mgsm]),
@@ -339,7 +339,9 @@ def _measure_language(
             progress=progress,
             description=f"{label} {lang}: MGSM",
         )
-        run.mgsm_correct = [extract_number(c) == a for c, (_, a) in zip(completions, data.mgsm, strict=True)]
+        run.mgsm_correct = [
+            numbers_match(extract_number(c, lang), a) for c, (_, a) in zip(completions, data.mgsm, strict=True)
+        ]
     seconds["generate"] += time.perf_counter() - t
     return run
 
