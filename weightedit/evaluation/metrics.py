@@ -13,6 +13,7 @@ from ..modeling import LoadedModel
 
 __all__ = [
     "token_nll",
+    "token_nll_per_text",
     "perplexity",
     "generate",
     "extract_number",
@@ -35,8 +36,23 @@ def token_nll(
 
     Each text is scored on its own (BOS added if the tokenizer adds one), right after its first token.
     """
+    nll, counts = token_nll_per_text(loaded, texts, batch_size=batch_size, progress=progress, description=description)
+    return math.fsum(nll), sum(counts)
+
+
+@torch.inference_mode()
+def token_nll_per_text(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    description: str = "perplexity",
+) -> tuple[list[float], list[int]]:
+    """Per text: summed negative log-likelihood (nats) and number of predicted tokens (see :func:`token_nll`)."""
     tok = loaded.tokenizer
-    total, count = 0.0, 0
+    per_nll = [0.0] * len(texts)
+    per_count = [0] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     with progress_bar(description, len(texts), enabled=progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -50,10 +66,12 @@ def token_nll(
             target = ids[:, 1:]
             nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-            total += float(nll[valid].double().sum())
-            count += int(valid.sum())
+            sums = (nll.double() * valid).sum(dim=1)
+            for j, i in enumerate(order[start : start + batch_size]):
+                per_nll[i] = float(sums[j])
+                per_count[i] = int(valid[j].sum())
             bar.advance(len(chunk))
-    return total, count
+    return per_nll, per_count
 
 
 def perplexity(nll: float, count: int) -> float:
