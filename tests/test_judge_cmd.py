@@ -122,3 +122,22 @@ def test_score_judge_asks_the_model_about_the_prompt(tmp_path):
     src = write(tmp_path / "noprompt.jsonl", [{"lang": "en", "response": "x"}])
     code, output = invoke("--input", src, "--out", tmp_path / "o2.jsonl", "--judge", "score", "--model", model)
     assert code == 2 and "missing field 'prompt'" in output
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import weightedit.evaluation.judge_file as jf
+
+    src = write(tmp_path / "in.jsonl", ROWS)
+    out = tmp_path / "out.jsonl"
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jf.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        jf.judge_file(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temporary file
+    out.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        jf.judge_file(src, out, overwrite=True)
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
