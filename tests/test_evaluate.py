@@ -114,7 +114,8 @@ def test_report_before_and_after_the_edit(models, tmp_path):
     md = (out / "report.md").read_text()
     assert "| English (en) | 3 | 100% [44–100%] (3/3) | 0% [0–56%] (0/3) | 0.25 |" in md, md
     assert "Split: **val**" in md and "Wilson 95% interval" in md and "refusal.png" in md
-    assert str(models[0].parent) not in md  # no local paths in the report
+    assert str(models[0].parent) not in md  # no local paths in the report ...
+    assert str(models[0].parent) not in (out / "report.json").read_text()  # ... nor in report.json (it is published)
 
 
 def test_judged_report_carries_the_judges_measured_quality(models, tmp_path):

@@ -32,6 +32,8 @@ BAR_REFUSING = 0.30
 BAR_REDUCTION = 0.80
 BAR_KL = 0.10
 BAR_PPL = 1.10
+# Options that name local files or folders (shown by their last part).
+_PATH_OPTIONS = ("prompts", "ppl_source", "xstest", "mgsm")
 
 
 def _rate(values: list[bool]) -> float | None:
@@ -234,13 +236,28 @@ def build_report(
         "schema": SCHEMA,
         "weightedit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Local paths appear by their last part only: the report is published with the model card.
         "models": {
-            "edited": {"id": edited.model, "fingerprint": edited.fingerprint, "folder": edited.folder},
+            "edited": {
+                "id": display_name(edited.model),
+                "fingerprint": edited.fingerprint,
+                "folder": display_name(edited.folder),
+            },
             "baseline": None
             if baseline is None
-            else {"id": baseline.model, "fingerprint": baseline.fingerprint, "folder": baseline.folder},
+            else {
+                "id": display_name(baseline.model),
+                "fingerprint": baseline.fingerprint,
+                "folder": display_name(baseline.folder),
+            },
         },
-        "options": {**options.key(), "langs": list(options.langs), "judge": options.judge},
+        "options": {
+            **{
+                k: display_name(v) if k in _PATH_OPTIONS and isinstance(v, str) else v for k, v in options.key().items()
+            },
+            "langs": list(options.langs),
+            "judge": options.judge,
+        },
         "split": options.split,
         "judge": judge_block(options.judge),
         "languages": languages,
@@ -547,7 +564,7 @@ def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None =
             fmt="{:.1f}",
             colorbar="refusal score",
         )
-        report["comparison"] = {"source": str(comparison), "summary": data.get("summary")}
+        report["comparison"] = {"source": display_name(str(comparison)), "summary": data.get("summary")}
     files["json"] = out / "report.json"
     files["md"] = out / "report.md"
     report["files"] = {k: v.name for k, v in files.items()}
