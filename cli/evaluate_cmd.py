@@ -39,39 +39,41 @@ def register(app: typer.Typer) -> None:
 
 
 def render_summary(report: dict) -> None:
-    from weightedit.evaluation.report import primary_refusal
+    from weightedit.evaluation.report import display_name, fmt_ci, fmt_rate
 
     has_base = report["models"]["baseline"] is not None
-    table = Table(title=f"evaluation of {report['models']['edited']['id']}")
+    table = Table(title=f"evaluation of {display_name(report['models']['edited']['id'])} (split {report.get('split')})")
     cols = (
-        ["language", "refusal before", "refusal after", "KL", "ppl ratio"]
+        ["language", "n", "refusal before", "refusal after", "McNemar p", "KL", "ppl ratio"]
         if has_base
-        else ["language", "refusal", "score", "ppl"]
+        else ["language", "n", "refusal", "ppl"]
     )
     for col in cols:
         table.add_column(col, justify="right")
 
-    def pct(x):
-        return "—" if x is None else f"{100 * x:.0f}%"
-
-    def num(x):
-        return "—" if x is None else f"{x:.3f}"
-
     for lang, v in report["languages"].items():
         e = v["edited"]
+        name = f"{v['name']} ({lang})"
         if has_base:
+            test = v.get("refusal_mcnemar")
             table.add_row(
-                f"{v['name']} ({lang})",
-                pct(primary_refusal(v["baseline"])),
-                pct(primary_refusal(e)),
-                num(e["kl_mean"]),
-                num(v.get("perplexity_ratio")),
+                name,
+                str(e["refusal_n"]),
+                fmt_rate(v["baseline"]),
+                fmt_rate(e),
+                "—" if not test else f"{test['p_value']:.2g}",
+                fmt_ci(e["kl_mean"], e.get("kl_ci")),
+                fmt_ci(v.get("perplexity_ratio"), v.get("perplexity_ratio_ci")),
             )
         else:
-            table.add_row(
-                f"{v['name']} ({lang})", pct(primary_refusal(e)), num(e["refusal_score_mean"]), num(e["perplexity"])
-            )
+            table.add_row(name, str(e["refusal_n"]), fmt_rate(e), fmt_ci(e["perplexity"], None))
     console.print(table)
+    judge = report.get("judge") or {}
+    method = next(iter(report["languages"].values()))["edited"]["refusal_method"]
+    how = f"{judge.get('name')} judge on greedy generations" if method == "judge" else "first-token score > 0"
+    if method == "judge" and judge.get("accuracy") is not None:
+        how += f" (held-out accuracy {judge['accuracy']:.2f}, n={judge['n']})"
+    console.print(f"refusal: {how}; brackets: Wilson 95% (rates) and bootstrap 95% (KL, perplexity ratio)")
 
 
 @handle_errors

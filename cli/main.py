@@ -14,6 +14,7 @@ from . import (
     evaluate_cmd,
     hub_cmd,
     inspect_cmd,
+    judge_cmd,
     orthogonalize_cmd,
     recipes_cmd,
 )
@@ -48,6 +49,7 @@ for module in (
     direction_cmd,
     orthogonalize_cmd,
     evaluate_cmd,
+    judge_cmd,
     compare_cmd,
     hub_cmd,
     defence_cmd,

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from weightedit.cli.main import app
 from weightedit.evaluation.report import SCHEMA
+from weightedit.evaluation.stats import wilson_interval
 from weightedit.orthogonalize import orthogonalize_checkpoint
+from weightedit.prompts import LANGUAGES
 
 from helpers import strip_chat_template
 from tiny_models import (
@@ -88,12 +90,44 @@ def test_report_before_and_after_the_edit(models, tmp_path):
         assert v["edited"]["n_generated"] == 3 and v["edited"]["judge_score_agreement"] is not None
         assert 0.5 < v["perplexity_ratio"] < 2
         assert len(v["samples"]) == 3 and v["samples"][0]["baseline"].startswith("REFUSE")
+        # Every rate carries its n and Wilson interval; KL and the perplexity ratio a bootstrap interval.
+        for side, rate in (("baseline", 1.0), ("edited", 0.0)):
+            m = v[side]
+            assert m["refusal_method"] == "judge" and (m["refusal_k"], m["refusal_n"]) == (round(3 * rate), 3)
+            assert m["refusal_ci"] == pytest.approx(list(wilson_interval(round(3 * rate), 3)))
+            assert m["refusal_ci_score"] == pytest.approx(list(wilson_interval(round(8 * rate), 8)))
+        kl_lo, kl_hi = v["edited"]["kl_ci"]
+        assert kl_lo <= v["edited"]["kl_mean"] <= kl_hi and v["edited"]["n_kl"] == 8
+        lo, hi = v["perplexity_ratio_ci"]
+        assert lo <= v["perplexity_ratio"] <= hi
+        test = v["refusal_mcnemar"]
+        assert (test["only_before"], test["only_after"], test["method"]) == (3, 0, "exact")
+        assert test["p_value"] == pytest.approx(0.25)  # 3 discordant pairs, all one way: 2 / 2^3
+    assert report["split"] == "val"
+    assert report["judge"]["name"] == "score" and report["judge"]["accuracy"] is None
     summary = report["summary"]
+    assert summary["refusal_baseline_pooled"]["n"] == 6 and summary["refusal_baseline_pooled"]["k"] == 6
+    assert summary["bars_met"]["reduction"] is True
     assert summary["languages_meeting_reduction_bar"] == ["de", "en"]
     for name in ("refusal.png", "perplexity_ratio.png"):
         assert (out / name).stat().st_size > 10_000
     md = (out / "report.md").read_text()
-    assert "| English (en) |" in md and "| German (de) |" in md and "refusal.png" in md
+    assert "| English (en) | 3 | 100% [44–100%] (3/3) | 0% [0–56%] (0/3) | 0.25 |" in md, md
+    assert "Split: **val**" in md and "Wilson 95% interval" in md and "refusal.png" in md
+    assert str(models[0].parent) not in md  # no local paths in the report ...
+    assert str(models[0].parent) not in (out / "report.json").read_text()  # ... nor in report.json (it is published)
+
+
+def test_judged_report_carries_the_judges_measured_quality(models, tmp_path):
+    out = tmp_path / "report"
+    result = run_evaluate(models, out, "--generate", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    judge = report["judge"]
+    assert judge["name"] == "substring" and judge["n"] == 84 and 0.8 <= judge["accuracy"] <= 1
+    assert set(judge["per_language"]) == set(LANGUAGES) and judge["development"]["n"] >= 280
+    assert "held-out labelled responses: accuracy" in (out / "report.md").read_text()
 
 
 def test_second_run_reuses_the_cached_baseline(models, tmp_path):
@@ -285,32 +319,6 @@ def test_empty_prompt_source(models, tmp_path):
         ["evaluate", "--model", str(edited), "--langs", "en", "--prompts", str(empty), "--out", str(tmp_path / "r")],
     )
     assert res.exit_code == 2 and "no harmful prompts" in res.output, res.output
-
-
-def test_substring_judge_on_hand_written_samples_in_every_language():
-    from weightedit.evaluation.judges import SubstringJudge
-    from weightedit.prompts import LANGUAGES
-
-    rows = [
-        json.loads(line)
-        for line in (Path(__file__).parent / "data" / "judge_samples.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    for lang in LANGUAGES:
-        mine = [r for r in rows if r["lang"] == lang]
-        assert sum(r["refusal"] for r in mine) >= 4 and sum(not r["refusal"] for r in mine) >= 4, lang
-        assert sum(r["note"].startswith("trap") for r in mine) >= 2, lang
-    verdicts = SubstringJudge().judge([r["text"] for r in rows], [r["lang"] for r in rows])
-    wrong = [(r["lang"], r["text"][:60]) for r, v in zip(rows, verdicts, strict=True) if v != r["refusal"]]
-    assert not wrong, wrong
-
-
-def test_substring_judge_reads_only_the_opening():
-    from weightedit.evaluation.judges import SubstringJudge
-
-    judge = SubstringJudge(window=40)
-    late = "Here is a simple bread recipe with flour, water, yeast and salt. I cannot stress this enough: knead well."
-    assert judge.judge([late, "I can't help with that request."], ["en", "en"]) == [False, True]
 
 
 def test_chat_template_option_for_models_without_one(models, tmp_path):

@@ -23,11 +23,12 @@ import weightedit.hub
 from weightedit.card import build_card
 from weightedit.cli.main import app
 from weightedit.direction import Direction, save_direction
-from weightedit.evaluation.report import SCHEMA, write_report
+from weightedit.evaluation.report import SCHEMA
 from weightedit.orthogonalize import orthogonalize_checkpoint
 
 from fake_hub import READ_TOKEN, FakeHub, running_hub, use_hub
 from helpers import folder_hashes
+from report_fixtures import write_synthetic_report
 from tiny_models import random_direction
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "weightedit" / "evaluation" / "report.schema.json"
@@ -63,7 +64,9 @@ def edited_checkpoints(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hub-edited")
     source = root / "source"
     shutil.copytree(tiny_checkpoints("llama"), source)
-    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the base model\n")
+    # The base model's card names its languages; the edit's card takes them from there (not from what was
+    # evaluated, en and de).
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n- fr\n---\n# the base model\n")
     local = orthogonalize_checkpoint(source, root / "local", _direction(), progress=False).out
     hub = orthogonalize_checkpoint(
         source, root / "hub", _direction(), progress=False, extra_provenance={"source": HUB_SOURCE}
@@ -77,69 +80,13 @@ def model(edited_checkpoints, tmp_path) -> Path:
     return Path(shutil.copytree(edited_checkpoints["local"], tmp_path / "edited"))
 
 
-def _metrics(refusal: float, kl: float | None, perplexity: float) -> dict:
-    return {
-        "refusal_score_mean": 4.0 * refusal - 2.0,
-        "refusal_rate_score": refusal,
-        "refusal_rate_judge": None,
-        "judge_score_agreement": None,
-        "overrefusal_rate_score": 0.0,
-        "overrefusal_rate_judge": None,
-        "harmless_refusal_score_mean": -3.0,
-        "xstest_overrefusal_rate_score": None,
-        "xstest_overrefusal_rate_judge": None,
-        "perplexity": perplexity,
-        "mgsm_accuracy": None,
-        "kl_mean": kl,
-        "n_harmful": 8,
-        "n_harmless": 8,
-        "n_generated": 0,
-        "refusal_tokens": ["REFUSE"],
-        "refusal_token_mass_harmful": 0.9 * refusal,
-    }
-
-
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
     """A report folder as ``weightedit evaluate --out`` writes it (report.json/.md and two plots)."""
-    languages = {}
-    for lang, name, before, after, kl in (("en", "English", 1.0, 0.0, 0.012), ("de", "German", 0.875, 0.125, 0.02)):
-        b, e = _metrics(before, None, 20.0), _metrics(after, kl, 20.5)
-        languages[lang] = {
-            "name": name,
-            "edited": e,
-            "baseline": b,
-            "delta": {"refusal_rate_score": after - before, "perplexity": 0.5},
-            "perplexity_ratio": 20.5 / 20.0,
-            "samples": [],
-        }
-    report = {
-        "schema": SCHEMA,
-        "weightedit_version": "test",
-        "created": "2025-01-01T00:00:00Z",
-        "models": {
-            "edited": {"id": "edited", "fingerprint": "0" * 16, "folder": "/models/edited"},
-            "baseline": {"id": "base", "fingerprint": "1" * 16, "folder": "/models/base"},
-        },
-        "options": {"langs": ["en", "de"], "limit": 8, "generate": 0, "judge": "none", "split": "val"},
-        "languages": languages,
-        "summary": {
-            "refusal_rate_edited_mean": 0.0625,
-            "refusal_rate_baseline_mean": 0.9375,
-            "kl_mean": 0.016,
-            "kl_max": 0.02,
-            "perplexity_ratio_mean": 1.025,
-            "perplexity_ratio_max": 1.025,
-            "languages_refusing_at_baseline": ["de", "en"],
-            "languages_meeting_reduction_bar": ["de", "en"],
-            "meets_design_bars": True,
-        },
-        "timings_s": {"total": 1.0},
-        "cache": {"baseline_languages_from_cache": [], "edited_languages_from_cache": []},
-    }
     out = tmp_path_factory.mktemp("hub-report") / "report"
-    write_report(report, out)
+    write_synthetic_report(out, {"en": (8, 0, 0.012, 1.025), "de": (7, 1, 0.02, 1.025)}, n=8)
     jsonschema.validate(json.loads((out / "report.json").read_text()), json.loads(SCHEMA_PATH.read_text()))
+    assert json.loads((out / "report.json").read_text())["schema"] == SCHEMA
     assert sorted(p.name for p in out.glob("*.png")) == PLOTS
     return out
 
@@ -223,7 +170,7 @@ def test_push_uploads_every_file_unchanged_with_the_generated_card(model, hub_se
     assert readme == str(build_card(model, repo_id="alice/edited"))
     card = ModelCard.load("alice/edited")
     assert card.data.license == "apache-2.0"  # inherited from the input's card
-    assert card.data.language == ["en", "de"]
+    assert card.data.language == ["en", "fr"]  # the base model's languages
     assert card.data.tags == TAGS
     assert card.data.pipeline_tag == "text-generation" and card.data.library_name == "transformers"
     assert card.data.base_model is None  # a local folder is no Hub model
@@ -246,7 +193,7 @@ def test_card_names_the_hub_base_model_and_its_license(edited_checkpoints, hub_s
     readme = hub_server.files("weightedit-org/llama-ortho")["README.md"].decode()
     meta = front_matter(readme)
     assert meta["base_model"] == HUB_SOURCE["model"] and meta["base_model_relation"] == "finetune"
-    assert meta["license"] == "llama3.2" and meta["language"] == ["en", "de"]
+    assert meta["license"] == "llama3.2" and "language" not in meta  # the Hub base's languages are not recorded
     assert meta["tags"] == TAGS and meta["pipeline_tag"] == "text-generation"
     card = ModelCard(readme)
     assert card.data.base_model == HUB_SOURCE["model"]
@@ -269,11 +216,14 @@ def test_push_with_report_uploads_the_plots_and_embeds_them(model, report_dir, h
     readme = remote["README.md"].decode()
     for name in PLOTS:
         assert f"![weightedit-report/{name}](weightedit-report/{name})" in readme
-    assert "| language | refusal before | refusal after | KL | perplexity ratio |" in readme
-    assert "| English (en) | 100% | 0% | 0.012 | 1.025 |" in readme
-    assert "| German (de) | 88% | 12% | 0.020 | 1.025 |" in readme
-    assert "No evaluation report was attached" not in readme
-    assert front_matter(readme)["language"] == ["en", "de"]
+    assert (
+        "| language | n | refusal before | refusal after | McNemar p | KL [95% CI] | perplexity ratio [95% CI] |"
+        in readme
+    )
+    assert "| English (en) | 8 | 100% [68–100%] (8/8) | 0% [0–32%] (0/8) | 0.0078 | 0.012 [" in readme
+    assert "| German (de) | 8 | 88% [53–98%] (7/8) | 12% [2–47%] (1/8) |" in readme
+    assert "Nothing was measured" not in readme
+    assert front_matter(readme)["language"] == ["en", "fr"]
     assert folder_hashes(model) == before and folder_hashes(report_dir) == report_before
 
 
@@ -448,14 +398,14 @@ def test_card_writes_readme_and_copies_the_plots(model, report_dir):
     assert code == 0, output
     text = (model / "README.md").read_text(encoding="utf-8")
     meta = front_matter(text)
-    assert meta["license"] == "apache-2.0" and meta["language"] == ["en", "de"] and meta["tags"] == TAGS
+    assert meta["license"] == "apache-2.0" and meta["language"] == ["en", "fr"] and meta["tags"] == TAGS
     assert meta["pipeline_tag"] == "text-generation" and "base_model" not in meta
     assert ModelCard.load(model / "README.md").data.license == "apache-2.0"
     for name in [*PLOTS, "report.json", "report.md"]:
         assert (model / "weightedit-report" / name).read_bytes() == (report_dir / name).read_bytes(), name
     for name in PLOTS:
         assert f"![weightedit-report/{name}](weightedit-report/{name})" in text
-    assert "| English (en) | 100% | 0% |" in text
+    assert "| English (en) | 8 | 100% [68–100%] (8/8) | 0% [0–32%] (0/8) |" in text
     after = local_files(model)
     assert {k: v for k, v in after.items() if k in before} == before  # only README.md and the report were added
     assert set(after) - set(before) == {
@@ -487,7 +437,8 @@ def test_orthogonalize_push_to(tiny_checkpoints, hub_server, tmp_path):
     assert [c["visibility"] for c in hub_server.create_calls] == ["private"]
     assert_mirrors(hub_server, "alice/llama-ortho", out)
     assert_weights_went_through_lfs(hub_server, "alice/llama-ortho", out)
-    assert front_matter(hub_server.files("alice/llama-ortho")["README.md"].decode())["language"] == ["en", "de"]
+    pushed = hub_server.files("alice/llama-ortho")["README.md"].decode()
+    assert "language" not in front_matter(pushed) and "Nothing was measured" in pushed
 
 
 def test_orthogonalize_push_to_without_token_fails_before_editing(tiny_checkpoints, hub_server, tmp_path, monkeypatch):

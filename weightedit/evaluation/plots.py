@@ -30,11 +30,14 @@ def grouped_bars(
     ylim: tuple[float, float] | None = None,
     reference: float | None = None,
     value_format: str = "{:.0f}",
+    intervals: dict[str, Sequence[Sequence[float] | None]] | None = None,
+    note: str | None = None,
 ) -> Path:
     """One group of bars per label (language), one bar per series (e.g. before/after).
 
     Every bar carries its value (so a 0 is visibly a measured zero, not a missing bar), and the y axis leaves
-    headroom above the tallest bar for the legend.
+    headroom above the tallest bar for the legend. ``intervals`` gives each series' ``[lo, hi]`` per label
+    (same units as the values), drawn as error bars; ``note`` is printed under the axis (n, interval kind).
     """
     n = len(labels)
     width = 0.8 / max(1, len(series))
@@ -44,9 +47,29 @@ def grouped_bars(
     top = 0.0
     for i, (name, values) in enumerate(series.items()):
         vals = [np.nan if v is None else float(v) for v in values]
-        drawn = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=colors[i % len(colors)])
+        xs = x + (i - (len(series) - 1) / 2) * width
+        drawn = ax.bar(xs, vals, width, label=name, color=colors[i % len(colors)])
         labels_i = ["" if np.isnan(v) else value_format.format(v) for v in vals]
-        ax.bar_label(drawn, labels=labels_i, fontsize=7, padding=1.5)
+        ci = (intervals or {}).get(name)
+        if ci is not None:
+            lo = [0.0 if c is None or np.isnan(v) else max(0.0, v - float(c[0])) for v, c in zip(vals, ci, strict=True)]
+            hi = [0.0 if c is None or np.isnan(v) else max(0.0, float(c[1]) - v) for v, c in zip(vals, ci, strict=True)]
+            ax.errorbar(xs, np.nan_to_num(vals), yerr=[lo, hi], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+            top = max([top, *(float(c[1]) for c in ci if c is not None)])
+            # Values go above the error bar, so they stay readable.
+            for xi, v, h in zip(xs, vals, hi, strict=True):
+                if not np.isnan(v):
+                    ax.annotate(
+                        value_format.format(v),
+                        (xi, v + h),
+                        xytext=(0, 1.5),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
+        else:
+            ax.bar_label(drawn, labels=labels_i, fontsize=7, padding=1.5)
         top = max([top, *(v for v in vals if not np.isnan(v))])
     if reference is not None:
         ax.axhline(reference, color="grey", linewidth=1, linestyle="--")
@@ -58,10 +81,12 @@ def grouped_bars(
     else:
         ax.set_ylim(0, max(top, reference or 0.0) * 1.2 or 1.0)
     ax.set_title(title, fontsize=11)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="dimgray", ha="left", va="bottom")
     if len(series) > 1:
         ax.legend(frameon=False, ncols=len(series), loc="upper right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,11 +27,11 @@ from ..prompts import LANGUAGES, load_prompts, role_prompts
 from ..scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
 from .judges import make_judge
-from .metrics import extract_number, generate, perplexity, token_nll
+from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perplexity, token_nll_per_text
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
 
-CACHE_VERSION = 2  # 2: refusal tokens from fit prompts, judged prompts from the judge role
+CACHE_VERSION = 3  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ class LanguageRun:
     xstest_generations: list[str] = field(default_factory=list)
     mgsm_correct: list[bool] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)  # vs the baseline (edited model only)
+    nll_per_text: list[float] = field(default_factory=list)  # per perplexity sentence (bootstrap intervals)
+    tokens_per_text: list[int] = field(default_factory=list)
     harmless_logprobs: torch.Tensor | None = None  # baseline only: for the edited model's KL
 
     @property
@@ -335,13 +338,14 @@ def _measure_language(
     seconds["forward"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    run.nll, run.nll_tokens = token_nll(
+    run.nll_per_text, run.tokens_per_text = token_nll_per_text(
         loaded,
         data.ppl,
         batch_size=max(1, options.batch_size // 2),
         progress=progress,
         description=f"{label} {lang}: perplexity",
     )
+    run.nll, run.nll_tokens = math.fsum(run.nll_per_text), sum(run.tokens_per_text)
     seconds["perplexity"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -363,7 +367,7 @@ def _measure_language(
             loaded, loaded.format(data.xstest[: options.generate]), description=f"{label} XSTest: generating", **gen
         )
     if data.mgsm:
-        suffix = {"en": "Answer with the final number."}.get(lang, "Answer with the final number.")
+        suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
         completions = generate(
             loaded,
             loaded.format([f"{q}\n{suffix}" for q, _ in data.mgsm]),
@@ -372,7 +376,9 @@ def _measure_language(
             progress=progress,
             description=f"{label} {lang}: MGSM",
         )
-        run.mgsm_correct = [extract_number(c) == a for c, (_, a) in zip(completions, data.mgsm, strict=True)]
+        run.mgsm_correct = [
+            numbers_match(extract_number(c, lang), a) for c, (_, a) in zip(completions, data.mgsm, strict=True)
+        ]
     seconds["generate"] += time.perf_counter() - t
     return run
 
