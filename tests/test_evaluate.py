@@ -103,7 +103,7 @@ def test_report_before_and_after_the_edit(models, tmp_path):
         test = v["refusal_mcnemar"]
         assert (test["only_before"], test["only_after"], test["method"]) == (3, 0, "exact")
         assert test["p_value"] == pytest.approx(0.25)  # 3 discordant pairs, all one way: 2 / 2^3
-    assert report["split"] == "val"
+    assert report["split"] == "test split, held out from direction selection"
     assert report["judge"]["name"] == "score" and report["judge"]["accuracy"] is None
     summary = report["summary"]
     assert summary["refusal_baseline_pooled"]["n"] == 6 and summary["refusal_baseline_pooled"]["k"] == 6
@@ -113,7 +113,7 @@ def test_report_before_and_after_the_edit(models, tmp_path):
         assert (out / name).stat().st_size > 10_000
     md = (out / "report.md").read_text()
     assert "| English (en) | 3 | 100% [44–100%] (3/3) | 0% [0–56%] (0/3) | 0.25 |" in md, md
-    assert "Split: **val**" in md and "Wilson 95% interval" in md and "refusal.png" in md
+    assert "Split: **test split, held out from direction selection**" in md and "Wilson 95% interval" in md and "refusal.png" in md
     assert str(models[0].parent) not in md  # no local paths in the report ...
     assert str(models[0].parent) not in (out / "report.json").read_text()  # ... nor in report.json (it is published)
 
