@@ -25,6 +25,15 @@ def test_every_registered_family_has_a_tiny_model():
     assert set(families()) <= set(FAMILY_CONFIGS), "add a tiny config for each new registry family"
 
 
+def edit_with_cli(src, direction_file, out):
+    """``weightedit orthogonalize`` on ``src``; the original and edited models, in float32."""
+    result = run_cli("orthogonalize", "--model", src, "--direction", direction_file, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return original, edited
+
+
 @pytest.fixture()
 def direction_file(tmp_path):
     path = tmp_path / "r.safetensors"
@@ -34,14 +43,9 @@ def direction_file(tmp_path):
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_orthogonalize_matches_ablation(family, tiny_checkpoints, direction_file, tmp_path):
-    src = tiny_checkpoints(family)
-    out = tmp_path / "edited"
-    result = run_cli("orthogonalize", "--model", src, "--direction", direction_file, "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
+    original, edited = edit_with_cli(tiny_checkpoints(family), direction_file, tmp_path / "edited")
     r = random_direction()
     ids = input_ids()
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     if family in TIED:
         assert edited.config.tie_word_embeddings is False
         assert torch.equal(edited.get_output_embeddings().weight, original.get_input_embeddings().weight)
@@ -73,14 +77,9 @@ def test_orthogonalize_matches_ablation(family, tiny_checkpoints, direction_file
 def test_selection_intervention_matches_the_edited_checkpoint(family, tiny_checkpoints, direction_file, tmp_path):
     """What selection scores (ablate_as_edit on the original) is what the written checkpoint computes, in every
     family: post-norm blocks (writers projected against γ ⊙ r), MoE expert stacks, learned positions, tied heads."""
-    src = tiny_checkpoints(family)
-    out = tmp_path / "edited"
-    result = run_cli("orthogonalize", "--model", src, "--direction", direction_file, "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
+    original, edited = edit_with_cli(tiny_checkpoints(family), direction_file, tmp_path / "edited")
     r = random_direction()
     ids = input_ids()
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.inference_mode():
         with ablate_as_edit(original, r):
             want = original(ids).logits

@@ -113,7 +113,11 @@ def test_report_before_and_after_the_edit(models, tmp_path):
         assert (out / name).stat().st_size > 10_000
     md = (out / "report.md").read_text()
     assert "| English (en) | 3 | 100% [44–100%] (3/3) | 0% [0–56%] (0/3) | 0.25 |" in md, md
-    assert "Split: **test split, held out from direction selection**" in md and "Wilson 95% interval" in md and "refusal.png" in md
+    assert (
+        "Split: **test split, held out from direction selection**" in md
+        and "Wilson 95% interval" in md
+        and "refusal.png" in md
+    )
     assert str(models[0].parent) not in md  # no local paths in the report ...
     assert str(models[0].parent) not in (out / "report.json").read_text()  # ... nor in report.json (it is published)
 
