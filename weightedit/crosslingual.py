@@ -149,7 +149,7 @@ def compare_directions(
     timings["transfer"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     return Comparison(
-        model=loaded.source.given,
+        model=loaded.source.public_name or loaded.source.given,
         langs=list(langs),
         layer=int(layer),
         position=int(position),
@@ -168,13 +168,24 @@ def compare_directions(
     )
 
 
-def save_comparison(result: Comparison, out: Path) -> dict[str, Path]:
-    """Write ``comparison.json``, ``directions.safetensors``, ``cosine.png`` and ``transfer.png`` into ``out``."""
+def save_comparison(result: Comparison, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``comparison.json``, ``directions.safetensors``, ``cosine.png`` and ``transfer.png`` as folder ``out``.
+
+    The folder is built aside and renamed into place when complete; an existing ``out`` needs ``overwrite``.
+    """
+    from .atomic import atomic_output_dir
+
+    final = Path(out)
+    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+        paths = _write_comparison(result, tmp)
+    return {k: final / v.name for k, v in paths.items()}
+
+
+def _write_comparison(result: Comparison, out: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     from .evaluation.plots import heatmap
 
-    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / "comparison.json",
         "directions": out / "directions.safetensors",

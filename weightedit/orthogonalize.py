@@ -41,7 +41,7 @@ from .checkpoint import (
 from .direction import Direction
 from .edit import BlockStats, effective_direction, noise_floor, project_out_, project_rows_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
-from .sources import ModelSource, resolve_model
+from .sources import ModelSource, public_name, resolve_model
 
 __all__ = [
     "EditReport",
@@ -262,7 +262,7 @@ def orthogonalize_checkpoint(
                 shard_meta = {
                     "weightedit_version": __version__,
                     "weightedit_direction_sha256": direction.sha256(),
-                    "weightedit_source": source.given,
+                    "weightedit_source": source.public_name,
                 }
                 for shard in checkpoint.shards:
                     extras: list[tuple[str, ShardHeader, TensorInfo]] = []
@@ -286,6 +286,7 @@ def orthogonalize_checkpoint(
             _write_index(checkpoint, tmp, lm_head=plan.spec.lm_head if untie else None, embedding=plan.embedding)
             _copy_side_files(checkpoint.folder, tmp, untie=untie)
             for name, path in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp / name)
             verification = _verify(checkpoint, tmp, plan, stats_total, untie=untie)
             input_hashes = hasher.result()
@@ -304,15 +305,18 @@ def orthogonalize_checkpoint(
                     "layer": direction.layer,
                     "position": direction.position,
                     "languages": list(direction.languages),
-                    "model": direction.model,
+                    "model": public_name(direction.model),
                     "config_hash": direction.config_hash,
                     **{
-                        k: v
+                        k: (public_name(v) if k == "file" else v)
                         for k, v in direction.meta.items()
                         if k in ("file", "file_sha256", "n_harmful", "n_harmless", "selection")
                     },
                 },
-                "options": {"tied_embeddings": tied_embeddings if plan.tied else None},
+                "options": {
+                    "tied_embeddings": tied_embeddings if plan.tied else None,
+                    "allow_model_mismatch": bool(allow_model_mismatch),
+                },
                 "edited_groups": plan.groups(),
                 "verification": verification,
                 **(extra_provenance or {}),
@@ -484,10 +488,12 @@ def _write_index(checkpoint: Checkpoint, tmp: Path, *, lm_head: str | None, embe
         return
     index = json.loads(json.dumps(checkpoint.index))
     weight_map = dict(index["weight_map"])
+    meta = dict(index.get("metadata") or {})
     if lm_head and embedding:
         weight_map[lm_head] = weight_map[embedding]
+        if isinstance(meta.get("total_parameters"), int):
+            meta["total_parameters"] += checkpoint.find(embedding)[1].numel
     index["weight_map"] = dict(sorted(weight_map.items()))
-    meta = dict(index.get("metadata") or {})
     headers = [read_header(tmp / name) for name in sorted(set(weight_map.values()))]
     meta["total_size"] = sum(h.file_size - h.data_start for h in headers)
     index["metadata"] = meta
@@ -504,14 +510,29 @@ def _copy_side_files(src: Path, tmp: Path, *, untie: bool) -> None:
             or item.name.startswith(".")
         ):
             continue
-        if item.name == "config.json" and untie:
-            config = json.loads(item.read_text(encoding="utf-8"))
-            config["tie_word_embeddings"] = False
-            if isinstance(config.get("text_config"), dict):
-                config["text_config"]["tie_word_embeddings"] = False
-            (tmp / item.name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            continue
-        shutil.copy2(item, tmp / item.name)
+        try:
+            _copy_side_file(item, tmp, untie=untie)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR) and not _is_under(e.filename, tmp):
+                raise InvalidCheckpointError(
+                    f"cannot read {item} ({e.strerror}): make it readable (chmod u+r) or move it out of the model folder"
+                ) from None
+            raise
+
+
+def _is_under(filename: Any, folder: Path) -> bool:
+    return filename is not None and str(filename).startswith(str(folder))
+
+
+def _copy_side_file(item: Path, tmp: Path, *, untie: bool) -> None:
+    if item.name == "config.json" and untie:
+        config = json.loads(item.read_text(encoding="utf-8"))
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+        (tmp / item.name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return
+    shutil.copy2(item, tmp / item.name)
 
 
 def _verify(
