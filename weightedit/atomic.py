@@ -76,6 +76,7 @@ _defer_depth = 0
 _pending: list[int] = []
 _live: set[Path] = set()  # temporary paths created and not yet removed
 _committed: list[Path] = []  # outputs renamed into place by this process
+_named: set[Path] = set()  # other runs' temporaries already named to the user
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -327,12 +328,18 @@ def _report_stale(parent: Path, name: str) -> None:
     done, kept = clean_stale_temporaries(parent, name)
     for p in done:
         what = "restored the previous output from" if OLD_MARKER in p.name else "removed"
-        console.print(f"[dim]note: {what} {p}, left by an interrupted weightedit run[/]", highlight=False)
+        console.print(
+            f"[dim]note: {what} {p}, left by an interrupted weightedit run[/]", highlight=False, soft_wrap=True
+        )
     for p in kept:
+        if p in _named:
+            continue
+        _named.add(p)
         console.print(
             f"[yellow]note: {p} looks like a temporary folder of another weightedit run; delete it if no "
             "weightedit command is running[/]",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -395,7 +402,7 @@ def _real_files(src: Path) -> Iterable[Path]:
 
 
 def _check_length(out: Path) -> None:
-    ancestor = next((p for p in (out, *out.parents) if p.is_dir()), Path("/"))
+    ancestor = next((p for p in (out, *out.parents) if os.path.isdir(p)), Path("/"))
     name_max, path_max = _limits(ancestor)
     for part in out.parts:
         size = len(os.fsencode(part))
@@ -415,7 +422,7 @@ def _check_length(out: Path) -> None:
 def _check_parents(out: Path) -> None:
     for p in out.parents:
         if os.path.lexists(p):
-            if not p.is_dir():
+            if not os.path.isdir(p):
                 raise UnsafeOutputError(
                     f"--out {out} lies below {p}, which is a file, not a folder: choose another --out"
                 )
@@ -442,7 +449,9 @@ def _check_overlap(out: Path, inputs: tuple[Path, ...]) -> None:
 def _resolved(out: Path | str) -> Path:
     if str(out).strip() == "":
         raise UnsafeOutputError("--out is empty: pass the path to write to")
-    return Path(os.path.abspath(Path(out).expanduser())).resolve()
+    absolute = Path(os.path.abspath(Path(out).expanduser()))
+    _check_length(absolute)  # before resolving: resolving a name over the limit fails in the kernel
+    return absolute.resolve()
 
 
 def check_output_path(out: Path | str, *, inputs: tuple[Path, ...] = (), overwrite: bool = False) -> Path:
@@ -457,6 +466,8 @@ def check_output_path(out: Path | str, *, inputs: tuple[Path, ...] = (), overwri
     _check_length(out)
     _check_parents(out)
     _check_overlap(out, tuple(inputs))
+    # A previous output that a killed run had set aside goes back first, so that the checks below see it.
+    _report_stale(out.parent, out.name)
     if os.path.lexists(out) and not out.is_dir():
         raise OutputExistsError(f"--out {out} exists and is not a folder: remove it or choose another path")
     if out.exists() and not overwrite:

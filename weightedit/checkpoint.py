@@ -327,18 +327,18 @@ class Checkpoint:
                         f"tensor {tname!r} appears in both {seen[tname]} and {shard.path.name}: the checkpoint is corrupted"
                     )
                 seen[tname] = shard.path.name
-        if index is not None and seen.keys() == weight_map.keys() and seen != weight_map:
-            name = next(k for k in sorted(seen) if seen[k] != weight_map[k])
-            raise InvalidCheckpointError(
-                f"{index_path.name} maps tensor {name!r} to {weight_map[name]}, but it is stored in {seen[name]}: "
-                "re-download or re-save the checkpoint"
-            )
         if index is not None and seen != weight_map:
-            missing = sorted(set(weight_map) - set(seen))[:3]
+            wrong = sorted(k for k in weight_map if seen.get(k) != weight_map[k])
+            if wrong:
+                name = wrong[0]
+                where = f"it is stored in {seen[name]}" if name in seen else f"{weight_map[name]} does not hold it"
+                raise InvalidCheckpointError(
+                    f"{index_path.name} maps tensor {name!r} to {weight_map[name]}, but {where}"
+                    f"{f' ({len(wrong)} tensors wrong)' if len(wrong) > 1 else ''}: re-download or re-save the checkpoint"
+                )
             extra = sorted(set(seen) - set(weight_map))[:3]
             raise InvalidCheckpointError(
-                f"{index_path.name} does not match the shards (listed but absent: {missing}, present but "
-                f"unlisted: {extra}): re-download or re-save the checkpoint"
+                f"{index_path.name} does not list tensors its shards hold ({extra}): re-download or re-save the checkpoint"
             )
         return cls(folder=folder, config=config, shards=shards, index=index, weight_map=seen)
 
