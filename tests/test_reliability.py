@@ -252,13 +252,20 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
     assert folder_hashes(src) == before
 
 
+def _copy2_raising(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """Make copying the model's side files (config, tokenizer) fail once the output's shards are written."""
+    real_copy2 = shutil.copy2
+
+    def copy2(src, dst, *args, **kwargs):
+        if TMP_MARKER in str(dst):
+            raise exc
+        return real_copy2(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copy2", copy2)
+
+
 def test_second_ctrl_c_during_cleanup_leaves_nothing(model, direction_file, tmp_path, monkeypatch):
     """Ctrl-C while the edit writes, then Ctrl-C again while the temporary folder is being removed."""
-    import weightedit.orthogonalize as orth
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     real_rmtree = shutil.rmtree
 
     def rmtree_interrupted_once(path, *args, **kwargs):
@@ -268,7 +275,7 @@ def test_second_ctrl_c_during_cleanup_leaves_nothing(model, direction_file, tmp_
             time.sleep(0.05)
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(orth, "_verify", interrupted)
+    _copy2_raising(monkeypatch, KeyboardInterrupt())
     monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted_once)
     code, output = invoke("orthogonalize", "--model", model, "--direction", direction_file, "--out", tmp_path / "out")
     assert code == 130, output
@@ -306,12 +313,11 @@ def test_next_run_restores_an_output_a_killed_swap_set_aside(previous, model, di
     assert debris(tmp_path) == []
 
 
-def test_parent_folders_created_for_out_are_removed_on_failure(model, tmp_path):
-    bad = tmp_path / "bad.safetensors"
-    save_file({"direction": torch.zeros(64)}, str(bad))
+def test_parent_folders_created_for_out_are_removed_on_failure(model, direction_file, tmp_path, monkeypatch):
+    _copy2_raising(monkeypatch, OSError(errno.EIO, "Input/output error"))
     out = tmp_path / "a" / "b" / "out"
-    code, output = invoke("orthogonalize", "--model", model, "--direction", bad, "--out", out, "--quiet")
-    assert code == 2, output
+    code, output = invoke("orthogonalize", "--model", model, "--direction", direction_file, "--out", out, "--quiet")
+    assert code == 2 and "Traceback" not in output, output
     assert not (tmp_path / "a").exists()
 
 
