@@ -713,3 +713,30 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     top = sorted(p.name for p in out.glob("*.safetensors"))
     assert top == sorted(p.name for p in model.glob("*.safetensors"))
     assert (out / "weightedit" / "refusal_direction.safetensors").is_file()
+
+
+def test_fetch_prints_the_folder_on_stdout(tiny_checkpoints, tmp_path):
+    """`$(weightedit fetch NAME)` is the model's folder: only the path goes to stdout."""
+    commit = "c" * 40
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_checkpoints("llama"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.yaml").write_text(
+        "name: tiny-test\ndescription: a tiny test model\nhub_id: org/tiny\nrevision: main\n"
+        "license: apache-2.0\narchitecture: llama\nsource: hub\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "WEIGHTEDIT_RECIPES": str(recipes),
+    }
+    env.pop("HF_HUB_CACHE", None)
+    for extra in ([], ["--quiet"]):
+        proc = subprocess.run(_cli("fetch", "tiny-test", *extra), capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert Path(proc.stdout.strip()).resolve() == snapshot.resolve(), proc.stdout
