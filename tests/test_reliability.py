@@ -740,3 +740,13 @@ def test_fetch_prints_the_folder_on_stdout(tiny_checkpoints, tmp_path):
         proc = subprocess.run(_cli("fetch", "tiny-test", *extra), capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert Path(proc.stdout.strip()).resolve() == snapshot.resolve(), proc.stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare-directions", "verify-defence"])
+def test_output_folder_not_writable(model, command):
+    """sysfs refuses new folders even to root (a read-only or foreign folder does the same to a user)."""
+    out = Path("/sys") / f"weightedit-test-{os.getpid()}" / "report"
+    code, output = invoke(command, "--model", model, "--out", out, "--langs", "en", "--quiet")
+    assert code == 2 and "Traceback" not in output, output
+    assert "is not writable" in " ".join(output.split()), output
+    assert not out.parent.exists()

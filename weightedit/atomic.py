@@ -446,6 +446,21 @@ def _check_overlap(out: Path, inputs: tuple[Path, ...]) -> None:
                 )
 
 
+def _check_writable(out: Path) -> None:
+    """Fail now, not after hours of work, when the folder that will hold ``out`` cannot take a new entry."""
+    ancestor = next((p for p in out.parents if os.path.isdir(p)), None)
+    if ancestor is None:
+        return
+    probe = ancestor / _temp_name("probe")
+    _live.add(probe)
+    try:
+        probe.mkdir()
+    except OSError as e:
+        _live.discard(probe)
+        raise _write_error(e, out) from None
+    _remove(probe, deliver=False)
+
+
 def _resolved(out: Path | str) -> Path:
     if str(out).strip() == "":
         raise UnsafeOutputError("--out is empty: pass the path to write to")
@@ -466,6 +481,7 @@ def check_output_path(out: Path | str, *, inputs: tuple[Path, ...] = (), overwri
     _check_length(out)
     _check_parents(out)
     _check_overlap(out, tuple(inputs))
+    _check_writable(out)
     # A previous output that a killed run had set aside goes back first, so that the checks below see it.
     _report_stale(out.parent, out.name)
     if os.path.lexists(out) and not out.is_dir():
@@ -487,6 +503,7 @@ def check_output_file(
     _check_length(out)
     _check_parents(out)
     _check_overlap(out, tuple(inputs))
+    _check_writable(out)
     if out.is_dir():
         raise OutputExistsError(f"{option} {out} is a folder: pass a file name (e.g. {out / 'refusal.safetensors'})")
     if os.path.lexists(out) and not overwrite:
@@ -499,6 +516,11 @@ def check_output_file(
 def _write_error(err: OSError, out: Path, what: str | None = None) -> WriteFailedError:
     if err.errno in _DISK_FULL:
         return disk_full_error(err, out)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+        folder = Path(err.filename).parent
+        return WriteFailedError(
+            f"output folder {folder} is not writable ({err.strerror}): choose another --out; nothing was written"
+        )
     where = f" ({err.filename})" if err.filename else ""
     return WriteFailedError(
         f"{what or f'writing {out} failed'}: {err.strerror or err}{where}; check the path and its permissions, "
@@ -555,7 +577,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     created = _make_parents(parent)
     if not os.access(parent, os.W_OK):
         _remove_created(created)
-        raise WriteFailedError(f"{parent} is not writable: choose a writable --out")
+        raise WriteFailedError(f"output folder {parent} is not writable: choose another --out; nothing was written")
     _report_stale(parent, out.name)
     tmp = parent / _temp_name(out.name)
     _live.add(tmp)
