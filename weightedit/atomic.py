@@ -640,6 +640,7 @@ def atomic_file(out: Path | str) -> Iterator[Path]:
     if out.is_dir():
         raise OutputExistsError(f"{out} is a folder: pass a file name")
     created = _make_parents(out.parent)
+    _report_stale(out.parent, out.name)
     tmp = out.parent / _temp_name(out.name)
     _live.add(tmp)
     committed = False

@@ -375,9 +375,10 @@ def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
     payload["tokens"] = run.tokens.to_dict()
     if keep_logprobs and run.harmless_logprobs is not None:
         payload["harmless_logprobs"] = run.harmless_logprobs
-    tmp = path.with_name(path.name + ".incomplete")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    from ..atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_run(path: Path) -> LanguageRun:
