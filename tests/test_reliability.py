@@ -471,6 +471,14 @@ BROKEN = {
         lambda m, t: ["inspect", "--model", _truncated_gguf(t)],
         "truncated or corrupted inside its GGUF header",
     ),
+    "file named .gguf that is not GGUF": (
+        lambda m, t: ["inspect", "--model", _with_file(t, "fake.gguf", "not a gguf at all") / "fake.gguf"],
+        "is not a GGUF file",
+    ),
+    "direction --out is an existing folder": (
+        lambda m, t: ["direction", "--model", m, "--out", t, "--overwrite", "--quiet"],
+        "is a folder: pass a file name",
+    ),
     "model folder without tokenizer files": (
         lambda m, t: ["direction", "--model", m, "--out", t / "r.safetensors", "--quiet"],
         "has no tokenizer files",
@@ -750,3 +758,24 @@ def test_output_folder_not_writable(model, command):
     assert code == 2 and "Traceback" not in output, output
     assert "is not writable" in " ".join(output.split()), output
     assert not out.parent.exists()
+
+
+def test_readme_error_table_names_tests_that_exist():
+    """Every row of the README's error table names its test, and every named test (or case) exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| bad input")]
+    assert len(rows) >= 40
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert len(cells) == 3 and cells[2], row
+        for module, name in re.findall(r"`(test_\w+)::([^`\[]+|…)", cells[2]):
+            source = (root / "tests" / f"{module}.py").read_text(encoding="utf-8")
+            if name == "…":
+                continue
+            assert f"def {name}(" in source, f"{module}::{name} (README row {cells[0]!r})"
+        for case in re.findall(r"`(?:test_reliability::…)?\[([^\]]+)\]`", cells[2]):
+            assert case in BROKEN, (case, row)

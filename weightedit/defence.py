@@ -143,7 +143,7 @@ def verify_defence(
     """
     t0 = time.perf_counter()
     local = Path(str(model.folder if isinstance(model, ModelSource) else model)).expanduser()
-    check_output_path(out, inputs=(local,) if local.exists() else (), overwrite=overwrite)
+    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
     out = check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     eval_options = EvalOptions(**{**options.evaluation.__dict__, "langs": tuple(options.langs)})

@@ -169,7 +169,7 @@ def orthogonalize(
     """
     out_path = Path(out).expanduser()
     local = Path(str(model)).expanduser()
-    early_inputs = (local,) if local.exists() else ()
+    early_inputs = (local,) if str(model) and local.exists() else ()
     check_output_path(out_path, inputs=early_inputs, overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     return orthogonalize_checkpoint(

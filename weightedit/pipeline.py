@@ -137,7 +137,7 @@ def orthogonalize_by_language(
     from .orthogonalize import orthogonalize_checkpoint
 
     local = Path(str(model)).expanduser()
-    check_output_path(out, inputs=(local,) if local.exists() else (), overwrite=overwrite)
+    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     result = direction_for_model(
