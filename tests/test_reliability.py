@@ -779,3 +779,20 @@ def test_readme_error_table_names_tests_that_exist():
             assert f"def {name}(" in source, f"{module}::{name} (README row {cells[0]!r})"
         for case in re.findall(r"`(?:test_reliability::…)?\[([^\]]+)\]`", cells[2]):
             assert case in BROKEN, (case, row)
+
+
+def test_evaluate_report_names_models_without_local_paths(tmp_path):
+    """report.json (and the plot titles drawn from it) name local models ./<folder>, not by absolute path."""
+    from weightedit.orthogonalize import orthogonalize_checkpoint
+
+    base = make_planted_model(tmp_path / "base", random_direction(seed=5))
+    edited = orthogonalize_checkpoint(base, tmp_path / "edited", random_direction(seed=5), progress=False).out
+    prompts = write_planted_prompts(tmp_path / "prompts.jsonl", n_train=8, n_val=8)
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", edited, "--baseline", base, "--langs", "en", "--prompts", prompts]
+    code, output = invoke(*args, "--limit", 4, "--ppl-limit", 2, "--out", out, "--quiet")
+    assert code == 0, output
+    models = json.loads((out / "report.json").read_text())["models"]
+    assert models["edited"]["id"] == "./edited" and models["baseline"]["id"] == "./base"
+    assert str(tmp_path) not in json.dumps(models)
+    assert debris(tmp_path) == []

@@ -22,6 +22,7 @@ from .hooks import ablate
 from .modeling import LoadedModel
 from .scoring import RefusalTokens, refusal_scores
 from .selection import SelectionOptions, capture_language, compute_direction, language_data
+from .sources import public_name
 
 __all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
 
@@ -162,7 +163,7 @@ def compare_directions(
             "n_train": options.n_train,
             "n_val": options.n_val,
             "reference": reference,
-            "prompts": options.prompts or "builtin",
+            "prompts": public_name(options.prompts) if options.prompts else "builtin",
         },
         timings=timings,
     )

@@ -87,7 +87,7 @@ def public_name(given: str | os.PathLike[str] | None) -> str | None:
     if given is None:
         return None
     text = str(given)
-    if text.startswith("recipe:") or not text:
+    if text.startswith("recipe:") or "://" in text or not text:
         return text
     path = Path(text).expanduser()
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):

@@ -14,7 +14,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EvaluationError
 from ..prompts import LANGUAGE_NAMES
-from ..sources import ModelSource, resolve_model
+from ..sources import ModelSource, public_name, resolve_model
 from .plots import grouped_bars, heatmap
 from .runner import EvalOptions, LanguageRun, ModelRun, judge_runs, load_eval_data, measure_model
 
@@ -136,10 +136,10 @@ def build_report(
         "weightedit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "models": {
-            "edited": {"id": edited.model, "fingerprint": edited.fingerprint, "folder": edited.folder},
+            "edited": {"id": edited.model, "fingerprint": edited.fingerprint, "folder": public_name(edited.folder)},
             "baseline": None
             if baseline is None
-            else {"id": baseline.model, "fingerprint": baseline.fingerprint, "folder": baseline.folder},
+            else {"id": baseline.model, "fingerprint": baseline.fingerprint, "folder": public_name(baseline.folder)},
         },
         "options": {**options.key(), "langs": list(options.langs), "judge": options.judge},
         "languages": languages,
