@@ -714,6 +714,11 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     root = tmp_path / "planted"
     model = make_planted_model(root / "model", random_direction(seed=5))
     prompts = write_planted_prompts(root / "prompts.jsonl")
+    # A scratch folder a killed run left in the cache is found and removed by the next run.
+    from weightedit.sources import cache_dir
+
+    stale = cache_dir() / "tmp" / f".direction{TMP_MARKER}{_dead_pid()}-0123abcd"
+    stale.mkdir(parents=True)
     out = tmp_path / "o"
     args = ["orthogonalize", "--model", model, "--direction-lang", "en", "--prompts", prompts]
     code, output = invoke(*args, "--n-train", 24, "--n-val", 8, "--top-k", 2, "--out", out, "--quiet")
@@ -721,6 +726,7 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     top = sorted(p.name for p in out.glob("*.safetensors"))
     assert top == sorted(p.name for p in model.glob("*.safetensors"))
     assert (out / "weightedit" / "refusal_direction.safetensors").is_file()
+    assert not stale.exists() and debris(cache_dir() / "tmp") == []
 
 
 def test_fetch_prints_the_folder_on_stdout(tiny_checkpoints, tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "leftover_temporaries",
     "committed_outputs",
     "clean_stale_temporaries",
+    "scratch_dir",
 ]
 
 TMP_MARKER = ".weightedit-tmp-"
@@ -564,7 +565,7 @@ def _translate(e: OSError, out: Path) -> BaseException:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, *, overwrite: bool = False, record: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out``; on success flush it and rename it to ``out``.
 
     On any exception (including ``KeyboardInterrupt`` and :class:`Interrupted`) the temporary folder is
@@ -613,7 +614,8 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
                 raise _write_error(e, out) from None
             committed = True
             _live.discard(tmp)
-            _committed.append(out)
+            if record:
+                _committed.append(out)
             if previous is not None:
                 _live.add(previous)
             _fsync_path(parent, directory=True)
@@ -630,10 +632,11 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(out: Path | str) -> Iterator[Path]:
+def atomic_file(out: Path | str, *, record: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling path of the file ``out``; on success flush it and rename it over ``out``.
 
     On any exception the temporary file and the folders created for it are removed and ``out`` is as it was.
+    ``record=False`` keeps a cache entry out of the outputs an interrupt message lists as complete.
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
     _check_length(out)
@@ -652,7 +655,8 @@ def atomic_file(out: Path | str) -> Iterator[Path]:
                 os.replace(tmp, out)
                 committed = True
                 _live.discard(tmp)
-                _committed.append(out)
+                if record:
+                    _committed.append(out)
                 _fsync_path(out.parent, directory=True)
         except OSError as e:
             raise _translate(e, out) from None
@@ -663,8 +667,26 @@ def atomic_file(out: Path | str) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(out: Path | str, text: str) -> Path:
+@contextlib.contextmanager
+def scratch_dir(parent: Path | str, name: str) -> Iterator[Path]:
+    """A temporary working folder ``parent/.<name>.weightedit-tmp-<pid>-<hex>``, removed when the block ends.
+
+    Named like every other temporary, so that the next run finds it (and removes it) after a ``kill -9``.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(parent, name)
+    path = parent / _temp_name(name)
+    _live.add(path)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        _remove(path, deliver=False)
+
+
+def write_text_atomic(out: Path | str, text: str, *, record: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``out`` through :func:`atomic_file`."""
-    with atomic_file(out) as tmp:
+    with atomic_file(out, record=record) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(os.path.abspath(Path(out).expanduser()))

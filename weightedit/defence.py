@@ -12,14 +12,13 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import atomic_output_dir, check_output_path
+from .atomic import atomic_output_dir, check_output_path, scratch_dir
 from .direction import Direction
 from .evaluation.plots import grouped_bars
 from .evaluation.report import primary_refusal
@@ -157,10 +156,9 @@ def verify_defence(
         directions = _attack_directions(source, options, progress)
         timings["directions"] = time.perf_counter() - t
         scratch = cache_dir() / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
         for attack, direction in directions:
             t = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="defence-", dir=scratch) as tmp:
+            with scratch_dir(scratch, "defence") as tmp:
                 edited = orthogonalize_checkpoint(source, Path(tmp) / "attacked", direction, progress=False)
                 run = measure_model(
                     str(edited.out),

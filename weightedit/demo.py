@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._progress import console
-from .atomic import TMP_MARKER, atomic_output_dir
+from .atomic import atomic_output_dir
 from .direction import load_direction
 from .evaluation.report import evaluate
 from .evaluation.runner import EvalOptions
@@ -63,7 +63,7 @@ def _check_demo_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
 
     check_output_path(out, inputs=inputs, overwrite=True)
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _DEMO_ENTRIES and TMP_MARKER not in p.name)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _DEMO_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise OutputExistsError(
                 f"--out {out} already exists and is not a weightedit demo folder (it holds {foreign[0]}): "

