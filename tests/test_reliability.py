@@ -727,6 +727,8 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     assert top == sorted(p.name for p in model.glob("*.safetensors"))
     assert (out / "weightedit" / "refusal_direction.safetensors").is_file()
     assert not stale.exists() and debris(cache_dir() / "tmp") == []
+    for name in ("refusal_direction.scores.json", "refusal_direction.safetensors"):
+        assert str(tmp_path) not in (out / "weightedit" / name).read_bytes().decode("utf-8", "replace")[:100_000]
 
 
 def test_fetch_prints_the_folder_on_stdout(tiny_checkpoints, tmp_path):
@@ -802,3 +804,18 @@ def test_evaluate_report_names_models_without_local_paths(tmp_path):
     assert models["edited"]["id"] == "./edited" and models["baseline"]["id"] == "./base"
     assert str(tmp_path) not in json.dumps(models)
     assert debris(tmp_path) == []
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(model, tmp_path, monkeypatch):
+    """demo reuses its own --out folder, but never writes into a model folder (or anyone else's folder)."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.yaml").write_text(
+        "name: tiny-test\ndescription: a tiny test model\nhub_id: org/tiny-not-cached\nrevision: main\n"
+        "license: apache-2.0\narchitecture: llama\nsource: hub\n"
+    )
+    monkeypatch.setenv("WEIGHTEDIT_RECIPES", str(recipes))
+    before = folder_hashes(model)
+    code, output = invoke("demo", "--recipe", "tiny-test", "--out", model, "--quiet")
+    assert code == 2 and "not a weightedit demo folder" in output, output
+    assert folder_hashes(model) == before

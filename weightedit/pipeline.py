@@ -13,7 +13,7 @@ from .direction import save_direction
 from .modeling import load_model
 from .prompts import parse_languages
 from .selection import DirectionResult, SelectionOptions, compute_direction
-from .sources import ModelSource, cache_dir, resolve_model
+from .sources import ModelSource, cache_dir, public_name, resolve_model
 
 __all__ = [
     "direction_for_model",
@@ -70,7 +70,7 @@ def scores_payload(result: DirectionResult) -> dict[str, Any]:
     """Everything the selection measured, for ``<direction>.scores.json``."""
     d = result.direction
     return {
-        "model": d.model,
+        "model": public_name(d.model),
         "languages": list(d.languages),
         "layer": d.layer,
         "position": d.position,
@@ -151,6 +151,9 @@ def orthogonalize_by_language(
     )
     from .atomic import scratch_dir
 
+    # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
+    if isinstance(result.direction.meta.get("prompts"), str):
+        result.direction.meta["prompts"] = public_name(result.direction.meta["prompts"])
     with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
         direction_path, scores_file = save_direction_result(result, Path(tmp) / DIRECTION_FILE_NAME)
         report = orthogonalize_checkpoint(
