@@ -308,7 +308,7 @@ def orthogonalize_checkpoint(
                     "model": public_name(direction.model),
                     "config_hash": direction.config_hash,
                     **{
-                        k: (public_name(v) if k == "file" else v)
+                        k: (Path(str(v)).name if k == "file" else v)
                         for k, v in direction.meta.items()
                         if k in ("file", "file_sha256", "n_harmful", "n_harmless", "selection")
                     },
