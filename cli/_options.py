@@ -70,6 +70,8 @@ def quiet_libraries(quiet: bool) -> None:
     import warnings
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # bars that libraries draw with tqdm directly (GGUF dequantization)
+    _disable_tqdm()
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     warnings.filterwarnings("ignore")
@@ -88,6 +90,18 @@ def quiet_libraries(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def _disable_tqdm() -> None:
+    """tqdm reads TQDM_DISABLE when it is imported; an already imported tqdm gets the same default here."""
+    import functools
+    import sys
+
+    std = sys.modules.get("tqdm.std")
+    if std is None or getattr(std.tqdm, "_weightedit_quiet", False):
+        return
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)  # type: ignore[method-assign]
+    std.tqdm._weightedit_quiet = True  # type: ignore[attr-defined]
 
 
 def local_inputs(*given: str | Path | None) -> tuple[Path, ...]:

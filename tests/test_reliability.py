@@ -367,19 +367,50 @@ def _edit_index(model: Path, edit) -> None:
     path.write_text(json.dumps(index))
 
 
-def _tiny_gguf(path: Path) -> Path:
-    from gguf import GGUFWriter
+def _tiny_gguf(path: Path, d: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, ff: int = 96) -> Path:
+    """A tiny float32 llama GGUF that transformers can load (random weights, a 64-token vocabulary)."""
+    import numpy as np
+    from gguf import GGUFWriter, TokenType
 
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(128)
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(64)])
-    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.NORMAL] * 61)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), d)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", d)
+        tensor(f"blk.{i}.attn_q.weight", d, d)
+        tensor(f"blk.{i}.attn_k.weight", kv * d // heads, d)
+        tensor(f"blk.{i}.attn_v.weight", kv * d // heads, d)
+        tensor(f"blk.{i}.attn_output.weight", d, d)
+        tensor(f"blk.{i}.ffn_norm.weight", d)
+        tensor(f"blk.{i}.ffn_gate.weight", ff, d)
+        tensor(f"blk.{i}.ffn_up.weight", ff, d)
+        tensor(f"blk.{i}.ffn_down.weight", d, ff)
+    tensor("output_norm.weight", d)
+    tensor("output.weight", len(tokens), d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path
 
 
@@ -819,3 +850,20 @@ def test_demo_refuses_a_folder_that_is_not_its_own(model, tmp_path, monkeypatch)
     code, output = invoke("demo", "--recipe", "tiny-test", "--out", model, "--quiet")
     assert code == 2 and "not a weightedit demo folder" in output, output
     assert folder_hashes(model) == before
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "--json"])
+def test_quiet_silences_the_libraries_progress_bars(tmp_path, flag):
+    """Converting a GGUF draws three progress bars in transformers; --quiet (and --json) must draw none."""
+    gguf = _tiny_gguf(tmp_path / "tiny.gguf")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")}
+    env["WEIGHTEDIT_CACHE"] = str(tmp_path / "cache")
+    command = ["inspect", "--model", gguf, "--json"] if flag == "--json" else None
+    if command is None:
+        direction = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
+        command = ["orthogonalize", "--model", gguf, "--direction", direction, "--out", tmp_path / "o", "--quiet"]
+    proc = subprocess.run(_cli(*command), capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr, proc.stderr  # tqdm's bars
+    if flag == "--json":
+        assert proc.stderr == "", proc.stderr
