@@ -290,10 +290,20 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _age(path: Path, seconds: float = 3600) -> None:
+    """Make ``path`` and its entries look untouched for ``seconds`` (as a temporary of a long-dead run)."""
+    past = time.time() - seconds
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (past, past), follow_symlinks=False)
+
+
 def test_next_run_removes_stale_temporaries_of_dead_runs(model, direction_file, tmp_path):
     stale = tmp_path / f".out{TMP_MARKER}{_dead_pid()}-0123abcd"
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 4096)
+    _age(stale)
+    fresh = tmp_path / f".out{TMP_MARKER}{_dead_pid()}-4567abcd"  # being written, maybe from another host
+    fresh.mkdir()
     unknown = tmp_path / f".out{TMP_MARKER}89abcdef"  # an older weightedit's name: owner unknown
     unknown.mkdir()
     code, output = invoke("orthogonalize", "--model", model, "--direction", direction_file, "--out", tmp_path / "out")
@@ -301,12 +311,14 @@ def test_next_run_removes_stale_temporaries_of_dead_runs(model, direction_file, 
     assert not stale.exists()
     assert f"removed {stale}" in " ".join(output.split())
     assert unknown.exists() and str(unknown) in " ".join(output.split())  # named, not deleted
+    assert fresh.exists() and str(fresh) in " ".join(output.split())
 
 
 def test_next_run_restores_an_output_a_killed_swap_set_aside(previous, model, direction_file, tmp_path):
     out, before = previous
     aside = tmp_path / f".out.weightedit-old-{_dead_pid()}-0123abcd"
     os.rename(out, aside)  # what a SIGKILL between the two renames of a swap leaves
+    _age(aside)
     code, output = invoke("orthogonalize", "--model", model, "--direction", direction_file, "--out", out)
     assert code == 2 and "already exists" in output, output
     assert folder_hashes(out) == before
@@ -750,6 +762,7 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
 
     stale = cache_dir() / "tmp" / f".direction{TMP_MARKER}{_dead_pid()}-0123abcd"
     stale.mkdir(parents=True)
+    _age(stale)
     out = tmp_path / "o"
     args = ["orthogonalize", "--model", model, "--direction-lang", "en", "--prompts", prompts]
     code, output = invoke(*args, "--n-train", 24, "--n-val", 8, "--top-k", 2, "--out", out, "--quiet")

@@ -283,10 +283,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_QUIET_BEFORE_STALE_S = 120.0  # a temporary nobody wrote to for this long is not being written
+
+
+def _recently_modified(path: Path) -> bool:
+    """Whether ``path`` or anything directly inside it changed in the last two minutes."""
+    import time
+
+    limit = time.time() - _QUIET_BEFORE_STALE_S
+    try:
+        if path.lstat().st_mtime > limit:
+            return True
+        if path.is_dir() and not path.is_symlink():
+            return any(child.lstat().st_mtime > limit for child in path.iterdir())
+    except OSError:
+        return False
+    return False
+
+
 def clean_stale_temporaries(parent: Path, name: str) -> tuple[list[Path], list[Path]]:
     """Remove the temporaries an interrupted weightedit run left for output ``name`` in ``parent``.
 
-    A temporary whose process is gone is removed; a previous output that a killed swap had set aside
+    A temporary whose process is gone (and that nobody wrote to for two minutes, in case its owner runs
+    in another PID namespace or on another host) is removed; a previous output that a killed swap had set aside
     (``.<name>.weightedit-old-*``) is moved back to ``<name>`` when ``<name>`` is missing. Temporaries whose
     owner cannot be told (named by an older weightedit, or still running) are left alone and returned so
     that they can be named to the user.
@@ -311,6 +330,9 @@ def clean_stale_temporaries(parent: Path, name: str) -> tuple[list[Path], list[P
         if _pid_alive(int(m["pid"][:-1])):
             if int(m["pid"][:-1]) != os.getpid():
                 kept.append(entry)
+            continue
+        if _recently_modified(entry):
+            kept.append(entry)  # a process of another PID namespace or host may still be writing it
             continue
         if m["marker"] == OLD_MARKER and not os.path.lexists(target) and m["name"] == name:
             with deferred_signals():
