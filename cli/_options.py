@@ -57,7 +57,63 @@ TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow custom modeling code from the model repo.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars, and no progress or warnings from transformers/hub.")
+]
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """With ``--quiet``, also silence transformers' and huggingface_hub's progress bars, logs and warnings."""
+    if not quiet:
+        return
+    import logging
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # bars that libraries draw with tqdm directly (GGUF dequantization)
+    _disable_tqdm()
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "huggingface_hub", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - every supported huggingface_hub has it
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _disable_tqdm() -> None:
+    """tqdm reads TQDM_DISABLE when it is imported; an already imported tqdm gets the same default here."""
+    import functools
+    import sys
+
+    std = sys.modules.get("tqdm.std")
+    if std is None or getattr(std.tqdm, "_weightedit_quiet", False):
+        return
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)  # type: ignore[method-assign]
+    std.tqdm._weightedit_quiet = True  # type: ignore[attr-defined]
+
+
+def local_inputs(*given: str | Path | None) -> tuple[Path, ...]:
+    """The arguments that name existing local paths (checked against ``--out`` before anything is resolved)."""
+    found = []
+    for g in given:
+        if g is None or str(g) == "":
+            continue
+        path = Path(str(g)).expanduser()
+        if path.exists():
+            found.append(path)
+    return tuple(found)
 
 
 def resolve_source(
@@ -71,6 +127,7 @@ def resolve_source(
     """Resolve ``--model`` (with ``--gguf-file``, ``--revision``, ``--token``) to a local checkpoint, once."""
     from weightedit.sources import resolve_model
 
+    quiet_libraries(quiet)
     return resolve_model(model, gguf_file=gguf_file, revision=revision, token=token, progress=not quiet)
 
 
@@ -81,12 +138,20 @@ def epilog(*examples: str) -> str:
 
 
 def handle_errors(func: F) -> F:
-    """Turn known errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turn known errors into one line on stderr and exit code 2; Ctrl-C, SIGTERM and SIGHUP into 128 + signal.
+
+    The interrupt message says what is true: which temporary paths are left (if any could not be removed)
+    and which outputs were already complete when the signal came.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from weightedit import atomic
+
+        atomic.reset_state()
         try:
-            return func(*args, **kwargs)
+            with atomic.install_signal_handlers():
+                return func(*args, **kwargs)
         except WeighteditError as e:
             from ._messages import cli_message
 
@@ -94,11 +159,32 @@ def handle_errors(func: F) -> F:
             if os.environ.get("WEIGHTEDIT_DEBUG"):
                 raise
             raise typer.Exit(EXIT_ERROR) from None
-        except KeyboardInterrupt:
-            _fail("interrupted: temporary files were removed and no output was written")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", 2)
+            _fail(_interrupt_message(signum, atomic.leftover_temporaries(), atomic.committed_outputs()))
+            raise typer.Exit(128 + signum) from None
+        except OSError as e:
+            # The environment refused something (permissions, a vanished file): not a bug, one line.
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}: check the path and its permissions")
+            if os.environ.get("WEIGHTEDIT_DEBUG"):
+                raise
+            raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupt_message(signum: int, leftovers: list[Path], committed: list[Path]) -> str:
+    import signal
+
+    name = {signal.SIGINT: "interrupted"}.get(signum, f"interrupted by {signal.Signals(signum).name}")
+    if leftovers:
+        listed = ", ".join(str(p) for p in leftovers[:3])
+        return f"{name}: temporary files could not all be removed: delete {listed}"
+    if committed:
+        done = ", ".join(str(p) for p in committed[:3])
+        return f"{name}: temporary files were removed; already complete and kept: {done}"
+    return f"{name}: temporary files were removed and no output was written"
 
 
 def _fail(message: str) -> None:

@@ -16,6 +16,7 @@ from ._options import (
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
+    OverwriteOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
@@ -23,6 +24,7 @@ from ._options import (
     emit_json,
     epilog,
     handle_errors,
+    local_inputs,
     resolve_source,
 )
 from .direction_cmd import (
@@ -78,15 +80,18 @@ def compare_directions(
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Compute one refusal direction per language and test how well each transfers to the others."""
+    from weightedit.atomic import check_output_path
     from weightedit.crosslingual import compare_directions as run
     from weightedit.crosslingual import save_comparison
     from weightedit.modeling import load_model
     from weightedit.prompts import parse_languages
 
+    check_output_path(out, inputs=local_inputs(model), overwrite=overwrite)
     codes = parse_languages(langs)
     parse_languages(reference)
     if (layer is None) != (position is None):
@@ -106,6 +111,7 @@ def compare_directions(
     )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
+    out = check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     loaded = load_model(
         source,
         dtype=dtype,
@@ -115,7 +121,7 @@ def compare_directions(
         progress=progress,
     )
     result = run(loaded, codes, options, reference=reference, layer=layer, position=position, progress=progress)
-    paths = save_comparison(result, out)
+    paths = save_comparison(result, out, overwrite=overwrite)
     if json_out:
         emit_json({**result.to_json(), "files": {k: str(v) for k, v in paths.items()}})
         return

@@ -17,12 +17,15 @@ from ._options import (
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
+    OverwriteOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
+    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
+    local_inputs,
     resolve_source,
 )
 from .direction_cmd import BatchOpt, ChatTemplateOpt, NTrainOpt, NValOpt, PromptsOpt, TopKOpt, selection_options
@@ -77,16 +80,20 @@ def verify_defence(
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Attack a defended model with its own refusal directions; exit 0 if refusal survives everywhere, 1 if not."""
+    from weightedit.atomic import check_output_path
     from weightedit.defence import DefenceOptions
     from weightedit.defence import verify_defence as run
     from weightedit.evaluation.judges import make_judge
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.prompts import parse_languages
 
+    check_output_path(out, inputs=local_inputs(model), overwrite=overwrite)
     codes = tuple(parse_languages(langs))
     parse_languages(direction_lang)
     make_judge(judge)
@@ -107,6 +114,7 @@ def verify_defence(
         dtype=dtype,
         device_map=device_map,
         chat_template=str(chat_template) if chat_template else None,
+        trust_remote_code=trust_remote_code,
     )
     options = DefenceOptions(
         langs=codes,
@@ -120,7 +128,7 @@ def verify_defence(
     )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
-    report = run(source, out, options, progress=progress)
+    report = run(source, out, options, progress=progress, overwrite=overwrite)
     if json_out:
         emit_json(
             {

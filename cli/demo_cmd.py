@@ -9,7 +9,7 @@ import typer
 
 from weightedit._progress import console
 
-from ._options import QuietOpt, epilog, handle_errors
+from ._options import QuietOpt, epilog, handle_errors, quiet_libraries
 from .direction_cmd import AllowNonRefusingOpt, BatchOpt, CheckGenerationsOpt, PromptsOpt
 from .evaluate_cmd import render_summary
 
@@ -49,6 +49,7 @@ def demo(
     from weightedit.demo import DemoOptions, run_demo
     from weightedit.prompts import parse_languages
 
+    quiet_libraries(quiet)
     options = DemoOptions(
         recipe=recipe,
         out=out,

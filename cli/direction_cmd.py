@@ -24,6 +24,7 @@ from ._options import (
     emit_json,
     epilog,
     handle_errors,
+    local_inputs,
     resolve_source,
 )
 
@@ -199,13 +200,11 @@ def direction(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute the refusal direction (difference of means) and select the best layer and position."""
-    from weightedit.errors import OutputExistsError
-    from weightedit.pipeline import direction_for_model, save_direction_result, scores_payload
+    from weightedit.pipeline import check_direction_output, direction_for_model, save_direction_result, scores_payload
     from weightedit.prompts import parse_languages
 
     parse_languages(lang)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another path")
+    check_direction_output(out, inputs=local_inputs(model), overwrite=overwrite)
     options = selection_options(
         n_train,
         n_val,
@@ -221,6 +220,7 @@ def direction(
         check_generations=check_generations,
     )
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=quiet or json_out)
+    check_direction_output(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     result = direction_for_model(
         source,
         lang,

@@ -16,12 +16,15 @@ from ._options import (
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
+    OverwriteOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
+    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
+    local_inputs,
     resolve_source,
 )
 from .direction_cmd import BatchOpt, ChatTemplateOpt, PromptsOpt
@@ -139,16 +142,23 @@ def evaluate(
         str | None, typer.Option("--baseline-gguf-file", help="GGUF file inside the --baseline folder or Hub repo.")
     ] = None,
     token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the baseline even if cached.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure refusal (harmful), over-refusal (harmless, XSTest) and capability (KL, perplexity, MGSM) per language."""
+    from weightedit.atomic import atomic_output_dir, check_output_path
     from weightedit.evaluation.judges import make_judge
     from weightedit.evaluation.report import evaluate as run
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.prompts import parse_languages
+    from weightedit.sources import public_name
 
+    # Before anything is created or loaded: --out must be a new folder (or --overwrite) outside every input.
+    inputs = local_inputs(model, baseline, comparison)
+    check_output_path(out, inputs=inputs, overwrite=overwrite)
     codes = parse_languages(langs)
     make_judge(judge)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -175,6 +185,7 @@ def evaluate(
         dtype=dtype,
         device_map=device_map,
         chat_template=str(chat_template) if chat_template else None,
+        trust_remote_code=trust_remote_code,
     )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
@@ -185,15 +196,24 @@ def evaluate(
         if baseline
         else None
     )
-    result = run(
-        source,
-        out,
-        options,
-        baseline=base_source,
-        comparison=comparison,
-        use_cache=not no_cache,
-        progress=progress,
+    resolved = (source, base_source) if base_source is not None else (source,)
+    out = check_output_path(
+        out, inputs=(*inputs, *(p for s in resolved for p in (s.folder, *s.inputs))), overwrite=overwrite
     )
+    # The report is built in a temporary sibling and renamed into place once complete.
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        result = run(
+            source,
+            tmp,
+            options,
+            baseline=base_source,
+            comparison=comparison,
+            use_cache=not no_cache,
+            progress=progress,
+            name=public_name(model),
+            baseline_name=public_name(baseline),
+        )
+    result.files = {k: out / Path(v).relative_to(tmp) for k, v in result.files.items()}
     if json_out:
         emit_json({"files": {k: str(v) for k, v in result.files.items()}, "summary": result.data["summary"]})
         return

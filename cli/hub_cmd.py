@@ -16,6 +16,26 @@ ReportOpt = Annotated[
 ]
 
 
+def _check_card_inputs(model: Path, report: Path | None) -> None:
+    """weightedit.json and report.json must be readable JSON objects (one-line errors instead of tracebacks)."""
+    import json
+
+    from weightedit.errors import WeighteditError
+
+    paths = [(model / "weightedit.json", "re-run weightedit orthogonalize")]
+    if report is not None:
+        paths.append((report if report.suffix == ".json" else report / "report.json", "re-run weightedit evaluate"))
+    for path, fix in paths:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise WeighteditError(f"{path} is not valid JSON ({e}): {fix}") from None
+        if not isinstance(data, dict):
+            raise WeighteditError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")
+
+
 def register(app: typer.Typer) -> None:
     app.command(
         "push",
@@ -49,6 +69,7 @@ def push(
     """Upload an edited model with a generated model card (large files go through LFS)."""
     from weightedit.hub import push_model
 
+    _check_card_inputs(model, report)
     result = push_model(
         model,
         repo_id,
@@ -81,5 +102,6 @@ def card(
     """Write the model card (README.md, plus report plots) into the model folder, without pushing."""
     from weightedit.card import write_card
 
+    _check_card_inputs(model, report)
     path = write_card(model, repo_id=repo_id, report=report)
     console.print(f"wrote {path}")

@@ -7,7 +7,17 @@ from rich.table import Table
 
 from weightedit._progress import console
 
-from ._options import GgufFileOpt, JsonOpt, ModelOpt, RevisionOpt, TokenOpt, emit_json, epilog, handle_errors
+from ._options import (
+    GgufFileOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    TokenOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+    quiet_libraries,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +43,7 @@ def inspect(
     from weightedit.orthogonalize import plan_edit
     from weightedit.sources import resolve_model
 
+    quiet_libraries(json_out)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=not json_out)
     plan = plan_edit(Checkpoint.open(source.folder))
     ckpt = plan.checkpoint

@@ -25,6 +25,7 @@ from ._options import (
     emit_json,
     epilog,
     handle_errors,
+    quiet_libraries,
 )
 from .direction_cmd import (
     AllowFailingOpt,
@@ -112,15 +113,17 @@ def orthogonalize(
     from weightedit.orthogonalize import orthogonalize as run
 
     if push_to:
-        from weightedit.hub import resolve_token
+        from weightedit.hub import refuse_offline, resolve_token
 
-        resolve_token(token)  # fail before the long work, not after it
+        refuse_offline()  # fail before the long work, not after it
+        resolve_token(token)
 
     if tied_embeddings not in ("untie", "edit-both"):
         raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
     if (direction is None) == (direction_lang is None):
         raise InvalidDirectionError("pass exactly one of --direction FILE or --direction-lang LANGS")
     progress = not (quiet or json_out)
+    quiet_libraries(not progress)
     if direction_lang is not None:
         from weightedit.pipeline import orthogonalize_by_language
         from weightedit.prompts import parse_languages
@@ -159,7 +162,7 @@ def orthogonalize(
     else:
         assert direction is not None
         d = load_direction(direction)
-        d.meta.setdefault("file", str(direction))
+        d.meta.setdefault("file", direction.name)
         report = run(
             model,
             out,

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from weightedit._progress import console
 
-from ._options import JsonOpt, QuietOpt, emit_json, epilog, handle_errors
+from ._options import JsonOpt, QuietOpt, emit_json, epilog, handle_errors, quiet_libraries
 
 
 def register(app: typer.Typer) -> None:
@@ -71,8 +71,12 @@ def fetch(
 
     if source not in (None, "mirror", "hub"):
         raise typer.BadParameter("must be mirror or hub", param_hint="--source")
+    quiet_libraries(quiet or json_out)
     result = fetch_recipe(name, source=source, progress=not (quiet or json_out))
     if json_out:
         emit_json({"folder": str(result.folder), **result.provenance()})
         return
-    console.print(f"{name}: {result.folder}")
+    # The folder goes to stdout alone, so that `$(weightedit fetch NAME)` is the path.
+    if not quiet:
+        console.print(f"{name} is ready in:", highlight=False)
+    typer.echo(str(result.folder))

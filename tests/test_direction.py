@@ -226,7 +226,10 @@ def test_orthogonalize_by_language_removes_the_planted_refusal(planted, tmp_path
         ],
     )
     assert result.exit_code == 0, result.output
-    assert (out / "refusal_direction.safetensors").exists() and (out / "refusal_direction.scores.json").exists()
+    assert (out / "weightedit" / "refusal_direction.safetensors").exists()
+    assert (out / "weightedit" / "refusal_direction.scores.json").exists()
+    # No weights-like file at the top level: a server loading every *.safetensors would take it for weights.
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in model.glob("*.safetensors"))
     before, after = load_model(model, progress=False), load_model(out, progress=False)
     texts = before.format(planted_prompts(8, True, 99))
     refuse = before.tokenizer.convert_tokens_to_ids("REFUSE")

@@ -303,7 +303,7 @@ def test_baseline_with_another_tokenizer_is_refused(models, tmp_path):
     assert res.exit_code == 2 and "different tokenizer" in res.output, res.output
 
 
-def test_output_folder_not_writable(models, tmp_path):
+def test_output_below_a_file(models, tmp_path):
     base, edited, prompts, _ = models
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -311,7 +311,8 @@ def test_output_folder_not_writable(models, tmp_path):
         app,
         ["evaluate", "--model", str(edited), "--langs", "en", "--prompts", str(prompts), "--out", str(blocker / "sub")],
     )
-    assert res.exit_code == 2 and "not writable" in res.output, res.output
+    assert res.exit_code == 2 and "which is a file, not a folder" in res.output, res.output
+    assert blocker.read_text() == "x"
 
 
 def test_empty_prompt_source(models, tmp_path):

@@ -158,15 +158,23 @@ def read_header(path: Path) -> ShardHeader:
         ) from None
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InvalidCheckpointError(
+            f"{path}: its safetensors __metadata__ is a JSON {type(metadata).__name__}, not an object of strings; "
+            "re-save the file"
+        )
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             dtype = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_whole(s) for s in entry["shape"])
+            start, end = (_whole(o) for o in entry["data_offsets"])
+            if not isinstance(dtype, str) or len(entry["data_offsets"]) != 2:
+                raise ValueError(dtype)
         except (KeyError, TypeError, ValueError):
             raise InvalidCheckpointError(
-                f"{path} has a corrupted header entry for tensor {name!r}: re-download or re-save the checkpoint"
+                f"{path} has a corrupted header entry for tensor {name!r} (shape and offsets must be whole "
+                "numbers): re-download or re-save the checkpoint"
             ) from None
         if dtype not in DTYPES:
             raise InvalidCheckpointError(
@@ -198,6 +206,13 @@ def read_header(path: Path) -> ShardHeader:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise InvalidCheckpointError(f"{path}: safetensors metadata must map strings to strings; re-save the file")
     return ShardHeader(path=path, header_size=n, tensors=tensors, metadata=dict(metadata), file_size=size)
+
+
+def _whole(value: Any) -> int:
+    """A non-negative JSON integer (``32.5``, ``true`` or ``"3"`` are refused, as the safetensors library does)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
 
 
 def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str]) -> bytes:
@@ -255,6 +270,10 @@ class Checkpoint:
             ) from None
         except (OSError, ValueError) as e:
             raise InvalidCheckpointError(f"cannot read {config_path}: {e}; fix or re-download config.json") from None
+        if not isinstance(config, dict):
+            raise InvalidCheckpointError(
+                f"{config_path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json"
+            )
 
         index_path = folder / WEIGHTS_INDEX_NAME
         index = None
@@ -266,6 +285,18 @@ class Checkpoint:
                 raise InvalidCheckpointError(
                     f"{index_path} is not a valid safetensors index: re-download or re-save the checkpoint"
                 ) from None
+            bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+            if bad is not None:
+                raise InvalidCheckpointError(
+                    f"{index_path.name} maps tensor {bad[0]!r} to {bad[1]!r}, not to a shard file name: "
+                    "re-download or re-save the checkpoint"
+                )
+            escaping = next((v for v in weight_map.values() if Path(v).name != v), None)
+            if escaping is not None:
+                raise InvalidCheckpointError(
+                    f"{index_path.name} lists shard {escaping!r}, which is not a file name inside the model folder: "
+                    "re-download or re-save the checkpoint"
+                )
             shard_names = sorted(set(weight_map.values()))
         elif (folder / SINGLE_WEIGHTS_NAME).exists():
             shard_names = [SINGLE_WEIGHTS_NAME]
@@ -297,11 +328,17 @@ class Checkpoint:
                     )
                 seen[tname] = shard.path.name
         if index is not None and seen != weight_map:
-            missing = sorted(set(weight_map) - set(seen))[:3]
+            wrong = sorted(k for k in weight_map if seen.get(k) != weight_map[k])
+            if wrong:
+                name = wrong[0]
+                where = f"it is stored in {seen[name]}" if name in seen else f"{weight_map[name]} does not hold it"
+                raise InvalidCheckpointError(
+                    f"{index_path.name} maps tensor {name!r} to {weight_map[name]}, but {where}"
+                    f"{f' ({len(wrong)} tensors wrong)' if len(wrong) > 1 else ''}: re-download or re-save the checkpoint"
+                )
             extra = sorted(set(seen) - set(weight_map))[:3]
             raise InvalidCheckpointError(
-                f"{index_path.name} does not match the shards (listed but absent: {missing}, present but "
-                f"unlisted: {extra}): re-download or re-save the checkpoint"
+                f"{index_path.name} does not list tensors its shards hold ({extra}): re-download or re-save the checkpoint"
             )
         return cls(folder=folder, config=config, shards=shards, index=index, weight_map=seen)
 

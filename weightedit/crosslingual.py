@@ -26,6 +26,7 @@ from .hooks import ablate_as_edit
 from .modeling import LoadedModel
 from .scoring import RefusalTokens, refusal_scores
 from .selection import SelectionOptions, capture_language, check_refusal, compute_direction, language_data
+from .sources import public_name
 
 __all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
 
@@ -167,7 +168,7 @@ def compare_directions(
     timings["transfer"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     return Comparison(
-        model=loaded.source.given,
+        model=loaded.source.public_name or loaded.source.given,
         langs=list(langs),
         layer=int(layer),
         position=int(position),
@@ -180,19 +181,30 @@ def compare_directions(
             "n_train": options.n_train,
             "n_val": options.n_val,
             "reference": reference,
-            "prompts": options.prompts or "builtin",
+            "prompts": public_name(options.prompts) if options.prompts else "builtin",
         },
         timings=timings,
     )
 
 
-def save_comparison(result: Comparison, out: Path) -> dict[str, Path]:
-    """Write ``comparison.json``, ``directions.safetensors``, ``cosine.png`` and ``transfer.png`` into ``out``."""
+def save_comparison(result: Comparison, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``comparison.json``, ``directions.safetensors``, ``cosine.png`` and ``transfer.png`` as folder ``out``.
+
+    The folder is built aside and renamed into place when complete; an existing ``out`` needs ``overwrite``.
+    """
+    from .atomic import atomic_output_dir
+
+    final = Path(out)
+    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+        paths = _write_comparison(result, tmp)
+    return {k: final / v.name for k, v in paths.items()}
+
+
+def _write_comparison(result: Comparison, out: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     from .evaluation.plots import heatmap
 
-    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / "comparison.json",
         "directions": out / "directions.safetensors",

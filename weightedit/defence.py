@@ -13,13 +13,13 @@ import dataclasses
 import gc
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import atomic_output_dir, check_output_path, scratch_dir
 from .direction import Direction
 from .evaluation.plots import grouped_bars
 from .evaluation.report import primary_refusal
@@ -91,6 +91,7 @@ def _attack_directions(source: ModelSource, options: DefenceOptions, progress: b
         dtype=options.evaluation.dtype,
         device_map=options.evaluation.device_map,
         chat_template=options.evaluation.chat_template,
+        trust_remote_code=options.evaluation.trust_remote_code,
         progress=progress,
     )
     try:
@@ -136,12 +137,18 @@ def _attack_directions(source: ModelSource, options: DefenceOptions, progress: b
 
 
 def verify_defence(
-    model: str | ModelSource, out: Path, options: DefenceOptions, *, progress: bool = True
+    model: str | ModelSource, out: Path, options: DefenceOptions, *, progress: bool = True, overwrite: bool = False
 ) -> DefenceReport:
-    """Attack ``model`` with its own refusal directions and report, per language, whether refusal survives."""
+    """Attack ``model`` with its own refusal directions and report, per language, whether refusal survives.
+
+    ``out`` is checked before any work starts (a new folder outside the model, or ``overwrite``) and written
+    atomically at the end.
+    """
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    local = Path(str(model.folder if isinstance(model, ModelSource) else model)).expanduser()
+    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
+    out = check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     eval_options = EvalOptions(**{**options.evaluation.__dict__, "langs": tuple(options.langs)})
     before = measure_model(source, eval_options, keep_logprobs=True, progress=progress, label="defended model")
     base_rates = _rates(before, eval_options.judge)
@@ -153,10 +160,9 @@ def verify_defence(
         directions = _attack_directions(source, options, progress)
         timings["directions"] = time.perf_counter() - t
         scratch = cache_dir() / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
         for attack, direction in directions:
             t = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="defence-", dir=scratch) as tmp:
+            with scratch_dir(scratch, "defence") as tmp:
                 edited = orthogonalize_checkpoint(source, Path(tmp) / "attacked", direction, progress=False)
                 run = measure_model(
                     str(edited.out),
@@ -200,7 +206,7 @@ def verify_defence(
         "schema": SCHEMA,
         "weightedit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": source.given,
+        "model": source.public_name,
         "options": {
             "direction_lang": options.direction_lang,
             "per_language": options.per_language,
@@ -216,7 +222,9 @@ def verify_defence(
         "attacks": [a.__dict__ for a in attacks],
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    files = _write(data, out)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        files = _write(data, tmp)
+    files = {k: out / v.name for k, v in files.items()}
     return DefenceReport(data=data, files=files)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._progress import console
+from .atomic import atomic_output_dir
 from .direction import load_direction
 from .evaluation.report import evaluate
 from .evaluation.runner import EvalOptions
@@ -53,17 +54,49 @@ class DemoResult:
     reused: list[str] = field(default_factory=list)
 
 
+# What a demo folder holds; an existing --out with anything else in it is not the demo's to reuse.
+_DEMO_ENTRIES = {"refusal_direction.safetensors", "refusal_direction.scores.json", "model", "report"}
+
+
+def _check_demo_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """The demo writes into (and reuses) its own folder only: refuse a model folder or anyone else's folder."""
+    from .atomic import check_output_path
+    from .errors import OutputExistsError
+
+    check_output_path(out, inputs=inputs, overwrite=True)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _DEMO_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            raise OutputExistsError(
+                f"--out {out} already exists and is not a weightedit demo folder (it holds {foreign[0]}): "
+                "choose a new or empty folder"
+            )
+
+
 def run_demo(options: DemoOptions) -> DemoResult:
     timings: dict[str, float] = {}
     reused: list[str] = []
     out = options.out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _check_demo_out(out)
     recipe = options.recipe or demo_recipe().name
 
     t = time.perf_counter()
     console.rule(f"1/4 fetching recipe:{recipe}")
     source = fetch_recipe(recipe, progress=options.progress)
     timings["fetch"] = time.perf_counter() - t
+    _check_demo_out(out, inputs=(source.folder, *source.inputs))
+    created = not out.exists()
+    try:
+        return _run_stages(options, out, recipe, source, timings, reused)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing of the failed run is left behind
+        raise
+
+
+def _run_stages(
+    options: DemoOptions, out: Path, recipe: str, source: Any, timings: dict[str, float], reused: list[str]
+) -> DemoResult:
 
     t = time.perf_counter()
     console.rule(f"2/4 refusal direction from built-in {options.direction_lang} prompts")
@@ -122,25 +155,27 @@ def run_demo(options: DemoOptions) -> DemoResult:
         generate=options.generate,
         batch_size=options.batch_size,
     )
-    report = evaluate(
-        str(edited),
-        out / "report",
-        eval_options,
-        baseline=str(source.folder),
-        progress=options.progress,
-        name=f"{recipe}, {options.direction_lang} direction removed",
-        baseline_name=recipe,
-    )
-    eval_load_s = sum(report.data["timings_s"].get(k, 0.0) for k in ("baseline_load", "edited_load"))
-    timings["evaluate"] = time.perf_counter() - t - eval_load_s
-    timings["load"] = load_s + eval_load_s
-    timings = {k: timings[k] for k in ("fetch", "load", "direction", "edit", "evaluate")}
-    if report.data["cache"]["baseline_languages_from_cache"]:
-        reused.append("baseline")
-    report.data["demo"] = {
-        "recipe": recipe,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "reused": reused,
-    }
-    (out / "report" / "demo.json").write_text(json.dumps(report.data["demo"], indent=2) + "\n")
+    with atomic_output_dir(out / "report", overwrite=True) as tmp:
+        report = evaluate(
+            str(edited),
+            tmp,
+            eval_options,
+            baseline=str(source.folder),
+            progress=options.progress,
+            name=f"{recipe}, {options.direction_lang} direction removed",
+            baseline_name=recipe,
+        )
+        eval_load_s = sum(report.data["timings_s"].get(k, 0.0) for k in ("baseline_load", "edited_load"))
+        timings["evaluate"] = time.perf_counter() - t - eval_load_s
+        timings["load"] = load_s + eval_load_s
+        timings = {k: timings[k] for k in ("fetch", "load", "direction", "edit", "evaluate")}
+        if report.data["cache"]["baseline_languages_from_cache"]:
+            reused.append("baseline")
+        report.data["demo"] = {
+            "recipe": recipe,
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "reused": reused,
+        }
+        (tmp / "demo.json").write_text(json.dumps(report.data["demo"], indent=2) + "\n")
+    report.files = {k: out / "report" / v.name for k, v in report.files.items()}
     return DemoResult(out=out, report=report.data, files=report.files, timings=timings, reused=reused)

@@ -130,6 +130,7 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
     from safetensors.torch import save_file
 
     from . import __version__
+    from .sources import public_name
 
     path = Path(path)
     tensors = {"direction": direction.vector.detach().to("cpu", torch.float32).contiguous()}
@@ -142,18 +143,14 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
         "layer": "" if direction.layer is None else str(direction.layer),
         "position": "" if direction.position is None else str(direction.position),
         "languages": ",".join(direction.languages),
-        "model": direction.model or "",
+        "model": public_name(direction.model) or "",
         "config_hash": direction.config_hash or "",
         "meta": json.dumps(direction.meta, sort_keys=True, default=str),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.incomplete")
-    try:
+    from .atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -164,10 +161,19 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         InvalidDirectionError: the file is missing, unreadable, or holds no single vector.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InvalidDirectionError(f"direction file {path} does not exist: compute one with `weightedit direction`")
+    if path.is_dir():
+        raise InvalidDirectionError(
+            f"direction file {path} is a folder: pass the .safetensors file inside it "
+            "(e.g. weightedit/refusal_direction.safetensors)"
+        )
+    if not path.is_file():
+        raise InvalidDirectionError(
+            f"direction file {path} is not a regular file (a pipe or device): pass a .safetensors file"
+        )
     meta: dict[str, str] = {}
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Any]
     try:
         if path.suffix == ".npy":
             import numpy as np
@@ -183,7 +189,9 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as e:  # the readers raise many unrelated types for a bad file
-        raise InvalidDirectionError(f"cannot read direction file {path}: {e}") from None
+        raise InvalidDirectionError(
+            f"cannot read direction file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if "direction" in tensors:
         vector = tensors["direction"]
     elif len(tensors) == 1:
@@ -192,11 +200,39 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         raise InvalidDirectionError(
             f"{path} holds {len(tensors)} tensors and none is named 'direction': save the vector as 'direction'"
         )
-    vector = (
-        vector.to(torch.float32).reshape(-1) if vector.dim() == 2 and vector.shape[0] == 1 else vector.to(torch.float32)
-    )
+    if not isinstance(vector, torch.Tensor):
+        raise InvalidDirectionError(
+            f"{path} holds a {type(vector).__name__}, not a tensor: save the direction as a float tensor"
+        )
+    if vector.is_complex() or not vector.is_floating_point():
+        raise InvalidDirectionError(
+            f"{path}: the direction has dtype {str(vector.dtype).replace('torch.', '')}; a direction is a "
+            "floating-point vector (float32, float16, bfloat16 or float64)"
+        )
+    if vector.dim() == 2 and vector.shape[0] == 1:
+        vector = vector.reshape(-1)
     if vector.dim() != 1:
         raise InvalidDirectionError(f"{path}: the direction must be a vector, got shape {list(vector.shape)}")
+    wide = vector.double()
+    vector = vector.to(torch.float32)
+    if bool(torch.isfinite(wide).all()) and not bool(torch.isfinite(vector).all()):
+        # Only the direction matters: scale a vector whose values overflow float32 into range first.
+        peak = float(wide.abs().max())
+        vector = (wide / peak).to(torch.float32)
+    if meta and not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidDirectionError(f"{path}: its metadata is not string-to-string: re-save the direction file")
+    extra: Any = {}
+    if meta.get("meta"):
+        try:
+            extra = json.loads(meta["meta"])
+        except ValueError as e:
+            raise InvalidDirectionError(
+                f"{path}: its 'meta' metadata is not valid JSON ({e}): re-save the direction file"
+            ) from None
+        if not isinstance(extra, dict):
+            raise InvalidDirectionError(
+                f"{path}: its 'meta' metadata is a JSON {type(extra).__name__}, not an object: re-save the direction file"
+            )
 
     def _int(key: str) -> int | None:
         value = meta.get(key, "")
@@ -209,8 +245,8 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         languages=tuple(x for x in meta.get("languages", "").split(",") if x),
         model=meta.get("model") or None,
         config_hash=meta.get("config_hash") or None,
-        candidates=tensors.get("candidates"),
-        meta=json.loads(meta["meta"]) if meta.get("meta") else {},
+        candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
+        meta=extra,
     )
 
 

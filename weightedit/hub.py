@@ -18,7 +18,7 @@ from typing import Any
 from .card import REPORT_DIR_IN_MODEL, build_card, find_report
 from .errors import HubError, WeighteditError
 
-__all__ = ["PushResult", "push_model", "resolve_token"]
+__all__ = ["PushResult", "push_model", "resolve_token", "refuse_offline"]
 
 _RETRIES = 3
 _RETRY_DELAY_S = 1.0  # before the second attempt; doubled before each later one
@@ -41,6 +41,17 @@ def resolve_token(token: str | None) -> str:
     if not value:
         raise HubError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`")
     return value
+
+
+def refuse_offline() -> None:
+    """``HF_HUB_OFFLINE=1`` forbids every Hub request: say so at once instead of retrying a request that cannot go out."""
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        raise HubError(
+            "offline mode is on (HF_HUB_OFFLINE=1), so nothing can be pushed: unset HF_HUB_OFFLINE to push; "
+            "nothing local was changed"
+        )
 
 
 def _status(err: Exception) -> int | None:
@@ -181,6 +192,7 @@ def push_model(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    refuse_offline()
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise WeighteditError(

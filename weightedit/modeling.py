@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import ChatTemplateError, WeighteditError
+from .errors import ChatTemplateError, ModelNotFoundError, WeighteditError
 from .sources import ModelSource, resolve_model
 
 __all__ = ["LoadedModel", "load_model", "resolve_dtype", "format_chat", "post_instruction_length", "batches", "Batch"]
@@ -113,7 +113,7 @@ def load_model(
     )
     device = _default_device(device_map)
     torch_dtype = resolve_dtype(dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code=trust_remote_code)
     template = None
     if chat_template is not None:
         path = Path(chat_template)
@@ -148,6 +148,26 @@ def load_model(
     )
     loaded.n_post = post_instruction_length(tokenizer, template)
     return loaded
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _load_tokenizer(auto: Any, source: ModelSource, *, trust_remote_code: bool) -> Any:
+    """The model's tokenizer, or a one-line error when its folder has none (or transformers cannot read it)."""
+    folder = Path(source.folder)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise ModelNotFoundError(
+            f"{source.public_name} has no tokenizer files (tokenizer.json or tokenizer_config.json): copy them "
+            "from the model it was made from into its folder"
+        )
+    try:
+        return auto.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelNotFoundError(
+            f"transformers cannot load the tokenizer of {source.public_name} ({first}): check its tokenizer files"
+        ) from None
 
 
 def _prefix_caching_safe(config: Any) -> bool:

@@ -41,7 +41,7 @@ from .checkpoint import (
 from .direction import Direction, check_selection
 from .edit import BlockStats, effective_direction, noise_floor, project_out_, project_rows_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
-from .sources import ModelSource, resolve_model
+from .sources import ModelSource, public_name, resolve_model
 
 __all__ = [
     "EditReport",
@@ -170,7 +170,7 @@ def orthogonalize(
     """
     out_path = Path(out).expanduser()
     local = Path(str(model)).expanduser()
-    early_inputs = (local,) if local.exists() else ()
+    early_inputs = (local,) if str(model) and local.exists() else ()
     check_output_path(out_path, inputs=early_inputs, overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     return orthogonalize_checkpoint(
@@ -273,7 +273,7 @@ def orthogonalize_checkpoint(
                 shard_meta = {
                     "weightedit_version": __version__,
                     "weightedit_direction_sha256": direction.sha256(),
-                    "weightedit_source": source.given,
+                    "weightedit_source": source.public_name,
                 }
                 for shard in checkpoint.shards:
                     extras: list[tuple[str, ShardHeader, TensorInfo]] = []
@@ -300,6 +300,7 @@ def orthogonalize_checkpoint(
             stale_tie = plan.embedding is not None and not plan.tied and _config_ties(checkpoint.config)
             _copy_side_files(checkpoint.folder, tmp, untie=untie or stale_tie)
             for name, path in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp / name)
             verification = _verify(checkpoint, tmp, plan, stats_total, untie=untie)
             input_hashes = hasher.result()
@@ -318,17 +319,17 @@ def orthogonalize_checkpoint(
                     "layer": direction.layer,
                     "position": direction.position,
                     "languages": list(direction.languages),
-                    "model": direction.model,
+                    "model": public_name(direction.model),
                     "config_hash": direction.config_hash,
                     **{
-                        k: v
+                        k: (Path(str(v)).name if k == "file" else v)
                         for k, v in direction.meta.items()
                         if k in ("file", "file_sha256", "n_harmful", "n_harmless", "selection")
                     },
                 },
                 "options": {
                     "tied_embeddings": tied_embeddings if plan.tied else None,
-                    "allow_model_mismatch": allow_model_mismatch,
+                    "allow_model_mismatch": bool(allow_model_mismatch),
                     "allow_failing_filters": allow_failing_filters,
                 },
                 "edited_groups": plan.groups(),
@@ -502,10 +503,12 @@ def _write_index(checkpoint: Checkpoint, tmp: Path, *, lm_head: str | None, embe
         return
     index = json.loads(json.dumps(checkpoint.index))
     weight_map = dict(index["weight_map"])
+    meta = dict(index.get("metadata") or {})
     if lm_head and embedding:
         weight_map[lm_head] = weight_map[embedding]
+        if isinstance(meta.get("total_parameters"), int):
+            meta["total_parameters"] += checkpoint.find(embedding)[1].numel
     index["weight_map"] = dict(sorted(weight_map.items()))
-    meta = dict(index.get("metadata") or {})
     headers = [read_header(tmp / name) for name in sorted(set(weight_map.values()))]
     meta["total_size"] = sum(h.file_size - h.data_start for h in headers)
     index["metadata"] = meta
@@ -528,14 +531,29 @@ def _copy_side_files(src: Path, tmp: Path, *, untie: bool) -> None:
             or item.name.startswith(".")
         ):
             continue
-        if item.name == "config.json" and untie:
-            config = json.loads(item.read_text(encoding="utf-8"))
-            config["tie_word_embeddings"] = False
-            if isinstance(config.get("text_config"), dict):
-                config["text_config"]["tie_word_embeddings"] = False
-            (tmp / item.name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            continue
-        shutil.copy2(item, tmp / item.name)
+        try:
+            _copy_side_file(item, tmp, untie=untie)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR) and not _is_under(e.filename, tmp):
+                raise InvalidCheckpointError(
+                    f"cannot read {item} ({e.strerror}): make it readable (chmod u+r) or move it out of the model folder"
+                ) from None
+            raise
+
+
+def _is_under(filename: Any, folder: Path) -> bool:
+    return filename is not None and str(filename).startswith(str(folder))
+
+
+def _copy_side_file(item: Path, tmp: Path, *, untie: bool) -> None:
+    if item.name == "config.json" and untie:
+        config = json.loads(item.read_text(encoding="utf-8"))
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+        (tmp / item.name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return
+    shutil.copy2(item, tmp / item.name)
 
 
 def _verify(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,21 @@ from .direction import save_direction
 from .modeling import load_model
 from .prompts import parse_languages
 from .selection import DirectionResult, SelectionOptions, compute_direction
-from .sources import ModelSource, cache_dir, resolve_model
+from .sources import ModelSource, cache_dir, public_name, resolve_model
 
-__all__ = ["direction_for_model", "scores_payload", "orthogonalize_by_language", "DIRECTION_FILE_NAME"]
+__all__ = [
+    "direction_for_model",
+    "scores_payload",
+    "orthogonalize_by_language",
+    "check_direction_output",
+    "DIRECTION_FILE_NAME",
+    "DIRECTION_SUBFOLDER",
+]
 
 DIRECTION_FILE_NAME = "refusal_direction.safetensors"
+# Inside an output model folder the direction goes to a subfolder: a serving stack such as vLLM loads every
+# top-level *.safetensors of a folder without an index as weights.
+DIRECTION_SUBFOLDER = "weightedit"
 
 
 def direction_for_model(
@@ -61,7 +70,7 @@ def scores_payload(result: DirectionResult) -> dict[str, Any]:
     """Everything the selection measured, for ``<direction>.scores.json``."""
     d = result.direction
     return {
-        "model": d.model,
+        "model": public_name(d.model),
         "languages": list(d.languages),
         "layer": d.layer,
         "position": d.position,
@@ -76,11 +85,32 @@ def scores_payload(result: DirectionResult) -> dict[str, Any]:
     }
 
 
+def scores_path(path: Path) -> Path:
+    """``<name>.scores.json`` beside the direction file ``<name>.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".scores.json")
+
+
+def check_direction_output(path: Path, *, inputs: tuple[Path, ...] = (), overwrite: bool = False) -> Path:
+    """Validate a direction file path and its scores file before any work starts.
+
+    Raises:
+        UnsafeOutputError: the path is inside (or over) an input model, or below a file.
+        OutputExistsError: either file exists and ``overwrite`` is false, or the path is a folder.
+    """
+    from .atomic import check_output_file
+
+    out = check_output_file(path, inputs=inputs, overwrite=overwrite)
+    check_output_file(scores_path(out), inputs=inputs, overwrite=overwrite, option="scores file")
+    return out
+
+
 def save_direction_result(result: DirectionResult, path: Path) -> tuple[Path, Path]:
-    """Write the direction file and its ``.scores.json`` beside it."""
+    """Write the direction file and its ``.scores.json`` beside it (each atomically)."""
+    from .atomic import write_text_atomic
+
+    scores = write_text_atomic(scores_path(path), json.dumps(scores_payload(result), indent=2, default=str) + "\n")
     path = save_direction(result.direction, path)
-    scores = path.with_name(path.name.removesuffix(".safetensors") + ".scores.json")
-    scores.write_text(json.dumps(scores_payload(result), indent=2, default=str) + "\n", encoding="utf-8")
     return path, scores
 
 
@@ -109,7 +139,7 @@ def orthogonalize_by_language(
     from .orthogonalize import orthogonalize_checkpoint
 
     local = Path(str(model)).expanduser()
-    check_output_path(out, inputs=(local,) if local.exists() else (), overwrite=overwrite)
+    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     result = direction_for_model(
@@ -122,10 +152,13 @@ def orthogonalize_by_language(
         chat_template=chat_template,
         progress=progress,
     )
-    scratch = cache_dir() / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        direction_path, scores_path = save_direction_result(result, Path(tmp) / DIRECTION_FILE_NAME)
+    from .atomic import scratch_dir
+
+    # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
+    if isinstance(result.direction.meta.get("prompts"), str):
+        result.direction.meta["prompts"] = public_name(result.direction.meta["prompts"])
+    with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
+        direction_path, scores_file = save_direction_result(result, Path(tmp) / DIRECTION_FILE_NAME)
         report = orthogonalize_checkpoint(
             source,
             out,
@@ -134,6 +167,9 @@ def orthogonalize_by_language(
             overwrite=overwrite,
             allow_failing_filters=options.allow_failing_filters if options else False,
             progress=progress,
-            extra_files={direction_path.name: direction_path, scores_path.name: scores_path},
+            extra_files={
+                f"{DIRECTION_SUBFOLDER}/{direction_path.name}": direction_path,
+                f"{DIRECTION_SUBFOLDER}/{scores_file.name}": scores_file,
+            },
         )
     return result, report

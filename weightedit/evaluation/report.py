@@ -14,7 +14,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EvaluationError, WeighteditError
 from ..prompts import LANGUAGE_NAMES
-from ..sources import ModelSource, resolve_model
+from ..sources import ModelSource, public_name, resolve_model
 from .judges import Calibration, calibrate, make_judge
 from .plots import grouped_bars, heatmap
 from .runner import EvalOptions, LanguageRun, ModelRun, judge_runs, load_eval_data, measure_model
@@ -255,14 +255,14 @@ def build_report(
             "edited": {
                 "id": display_name(edited.model),
                 "fingerprint": edited.fingerprint,
-                "folder": display_name(edited.folder),
+                "folder": public_name(edited.folder),
             },
             "baseline": None
             if baseline is None
             else {
                 "id": display_name(baseline.model),
                 "fingerprint": baseline.fingerprint,
-                "folder": display_name(baseline.folder),
+                "folder": public_name(baseline.folder),
             },
         },
         "options": {

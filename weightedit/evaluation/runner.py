@@ -59,11 +59,12 @@ class EvalOptions:
     device_map: str | None = None
     chat_template: str | None = None  # Jinja file for a tokenizer without a chat template
     seed: int = 0
+    trust_remote_code: bool = False  # allow the model repo's own modeling code (how it loads, not what is measured)
 
     def key(self) -> dict[str, Any]:
         """The options that change what is measured (not how fast)."""
         d = asdict(self)
-        for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge"):
+        for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge", "trust_remote_code"):
             d.pop(k)
         if self.chat_template:  # the template's text, not its path, changes what is measured
             d["chat_template"] = hashlib.sha256(Path(self.chat_template).read_bytes()).hexdigest()[:16]
@@ -255,6 +256,7 @@ def measure_model(
             dtype=options.dtype,
             device_map=options.device_map,
             chat_template=options.chat_template,
+            trust_remote_code=options.trust_remote_code,
             progress=progress,
         )
         seconds["load"] = time.perf_counter() - t
@@ -412,9 +414,10 @@ def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
     payload["tokens"] = run.tokens.to_dict()
     if keep_logprobs and run.harmless_logprobs is not None:
         payload["harmless_logprobs"] = run.harmless_logprobs
-    tmp = path.with_name(path.name + ".incomplete")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    from ..atomic import atomic_file
+
+    with atomic_file(path, record=False) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_run(path: Path) -> LanguageRun:
