@@ -112,7 +112,7 @@ def test_a_local_base_model_path_is_not_shown(model, tmp_path):
     ("target", "content", "message"),
     [
         ("weightedit.json", "{not json", "weightedit.json is not valid JSON"),
-        ("weightedit.json", "[1, 2]", "is not a weightedit provenance record"),
+        ("weightedit.json", "[1, 2]", "holds a JSON list, not an object"),
         ("report.json", "{not json", "report.json is not valid JSON"),
         ("report.json", '{"schema": "other/1"}', "is not a weightedit evaluation report"),
         ("report.json", '{"schema": "weightedit.evaluate/2", "languages": {}}', "has no languages"),

@@ -309,7 +309,8 @@ def orthogonalize_checkpoint(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": {
                     **source.provenance(),
-                    "license": source.details.get("license") or _input_license(checkpoint.folder),
+                    "license": source.details.get("license") or _input_card(checkpoint.folder).get("license"),
+                    "language": source.details.get("language") or _input_card(checkpoint.folder).get("language"),
                 },
                 "input_shards": input_hashes,
                 "model_type": plan.spec.model_type,
@@ -590,22 +591,21 @@ def _verify(
     }
 
 
-def _input_license(folder: Path) -> str | None:
-    """The ``license`` of the input's model card front matter, if it has one (the edit inherits it)."""
+def _input_card(folder: Path) -> dict[str, Any]:
+    """The front matter of the input's model card (its ``license`` and ``language`` carry over to the edit)."""
     card = folder / "README.md"
     if not card.is_file():
-        return None
+        return {}
     try:
         import yaml
 
         text = card.read_text(encoding="utf-8")
         if text.startswith("---"):
             front = yaml.safe_load(text.split("---", 2)[1]) or {}
-            value = front.get("license")
-            return str(value) if value else None
+            return front if isinstance(front, dict) else {}
     except (OSError, ValueError, IndexError, yaml.YAMLError):
-        return None
-    return None
+        return {}
+    return {}
 
 
 def _existing_ancestor(path: Path) -> Path:

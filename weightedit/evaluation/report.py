@@ -253,14 +253,14 @@ def build_report(
         # Local paths appear by their last part only: the report is published with the model card.
         "models": {
             "edited": {
-                "id": display_name(edited.model),
+                "id": public_name(edited.model),
                 "fingerprint": edited.fingerprint,
                 "folder": public_name(edited.folder),
             },
             "baseline": None
             if baseline is None
             else {
-                "id": display_name(baseline.model),
+                "id": public_name(baseline.model),
                 "fingerprint": baseline.fingerprint,
                 "folder": public_name(baseline.folder),
             },
