@@ -21,10 +21,11 @@ import weightedit._writer as writer
 import weightedit.orthogonalize as ortho
 from weightedit.checkpoint import read_header
 from weightedit.direction import Direction, save_direction
+from weightedit.edit import noise_floor, project_columns_, project_columns_streamed, project_out_, unit_direction
 from weightedit.errors import InvalidCheckpointError, WriteFailedError
 from weightedit.orthogonalize import orthogonalize_checkpoint
 
-from helpers import folder_hashes
+from helpers import folder_hashes, load_tensors
 from tiny_models import random_direction
 
 SMALL_BLOCK = 4096  # bytes: splits every embedding into many row blocks, so the pipeline has many spans
@@ -56,14 +57,14 @@ def test_block_size_does_not_change_the_output(reference, tmp_path):
 
 def test_short_writes_are_continued(reference, tmp_path, monkeypatch):
     src, expected = reference
-    real = os.write
+    real = os.pwrite
     calls = []
 
-    def short_write(fd, data):
+    def short_write(fd, data, offset):
         calls.append(len(data))
-        return real(fd, memoryview(data)[: max(1, len(data) // 3)])
+        return real(fd, memoryview(data)[: max(1, len(data) // 3)], offset)
 
-    monkeypatch.setattr(writer, "_os_write", short_write)
+    monkeypatch.setattr(writer, "_os_pwrite", short_write)
     out = orthogonalize_checkpoint(src, tmp_path / "out", random_direction(), progress=False, block_bytes=SMALL_BLOCK)
     assert len(calls) > 20
     assert _shard_bytes(out.out) == expected
@@ -87,24 +88,29 @@ def test_copy_fallbacks_give_the_same_output(fallback, reference, tmp_path, monk
     assert _shard_bytes(out.out) == expected
 
 
-@pytest.mark.parametrize("failing_call", [3, 12])
-def test_write_failure_in_the_pipeline_leaves_no_output(failing_call, tiny_checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("nth_data_write", [0, 1, 8])
+def test_write_failure_in_the_pipeline_leaves_no_output(nth_data_write, tiny_checkpoints, tmp_path, monkeypatch):
+    """The n-th write after the headers fails (the headers are written first, one per shard)."""
     src = tiny_checkpoints("llama")
     before = folder_hashes(src)
-    real = os.write
+    failing_call = len(list(src.glob("*.safetensors"))) + nth_data_write
+    real = os.pwrite
     calls = []
+    lock = threading.Lock()
 
-    def failing_write(fd, data):
-        calls.append(1)
-        if len(calls) == failing_call:
+    def failing_write(fd, data, offset):
+        with lock:  # both lanes write
+            calls.append(1)
+            fail = len(calls) == failing_call
+        if fail:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(writer, "_os_write", failing_write)
+    monkeypatch.setattr(writer, "_os_pwrite", failing_write)
     out = tmp_path / "out"
     with pytest.raises(WriteFailedError, match="not enough disk space"):
         orthogonalize_checkpoint(src, out, random_direction(), progress=False, block_bytes=SMALL_BLOCK)
-    assert len(calls) == failing_call
+    assert len(calls) >= failing_call
     _no_leftovers(out)
     assert folder_hashes(src) == before
 
@@ -123,7 +129,7 @@ def test_failure_in_the_edit_lane_leaves_no_output(tiny_checkpoints, tmp_path, m
 
 
 def test_write_that_makes_no_progress_is_a_full_disk(tiny_checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(writer, "_os_write", lambda fd, data: 0)
+    monkeypatch.setattr(writer, "_os_pwrite", lambda fd, data, offset: 0)
     out = tmp_path / "out"
     with pytest.raises(WriteFailedError, match="not enough disk space"):
         orthogonalize_checkpoint(tiny_checkpoints("llama"), out, random_direction(), progress=False)
@@ -306,3 +312,75 @@ def test_every_output_file_and_the_parent_are_flushed(tiny_checkpoints, tmp_path
     assert {"config.json", "model.safetensors.index.json", "weightedit.json"} <= files
     assert files <= before, files - before
     assert str(out.parent) in after
+
+
+def test_streamed_columns_match_the_in_memory_edit_including_a_second_pass():
+    """Columns almost parallel to u need a second update pass, which starts from the rows written first."""
+    g = torch.Generator().manual_seed(0)
+    d, m = 64, 32
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    matrix = (u[:, None] * 1e3 + torch.randn(d, m, generator=g) * 1e-3).contiguous()
+    floor = noise_floor(torch.float32, d)
+    src, dst = matrix.clone(), torch.full_like(matrix, float("nan"))
+    passes: list[bool] = []
+
+    def read(i0, i1, updated):
+        passes.append(updated)
+        return (dst if updated else src)[i0:i1].clone()  # a copy, as a read from a file is
+
+    def write(i0, rows):
+        dst[i0 : i0 + rows.shape[0]] = rows
+
+    streamed = project_columns_streamed(d, m, torch.float32, u, floor, read=read, write=write, block_elems=256)
+    in_memory = matrix.clone()
+    reference = project_columns_(in_memory, u, floor, block_elems=256)
+    assert True in passes, "the second pass did not run: the test lost its point"
+    assert torch.equal(dst, in_memory)
+    assert streamed == reference
+    assert torch.equal(src, matrix)
+
+
+def test_second_pass_in_the_writer_reads_back_what_it_wrote(tmp_path, monkeypatch):
+    """End to end: writers almost parallel to the direction come out as the in-memory edit makes them."""
+    real_read = writer.read_into
+    read_from: list[str] = []
+
+    def recording_read(fd, view, offset, path):
+        read_from.append(path.parent.name)
+        return real_read(fd, view, offset, path)
+
+    monkeypatch.setattr(writer, "read_into", recording_read)
+    src = tmp_path / "model"
+    src.mkdir()
+    d, ff, vocab = 64, 128, 256
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": d,
+        "intermediate_size": ff,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+    }
+    (src / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(3)
+    r = unit_direction(torch.randn(d, generator=g), d)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, d, generator=g),
+        "lm_head.weight": torch.randn(vocab, d, generator=g),
+        "model.layers.0.self_attn.o_proj.weight": r[:, None] * 1e3 + torch.randn(d, d, generator=g) * 1e-3,
+        "model.layers.0.mlp.down_proj.weight": r[:, None] * 1e3 + torch.randn(d, ff, generator=g) * 1e-3,
+        "model.norm.weight": torch.ones(d),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(src / "model.safetensors"))
+    report = orthogonalize_checkpoint(src, tmp_path / "out", r, progress=False)
+    assert any(".weightedit-tmp-" in name for name in read_from), "no second pass read back the output"
+    after = load_tensors(report.out)
+    floor = noise_floor(torch.float32, d)
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        expected = tensors[name].clone().contiguous()
+        project_out_(expected, r, 0, floor=floor)
+        assert torch.equal(after[name], expected), name

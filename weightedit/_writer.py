@@ -1,23 +1,25 @@
-"""The streaming shard writer: a bounded read → edit → write pipeline over the input's byte ranges.
+"""The streaming shard writer: two lanes that fill each output shard at known offsets.
 
 Each output shard is described by a :class:`ShardJob`: its header and, in file order, the byte ranges of
-the input that are copied unchanged (:class:`CopySpan`) or edited (:class:`EditSpan`, one block of rows or
-one whole writer tensor). Two lanes run at once:
+the input that are copied unchanged (:class:`CopySpan`) or edited (:class:`EditSpan`: a block of rows, one
+``[d, m]`` matrix, or a small whole tensor). Every span's place in the output is known from the header, so
+the output files are created with their headers first and two lanes (the calling thread and one worker)
+then take spans in file order from one shared list and write them with positional writes:
 
-- the *edit lane* (a worker thread) reads each edit span into a reusable buffer with ``preadv``, projects
-  the direction out in place, and hands the buffer on;
-- the *write lane* (the calling thread) walks the spans in order, copies untouched ranges inside the
-  kernel (``copy_file_range``, then ``sendfile``, then ``pread``/``write`` where neither works) and writes
-  each edited buffer as soon as it is ready.
+- a copy span is copied inside the kernel (``copy_file_range``, then ``sendfile``, then
+  ``pread``/``pwrite`` where neither works between the two files);
+- an edit span is read in cache-sized blocks into the lane's own small buffers, the direction is projected
+  out, and the blocks are written back at their offsets.
 
-At most ``depth`` buffers of ``slab_bytes`` exist, so memory stays bounded by a few blocks whatever the model
-size, while reading and computing the next block overlaps with writing the current one. Every write's byte
-count is checked (a short write is continued; a write that makes no progress is a full disk), every output
-file's final size is checked, and a sample of written bytes is kept so the caller can compare the file
-against what was computed before the output is renamed into place.
+On two cores the lanes balance themselves (whichever is free takes the next span), so reading, computing
+and writing overlap and the wall time approaches half the work, not all of it. Memory is two small buffers
+per lane whatever the model size. Every write's byte count is checked (a short write is continued; a write
+that makes no progress is a full disk), a shard counts as written only when all of its bytes are and its
+size is what its header says, and a sample of written bytes is kept so that the caller can compare the
+file against what was computed before the output is renamed into place.
 
-PyTorch runs single-threaded on the edit lane: its operations on cache-sized blocks are too small to gain
-from a second thread, and on a busy machine its idle threads spin and burn CPU time the copy needs.
+PyTorch runs single-threaded in both lanes: its operations on cache-sized blocks are too small to gain
+from more threads, and on a busy machine its idle threads spin and burn CPU time the lanes need.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .edit import BlockStats, project_out_, project_rows_
+from .edit import BlockStats, column_block_rows, project_columns_streamed, project_out_, project_rows_
 from .errors import InvalidCheckpointError, WriteFailedError
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
     "write_shards",
     "check_samples",
     "InputHasher",
-    "write_all",
+    "pwrite_all",
     "read_into",
 ]
 
@@ -57,7 +58,7 @@ _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _FALLBACK_CHUNK = 8 << 20
 
 # Indirections so that tests can inject short writes and failures into exactly these calls.
-_os_write = os.write
+_os_pwrite = os.pwrite
 _os_copy_file_range = getattr(os, "copy_file_range", None)
 _os_sendfile = os.sendfile
 
@@ -72,10 +73,13 @@ class CopySpan:
 
 @dataclass(frozen=True)
 class EditSpan:
-    """One block of a writer tensor at ``[offset, offset + length)`` of the input file, edited in place.
+    """One block of a writer tensor at ``[offset, offset + length)`` of the input file.
 
-    ``rows`` marks a block of rows of a row-local tensor (embedding, Conv1D), edited with
-    :func:`~weightedit.edit.project_rows_`; otherwise the span is a whole tensor edited along ``axis``.
+    ``mode`` says how it is edited: ``"rows"``, a block of rows of a row-local tensor (embedding, Conv1D)
+    read whole into the buffer (:func:`~weightedit.edit.project_rows_`); ``"columns"``, one ``[d, m]``
+    matrix whose columns are edited (``nn.Linear``, one expert of a stack), streamed in cache-sized blocks
+    of rows in two passes (:func:`~weightedit.edit.project_columns_streamed`); ``"whole"``, a small
+    tensor edited along ``axis`` in the buffer (biases).
     """
 
     name: str
@@ -86,7 +90,7 @@ class EditSpan:
     u: torch.Tensor
     axis: int
     floor: float
-    rows: bool
+    mode: str
 
 
 @dataclass
@@ -115,17 +119,13 @@ class Sample:
     src_offset: int = 0
 
 
-class _Cancelled(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checked I/O
 # ----------------------------------------------------------------------------------------------------------
 
 
-def write_all(fd: int, data: bytes | memoryview) -> int:
-    """Write all of ``data`` to ``fd``, continuing after short writes; return the byte count.
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of ``data`` to ``fd`` at ``offset``, continuing after short writes; return the byte count.
 
     Raises:
         OSError: with ``ENOSPC`` when a write makes no progress (the disk is full), or whatever the
@@ -133,11 +133,12 @@ def write_all(fd: int, data: bytes | memoryview) -> int:
     """
     view = memoryview(data).cast("B")
     total = len(view)
-    while view:
-        n = _os_write(fd, view)
+    done = 0
+    while done < total:
+        n = _os_pwrite(fd, view[done:], offset + done)
         if n <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[n:]
+        done += n
     return total
 
 
@@ -164,15 +165,15 @@ class _Copier:
     def __init__(self) -> None:
         self._buffer: bytearray | None = None
 
-    def copy(self, src_fd: int, dst_fd: int, offset: int, length: int, src: Path) -> None:
-        """Append ``length`` bytes of ``src_fd`` from ``offset`` at the current position of ``dst_fd``."""
+    def copy(self, src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int, src: Path) -> None:
+        """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at ``dst_offset``."""
         mode = "copy_file_range" if _os_copy_file_range is not None else "sendfile"
         done = 0
         while done < length:
             want = length - done
             if mode == "copy_file_range":
                 try:
-                    n = _os_copy_file_range(src_fd, dst_fd, want, offset + done)  # type: ignore[misc]
+                    n = _os_copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)  # type: ignore[misc]
                 except OSError as e:
                     if e.errno not in _NO_COPY_FILE_RANGE:
                         raise
@@ -180,6 +181,7 @@ class _Copier:
                     continue
             elif mode == "sendfile":
                 try:
+                    os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)  # sendfile writes at the file position
                     n = _os_sendfile(dst_fd, src_fd, offset + done, want)
                 except OSError as e:
                     if e.errno not in _NO_SENDFILE:
@@ -192,7 +194,7 @@ class _Copier:
                 view = memoryview(self._buffer)[: min(want, _FALLBACK_CHUNK)]
                 n = os.preadv(src_fd, [view], offset + done)
                 if n:
-                    write_all(dst_fd, view[:n])
+                    pwrite_all(dst_fd, view[:n], dst_offset + done)
             if n == 0:
                 raise InvalidCheckpointError(
                     f"{src} ended at byte {offset + done} while it was being copied: the file changed or is "
@@ -206,75 +208,6 @@ class _Copier:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _SlabPool:
-    """At most ``depth`` reusable byte buffers of ``slab_bytes`` (reused, so their pages fault in only once)."""
-
-    def __init__(self, slab_bytes: int, depth: int) -> None:
-        self.slab_bytes = slab_bytes
-        self._depth = depth
-        self._made = 0
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-
-    def take(self, cancel: threading.Event) -> torch.Tensor:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        if self._made < self._depth:
-            self._made += 1
-            return torch.empty(self.slab_bytes, dtype=torch.uint8)
-        while True:
-            try:
-                return self._free.get(timeout=0.05)
-            except queue.Empty:
-                if cancel.is_set():
-                    raise _Cancelled from None
-
-    def give(self, slab: torch.Tensor) -> None:
-        self._free.put(slab)
-
-
-def _edit_lane(
-    jobs: Sequence[ShardJob], pool: _SlabPool, results: queue.Queue[object], cancel: threading.Event
-) -> None:
-    torch.set_num_threads(1)  # per thread: the caller's setting is left alone
-    try:
-        for job in jobs:
-            spans = [s for s in job.spans if isinstance(s, EditSpan)]
-            if not spans:
-                continue
-            fd = os.open(job.src, os.O_RDONLY)
-            try:
-                for span in spans:
-                    if cancel.is_set():
-                        return
-                    slab = pool.take(cancel)
-                    raw = slab[: span.length]
-                    read_into(fd, memoryview(raw.numpy()), span.offset, job.src)
-                    tensor = raw.view(span.dtype).view(span.shape)
-                    if span.rows:
-                        stats = project_rows_(tensor.view(-1, span.shape[-1]), span.u, span.floor)
-                    else:
-                        stats = project_out_(tensor, span.u, span.axis, floor=span.floor)
-                    results.put((span, slab, stats))
-            finally:
-                os.close(fd)
-    except _Cancelled:
-        return
-    except BaseException as e:  # handed to the write lane, which re-raises it
-        results.put(e)
-
-
-def _next_result(results: queue.Queue[object], span: EditSpan) -> tuple[torch.Tensor, BlockStats]:
-    item = results.get()
-    if isinstance(item, BaseException):
-        raise item
-    got, slab, stats = item  # type: ignore[misc]
-    if got is not span:  # pragma: no cover - both lanes walk the same list in the same order
-        raise RuntimeError(f"edit pipeline out of order: expected {span.name}, got {got.name}")
-    return slab, stats
-
-
 def _samples_for(length: int) -> list[int]:
     """Offsets within a span of ``length`` bytes where a sample is kept: start, middle and end."""
     if length <= _SAMPLE_BYTES:
@@ -282,22 +215,159 @@ def _samples_for(length: int) -> list[int]:
     return sorted({0, (length // 2) & ~7, length - _SAMPLE_BYTES})
 
 
+class _Worker:
+    """One of the two lanes: its own buffers, open files and copier; takes spans from the shared list."""
+
+    def __init__(self, slab_bytes: int, column_bytes: int, shared: _Shared) -> None:
+        self._slab = torch.empty(slab_bytes, dtype=torch.uint8) if slab_bytes else None
+        self._columns = torch.empty(column_bytes, dtype=torch.uint8) if column_bytes else None
+        self._shared = shared
+        self._copier = _Copier()
+        self._fds: dict[tuple[Path, int], int] = {}
+        self.samples: list[Sample] = []
+
+    def _fd(self, path: Path, flags: int) -> int:
+        key = (path, flags)
+        if key not in self._fds:
+            self._fds[key] = os.open(path, flags)
+        return self._fds[key]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def run(self) -> None:
+        shared = self._shared
+        while not shared.cancel.is_set():
+            item = shared.take()
+            if item is None:
+                return
+            job, pos, span = item
+            src_fd = self._fd(job.src, os.O_RDONLY)
+            if isinstance(span, CopySpan):
+                dst_fd = self._fd(job.dest, os.O_WRONLY)
+                self._copier.copy(src_fd, dst_fd, span.offset, span.length, pos, job.src)
+                for k in _samples_for(span.length):
+                    n = min(_SAMPLE_BYTES, span.length - k)
+                    self.samples.append(Sample(job.dest, pos + k, n, src=job.src, src_offset=span.offset + k))
+            else:
+                dst_fd = self._fd(job.dest, os.O_RDWR)
+                if span.mode == "columns":
+                    block_stats = self._edit_columns(src_fd, dst_fd, pos, job, span)
+                else:
+                    block_stats = self._edit_in_buffer(src_fd, dst_fd, pos, job, span)
+                shared.merge(span.name, block_stats)
+            shared.wrote(job, span.length)
+
+    def _edit_in_buffer(self, src_fd: int, dst_fd: int, pos: int, job: ShardJob, span: EditSpan) -> BlockStats:
+        assert self._slab is not None
+        raw = self._slab[: span.length]
+        view = memoryview(raw.numpy())
+        read_into(src_fd, view, span.offset, job.src)
+        tensor = raw.view(span.dtype).view(span.shape)
+        if span.mode == "rows":
+            block_stats = project_rows_(tensor.view(-1, span.shape[-1]), span.u, span.floor)
+        else:
+            block_stats = project_out_(tensor, span.u, span.axis, floor=span.floor)
+        for k in _samples_for(span.length):
+            n = min(_SAMPLE_BYTES, span.length - k)
+            self.samples.append(Sample(job.dest, pos + k, n, expected=bytes(view[k : k + n])))
+        pwrite_all(dst_fd, view, pos)
+        return block_stats
+
+    def _edit_columns(self, src_fd: int, dst_fd: int, pos: int, job: ShardJob, span: EditSpan) -> BlockStats:
+        buffer = self._columns
+        assert buffer is not None
+        d, m = span.shape
+        row_bytes = span.length // d
+        written: dict[int, Sample] = {}
+
+        def read(i0: int, i1: int, updated: bool) -> torch.Tensor:
+            raw = buffer[: (i1 - i0) * row_bytes]
+            if updated:  # a second update pass starts from what the first one wrote
+                read_into(dst_fd, memoryview(raw.numpy()), pos + i0 * row_bytes, job.dest)
+            else:
+                read_into(src_fd, memoryview(raw.numpy()), span.offset + i0 * row_bytes, job.src)
+            return raw.view(span.dtype).view(i1 - i0, m)
+
+        def write(i0: int, rows: torch.Tensor) -> None:
+            view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+            at = pos + i0 * row_bytes
+            pwrite_all(dst_fd, view, at)
+            n = min(_SAMPLE_BYTES, len(view))
+            written[at] = Sample(job.dest, at, n, expected=bytes(view[:n]))
+            if at + len(view) == pos + span.length and len(view) > n:
+                end = at + len(view) - n
+                written[end] = Sample(job.dest, end, n, expected=bytes(view[len(view) - n :]))
+
+        block_stats = project_columns_streamed(d, m, span.dtype, span.u, span.floor, read=read, write=write)
+        if not written and span.length:  # nothing changed: the input's bytes go out as they are
+            raw = buffer[: min(len(buffer) // row_bytes * row_bytes, span.length)]
+            done = 0
+            while done < span.length:
+                n = min(len(raw), span.length - done)
+                read_into(src_fd, memoryview(raw.numpy())[:n], span.offset + done, job.src)
+                write(done // row_bytes, raw[:n].view(span.dtype).view(n // row_bytes, m))
+                done += n
+        self.samples.extend(written.values())
+        return block_stats
+
+
+class _Shared:
+    """What the two lanes share: the list of spans still to do, the per-shard byte counts, the statistics."""
+
+    def __init__(
+        self, jobs: Sequence[ShardJob], advance: Callable[[int], object], on_done: Callable[[ShardJob], object]
+    ):
+        self._items: list[tuple[ShardJob, int, CopySpan | EditSpan]] = []
+        for job in jobs:
+            pos = len(job.header)
+            for span in job.spans:
+                self._items.append((job, pos, span))
+                pos += span.length
+        self._next = 0
+        self._left = {id(j): j.size - len(j.header) for j in jobs}
+        self._lock = threading.Lock()
+        self._advance = advance
+        self._on_done = on_done
+        self.stats: dict[str, BlockStats] = {}
+        self.cancel = threading.Event()
+
+    def take(self) -> tuple[ShardJob, int, CopySpan | EditSpan] | None:
+        with self._lock:
+            if self._next >= len(self._items):
+                return None
+            self._next += 1
+            return self._items[self._next - 1]
+
+    def merge(self, name: str, block_stats: BlockStats) -> None:
+        with self._lock:
+            self.stats.setdefault(name, BlockStats()).merge(block_stats)
+
+    def wrote(self, job: ShardJob, n: int) -> None:
+        with self._lock:
+            self._left[id(job)] -= n
+            done = self._left[id(job)] == 0
+        self._advance(n)
+        if done:
+            self._on_done(job)
+
+
 def write_shards(
     jobs: Sequence[ShardJob],
     *,
     slab_bytes: int,
-    depth: int = 4,
     advance: Callable[[int], object] = lambda n: None,
     on_shard_written: Callable[[Path], object] = lambda p: None,
 ) -> tuple[dict[str, BlockStats], list[Sample]]:
-    """Write every job's shard through the two-lane pipeline.
+    """Write every job's shard with two lanes (this thread and a worker) taking spans in file order.
 
     Args:
-        jobs: the shards to write, in order; each ``dest`` must not exist yet.
-        slab_bytes: size of each edit buffer; at least the longest :class:`EditSpan`.
-        depth: how many edit buffers may exist at once (how far the edit lane runs ahead).
-        advance: called with each span's byte count once it is written (progress).
-        on_shard_written: called with each finished shard's path (e.g. to flush it in the background).
+        jobs: the shards to write; each ``dest`` must not exist yet.
+        slab_bytes: size of each lane's edit buffer; at least the longest ``"rows"``/``"whole"`` span.
+        advance: called with each span's byte count once it is written (progress; from either lane).
+        on_shard_written: called with each complete shard's path (e.g. to flush it in the background).
 
     Returns:
         The edit statistics of each writer tensor, and the samples to check with :func:`check_samples`.
@@ -307,59 +377,66 @@ def write_shards(
         WriteFailedError: a shard came out with another size than its header says.
         InvalidCheckpointError: an input file ended early.
     """
-    longest = max((s.length for j in jobs for s in j.spans if isinstance(s, EditSpan)), default=0)
+    edits = [s for j in jobs for s in j.spans if isinstance(s, EditSpan)]
+    longest = max((s.length for s in edits if s.mode != "columns"), default=0)
     if longest > slab_bytes:
         raise ValueError(f"slab_bytes={slab_bytes} is smaller than the longest edit span ({longest} bytes)")
-    pool = _SlabPool(slab_bytes, max(1, depth))
-    results: queue.Queue[object] = queue.Queue()
-    cancel = threading.Event()
-    worker = threading.Thread(
-        target=_edit_lane, args=(jobs, pool, results, cancel), name="weightedit-edit", daemon=True
+    # The block buffer of column edits: the rows of one cache-sized block (see project_columns_streamed).
+    column_bytes = max(
+        (column_block_rows(s.shape[1]) * (s.length // s.shape[0]) for s in edits if s.mode == "columns" and s.shape[0]),
+        default=0,
     )
+    # Every output file gets its header first; the lanes then fill in the data at known offsets.
+    for job in jobs:
+        fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            pwrite_all(fd, job.header, 0)
+        finally:
+            os.close(fd)
+
+    def shard_done(job: ShardJob) -> None:
+        size = os.stat(job.dest).st_size
+        if size != job.size:
+            raise WriteFailedError(
+                f"writing {job.dest.name} produced {size} bytes instead of {job.size}: the output filesystem "
+                "lost data; choose another --out; nothing was written"
+            )
+        on_shard_written(job.dest)
+
+    shared = _Shared(jobs, advance, shard_done)
+    for job in jobs:
+        if job.size == len(job.header):
+            shard_done(job)
+    lanes = [_Worker(longest, column_bytes, shared) for _ in range(2)]
+    failure: list[BaseException] = []
+
+    def second_lane() -> None:
+        torch.set_num_threads(1)  # per thread: PyTorch's own threads would only spin on these small blocks
+        try:
+            lanes[1].run()
+        except BaseException as e:  # re-raised by the calling thread
+            failure.append(e)
+            shared.cancel.set()
+        finally:
+            lanes[1].close()
+
+    worker = threading.Thread(target=second_lane, name="weightedit-edit", daemon=True)
     worker.start()
-    stats: dict[str, BlockStats] = {}
-    samples: list[Sample] = []
-    copier = _Copier()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        for job in jobs:
-            src_fd = os.open(job.src, os.O_RDONLY)
-            try:
-                dst_fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                try:
-                    pos = write_all(dst_fd, job.header)
-                    for span in job.spans:
-                        if isinstance(span, CopySpan):
-                            copier.copy(src_fd, dst_fd, span.offset, span.length, job.src)
-                            for k in _samples_for(span.length):
-                                n = min(_SAMPLE_BYTES, span.length - k)
-                                samples.append(Sample(job.dest, pos + k, n, src=job.src, src_offset=span.offset + k))
-                        else:
-                            slab, block_stats = _next_result(results, span)
-                            view = memoryview(slab.numpy())[: span.length]
-                            for k in _samples_for(span.length):
-                                n = min(_SAMPLE_BYTES, span.length - k)
-                                samples.append(Sample(job.dest, pos + k, n, expected=bytes(view[k : k + n])))
-                            write_all(dst_fd, view)
-                            del view
-                            pool.give(slab)
-                            stats.setdefault(span.name, BlockStats()).merge(block_stats)
-                        pos += span.length
-                        advance(span.length)
-                    size = os.fstat(dst_fd).st_size
-                finally:
-                    os.close(dst_fd)
-            finally:
-                os.close(src_fd)
-            if size != job.size:
-                raise WriteFailedError(
-                    f"writing {job.dest.name} produced {size} bytes instead of {job.size}: the output filesystem "
-                    "lost data; choose another --out; nothing was written"
-                )
-            on_shard_written(job.dest)
-    finally:
-        cancel.set()
+        lanes[0].run()
         worker.join()
-    return stats, samples
+    except BaseException:
+        shared.cancel.set()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        lanes[0].close()
+        worker.join()
+    if failure:
+        raise failure[0]
+    return shared.stats, lanes[0].samples + lanes[1].samples
 
 
 def check_samples(samples: Sequence[Sample]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -56,8 +57,7 @@ TiedEmbeddings = Literal["untie", "edit-both"]
 # not be edited), the base model's card (the output gets its own), and the input's provenance.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".incomplete")
 _SKIP_NAMES = {WEIGHTS_INDEX_NAME, "README.md", "weightedit.json", "weightedit-gguf.json", ".gitattributes"}
-_BLOCK_BYTES = 32 << 20  # rows read per block when editing large tensors
-_PIPELINE_BYTES = 4 * _BLOCK_BYTES  # edit buffers in flight at once (at least two, whatever their size)
+_BLOCK_BYTES = 2 << 20  # rows per block of a row-local writer: small enough to stay in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -268,13 +268,11 @@ def orthogonalize_checkpoint(
                 block_bytes=block_bytes,
             )
             slab = max((sp.length for j in jobs for sp in j.spans if isinstance(sp, EditSpan)), default=0)
-            depth = max(2, min(4, _PIPELINE_BYTES // max(slab, 1)))
             total = sum(j.size for j in jobs)
             with progress_bar(f"editing {source.given}", total, enabled=progress, unit="bytes") as bar:
                 stats_total, samples = write_shards(
                     jobs,
                     slab_bytes=slab,
-                    depth=depth,
                     advance=bar.advance,
                     on_shard_written=lambda path: pending_syncs.append(syncer.submit(_fsync_file, path)),
                 )
@@ -403,15 +401,21 @@ def _shard_jobs(
 
 
 def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int, block_bytes: int) -> list[EditSpan]:
-    """One writer tensor as edit spans: blocks of rows when the edit is row-local, else the whole tensor."""
+    """One writer tensor as edit spans.
+
+    Row-local tensors (embeddings, Conv1D: the residual axis is the last one) become blocks of whole rows;
+    tensors whose residual axis comes earlier (``nn.Linear`` ``[d, d_in]``, expert stacks ``[E, d, d_in]``)
+    become one span per ``[d, d_in]`` matrix, streamed in blocks of rows; anything else (biases) is one span.
+    """
     dtype = info.torch_dtype
     assert dtype is not None  # plan_edit refuses writers of other dtypes
-    floor = noise_floor(dtype, info.shape[axis])
+    d = info.shape[axis]
+    floor = noise_floor(dtype, d)
     axis = axis % len(info.shape)
     start = shard.data_start + info.start
-    rows = info.shape[0]
+    inner = math.prod(info.shape[axis + 1 :])
     if axis == len(info.shape) - 1 and len(info.shape) > 1 and info.nbytes:
-        # Row-local (embeddings, Conv1D): blocks of whole rows.
+        rows = info.shape[0]
         row_bytes = info.nbytes // rows
         step = max(1, block_bytes // row_bytes)
         return [
@@ -424,12 +428,18 @@ def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int
                 u,
                 axis,
                 floor,
-                rows=True,
+                mode="rows",
             )
             for r0 in range(0, rows, step)
         ]
-    # Column-local (Linear [d, d_in], expert stacks) and biases: one tensor at a time.
-    return [EditSpan(info.name, start, info.nbytes, dtype, info.shape, u, axis, floor, rows=False)]
+    if inner > 1 and info.nbytes:
+        outer = math.prod(info.shape[:axis])
+        size = info.nbytes // outer
+        return [
+            EditSpan(info.name, start + i * size, size, dtype, (d, inner), u, 0, floor, mode="columns")
+            for i in range(outer)
+        ]
+    return [EditSpan(info.name, start, info.nbytes, dtype, info.shape, u, axis, floor, mode="whole")]
 
 
 # ----------------------------------------------------------------------------------------------------------
