@@ -384,3 +384,35 @@ def test_second_pass_in_the_writer_reads_back_what_it_wrote(tmp_path, monkeypatc
         expected = tensors[name].clone().contiguous()
         project_out_(expected, r, 0, floor=floor)
         assert torch.equal(after[name], expected), name
+
+
+def test_output_that_comes_out_short_is_an_error(tmp_path, monkeypatch):
+    """A filesystem that acknowledges bytes it does not store: the shard's size check catches it."""
+    src = _tiny_single_file(tmp_path / "model")
+    real = os.copy_file_range
+
+    def lossy(src_fd, dst_fd, count, offset_src, offset_dst):
+        real(src_fd, dst_fd, count - 1, offset_src, offset_dst)
+        return count  # claims the last byte too
+
+    monkeypatch.setattr(writer, "_os_copy_file_range", lossy)
+    out = tmp_path / "out"
+    with pytest.raises(WriteFailedError, match="produced .* bytes instead of .*: the output filesystem lost data"):
+        orthogonalize_checkpoint(src, out, torch.randn(64), progress=False)
+    _no_leftovers(out)
+
+
+def test_input_that_shrinks_during_the_edit_is_reported(tmp_path, monkeypatch):
+    src = _tiny_single_file(tmp_path / "model")
+    real = ortho._shard_jobs
+
+    def then_truncate(*args, **kwargs):
+        jobs = real(*args, **kwargs)
+        os.truncate(src / "model.safetensors", 4096)  # after the headers were read and checked
+        return jobs
+
+    monkeypatch.setattr(ortho, "_shard_jobs", then_truncate)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidCheckpointError, match="ended at byte .* the file changed or is truncated"):
+        orthogonalize_checkpoint(src, out, torch.randn(64), progress=False)
+    _no_leftovers(out)
