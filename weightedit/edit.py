@@ -119,7 +119,7 @@ class BlockStats:
 
 # Elements per block: small enough that the float32 copy of a block stays in the CPU cache while several
 # passes run over it, large enough that per-call overhead does not matter.
-_CACHE_BLOCK = 1 << 18
+_CACHE_BLOCK = 1 << 19
 
 
 def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK) -> BlockStats:
