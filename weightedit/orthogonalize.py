@@ -11,6 +11,7 @@ renamed into place only after it is verified; the input is never opened for writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
