@@ -17,6 +17,7 @@ nothing else: editing such a row would only move it by less than one rounding st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "effective_direction",
     "project_rows_",
     "project_columns_",
+    "project_columns_streamed",
+    "column_block_rows",
     "project_out_",
     "orthogonality",
     "BlockStats",
@@ -116,7 +119,7 @@ class BlockStats:
 
 # Elements per block: small enough that the float32 copy of a block stays in the CPU cache while several
 # passes run over it, large enough that per-call overhead does not matter.
-_CACHE_BLOCK = 1 << 18
+_CACHE_BLOCK = 1 << 19
 
 
 def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK) -> BlockStats:
@@ -167,16 +170,54 @@ def project_columns_(
     norm, the second applies the rank-one update and measures what is left after rounding.
     """
     d, m = matrix.shape
-    cdt = _compute_dtype(matrix.dtype)
+    return project_columns_streamed(
+        d,
+        m,
+        matrix.dtype,
+        u,
+        floor,
+        read=lambda i0, i1, updated: matrix[i0:i1],
+        write=lambda i0, rows: None,  # the rows read are views of ``matrix``: updated in place already
+        block_elems=block_elems,
+    )
+
+
+def column_block_rows(m: int, *, block_elems: int = _CACHE_BLOCK) -> int:
+    """Rows per block that :func:`project_columns_streamed` reads and writes for a matrix of ``m`` columns."""
+    return max(1, block_elems // max(m, 1))
+
+
+def project_columns_streamed(
+    d: int,
+    m: int,
+    dtype: torch.dtype,
+    u: torch.Tensor,
+    floor: float,
+    *,
+    read: Callable[[int, int, bool], torch.Tensor],
+    write: Callable[[int, torch.Tensor], object],
+    block_elems: int = _CACHE_BLOCK,
+) -> BlockStats:
+    """:func:`project_columns_` for a ``[d, m]`` matrix read and written in blocks of rows, never held whole.
+
+    Args:
+        read: ``read(i0, i1, updated)`` returns rows ``[i0, i1)`` in ``dtype`` as a tensor the function
+            may overwrite: the original rows, or with ``updated=True`` the rows as last given to ``write``.
+        write: ``write(i0, rows)`` stores the edited rows ``[i0, i0 + len(rows))``.
+
+    The arithmetic (block boundaries, accumulation order) is the same as for a matrix held in memory, so
+    both give bit-identical results.
+    """
+    cdt = _compute_dtype(dtype)
     uc = u.to(cdt)
-    step = max(1, min(d, block_elems // max(m, 1)))
+    step = min(d, column_block_rows(m, block_elems=block_elems))
     scratch = torch.empty(step, m, dtype=cdt)
     squares = torch.empty(step, m, dtype=cdt)
     ones = torch.ones(step, dtype=cdt)
     comp = torch.zeros(m, dtype=torch.float64)
     norm_sq = torch.zeros(m, dtype=torch.float64)
     for i0 in range(0, d, step):
-        part = matrix[i0 : i0 + step]
+        part = read(i0, min(d, i0 + step), False)
         rows = part.shape[0]
         x = scratch[:rows]
         x.copy_(part)
@@ -191,15 +232,16 @@ def project_columns_(
         stats.norm_sq = float(norm_sq.sum())
         return stats
     # As for rows: a second pass only for columns that one pass left above the noise floor.
-    for _ in range(2):
+    for attempt in range(2):
         update = (comp * mask).to(cdt)
         after = torch.zeros(m, dtype=torch.float64)
         for i0 in range(0, d, step):
-            part = matrix[i0 : i0 + step]
+            part = read(i0, min(d, i0 + step), attempt > 0)
             x = scratch[: part.shape[0]]
             x.copy_(part)
             x.addr_(uc[i0 : i0 + step], update, alpha=-1)
             part.copy_(x)
+            write(i0, part)
             if part.dtype != cdt:
                 x.copy_(part)
             after += (uc[i0 : i0 + step] @ x).double()

@@ -1,22 +1,21 @@
 """Streaming orthogonalization of a safetensors checkpoint.
 
 The rewriter reads one tensor (or one block of rows) at a time: writer tensors are edited
-(:mod:`weightedit.edit`), every other tensor is copied as raw bytes (``copy_file_range``), and each
-output shard keeps the input's name, tensor order and byte offsets. Peak memory is one block of one
-tensor, whatever the model size. The output is built in a temporary sibling folder and renamed into
-place only after it is verified; the input is never opened for writing.
+(:mod:`weightedit.edit`), every other tensor is copied as raw bytes inside the kernel, and each output
+shard keeps the input's name, tensor order and byte offsets. Reading and editing the next block overlaps
+with writing the current one (:mod:`weightedit._writer`); peak memory is a few blocks, whatever the model
+size. The output is built in a temporary sibling folder, every file of it is flushed to disk, and it is
+renamed into place only after it is verified; the input is never opened for writing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
+import math
 import os
-import re
 import shutil
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 
 from . import __version__
 from ._progress import progress_bar
+from ._writer import CopySpan, EditSpan, InputHasher, Sample, ShardJob, check_samples, write_shards
 from .arch import ArchSpec, WriterMatch, spec_for_config
 from .atomic import atomic_output_dir, check_output_path, ensure_free_space
 from .checkpoint import (
@@ -36,12 +36,11 @@ from .checkpoint import (
     TensorInfo,
     encode_header,
     read_header,
-    read_tensor_bytes,
 )
 from .direction import Direction, check_selection
-from .edit import BlockStats, effective_direction, noise_floor, project_out_, project_rows_, unit_direction
+from .edit import BlockStats, effective_direction, noise_floor, project_out_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
-from .sources import ModelSource, public_name, resolve_model
+from .sources import ModelSource, known_sha256, public_name, remember_sha256, resolve_model
 
 __all__ = [
     "EditReport",
@@ -59,7 +58,7 @@ TiedEmbeddings = Literal["untie", "edit-both"]
 # not be edited), the base model's card (the output gets its own), and the input's provenance.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".incomplete")
 _SKIP_NAMES = {WEIGHTS_INDEX_NAME, "README.md", "weightedit.json", "weightedit-gguf.json", ".gitattributes"}
-_BLOCK_BYTES = 64 << 20  # rows read per block when editing large tensors
+_BLOCK_BYTES = 2 << 20  # rows per block of a row-local writer: small enough to stay in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -260,40 +259,38 @@ def orthogonalize_checkpoint(
     extra_bytes = checkpoint.find(plan.embedding)[1].nbytes if untie and plan.embedding else 0
     ensure_free_space(_existing_ancestor(out), checkpoint.total_bytes + extra_bytes, out)
 
-    hasher = _BackgroundHasher([s.path for s in checkpoint.shards])
+    hasher = InputHasher([s.path for s in checkpoint.shards], known=known_sha256, remember=remember_sha256)
     # Flushing a finished shard to disk overlaps with writing the next one.
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightedit-fsync")
     pending_syncs: list[Future[None]] = []
-    stats_total: dict[str, BlockStats] = {}
-    bytes_written = 0
+    shard_meta = {
+        "weightedit_version": __version__,
+        "weightedit_direction_sha256": direction.sha256(),
+        "weightedit_source": source.public_name,
+    }
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            total = checkpoint.total_bytes + extra_bytes
+            jobs = _shard_jobs(
+                checkpoint,
+                tmp,
+                targets=targets,
+                axes={n: m.rule.axis for n, m in plan.writers.items()},
+                lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
+                metadata=shard_meta,
+                block_bytes=block_bytes,
+            )
+            slab = max((sp.length for j in jobs for sp in j.spans if isinstance(sp, EditSpan)), default=0)
+            total = sum(j.size for j in jobs)
             with progress_bar(f"editing {source.given}", total, enabled=progress, unit="bytes") as bar:
-                shard_meta = {
-                    "weightedit_version": __version__,
-                    "weightedit_direction_sha256": direction.sha256(),
-                    "weightedit_source": source.public_name,
-                }
-                for shard in checkpoint.shards:
-                    extras: list[tuple[str, ShardHeader, TensorInfo]] = []
-                    if untie and plan.embedding in shard.tensors:
-                        extras.append((plan.spec.lm_head, shard, shard.tensors[plan.embedding]))
-                    stats = _write_shard(
-                        shard,
-                        tmp / shard.path.name,
-                        targets=targets,
-                        axes={n: m.rule.axis for n, m in plan.writers.items()},
-                        extras=extras,
-                        metadata={**shard.metadata, **shard_meta},
-                        block_bytes=block_bytes,
-                        advance=bar.advance,
-                    )
-                    stats_total.update(stats)
-                    bytes_written += (tmp / shard.path.name).stat().st_size
-                    pending_syncs.append(syncer.submit(_fsync_file, tmp / shard.path.name))
+                stats_total, samples = write_shards(
+                    jobs,
+                    slab_bytes=slab,
+                    advance=bar.advance,
+                    on_shard_written=lambda path: pending_syncs.append(syncer.submit(_fsync_file, path)),
+                )
                 for fut in pending_syncs:
                     fut.result()  # re-raises a failed flush (e.g. the disk filled up)
+            bytes_written = sum(j.size for j in jobs)
             _write_index(checkpoint, tmp, lm_head=plan.spec.lm_head if untie else None, embedding=plan.embedding)
             # A config that says "tied" beside a stored lm_head would make transformers read the edited embedding
             # as the head instead of the stored one; the stored head is what this edit keeps, so say untied.
@@ -302,7 +299,14 @@ def orthogonalize_checkpoint(
             for name, path in (extra_files or {}).items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp / name)
-            verification = _verify(checkpoint, tmp, plan, stats_total, untie=untie)
+            # The shards are flushed already; flush every other file (config, index, tokenizer, extras).
+            shard_paths = {j.dest for j in jobs}
+            for item in sorted(tmp.rglob("*")):
+                if item.is_file() and item not in shard_paths:
+                    _fsync_file(item)
+                elif item.is_dir():
+                    _fsync_dir(item)
+            verification = _verify(checkpoint, tmp, plan, stats_total, samples, untie=untie)
             input_hashes = hasher.result()
             provenance = {
                 "weightedit_version": __version__,
@@ -342,7 +346,9 @@ def orthogonalize_checkpoint(
                 with contextlib.suppress(OSError, ValueError):
                     provenance["parent"] = json.loads(parent.read_text(encoding="utf-8"))
             (tmp / "weightedit.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
+            _fsync_file(tmp / "weightedit.json")
             _fsync_dir(tmp)
+        _fsync_dir(out.parent)  # makes the rename itself durable
     finally:
         hasher.stop()
         syncer.shutdown(wait=True, cancel_futures=True)
@@ -369,129 +375,92 @@ def orthogonalize_checkpoint(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _write_shard(
-    shard: ShardHeader,
-    dest: Path,
+def _shard_jobs(
+    checkpoint: Checkpoint,
+    tmp: Path,
     *,
     targets: dict[str, torch.Tensor],
     axes: dict[str, int],
-    extras: list[tuple[str, ShardHeader, TensorInfo]],
+    lm_head: tuple[str, str] | None,
     metadata: dict[str, str],
     block_bytes: int,
-    advance: Any,
-) -> dict[str, BlockStats]:
-    """Write one output shard: same tensors at the same offsets, writers edited, ``extras`` appended."""
-    ordered = shard.ordered()
-    end = ordered[-1].end if ordered else 0
-    entries = [(t.name, t.dtype, t.shape, t.start, t.end) for t in ordered]
-    for name, _, info in extras:
-        entries.append((name, info.dtype, info.shape, end, end + info.nbytes))
-        end += info.nbytes
-    header = encode_header(entries, metadata)
-    stats: dict[str, BlockStats] = {}
-    src_fd = os.open(shard.path, os.O_RDONLY)
-    try:
-        with open(dest, "wb", buffering=0) as out:
-            out.write(header)
-            pending_start: int | None = None  # a run of untouched tensors, copied in one call
-            pending_end = 0
-            for info in ordered:
-                if info.name not in targets:
-                    if pending_start is None:
-                        pending_start = info.start
-                    pending_end = info.end
-                    continue
-                if pending_start is not None:
-                    _copy_range(src_fd, out, shard.data_start + pending_start, pending_end - pending_start)
-                    advance(pending_end - pending_start)
-                    pending_start = None
-                stats[info.name] = _write_edited(
-                    shard, info, out, targets[info.name], axes[info.name], block_bytes, advance
-                )
-            if pending_start is not None:
-                _copy_range(src_fd, out, shard.data_start + pending_start, pending_end - pending_start)
-                advance(pending_end - pending_start)
-            for _, src, info in extras:
-                if src.path == shard.path:
-                    _copy_range(src_fd, out, shard.data_start + info.start, info.nbytes)
-                else:  # pragma: no cover - extras always come from the same shard today
-                    fd = os.open(src.path, os.O_RDONLY)
-                    try:
-                        _copy_range(fd, out, src.data_start + info.start, info.nbytes)
-                    finally:
-                        os.close(fd)
-                advance(info.nbytes)
-    finally:
-        os.close(src_fd)
-    return stats
+) -> list[ShardJob]:
+    """Describe each output shard: same tensors at the same offsets, writers edited, the LM head appended.
+
+    ``lm_head`` is ``(name, embedding)`` when untying: the shard holding the embedding gets a copy of its
+    original bytes under the LM head's name, after its last tensor.
+    """
+    jobs = []
+    for shard in checkpoint.shards:
+        ordered = shard.ordered()
+        end = ordered[-1].end if ordered else 0
+        entries = [(t.name, t.dtype, t.shape, t.start, t.end) for t in ordered]
+        extras: list[TensorInfo] = []
+        if lm_head is not None and lm_head[1] in shard.tensors:
+            info = shard.tensors[lm_head[1]]
+            entries.append((lm_head[0], info.dtype, info.shape, end, end + info.nbytes))
+            extras.append(info)
+        spans: list[CopySpan | EditSpan] = []
+
+        def copy(offset: int, length: int, spans: list[CopySpan | EditSpan] = spans) -> None:
+            last = spans[-1] if spans else None
+            if isinstance(last, CopySpan) and last.offset + last.length == offset:
+                spans[-1] = CopySpan(last.offset, last.length + length)  # one call for a run of tensors
+            else:
+                spans.append(CopySpan(offset, length))
+
+        for info in ordered:
+            if info.name in targets:
+                spans.extend(_edit_spans(shard, info, targets[info.name], axes[info.name], block_bytes))
+            elif info.nbytes:
+                copy(shard.data_start + info.start, info.nbytes)
+        for info in extras:
+            copy(shard.data_start + info.start, info.nbytes)
+        header = encode_header(entries, {**shard.metadata, **metadata})
+        jobs.append(ShardJob(src=shard.path, dest=tmp / shard.path.name, header=header, spans=spans))
+    return jobs
 
 
-def _write_edited(
-    shard: ShardHeader,
-    info: TensorInfo,
-    out: Any,
-    u: torch.Tensor,
-    axis: int,
-    block_bytes: int,
-    advance: Any,
-) -> BlockStats:
-    """Edit one writer tensor and append its bytes to ``out``."""
+def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int, block_bytes: int) -> list[EditSpan]:
+    """One writer tensor as edit spans.
+
+    Row-local tensors (embeddings, Conv1D: the residual axis is the last one) become blocks of whole rows;
+    tensors whose residual axis comes earlier (``nn.Linear`` ``[d, d_in]``, expert stacks ``[E, d, d_in]``)
+    become one span per ``[d, d_in]`` matrix, streamed in blocks of rows; anything else (biases) is one span.
+    """
+    dtype = info.torch_dtype
+    assert dtype is not None  # plan_edit refuses writers of other dtypes
     d = info.shape[axis]
-    floor = noise_floor(info.torch_dtype, d)
+    floor = noise_floor(dtype, d)
     axis = axis % len(info.shape)
-    rows = info.shape[0]
-    row_bytes = info.nbytes // rows if rows else 0
-    stats = BlockStats()
-    if axis == len(info.shape) - 1 and len(info.shape) > 1 and row_bytes:
-        # Row-local (embeddings, Conv1D): stream blocks of rows.
+    start = shard.data_start + info.start
+    inner = math.prod(info.shape[axis + 1 :])
+    if axis == len(info.shape) - 1 and len(info.shape) > 1 and info.nbytes:
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows
         step = max(1, block_bytes // row_bytes)
-        for r0 in range(0, rows, step):
-            block = read_tensor_bytes(shard, info, r0, min(rows, r0 + step))
-            stats.merge(project_rows_(block.reshape(-1, d), u, floor))
-            _write_all(out, block)
-            advance(block.numel() * block.element_size())
-        return stats
-    # Column-local (Linear [d, d_in], expert stacks) and biases: one tensor at a time.
-    tensor = read_tensor_bytes(shard, info)
-    stats = project_out_(tensor, u, axis, floor=floor)
-    _write_all(out, tensor)
-    advance(info.nbytes)
-    return stats
-
-
-def _write_all(out: Any, tensor: torch.Tensor) -> None:
-    data = memoryview(tensor.contiguous().view(torch.uint8).numpy())
-    while data:
-        n = out.write(data)
-        data = data[n:]
-
-
-_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
-
-
-def _copy_range(src_fd: int, out: Any, offset: int, length: int) -> None:
-    """Append ``length`` bytes of ``src_fd`` starting at ``offset`` to ``out`` (in the kernel when possible)."""
-    global _COPY_FILE_RANGE
-    dst_fd = out.fileno()
-    done = 0
-    while done < length and _COPY_FILE_RANGE:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
-        except OSError as e:
-            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                _COPY_FILE_RANGE = False
-                break
-            raise
-        if n == 0:
-            raise InvalidCheckpointError(f"input ended early at byte {offset + done}: the shard is truncated")
-        done += n
-    buf = bytearray(min(_BLOCK_BYTES, max(0, length - done)))
-    while done < length:
-        chunk = os.pread(src_fd, min(len(buf), length - done), offset + done)
-        if not chunk:
-            raise InvalidCheckpointError(f"input ended early at byte {offset + done}: the shard is truncated")
-        out.write(chunk)
-        done += len(chunk)
+        return [
+            EditSpan(
+                info.name,
+                start + r0 * row_bytes,
+                (min(rows, r0 + step) - r0) * row_bytes,
+                dtype,
+                (min(rows, r0 + step) - r0, *info.shape[1:]),
+                u,
+                axis,
+                floor,
+                mode="rows",
+            )
+            for r0 in range(0, rows, step)
+        ]
+    if inner > 1 and info.nbytes:
+        outer = math.prod(info.shape[:axis])
+        size = info.nbytes // outer
+        return [
+            EditSpan(info.name, start + i * size, size, dtype, (d, inner), u, 0, floor, mode="columns")
+            for i in range(outer)
+        ]
+    return [EditSpan(info.name, start, info.nbytes, dtype, info.shape, u, axis, floor, mode="whole")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,9 +527,20 @@ def _copy_side_file(item: Path, tmp: Path, *, untie: bool) -> None:
 
 
 def _verify(
-    checkpoint: Checkpoint, tmp: Path, plan: EditPlan, stats: dict[str, BlockStats], *, untie: bool
+    checkpoint: Checkpoint,
+    tmp: Path,
+    plan: EditPlan,
+    stats: dict[str, BlockStats],
+    samples: list[Sample],
+    *,
+    untie: bool,
 ) -> dict[str, Any]:
-    """Re-read every output header and check it against the input; check the writers' residuals."""
+    """Check the output before it is renamed into place.
+
+    Every output header must list the input's tensors; every writer's residual along the direction must be
+    below its dtype's noise floor; and a sample of the written bytes (start, middle and end of each edited
+    block and of each copied range) must match what was computed or copied.
+    """
     expected = {info.name: (info.dtype, info.shape) for _, info in checkpoint.tensors()}
     if untie and plan.embedding:
         emb = checkpoint.find(plan.embedding)[1]
@@ -583,8 +563,10 @@ def _verify(
                 f"direction (limit {floor:.1e})"
             )
         worst = max(worst, s.relative_residual)
+    checked = check_samples(samples)
     return {
         "tensors_checked": len(found),
+        "byte_samples_checked": checked,
         "writers_edited": sum(1 for s in stats.values() if s.changed),
         "writers_already_orthogonal": sum(1 for s in stats.values() if not s.changed),
         "max_relative_residual": worst,
@@ -630,46 +612,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class _BackgroundHasher:
-    """SHA-256 of the input shards on a second thread (hashlib releases the GIL), for provenance.
-
-    Files inside a Hub cache are named by their SHA-256 already; those are not read again.
-    """
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._paths = paths
-        self._hashes: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="weightedit-hash")
-        self._thread.start()
-
-    def _run(self) -> None:
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
-        for path in self._paths:
-            real = path.resolve()
-            if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-                self._hashes[path.name] = real.name
-                continue
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    while not self._stop.is_set() and (n := f.readinto(buf)):
-                        h.update(view[:n])
-            except OSError:
-                return
-            if self._stop.is_set():
-                return
-            self._hashes[path.name] = h.hexdigest()
-
-    def result(self) -> dict[str, str]:
-        self._thread.join()
-        return dict(self._hashes)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ __all__ = [
     "convert_gguf",
     "sha256_file",
     "cached_sha256",
+    "known_sha256",
     "remember_sha256",
     "HUB_ALLOW_PATTERNS",
 ]
@@ -125,6 +126,16 @@ def _hash_index() -> Path:
 def _stat_key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def known_sha256(path: Path) -> str | None:
+    """The SHA-256 of ``path`` if it was computed before for the same (path, size, mtime), else ``None``."""
+    try:
+        index = json.loads(_hash_index().read_text())
+    except (OSError, ValueError):
+        return None
+    digest = index.get(_stat_key(path)) if isinstance(index, dict) else None
+    return str(digest) if digest else None
 
 
 def cached_sha256(path: Path) -> str:
