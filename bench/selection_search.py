@@ -29,6 +29,13 @@ from weightedit.modeling import load_model
 from weightedit.selection import SelectionOptions, compute_direction
 
 
+def rule_order(score: dict, max_kl: float) -> tuple[bool, bool, float]:
+    """Selection's preference: both filters passed, then the KL filter passed, then the lowest bypass."""
+    kl_ok = score["kl"] is not None and score["kl"] <= max_kl
+    bypass = score["bypass"] if score["bypass"] is not None else float("inf")
+    return (not score["passes_filters"], not kl_ok, bypass)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -70,11 +77,7 @@ def main() -> None:
         }
 
     thorough, fast = runs["thorough"], runs["fast"]
-    # Rank of fast's pick in thorough's full ordering (passing candidates first, then by bypass).
-    order = sorted(
-        thorough["scores"],
-        key=lambda s: (not s["passes_filters"], s["bypass"] if s["bypass"] is not None else float("inf")),
-    )
+    order = sorted(thorough["scores"], key=lambda s: rule_order(s, base.kl_threshold))
     rank = next(i for i, s in enumerate(order, 1) if (s["layer"], s["position"]) == (fast["layer"], fast["position"]))
     exact = {(s["layer"], s["position"]): s for s in thorough["scores"]}
     first = [(s["predicted_bypass"], exact[(s["layer"], s["position"])]["bypass"]) for s in fast["scores"]]

@@ -287,20 +287,23 @@ def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_pa
 
 def test_every_output_file_and_the_parent_are_flushed(tiny_checkpoints, tmp_path, monkeypatch):
     """Every file of the output is fsynced before the rename, and the parent folder after it."""
+    from weightedit import atomic
+
     real_fsync = os.fsync
-    real_replace = os.replace
+    real_rename = atomic._rename_noreplace
     events: list[tuple[str, str]] = []
 
     def recording_fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
-    def recording_replace(a, b):
+    def recording_rename(a, b):
         events.append(("rename", str(b)))
-        return real_replace(a, b)
+        return real_rename(a, b)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
+    # The output is published by the atomic writer's no-replace rename (renameat2, or os.rename where absent).
+    monkeypatch.setattr(atomic, "_rename_noreplace", recording_rename)
     parent = tmp_path / "outputs"
     parent.mkdir()
     out = orthogonalize_checkpoint(tiny_checkpoints("llama"), parent / "out", random_direction(), progress=False).out
