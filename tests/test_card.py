@@ -125,3 +125,29 @@ def test_card_on_malformed_files_is_a_one_line_error(model, tmp_path, target, co
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("error:") == 1
     assert not (model / "README.md").exists()
+
+
+def test_a_failed_card_write_leaves_the_previous_card(model, monkeypatch):
+    """README.md is replaced in one rename: a write that fails (here: the disk fills at the rename) keeps the
+    previous card byte for byte, and leaves no temporary file beside it."""
+    import errno
+    import os
+
+    from weightedit import atomic
+    from weightedit.card import write_card
+    from weightedit.errors import WriteFailedError
+
+    previous = "---\nlicense: apache-2.0\n---\n# the card before\n"
+    (model / "README.md").write_text(previous, encoding="utf-8")
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(atomic.os, "replace", full_disk)
+    with pytest.raises(WriteFailedError):
+        write_card(model)
+    assert (model / "README.md").read_text(encoding="utf-8") == previous
+    assert not [p.name for p in model.iterdir() if "weightedit-tmp" in p.name]
+    monkeypatch.undo()
+    write_card(model)
+    assert (model / "README.md").read_text(encoding="utf-8") != previous

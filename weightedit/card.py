@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import atomic_file, write_text_atomic
 from .errors import WeighteditError
 from .prompts import LANGUAGE_NAMES
 
@@ -423,7 +424,7 @@ def write_card(folder: Path, *, repo_id: str | None = None, report: Path | None 
         dest.mkdir(exist_ok=True)
         for path in [*inputs.plots, inputs.report_dir / "report.json", inputs.report_dir / "report.md"]:
             if path.is_file():
-                shutil.copy2(path, dest / path.name)
-    path = folder / "README.md"
-    card.save(path)
-    return path
+                with atomic_file(dest / path.name) as tmp:
+                    shutil.copy2(path, tmp)
+    # The card replaces README.md in one rename: an interrupted write leaves the previous card, not half a new one.
+    return write_text_atomic(folder / "README.md", str(card))

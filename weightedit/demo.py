@@ -22,6 +22,7 @@ from .pipeline import direction_for_model, save_direction_result
 from .prompts import LANGUAGES
 from .recipes import demo_recipe, fetch_recipe
 from .selection import SelectionOptions
+from .sources import public_name
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -110,7 +111,11 @@ def _run_stages(
         allow_non_refusing=options.allow_non_refusing,
         check_generations=options.check_generations,
     )
-    wanted = {"n_harmful": sel.n_train, "n_val": sel.n_val, "prompts": sel.prompts or "builtin"}
+    wanted = {
+        "n_harmful": sel.n_train,
+        "n_val": sel.n_val,
+        "prompts": public_name(sel.prompts) if sel.prompts else "builtin",
+    }
     direction = None
     load_s = 0.0  # model loading, reported as its own stage
     if direction_path.exists():

@@ -54,6 +54,7 @@ from .hooks import ablate_as_edit, add
 from .modeling import LoadedModel
 from .prompts import role_prompts
 from .scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, refusal_scores
+from .sources import public_name
 
 __all__ = [
     "Search",
@@ -663,7 +664,7 @@ def compute_direction(
         "n_harmful": options.n_train,
         "n_harmless": options.n_train,
         "n_val": options.n_val,
-        "prompts": options.prompts or "builtin",
+        "prompts": public_name(options.prompts) if options.prompts else "builtin",
         "prompt_splits": splits,
         "search": search,
         "selection": {
