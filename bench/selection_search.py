@@ -44,6 +44,12 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=16)
     parser.add_argument("--allow-non-refusing", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selection")
+    parser.add_argument(
+        "--fast-scores",
+        type=Path,
+        help="Take the fast run from this <direction>.scores.json of `weightedit direction` (same model, prompts and "
+        "options) instead of running it again.",
+    )
     args = parser.parse_args()
 
     console = Console(stderr=True)
@@ -55,7 +61,27 @@ def main() -> None:
         allow_failing_filters=True,  # report what each strategy would choose, whatever it is
     )
     runs = {}
+    if args.fast_scores:
+        saved = json.loads(args.fast_scores.read_text(encoding="utf-8"))
+        c = saved["chosen"]
+        runs["fast"] = {
+            "layer": c["layer"],
+            "position": c["position"],
+            "bypass": c["bypass"],
+            "kl": c["kl"],
+            "induce": c["induce"],
+            "status": saved["status"],
+            "scored_exactly": sum(s["bypass"] is not None for s in saved["candidates"]),
+            "candidates": len(saved["candidates"]),
+            "seconds": round(saved["timings_s"]["total"], 1),
+            "search": saved["search"],
+            "refusal_tokens": saved["refusal_tokens"][args.lang],
+            "scores": saved["candidates"],
+            "from": args.fast_scores.name,
+        }
     for search in ("thorough", "fast"):
+        if search in runs:
+            continue
         options = dataclasses.replace(base, search=search)
         t = time.perf_counter()
         result = compute_direction(loaded, [args.lang], options, progress=True)
@@ -103,7 +129,7 @@ def main() -> None:
         "time ratio",
     ):
         table.add_column(col, justify="right")
-    for name, r in runs.items():
+    for name, r in sorted(runs.items(), key=lambda kv: kv[0] != "thorough"):
         table.add_row(
             name,
             str(r["layer"]),

@@ -329,16 +329,16 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
         atomic_output_dir(out, overwrite=True, record=False) as tmp,
         status(f"dequantizing {path.name} (once; cached)", enabled=progress),
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # Releases that have GgufConfig load GGUF weights quantized unless told to dequantize; the earlier 5.x
+        # releases have no such option and always dequantize.
+        gguf_config = getattr(transformers, "GgufConfig", None)
+        extra = {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                path.parent,
-                gguf_file=path.name,
-                dtype=torch_dtype,
-                quantization_config=GgufConfig(dequantize=True),
-            )
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype, **extra)
         except (ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if isinstance(e, (struct.error, EOFError, IndexError)):
