@@ -22,6 +22,7 @@ from . import __version__
 from .atomic import atomic_file, write_text_atomic
 from .errors import WeighteditError
 from .prompts import LANGUAGE_NAMES
+from .sources import card_front_matter
 
 __all__ = ["CardInputs", "CardError", "build_card", "write_card", "find_report", "findings", "REPORT_DIR_IN_MODEL"]
 
@@ -134,21 +135,6 @@ def _base_model(provenance: dict[str, Any]) -> str | None:
     return None
 
 
-def _card_front_matter(folder: Path) -> dict[str, Any]:
-    card = folder / "README.md"
-    if not card.is_file():
-        return {}
-    try:
-        import yaml
-
-        text = card.read_text(encoding="utf-8")
-        if text.startswith("---"):
-            return yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (OSError, ValueError, IndexError):
-        return {}
-    return {}
-
-
 def _base_languages(provenance: dict[str, Any]) -> list[str] | None:
     """The base model's languages: recorded in the provenance, from its recipe, or from its own model card."""
     source = provenance.get("source") or {}
@@ -157,7 +143,7 @@ def _base_languages(provenance: dict[str, Any]) -> list[str] | None:
             return [value] if isinstance(value, str) else [str(x) for x in value]
     model = source.get("model")
     if isinstance(model, str) and source.get("kind") == "local" and Path(model).is_dir():
-        value = _card_front_matter(Path(model)).get("language")
+        value = card_front_matter(Path(model)).get("language")
         if value:
             return [value] if isinstance(value, str) else [str(x) for x in value]
     return None

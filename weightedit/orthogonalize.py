@@ -40,7 +40,7 @@ from .checkpoint import (
 from .direction import Direction, check_selection
 from .edit import BlockStats, effective_direction, noise_floor, project_out_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
-from .sources import ModelSource, known_sha256, public_name, remember_sha256, resolve_model
+from .sources import ModelSource, card_front_matter, known_sha256, public_name, remember_sha256, resolve_model
 
 __all__ = [
     "EditReport",
@@ -313,8 +313,8 @@ def orthogonalize_checkpoint(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": {
                     **source.provenance(),
-                    "license": source.details.get("license") or _input_card(checkpoint.folder).get("license"),
-                    "language": source.details.get("language") or _input_card(checkpoint.folder).get("language"),
+                    "license": source.details.get("license") or card_front_matter(checkpoint.folder).get("license"),
+                    "language": source.details.get("language") or card_front_matter(checkpoint.folder).get("language"),
                 },
                 "input_shards": input_hashes,
                 "model_type": plan.spec.model_type,
@@ -571,23 +571,6 @@ def _verify(
         "writers_already_orthogonal": sum(1 for s in stats.values() if not s.changed),
         "max_relative_residual": worst,
     }
-
-
-def _input_card(folder: Path) -> dict[str, Any]:
-    """The front matter of the input's model card (its ``license`` and ``language`` carry over to the edit)."""
-    card = folder / "README.md"
-    if not card.is_file():
-        return {}
-    try:
-        import yaml
-
-        text = card.read_text(encoding="utf-8")
-        if text.startswith("---"):
-            front = yaml.safe_load(text.split("---", 2)[1]) or {}
-            return front if isinstance(front, dict) else {}
-    except (OSError, ValueError, IndexError, yaml.YAMLError):
-        return {}
-    return {}
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -364,3 +364,23 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
         )
         del model
     return out, digest
+
+
+def card_front_matter(folder: Path) -> dict[str, Any]:
+    """The YAML front matter of a model folder's ``README.md`` (its model card), or ``{}``.
+
+    The edit carries the base model's ``license`` and ``language`` from it into its own card.
+    """
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return {}
+    try:
+        import yaml
+
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---"):
+            front = yaml.safe_load(text.split("---", 2)[1]) or {}
+            return front if isinstance(front, dict) else {}
+    except (OSError, ValueError, IndexError, yaml.YAMLError):
+        return {}
+    return {}
