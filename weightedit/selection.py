@@ -52,7 +52,7 @@ from .evaluation.judges import Judge, SubstringJudge
 from .evaluation.metrics import generate
 from .hooks import ablate_as_edit, add
 from .modeling import LoadedModel
-from .prompts import role_prompts
+from .prompts import prompt_roles
 from .scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, refusal_scores
 from .sources import public_name
 
@@ -211,8 +211,8 @@ def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> 
     data: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     for kind in ("harmful", "harmless"):
-        fit = role_prompts(src, kind, lang, "fit")  # type: ignore[arg-type]
-        select = role_prompts(src, kind, lang, "select")  # type: ignore[arg-type]
+        roles = prompt_roles(src, kind, lang)  # type: ignore[arg-type]
+        fit, select = roles["fit"], roles["select"]
         data[f"{kind}_train"] = loaded.format(_take(fit.texts, options.n_train, f"{kind} {lang} train", src))
         data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src))
         splits["fit"], splits["select"] = fit.description, select.description

@@ -43,6 +43,7 @@ __all__ = [
     "ROLES",
     "RolePrompts",
     "role_prompts",
+    "prompt_roles",
 ]
 
 Kind = Literal["harmful", "harmless"]
@@ -182,8 +183,8 @@ def _available_splits(source: str | Path | None, kind: Kind, lang: str) -> dict[
     return found
 
 
-def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -> RolePrompts:
-    """The ``kind`` prompts of ``lang`` that play ``role``; the three roles never share a prompt.
+def prompt_roles(source: str | Path | None, kind: Kind, lang: str) -> dict[Role, RolePrompts]:
+    """The ``kind`` prompts of ``lang`` in each of the three roles, which never share a prompt (one read of the source).
 
     - A source with a ``test`` split (the built-in sets): fit = train, select = val (or the last 20% of train
       when there is no val split), judge = test.
@@ -194,8 +195,6 @@ def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -
     Raises:
         PromptsError: the source has no such prompts, or too few to split.
     """
-    if role not in ROLES:
-        raise PromptsError(f"prompt role must be one of {', '.join(ROLES)}, got {role!r}")
     splits = _available_splits(source, kind, lang)
 
     def tail(prompts: list[Prompt], split: str) -> tuple[RolePrompts, RolePrompts]:
@@ -240,7 +239,18 @@ def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -
         fit = RolePrompts(everything[:a], "fit", "all", "first 60%")
         select = RolePrompts(everything[a:b], "select", "all", "next 20%")
         judge = RolePrompts(everything[b:], "judge", "all", "last 20%")
-    return {"fit": fit, "select": select, "judge": judge}[role]
+    return {"fit": fit, "select": select, "judge": judge}
+
+
+def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -> RolePrompts:
+    """The ``kind`` prompts of ``lang`` that play ``role`` (see :func:`prompt_roles` for how a source is split).
+
+    Raises:
+        PromptsError: an unknown role, or the source has no such prompts or too few to split.
+    """
+    if role not in ROLES:
+        raise PromptsError(f"prompt role must be one of {', '.join(ROLES)}, got {role!r}")
+    return prompt_roles(source, kind, lang)[role]
 
 
 def _download_dataset(repo_id: str) -> Path:
