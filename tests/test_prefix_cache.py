@@ -9,14 +9,17 @@ from weightedit.activations import capture_means, last_logprobs
 from weightedit.hooks import ablate, add
 from weightedit.modeling import load_model
 
-from tiny_models import FAMILY_CONFIGS, TIED, make_model, make_tokenizer, planted_prompts, random_direction
-
-# A template with a long shared header, like a default system prompt.
-TEMPLATE = (
-    "<s> <|user|> word1 word2 word3 word4 word5 <|end|> "
-    "{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from tiny_models import (
+    FAMILY_CONFIGS,
+    PREFIX_TEMPLATE,
+    TIED,
+    make_model,
+    make_tokenizer,
+    planted_prompts,
+    random_direction,
 )
+
+TEMPLATE = PREFIX_TEMPLATE
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))

@@ -125,6 +125,14 @@ CHAT_TEMPLATE = (
 )
 
 
+# A template with a long shared header, like a default system prompt.
+PREFIX_TEMPLATE = (
+    "<s> <|user|> word1 word2 word3 word4 word5 <|end|> "
+    "{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def make_tokenizer(template: str = CHAT_TEMPLATE):
     """A word-level tokenizer over SPECIAL + TRIGGERS + NEUTRAL words, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .._progress import progress_bar
-from ..modeling import LoadedModel
+from ..activations import _cache_keyword, _output_cache, _prefix_cache
+from ..modeling import Batch, LoadedModel, batches
 
 __all__ = [
     "token_nll",
     "token_nll_per_text",
     "perplexity",
     "generate",
+    "generate_ids",
+    "stop_token_ids",
     "extract_number",
     "parse_number",
     "numbers_match",
@@ -78,38 +83,114 @@ def perplexity(nll: float, count: int) -> float:
     return math.exp(nll / count) if count else float("nan")
 
 
-@torch.inference_mode()
+def stop_token_ids(loaded: LoadedModel) -> set[int]:
+    """The tokens that end a completion: the generation config's EOS ids (what ``model.generate`` stops on),
+    else the tokenizer's EOS token."""
+    config = getattr(loaded.model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
+
+
 def generate(
     loaded: LoadedModel,
     texts: Sequence[str],
     *,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 96,
     batch_size: int = 24,
     progress: bool = False,
     description: str = "generating",
 ) -> list[str]:
-    """Greedy completions of formatted prompts (batched, left padding)."""
-    from ..modeling import batches
+    """Greedy completions of formatted prompts, decoded (see :func:`generate_ids`)."""
+    ids = generate_ids(
+        loaded, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description=description
+    )
+    return [loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
-    out: list[str] = [""] * len(texts)
-    tok = loaded.tokenizer
+
+@torch.inference_mode()
+def generate_ids(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 24,
+    progress: bool = False,
+    description: str = "generating",
+) -> list[list[int]]:
+    """New token ids of the greedy completion of each formatted prompt, ending with its first EOS token or
+    after ``max_new_tokens``.
+
+    Prompts are sorted by length and batched with left padding; the token prefix all prompts share (the
+    chat template's system prompt and header) is run once and its keys and values reused by every batch
+    (where the model allows it, see ``LoadedModel.prefix_caching``); a row that reaches EOS leaves the
+    batch, so the remaining steps cost only the rows still writing. The tokens are those of
+    ``model.generate(do_sample=False)`` on the same prompts (tested in every registered family).
+    """
+    out: list[list[int]] = [[] for _ in texts]
+    stop = torch.tensor(sorted(stop_token_ids(loaded)), dtype=torch.long, device=loaded.device)
+    keyword = _cache_keyword(loaded.model)
+    prefix_cache = None
     with progress_bar(description, len(texts), enabled=progress) as bar:
-        for batch in batches(loaded, texts, batch_size):
-            generated = loaded.model.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-            )
-            new = generated[:, batch.input_ids.shape[1] :]
-            for i, row in zip(batch.index, new, strict=True):
-                out[i] = tok.decode(row, skip_special_tokens=True).strip()
+        for batch in batches(loaded, texts, batch_size, split_prefix=loaded.prefix_caching):
+            if prefix_cache is None:
+                prefix_cache = _prefix_cache(loaded, batch.prefix)
+            rows = _greedy(loaded, batch, prefix_cache, stop, max_new_tokens, keyword)
+            for i, ids in zip(batch.index, rows, strict=True):
+                out[i] = ids
             bar.advance(len(batch.index))
     return out
+
+
+def _greedy(
+    loaded: LoadedModel, batch: Batch, prefix_cache: Any, stop: torch.Tensor, max_new_tokens: int, keyword: str
+) -> list[list[int]]:
+    """New token ids of each row of ``batch`` (greedy), finished rows dropped from the cache as they end."""
+    n = batch.input_ids.shape[0]
+    mask = batch.attention_mask
+    if prefix_cache is not None and batch.prefix is not None:
+        p = batch.prefix.numel()
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=mask.device), mask], 1)
+        positions = (p + batch.attention_mask.long().cumsum(-1) - 1).clamp(min=p)
+    else:
+        cache = None
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    new: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens <= 0:
+        return new
+    alive = torch.arange(n, device=mask.device)
+    ids = batch.input_ids
+    for step in range(max_new_tokens):
+        model_out = loaded.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **({keyword: cache} if cache is not None else {}),
+        )
+        cache = _output_cache(model_out)
+        next_ids = model_out.logits[:, -1].argmax(-1)
+        for row, token in zip(alive.tolist(), next_ids.tolist(), strict=True):
+            new[row].append(token)
+        if step == max_new_tokens - 1:
+            break
+        running = ~torch.isin(next_ids, stop)
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, mask, positions, next_ids = alive[keep], mask[keep], positions[keep], next_ids[keep]
+        ids = next_ids[:, None]
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
+        positions = positions[:, -1:] + 1
+    return new
 
 
 # MGSM: the instruction appended to each question, and the word that introduces the answer, per language.

@@ -261,9 +261,17 @@ def measure_model(
         )
         seconds["load"] = time.perf_counter() - t
         try:
+            measured: list[tuple[EvalData, LanguageRun]] = []
             for data in pending:
                 ref = reference[data.lang] if reference else None
-                run = _measure_language(loaded, data, options, ref, seconds, progress=progress, label=label)
+                measured.append(
+                    (data, _measure_language(loaded, data, options, ref, seconds, progress=progress, label=label))
+                )
+            t = time.perf_counter()
+            _generate_all(loaded, measured, options, progress=progress, label=label)
+            seconds["generate"] += time.perf_counter() - t
+            for data, run in measured:
+                ref = reference[data.lang] if reference else None
                 path = _cache_path(fingerprint, data, options, ref.tokens if ref else None)
                 _save_run(run, path, keep_logprobs=True)
                 if not keep_logprobs:
@@ -350,39 +358,59 @@ def _measure_language(
     run.nll, run.nll_tokens = math.fsum(run.nll_per_text), sum(run.tokens_per_text)
     seconds["perplexity"] += time.perf_counter() - t
 
-    t = time.perf_counter()
-    gen = dict(max_new_tokens=options.max_new_tokens, batch_size=options.gen_batch_size, progress=progress)
-    if options.generate:
-        run.harmful_generations = generate(
-            loaded, harmful_texts[: options.generate], description=f"{label} {lang}: generating (harmful)", **gen
-        )
+    return run
+
+
+def _generate_all(
+    loaded: LoadedModel,
+    measured: list[tuple[EvalData, LanguageRun]],
+    options: EvalOptions,
+    *,
+    progress: bool,
+    label: str,
+) -> None:
+    """Every greedy completion the options ask for, for all languages in one pass per length limit.
+
+    Pooling the languages lets batches be filled with prompts of similar length whatever their language,
+    and the chat template's shared prefix is computed once for all of them.
+    """
+    jobs: dict[int, list[tuple[LanguageRun, str, str]]] = {}  # max_new_tokens -> (run, field, formatted text)
+    for data, run in measured:
+        lang = data.lang
+        for text in loaded.format(data.harmful[: options.generate]):
+            jobs.setdefault(options.max_new_tokens, []).append((run, "harmful_generations", text))
         run.harmful_gen_scores = run.harmful_scores[: options.generate]
-    if options.generate_harmless:
-        run.harmless_generations = generate(
-            loaded,
-            harmless_texts[: options.generate_harmless],
-            description=f"{label} {lang}: generating (harmless)",
-            **gen,
-        )
-    if data.xstest and options.generate:
-        run.xstest_generations = generate(
-            loaded, loaded.format(data.xstest[: options.generate]), description=f"{label} XSTest: generating", **gen
-        )
-    if data.mgsm:
-        suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
+        for text in loaded.format(data.harmless[: options.generate_harmless]):
+            jobs.setdefault(options.max_new_tokens, []).append((run, "harmless_generations", text))
+        if data.xstest and options.generate:
+            for text in loaded.format(data.xstest[: options.generate]):
+                jobs.setdefault(options.max_new_tokens, []).append((run, "xstest_generations", text))
+        if data.mgsm:
+            suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
+            for text in loaded.format([f"{q}\n{suffix}" for q, _ in data.mgsm]):
+                jobs.setdefault(options.mgsm_max_new_tokens, []).append((run, "_mgsm", text))
+    langs = ", ".join(data.lang for data, _ in measured)
+    for max_new_tokens, rows in sorted(jobs.items()):
         completions = generate(
             loaded,
-            loaded.format([f"{q}\n{suffix}" for q, _ in data.mgsm]),
-            max_new_tokens=options.mgsm_max_new_tokens,
+            [text for _, _, text in rows],
+            max_new_tokens=max_new_tokens,
             batch_size=options.gen_batch_size,
             progress=progress,
-            description=f"{label} {lang}: MGSM",
+            description=f"{label}: generating ≤{max_new_tokens} tokens ({langs})",
         )
-        run.mgsm_correct = [
-            numbers_match(extract_number(c, lang), a) for c, (_, a) in zip(completions, data.mgsm, strict=True)
-        ]
-    seconds["generate"] += time.perf_counter() - t
-    return run
+        mgsm: dict[str, list[str]] = {}
+        for (run, name, _), completion in zip(rows, completions, strict=True):
+            if name == "_mgsm":
+                mgsm.setdefault(run.lang, []).append(completion)
+            else:
+                getattr(run, name).append(completion)
+        for data, run in measured:
+            if data.lang in mgsm:
+                run.mgsm_correct = [
+                    numbers_match(extract_number(c, data.lang), a)
+                    for c, (_, a) in zip(mgsm[data.lang], data.mgsm, strict=True)
+                ]
 
 
 def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
