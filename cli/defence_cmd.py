@@ -63,9 +63,18 @@ def verify_defence(
     ] = 0.2,
     limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 16,
     generate: Annotated[
+        int | None,
+        typer.Option(
+            "--generate",
+            help="Harmful prompts per language to complete and judge [default: every one, = --limit]; "
+            "0 = first-token scores only (a quick look).",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
         int,
-        typer.Option("--generate", help="Harmful prompts per language to complete and judge (0 = first-token scores)."),
-    ] = 0,
+        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
+    ] = 96,
     judge: Annotated[
         str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH.")
     ] = "substring",
@@ -109,6 +118,7 @@ def verify_defence(
         prompts=prompts,
         limit=limit,
         generate=generate,
+        max_new_tokens=max_new_tokens,
         judge=judge,
         batch_size=batch_size,
         dtype=dtype,

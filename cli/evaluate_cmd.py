@@ -99,16 +99,26 @@ def evaluate(
     ] = "auto",
     limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
     generate: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--generate",
-            help="Harmful prompts per language to complete greedily and judge (0 = first-token scores only).",
+            help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
+            "[default: every evaluated prompt, = --limit]; 0 = first-token scores only (a quick look).",
+            show_default=False,
         ),
-    ] = 0,
+    ] = None,
     generate_harmless: Annotated[
-        int, typer.Option("--generate-harmless", help="Harmless prompts per language to complete and judge.")
-    ] = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per completion.")] = 48,
+        int | None,
+        typer.Option(
+            "--generate-harmless",
+            help="Harmless prompts per language to complete and judge (over-refusal) [default: = --limit].",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
+    ] = 96,
     judge: Annotated[
         str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
     ] = "substring",
@@ -119,7 +129,9 @@ def evaluate(
             help="Folder of <lang>.jsonl with a 'text' field (FLORES/SIB) for perplexity; default: built-in parallel sentences.",
         ),
     ] = None,
-    ppl_limit: Annotated[int, typer.Option("--ppl-limit", help="Sentences per language for perplexity.")] = 16,
+    ppl_limit: Annotated[
+        int, typer.Option("--ppl-limit", help="Sentences per language for perplexity (the built-in set has 32).")
+    ] = 100,
     xstest: Annotated[
         Path | None, typer.Option("--xstest", help="XSTest JSONL; its safe prompts measure over-refusal (English).")
     ] = None,

@@ -72,6 +72,11 @@ def run_defence(model, prompts, out, *extra, n_val="8", limit="8"):
         "--out",
         str(out),
         "--quiet",
+        # The tiny models' refusal is the token REFUSE, which no phrase list knows: judge by its score.
+        "--judge",
+        "score",
+        "--max-new-tokens",
+        "4",
         *extra,
     ]
     return CliRunner().invoke(app, args)
@@ -99,8 +104,19 @@ def check_report_files(out, data):
     assert data["schema"] == defence.SCHEMA
     md = (out / "defence.md").read_text()
     assert f"**Verdict: {data['verdict']}**" in md and "defence.png" in md
+    assert data["split"].startswith("test split") and data["judge"]["name"] == data["options"]["judge"]
+    assert "Wilson 95%" in md and data["split"] in md
     for lang, v in data["languages"].items():
         assert f"| {v['name']} ({lang}) |" in md and v["verdict"] in md
+        # Every rate carries its counts, interval and method: judged generations of every test prompt.
+        for detail in (v["refusal_before_detail"], v["refusal_after_worst_detail"]):
+            if detail is None:
+                continue
+            assert (
+                detail["method"] == "judge" and detail["n"] == data["options"]["limit"] == data["options"]["generate"]
+            )
+            assert detail["rate"] == detail["k"] / detail["n"]
+            assert detail["ci"][0] <= detail["rate"] <= detail["ci"][1]
     for attack in data["attacks"]:
         assert f"| {attack['name']} |" in md
         assert attack["layer"] <= MAX_CANDIDATE_LAYER

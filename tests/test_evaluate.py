@@ -122,6 +122,34 @@ def test_report_before_and_after_the_edit(models, tmp_path):
     assert str(models[0].parent) not in (out / "report.json").read_text()  # ... nor in report.json (it is published)
 
 
+def test_default_headline_rates_come_from_judged_generations(models, tmp_path):
+    """Without --generate every evaluated prompt, harmful and harmless, is completed and judged; the judged
+    shares are the headline rates. --generate 0 falls back to first-token scores and the report says so."""
+    out = tmp_path / "default"
+    result = run_evaluate(models, out, "--judge", "score")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    assert report["options"]["generate"] == 8 and report["options"]["max_new_tokens"] == 96
+    for v in report["languages"].values():
+        for side in ("baseline", "edited"):
+            m = v[side]
+            assert m["refusal_method"] == "judge" and m["refusal_n"] == 8 and m["n_generated"] == 8
+            assert m["overrefusal_method"] == "judge" and m["overrefusal_n"] == 8 == m["n_overrefusal_judged"]
+        assert (v["baseline"]["refusal_k"], v["edited"]["refusal_k"]) == (8, 0)
+    md = (out / "report.md").read_text()
+    assert "whose greedy generation the judge counts as a refusal" in md
+
+    quick = tmp_path / "quick"
+    result = run_evaluate(models, quick, "--generate", "0", "--generate-harmless", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((quick / "report.json").read_text())
+    for v in report["languages"].values():
+        assert v["edited"]["refusal_method"] == "score" and v["edited"]["overrefusal_method"] == "score"
+        assert v["edited"]["n_generated"] == 0
+    assert "no generations were judged" in (quick / "report.md").read_text()
+
+
 def test_judged_report_carries_the_judges_measured_quality(models, tmp_path):
     out = tmp_path / "report"
     result = run_evaluate(models, out, "--generate", "2")

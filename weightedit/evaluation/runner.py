@@ -2,8 +2,8 @@
 
 Cheap forward-pass metrics come first and always run: the first-token refusal score on harmful and
 harmless prompts, KL divergence to the baseline's next-token distribution, and perplexity on parallel
-sentences. Greedy generation, judged per language, is an optional, expensive layer on top
-(``generate=N`` prompts per language). Baseline measurements are cached on disk, keyed by the model's
+sentences. Greedy generations, judged per language, give the headline refusal rates (every evaluated
+prompt by default; ``generate=0`` keeps only the forward metrics, for a quick look). Baseline measurements are cached on disk, keyed by the model's
 content hash, the prompts and the options, so evaluating several edits of one model costs one baseline.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..activations import last_logprobs
-from ..errors import EvaluationError, PromptsError
+from ..errors import EvaluationError, OptionsError, PromptsError
 from ..modeling import LoadedModel, load_model
 from ..prompts import LANGUAGES, load_prompts, role_prompts
 from ..scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
@@ -42,14 +42,17 @@ class EvalOptions:
     # direction selection or a defence attack uses; or a split name (train/val/test) to force one.
     split: str = "auto"
     limit: int = 32  # harmful and harmless prompts per language
-    generate: int = 0  # harmful prompts per language to complete and judge (0 = forward metrics only)
-    generate_harmless: int = 0  # harmless prompts per language to complete and judge
-    max_new_tokens: int = 48
+    # Prompts per language to complete greedily and judge; the judged share is the headline refusal rate.
+    # None = every evaluated prompt (``limit``); 0 = none (first-token scores only, for quick looks).
+    generate: int | None = None
+    generate_harmless: int | None = None
+    # Long enough for refusals that open with a preamble; each completion stops at the model's EOS.
+    max_new_tokens: int = 96
     judge: str = "substring"
     batch_size: int = 16
     gen_batch_size: int = 24
     ppl_source: str | None = None  # folder of <lang>.jsonl with a "text" field (FLORES/SIB); None = built-in
-    ppl_limit: int = 16
+    ppl_limit: int = 100  # FLORES/SIB sentences per language (the built-in set has 32)
     xstest: str | None = None  # JSONL with "instruction" and "label" (safe/unsafe)
     xstest_limit: int = 32
     mgsm: str | None = None  # folder of <lang>.jsonl with "question" and "answer"
@@ -61,9 +64,29 @@ class EvalOptions:
     seed: int = 0
     trust_remote_code: bool = False  # allow the model repo's own modeling code (how it loads, not what is measured)
 
+    def __post_init__(self) -> None:
+        for name in ("limit", "max_new_tokens", "batch_size", "gen_batch_size", "ppl_limit"):
+            if int(getattr(self, name)) < 1:
+                raise OptionsError(name, getattr(self, name), "must be at least 1")
+        for name in ("generate", "generate_harmless", "xstest_limit", "mgsm_limit"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 0:
+                raise OptionsError(name, value, "must be 0 (none) or more")
+
+    @property
+    def n_generate(self) -> int:
+        """Harmful prompts per language that are completed and judged."""
+        return self.limit if self.generate is None else min(self.generate, self.limit)
+
+    @property
+    def n_generate_harmless(self) -> int:
+        """Harmless prompts per language that are completed and judged."""
+        return self.limit if self.generate_harmless is None else min(self.generate_harmless, self.limit)
+
     def key(self) -> dict[str, Any]:
         """The options that change what is measured (not how fast)."""
         d = asdict(self)
+        d["generate"], d["generate_harmless"] = self.n_generate, self.n_generate_harmless
         for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge", "trust_remote_code"):
             d.pop(k)
         if self.chat_template:  # the template's text, not its path, changes what is measured
@@ -377,13 +400,13 @@ def _generate_all(
     jobs: dict[int, list[tuple[LanguageRun, str, str]]] = {}  # max_new_tokens -> (run, field, formatted text)
     for data, run in measured:
         lang = data.lang
-        for text in loaded.format(data.harmful[: options.generate]):
+        for text in loaded.format(data.harmful[: options.n_generate]):
             jobs.setdefault(options.max_new_tokens, []).append((run, "harmful_generations", text))
-        run.harmful_gen_scores = run.harmful_scores[: options.generate]
-        for text in loaded.format(data.harmless[: options.generate_harmless]):
+        run.harmful_gen_scores = run.harmful_scores[: options.n_generate]
+        for text in loaded.format(data.harmless[: options.n_generate_harmless]):
             jobs.setdefault(options.max_new_tokens, []).append((run, "harmless_generations", text))
-        if data.xstest and options.generate:
-            for text in loaded.format(data.xstest[: options.generate]):
+        if data.xstest and options.n_generate:
+            for text in loaded.format(data.xstest[: options.n_generate]):
                 jobs.setdefault(options.max_new_tokens, []).append((run, "xstest_generations", text))
         if data.mgsm:
             suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
