@@ -37,8 +37,26 @@ def demo(
         int, typer.Option("--limit", help="Harmful and harmless prompts per language in the evaluation.")
     ] = 12,
     generate: Annotated[
-        int, typer.Option("--generate", help="Harmful prompts per language to complete and judge (slow on a CPU).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--generate",
+            help="Harmful prompts per language to complete and judge [default: every one, = --limit]; "
+            "0 = first-token scores only (a quick look).",
+            show_default=False,
+        ),
+    ] = None,
+    generate_harmless: Annotated[
+        int | None,
+        typer.Option(
+            "--generate-harmless",
+            help="Harmless prompts per language to complete and judge (over-refusal) [default: = --limit].",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
+    ] = 96,
     prompts: PromptsOpt = None,
     batch_size: BatchOpt = 16,
     allow_non_refusing: AllowNonRefusingOpt = False,
@@ -59,6 +77,8 @@ def demo(
         n_val=n_val,
         limit=limit,
         generate=generate,
+        generate_harmless=generate_harmless,
+        max_new_tokens=max_new_tokens,
         prompts=prompts,
         batch_size=batch_size,
         allow_non_refusing=allow_non_refusing,

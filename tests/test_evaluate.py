@@ -145,9 +145,13 @@ def test_default_headline_rates_come_from_judged_generations(models, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((quick / "report.json").read_text())
     for v in report["languages"].values():
-        assert v["edited"]["refusal_method"] == "score" and v["edited"]["overrefusal_method"] == "score"
-        assert v["edited"]["n_generated"] == 0
-    assert "no generations were judged" in (quick / "report.md").read_text()
+        assert v["edited"]["refusal_method"] == "score" and v["edited"]["n_generated"] == 0
+        # Over-refusal is a rate a user reads: without judged generations it is not measured (the score-based
+        # share stays a secondary field).
+        assert v["edited"]["overrefusal_method"] is None and v["edited"]["overrefusal_rate"] is None
+        assert v["edited"]["overrefusal_rate_score"] is not None
+    md = (quick / "report.md").read_text()
+    assert "no generations were judged" in md and "Over-refusal = not measured" in md
 
 
 def test_judged_report_carries_the_judges_measured_quality(models, tmp_path):

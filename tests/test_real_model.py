@@ -92,6 +92,8 @@ def test_demo_pipeline_end_to_end_on_smollm2(smollm2, tmp_path):
         "4",
         "--generate",
         "2",
+        "--max-new-tokens",
+        "32",
         # SmolLM2 refuses nothing (test_smollm2_direction_with_defaults_never_ships_a_broken_model): the demo
         # runs its mechanics only when told to use a non-refusing language.
         "--allow-non-refusing",

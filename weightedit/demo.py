@@ -36,9 +36,13 @@ class DemoOptions:
     n_train: int = 32
     n_val: int = 12
     top_k: int = 6
+    # The demo's evaluation budget (README, "What the demo measures"): 12 held-out test prompts per kind and
+    # language, every one completed and judged, up to max_new_tokens tokens each.
     limit: int = 12
-    ppl_limit: int = 8
-    generate: int = 0
+    ppl_limit: int = 12
+    generate: int | None = None  # None: every evaluated prompt
+    generate_harmless: int | None = None
+    max_new_tokens: int = 96
     batch_size: int = 16
     prompts: str | None = None
     allow_non_refusing: bool = False  # for models that refuse nothing (mechanics only; see SelectionOptions)
@@ -158,6 +162,8 @@ def _run_stages(
         limit=options.limit,
         ppl_limit=options.ppl_limit,
         generate=options.generate,
+        generate_harmless=options.generate_harmless,
+        max_new_tokens=options.max_new_tokens,
         batch_size=options.batch_size,
     )
     with atomic_output_dir(out / "report", overwrite=True) as tmp:
