@@ -5,9 +5,10 @@
 
 Loads the model once and times, on the same held-out (test-split) harmful prompts of every language:
 
-- scoring (next-token log-probabilities after each prompt, what refusal scores, KL and selection use):
-  *before* = one call per language with every prompt run in full; *after* = one call for all languages
-  with the chat template's shared prefix computed once (``LoadedModel.prefix_caching``);
+- scoring (next-token log-probabilities after each harmful and harmless prompt: refusal scores and KL):
+  *before* = one call per language and kind with every prompt run in full; *after* = what the evaluator
+  does, one call per language with both kinds together (fuller batches) and the chat template's shared
+  prefix computed once (``LoadedModel.prefix_caching``);
 - generation (greedy completions of up to ``--max-new-tokens`` tokens, what the judge reads):
   *before* = ``model.generate`` once per language (a batch runs until its longest row ends);
   *after* = weightedit's loop over all languages pooled and sorted by length, shared prefix reused,
@@ -73,27 +74,48 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval-speed")
     args = parser.parse_args()
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=160)
     langs = args.langs.split(",")
     loaded = load_model(args.model, progress=True)
     per_lang = {lang: loaded.format(role_prompts(None, "harmful", lang, "judge").texts[: args.n]) for lang in langs}
+    harmless = {lang: loaded.format(role_prompts(None, "harmless", lang, "judge").texts[: args.n]) for lang in langs}
     pooled = [t for texts in per_lang.values() for t in texts]
     n_prompts = len(pooled)
     rows: list[dict] = []
+    last_logprobs(loaded, pooled[:2], batch_size=2)  # warm-up (first-call allocations), not timed
 
-    # Scoring.
+    # Scoring: harmful and harmless prompts of every language.
     caching = loaded.prefix_caching
     loaded.prefix_caching = False
     t = time.perf_counter()
-    before_lp = torch.cat([last_logprobs(loaded, texts, batch_size=args.batch_size) for texts in per_lang.values()])
+    before_lp = [
+        last_logprobs(loaded, kind[lang], batch_size=args.batch_size) for lang in langs for kind in (per_lang, harmless)
+    ]
     s_before = time.perf_counter() - t
     loaded.prefix_caching = caching
     t = time.perf_counter()
-    after_lp = last_logprobs(loaded, pooled, batch_size=args.batch_size)
+    after_lp = [last_logprobs(loaded, per_lang[lang] + harmless[lang], batch_size=args.batch_size) for lang in langs]
     s_after = time.perf_counter() - t
-    max_diff = float((before_lp - after_lp).abs().max())
-    rows.append({"stage": "scoring", "path": "per language, full prompts", "seconds": s_before, "tokens": None})
-    rows.append({"stage": "scoring", "path": "pooled, shared prefix once", "seconds": s_after, "tokens": None})
+    max_diff = float((torch.cat(before_lp) - torch.cat(after_lp)).abs().max())
+    n_scored = 2 * n_prompts
+    rows.append(
+        {
+            "stage": "scoring",
+            "path": "per language and kind, full prompts",
+            "seconds": s_before,
+            "tokens": None,
+            "n": n_scored,
+        }
+    )
+    rows.append(
+        {
+            "stage": "scoring",
+            "path": "per language, kinds together, shared prefix once",
+            "seconds": s_after,
+            "tokens": None,
+            "n": n_scored,
+        }
+    )
 
     # Generation.
     console.print(f"generating {n_prompts} completions twice (≤{args.max_new_tokens} tokens)…")
@@ -107,7 +129,13 @@ def main() -> None:
     same = sum(a == b for a, b in zip(before_flat, after, strict=True))
     new_tokens = sum(len(ids) for ids in after)
     rows.append(
-        {"stage": "generation", "path": "model.generate per language", "seconds": g_before, "tokens": new_tokens}
+        {
+            "stage": "generation",
+            "path": "model.generate per language",
+            "seconds": g_before,
+            "tokens": new_tokens,
+            "n": n_prompts,
+        }
     )
     rows.append(
         {
@@ -118,11 +146,13 @@ def main() -> None:
         }
     )
 
-    table = Table(title=f"evaluation throughput on {args.model}: {len(langs)} languages × {args.n} test prompts")
+    table = Table(
+        title=f"evaluation throughput on {args.model}: {len(langs)} languages × {args.n} test prompts per kind"
+    )
     for col in ("stage", "path", "seconds", "prompts/s", "new tokens/s", "speed-up"):
         table.add_column(col, justify="right" if col not in ("stage", "path") else "left")
     for i, r in enumerate(rows):
-        r["prompts_per_s"] = n_prompts / r["seconds"]
+        r["prompts_per_s"] = r["n"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["tokens"] else None
         r["speedup"] = rows[i - 1]["seconds"] / r["seconds"] if i % 2 else 1.0
         table.add_row(

@@ -31,7 +31,8 @@ from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perpl
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
 
-CACHE_VERSION = 3  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts
+CACHE_VERSION = 4  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts;
+# 4: one scoring pass per language, EOS-stopped generations
 
 
 @dataclass(frozen=True)
@@ -328,30 +329,32 @@ def _measure_language(
 ) -> LanguageRun:
     lang = data.lang
     t = time.perf_counter()
-    harmful_texts = loaded.format(data.harmful)
-    harmless_texts = loaded.format(data.harmless)
-    lp_h = last_logprobs(
-        loaded, harmful_texts, batch_size=options.batch_size, progress=progress, description=f"{label} {lang}: harmful"
-    )
-    lp_b = last_logprobs(
-        loaded,
-        harmless_texts,
-        batch_size=options.batch_size,
-        progress=progress,
-        description=f"{label} {lang}: harmless",
-    )
+    # One pass over every prompt of the language (harmful, harmless, the fit prompts the refusal tokens come
+    # from, XSTest): fuller batches than one call per kind, and the shared prefix computed once.
+    parts: dict[str, list[str]] = {"harmful": data.harmful, "harmless": data.harmless}
     if reference is None:
-        fit_h = last_logprobs(loaded, loaded.format(data.token_harmful or data.harmful), batch_size=options.batch_size)
-        fit_b = last_logprobs(
-            loaded, loaded.format(data.token_harmless or data.harmless), batch_size=options.batch_size
-        )
-        tokens = derive_refusal_tokens(mean_probs(fit_h), mean_probs(fit_b), loaded.tokenizer)
+        parts["fit_harmful"] = data.token_harmful or data.harmful
+        parts["fit_harmless"] = data.token_harmless or data.harmless
+    if data.xstest:
+        parts["xstest"] = data.xstest
+    texts = [text for kind in parts.values() for text in loaded.format(kind)]
+    lp_all = last_logprobs(
+        loaded, texts, batch_size=options.batch_size, progress=progress, description=f"{label} {lang}: scoring"
+    )
+    lp: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, kind in parts.items():
+        lp[name] = lp_all[start : start + len(kind)]
+        start += len(kind)
+    if reference is None:
+        tokens = derive_refusal_tokens(mean_probs(lp["fit_harmful"]), mean_probs(lp["fit_harmless"]), loaded.tokenizer)
     else:
         tokens = reference.tokens
+    lp_b = lp["harmless"].clone()  # kept (for KL) without holding on to the whole pass
     run = LanguageRun(
         lang=lang,
         tokens=tokens,
-        harmful_scores=refusal_scores(lp_h, tokens.ids).tolist(),
+        harmful_scores=refusal_scores(lp["harmful"], tokens.ids).tolist(),
         harmless_scores=refusal_scores(lp_b, tokens.ids).tolist(),
         nll=0.0,
         nll_tokens=0,
@@ -359,15 +362,9 @@ def _measure_language(
     )
     if reference is not None and reference.harmless_logprobs is not None:
         run.kl = kl_divergence(reference.harmless_logprobs, lp_b).tolist()
-    if data.xstest:
-        lp_x = last_logprobs(
-            loaded,
-            loaded.format(data.xstest),
-            batch_size=options.batch_size,
-            progress=progress,
-            description=f"{label} {lang}: XSTest",
-        )
-        run.xstest_scores = refusal_scores(lp_x, tokens.ids).tolist()
+    if "xstest" in lp:
+        run.xstest_scores = refusal_scores(lp["xstest"], tokens.ids).tolist()
+    del lp, lp_all
     seconds["forward"] += time.perf_counter() - t
 
     t = time.perf_counter()
