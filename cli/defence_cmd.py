@@ -66,7 +66,7 @@ def verify_defence(
         int | None,
         typer.Option(
             "--generate",
-            help="Harmful prompts per language to complete and judge [default: every one, = --limit]; "
+            help="Harmful prompts per language to complete and judge (default: every one, = --limit); "
             "0 = first-token scores only (a quick look).",
             show_default=False,
         ),

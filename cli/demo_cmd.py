@@ -34,29 +34,32 @@ def demo(
     n_train: Annotated[int, typer.Option("--n-train", help="Prompts per kind for the direction.")] = 32,
     n_val: Annotated[int, typer.Option("--n-val", help="Prompts per kind for selection.")] = 12,
     limit: Annotated[
-        int, typer.Option("--limit", help="Harmful and harmless prompts per language in the evaluation.")
-    ] = 12,
+        int, typer.Option("--limit", help="Held-out harmful and harmless prompts per language in the evaluation.")
+    ] = 8,
     generate: Annotated[
         int | None,
         typer.Option(
             "--generate",
-            help="Harmful prompts per language to complete and judge [default: every one, = --limit]; "
+            help="Harmful prompts per language to complete and judge (default: every one, = --limit); "
             "0 = first-token scores only (a quick look).",
             show_default=False,
         ),
     ] = None,
     generate_harmless: Annotated[
-        int | None,
+        int,
         typer.Option(
             "--generate-harmless",
-            help="Harmless prompts per language to complete and judge (over-refusal) [default: = --limit].",
-            show_default=False,
+            help="Harmless prompts per language to complete and judge (over-refusal; 0 = not measured, the demo's "
+            "budget: use `weightedit evaluate` for it).",
         ),
-    ] = None,
+    ] = 0,
     max_new_tokens: Annotated[
         int,
-        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
-    ] = 96,
+        typer.Option(
+            "--max-new-tokens",
+            help="Tokens per completion at most (each stops at the model's EOS); 64 in the demo's budget.",
+        ),
+    ] = 64,
     prompts: PromptsOpt = None,
     batch_size: BatchOpt = 16,
     allow_non_refusing: AllowNonRefusingOpt = False,

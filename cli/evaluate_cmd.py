@@ -103,7 +103,7 @@ def evaluate(
         typer.Option(
             "--generate",
             help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
-            "[default: every evaluated prompt, = --limit]; 0 = first-token scores only (a quick look).",
+            "(default: every evaluated prompt, = --limit); 0 = first-token scores only (a quick look).",
             show_default=False,
         ),
     ] = None,
@@ -111,7 +111,7 @@ def evaluate(
         int | None,
         typer.Option(
             "--generate-harmless",
-            help="Harmless prompts per language to complete and judge (over-refusal) [default: = --limit].",
+            help="Harmless prompts per language to complete and judge (over-refusal; default: = --limit).",
             show_default=False,
         ),
     ] = None,

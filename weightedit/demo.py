@@ -36,13 +36,15 @@ class DemoOptions:
     n_train: int = 32
     n_val: int = 12
     top_k: int = 6
-    # The demo's evaluation budget (README, "What the demo measures"): 12 held-out test prompts per kind and
-    # language, every one completed and judged, up to max_new_tokens tokens each.
-    limit: int = 12
+    # The demo's evaluation budget (README, "What the demo prints"): generation costs ~0.1 s a token on a 2-core
+    # CPU, so the demo judges 8 held-out test prompts per language, completed up to 64 tokens (on this model
+    # 1 of 168 verdicts differs from 128 tokens, bench/results/generation-length/), and leaves over-refusal
+    # to `evaluate` (harmless prompts are answered in full by both models: the most expensive part).
+    limit: int = 8
     ppl_limit: int = 12
     generate: int | None = None  # None: every evaluated prompt
-    generate_harmless: int | None = None
-    max_new_tokens: int = 96
+    generate_harmless: int | None = 0
+    max_new_tokens: int = 64
     batch_size: int = 16
     prompts: str | None = None
     allow_non_refusing: bool = False  # for models that refuse nothing (mechanics only; see SelectionOptions)

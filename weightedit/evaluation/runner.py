@@ -31,7 +31,9 @@ from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perpl
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
 
-CACHE_VERSION = 4  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts;
+CACHE_VERSION = (
+    4  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts;
+)
 # 4: one scoring pass per language, EOS-stopped generations
 
 
