@@ -140,9 +140,10 @@ def main() -> None:
     rows.append(
         {
             "stage": "generation",
-            "path": "pooled, prefix reused, EOS rows dropped",
+            "path": "all languages pooled, prefix reused, EOS rows dropped",
             "seconds": g_after,
             "tokens": new_tokens,
+            "n": n_prompts,
         }
     )
 
