@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
+from weightedit import atomic
 from weightedit._progress import console
 from weightedit.errors import WeighteditError
+
+from ._messages import cli_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes (README, "Exit codes").
-EXIT_OK = 0
 EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 ModelOpt = Annotated[
     str,
@@ -66,9 +70,6 @@ def quiet_libraries(quiet: bool) -> None:
     """With ``--quiet``, also silence transformers' and huggingface_hub's progress bars, logs and warnings."""
     if not quiet:
         return
-    import logging
-    import warnings
-
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TQDM_DISABLE"] = "1"  # bars that libraries draw with tqdm directly (GGUF dequantization)
     _disable_tqdm()
@@ -94,14 +95,11 @@ def quiet_libraries(quiet: bool) -> None:
 
 def _disable_tqdm() -> None:
     """tqdm reads TQDM_DISABLE when it is imported; an already imported tqdm gets the same default here."""
-    import functools
-    import sys
-
     std = sys.modules.get("tqdm.std")
     if std is None or getattr(std.tqdm, "_weightedit_quiet", False):
         return
-    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)  # type: ignore[method-assign]
-    std.tqdm._weightedit_quiet = True  # type: ignore[attr-defined]
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+    std.tqdm._weightedit_quiet = True
 
 
 def local_inputs(*given: str | Path | None) -> tuple[Path, ...]:
@@ -146,15 +144,11 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from weightedit import atomic
-
         atomic.reset_state()
         try:
             with atomic.install_signal_handlers():
                 return func(*args, **kwargs)
         except WeighteditError as e:
-            from ._messages import cli_message
-
             _fail(cli_message(e))
             if os.environ.get("WEIGHTEDIT_DEBUG"):
                 raise
@@ -171,13 +165,11 @@ def handle_errors(func: F) -> F:
                 raise
             raise typer.Exit(EXIT_ERROR) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def _interrupt_message(signum: int, leftovers: list[Path], committed: list[Path]) -> str:
-    import signal
-
-    name = {signal.SIGINT: "interrupted"}.get(signum, f"interrupted by {signal.Signals(signum).name}")
+    name = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
     if leftovers:
         listed = ", ".join(str(p) for p in leftovers[:3])
         return f"{name}: temporary files could not all be removed: delete {listed}"

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.formatting import percent
 
 from ._options import (
     EXIT_NEGATIVE,
@@ -142,11 +143,9 @@ def verify_defence(
         for col in ("language", "refusal before", "after strongest attack", "verdict"):
             table.add_column(col, justify="right")
         for lang, v in report.data["languages"].items():
-            after = "—" if v["refusal_after_worst"] is None else f"{100 * v['refusal_after_worst']:.0f}%"
+            after = percent(v["refusal_after_worst"])
             style = {"broken": "red", "holds": "green"}.get(v["verdict"], "yellow")
-            table.add_row(
-                f"{v['name']} ({lang})", f"{100 * v['refusal_before']:.0f}%", after, f"[{style}]{v['verdict']}[/]"
-            )
+            table.add_row(f"{v['name']} ({lang})", percent(v["refusal_before"]), after, f"[{style}]{v['verdict']}[/]")
         console.print(table)
         if report.data["verdict"] == "nothing to defend":
             console.print(

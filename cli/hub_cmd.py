@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from weightedit._progress import console
+from weightedit.errors import WeighteditError
 
 from ._options import JsonOpt, TokenOpt, emit_json, epilog, handle_errors
 
@@ -18,10 +20,6 @@ ReportOpt = Annotated[
 
 def _check_card_inputs(model: Path, report: Path | None) -> None:
     """weightedit.json and report.json must be readable JSON objects (one-line errors instead of tracebacks)."""
-    import json
-
-    from weightedit.errors import WeighteditError
-
     paths = [(model / "weightedit.json", "re-run weightedit orthogonalize")]
     if report is not None:
         paths.append((report if report.suffix == ".json" else report / "report.json", "re-run weightedit evaluate"))

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.formatting import percent
 
 from ._options import JsonOpt, OverwriteOpt, QuietOpt, emit_json, epilog, handle_errors
 from .direction_cmd import PromptsOpt
@@ -25,10 +26,6 @@ def register(app: typer.Typer) -> None:
     )(judge)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
 def render(result) -> None:
     table = Table(title=f"{result.judge} judge: {len(result.rows)} responses")
     cols = ["language", "n", "refused", "rate [95% CI]"]
@@ -41,7 +38,7 @@ def render(result) -> None:
     for lang, v in result.per_language.items():
         lo, hi = v["ci"]
         row = [f"{LANGUAGE_NAMES.get(lang, lang)} ({lang})", str(v["n"]), str(v["refused"])]
-        row.append(f"{_pct(v['rate'])} [{_pct(lo)}, {_pct(hi)}]")
+        row.append(f"{percent(v['rate'])} [{percent(lo)}, {percent(hi)}]")
         if result.labelled:
             a = v["agreement"]
             row += ["—" if a[k] is None else f"{a[k]:.2f}" for k in ("accuracy", "precision", "recall")]

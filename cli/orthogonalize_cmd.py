@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.table import Table
 
 from weightedit._progress import console
+
+if TYPE_CHECKING:
+    from weightedit.orthogonalize import TiedEmbeddings
 
 from ._options import (
     DeviceMapOpt,
@@ -120,6 +123,7 @@ def orthogonalize(
 
     if tied_embeddings not in ("untie", "edit-both"):
         raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
+    tied = cast("TiedEmbeddings", tied_embeddings)
     if (direction is None) == (direction_lang is None):
         raise InvalidDirectionError("pass exactly one of --direction FILE or --direction-lang LANGS")
     progress = not (quiet or json_out)
@@ -148,7 +152,7 @@ def orthogonalize(
             out,
             direction_lang,
             options,
-            tied_embeddings=tied_embeddings,
+            tied_embeddings=tied,
             overwrite=overwrite,
             dtype=dtype,
             device_map=device_map,
@@ -167,7 +171,7 @@ def orthogonalize(
             model,
             out,
             d,
-            tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
+            tied_embeddings=tied,
             overwrite=overwrite,
             revision=revision,
             gguf_file=gguf_file,

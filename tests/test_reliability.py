@@ -758,7 +758,7 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     model = make_planted_model(root / "model", random_direction(seed=5))
     prompts = write_planted_prompts(root / "prompts.jsonl")
     # A scratch folder a killed run left in the cache is found and removed by the next run.
-    from weightedit.sources import cache_dir
+    from weightedit.cache import cache_dir
 
     stale = cache_dir() / "tmp" / f".direction{TMP_MARKER}{_dead_pid()}-0123abcd"
     stale.mkdir(parents=True)

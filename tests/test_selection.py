@@ -180,8 +180,8 @@ def test_rank_correlation():
 def test_direction_search_runs_end_to_end_on_every_family(family, tmp_path):
     """MoE expert outputs ([routed tokens, d]), learned positions and post-norm writers all go through the
     fast search's first-order screen, pre-screen and exact scores."""
+    from weightedit.model_source import ModelSource
     from weightedit.modeling import LoadedModel
-    from weightedit.sources import ModelSource
 
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"

@@ -247,12 +247,12 @@ def test_verification_compares_written_bytes(which, tiny_checkpoints, tmp_path, 
 
 
 def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
-    def unreadable(path, stop):
+    def unreadable(path, *, stop):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
     src = tmp_path / "model"  # a new path: its hashes are not known yet
     shutil.copytree(tiny_checkpoints("llama"), src)
-    monkeypatch.setattr(writer, "_hash_file", unreadable)
+    monkeypatch.setattr(writer, "sha256_file", unreadable)
     out = tmp_path / "out"
     with pytest.raises(InvalidCheckpointError, match="cannot read .* SHA-256"):
         orthogonalize_checkpoint(src, out, random_direction(), progress=False)
@@ -262,14 +262,14 @@ def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
 def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_path, monkeypatch):
     src = tmp_path / "model"
     shutil.copytree(tiny_checkpoints("llama", shards=False), src)
-    real = writer._hash_file
+    real = writer.sha256_file
     hashed = []
 
-    def counting(path, stop):
+    def counting(path, *, stop):
         hashed.append(path.name)
-        return real(path, stop)
+        return real(path, stop=stop)
 
-    monkeypatch.setattr(writer, "_hash_file", counting)
+    monkeypatch.setattr(writer, "sha256_file", counting)
     first = orthogonalize_checkpoint(src, tmp_path / "a", random_direction(), progress=False)
     second = orthogonalize_checkpoint(src, tmp_path / "b", random_direction(), progress=False)
     assert hashed == ["model.safetensors"]

@@ -11,7 +11,9 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -36,7 +38,7 @@ def status(message: str, *, enabled: bool = True) -> Iterator[None]:
 class Tracker:
     """Advance a progress task; a no-op when progress is disabled."""
 
-    def __init__(self, progress: Progress | None, task: int | None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._progress = progress
         self._task = task
 
@@ -55,6 +57,7 @@ def progress_bar(description: str, total: float, *, enabled: bool = True, unit: 
     if not enabled:
         yield Tracker(None, None)
         return
+    columns: tuple[ProgressColumn, ...]
     if unit == "bytes":
         columns = (
             TextColumn("[progress.description]{task.description}"),

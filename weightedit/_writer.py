@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import threading
@@ -38,6 +37,7 @@ import torch
 
 from .edit import BlockStats, column_block_rows, project_columns_streamed, project_out_, project_rows_
 from .errors import InvalidCheckpointError, WriteFailedError
+from .hashing import sha256_file
 
 __all__ = [
     "CopySpan",
@@ -172,8 +172,9 @@ class _Copier:
         while done < length:
             want = length - done
             if mode == "copy_file_range":
+                assert _os_copy_file_range is not None  # the mode starts here only where the call exists
                 try:
-                    n = _os_copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)  # type: ignore[misc]
+                    n = _os_copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)
                 except OSError as e:
                     if e.errno not in _NO_COPY_FILE_RANGE:
                         raise
@@ -263,7 +264,7 @@ class _Worker:
     def _edit_in_buffer(self, src_fd: int, dst_fd: int, pos: int, job: ShardJob, span: EditSpan) -> BlockStats:
         assert self._slab is not None
         raw = self._slab[: span.length]
-        view = memoryview(raw.numpy())
+        view = raw.numpy().data
         read_into(src_fd, view, span.offset, job.src)
         tensor = raw.view(span.dtype).view(span.shape)
         if span.mode == "rows":
@@ -286,13 +287,13 @@ class _Worker:
         def read(i0: int, i1: int, updated: bool) -> torch.Tensor:
             raw = buffer[: (i1 - i0) * row_bytes]
             if updated:  # a second update pass starts from what the first one wrote
-                read_into(dst_fd, memoryview(raw.numpy()), pos + i0 * row_bytes, job.dest)
+                read_into(dst_fd, raw.numpy().data, pos + i0 * row_bytes, job.dest)
             else:
-                read_into(src_fd, memoryview(raw.numpy()), span.offset + i0 * row_bytes, job.src)
+                read_into(src_fd, raw.numpy().data, span.offset + i0 * row_bytes, job.src)
             return raw.view(span.dtype).view(i1 - i0, m)
 
         def write(i0: int, rows: torch.Tensor) -> None:
-            view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+            view = rows.view(torch.uint8).numpy().data.cast("B")
             at = pos + i0 * row_bytes
             pwrite_all(dst_fd, view, at)
             n = min(_SAMPLE_BYTES, len(view))
@@ -307,7 +308,7 @@ class _Worker:
             done = 0
             while done < span.length:
                 n = min(len(raw), span.length - done)
-                read_into(src_fd, memoryview(raw.numpy())[:n], span.offset + done, job.src)
+                read_into(src_fd, raw.numpy().data[:n], span.offset + done, job.src)
                 write(done // row_bytes, raw[:n].view(span.dtype).view(n // row_bytes, m))
                 done += n
         self.samples.extend(written.values())
@@ -452,7 +453,11 @@ def check_samples(samples: Sequence[Sample]) -> int:
                 if path is not None and path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY)
             got = os.pread(fds[s.dest], s.length, s.offset)
-            want = s.expected if s.expected is not None else os.pread(fds[s.src], s.length, s.src_offset)  # type: ignore[index]
+            if s.expected is not None:
+                want = s.expected
+            else:
+                assert s.src is not None  # a sample holds its expected bytes or where they were copied from
+                want = os.pread(fds[s.src], s.length, s.src_offset)
             if got != want:
                 raise InvalidCheckpointError(
                     f"verification failed: {s.dest.name} holds other bytes at offset {s.offset} than were "
@@ -469,25 +474,12 @@ def check_samples(samples: Sequence[Sample]) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _hash_file(path: Path, stop: threading.Event) -> str | None:
-    """SHA-256 of ``path`` (``None`` if stopped first); hashlib releases the GIL on large updates."""
-    h = hashlib.sha256()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if stop.is_set():
-                return None
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 class InputHasher:
     """SHA-256 of the input shards on a background thread, for provenance.
 
     A digest is not computed again when it is already known: files inside a Hub cache are named by it, and
     digests computed earlier are remembered by (path, size, mtime) in weightedit's cache
-    (:func:`weightedit.sources.known_sha256`). A file that cannot be read is an error of the edit.
+    (:func:`weightedit.hashing.known_sha256`). A file that cannot be read is an error of the edit.
     """
 
     def __init__(
@@ -516,7 +508,7 @@ class InputHasher:
                     continue
                 digest = self._known(path)
                 if digest is None:
-                    digest = _hash_file(path, self._stop)
+                    digest = sha256_file(path, stop=self._stop)
                     if digest is None:
                         return
                     self._computed.append((path, digest))

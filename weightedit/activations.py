@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ._progress import progress_bar
-from .hooks import capture_residuals, decoder_layers, writer_modules
+from .hooks import capture_residuals, writer_modules
 from .modeling import Batch, LoadedModel, batches
 from .scoring import log_odds_of
 
@@ -27,7 +27,6 @@ __all__ = [
     "capture_means",
     "CaptureResult",
     "ablation_screen",
-    "addition_screen",
 ]
 
 Intervention = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -220,65 +219,9 @@ def ablation_screen(
                     acc += g.double().cpu().T @ w.double().cpu()
                 bar.advance(len(batch.index))
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
         for p, req in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(req)
         saved.clear()
     return acc
-
-
-def addition_screen(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    token_ids: Sequence[int],
-    *,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> torch.Tensor:
-    """``G[l] = Σ_positions ∂score/∂x_l`` at the input of every block (``[n_layers, d_model]``, float64).
-
-    Adding a vector ``v`` at every position of block ``l``'s input changes the summed refusal score by
-    about ``G[l]·v``.
-    """
-    model = loaded.model
-    blocks = decoder_layers(model)
-    grads = torch.zeros(len(blocks), loaded.d_model, dtype=torch.float64)
-    inputs: dict[int, torch.Tensor] = {}
-
-    def make_hook(i: int) -> Any:
-        def pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            h = args[0] if args else kwargs["hidden_states"]
-            h = h.detach().requires_grad_(True) if i == 0 else h
-            h.retain_grad()
-            inputs[i] = h
-            if i == 0:
-                if args:
-                    return (h, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": h}
-            return None
-
-        return pre_hook
-
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad(), progress_bar("screening candidates (addition)", len(texts), enabled=progress) as bar:
-            for batch in batches(loaded, texts, batch_size):
-                inputs.clear()
-                lp = _forward(loaded, batch)
-                log_odds_of(lp, token_ids).sum().backward()
-                mask = batch.attention_mask.bool()
-                for i, h in inputs.items():
-                    if h.grad is not None:
-                        grads[i] += h.grad[mask].double().sum(0).cpu()
-                bar.advance(len(batch.index))
-    finally:
-        for h in handles:
-            h.remove()
-        for p, req in zip(model.parameters(), requires, strict=True):
-            p.requires_grad_(req)
-        inputs.clear()
-    return grads

@@ -13,13 +13,13 @@ direction from the writer's output space, which lies along one axis of the store
 
 Post-norm families (Gemma 2/3, OLMo 2) pass a writer's output through an RMSNorm with weight γ before it
 reaches the residual. For those writers the rule names the norm tensor, and the edit projects against
-``γ ⊙ r`` instead of ``r`` (see ``DESIGN.md`` §2).
+``γ ⊙ r`` instead of ``r`` (``docs/architecture.md``, "The edit").
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ __all__ = [
     "get_spec",
     "families",
     "spec_for_config",
-    "match_writers",
+    "residual_width",
 ]
 
 # Any module prefix ("model.", "transformer.", "language_model.model.", or none).
@@ -57,12 +57,13 @@ class WriterRule:
     axis: int
     group: str
     post_norm: str | None = None
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_regex", re.compile(self.pattern))
+        object.__setattr__(self, "_regex", re.compile(self.pattern))  # the dataclass is frozen
 
     def match(self, name: str) -> re.Match[str] | None:
-        return self._regex.fullmatch(name)  # type: ignore[attr-defined]
+        return self._regex.fullmatch(name)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,27 @@ def get_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
+# Where configs store the width of the residual stream: most families, GPT-2, a few others; multimodal
+# configs keep it in their text config.
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def residual_width(config: Mapping[str, Any] | Any) -> int | None:
+    """``d_model`` of a ``config.json`` dict or a ``PretrainedConfig``, or ``None`` if the config does not say."""
+
+    def get(cfg: Any, key: str) -> Any:
+        return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+    for cfg in (config, get(config, "text_config")):
+        if cfg is None:
+            continue
+        for key in _WIDTH_KEYS:
+            value = get(cfg, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
 def spec_for_config(config: Mapping[str, Any] | Any) -> ArchSpec:
     """The spec for a ``config.json`` dict or a ``PretrainedConfig``."""
     model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
@@ -152,11 +174,6 @@ def spec_for_config(config: Mapping[str, Any] | Any) -> ArchSpec:
             "the model config has no 'model_type'; pass a transformers checkpoint folder with a config.json"
         )
     return get_spec(str(model_type))
-
-
-def match_writers(spec: ArchSpec, names: Iterable[str]) -> list[WriterMatch]:
-    """All writer tensors among ``names``, in the given order."""
-    return [m for m in (spec.match(n) for n in names) if m is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ._progress import console
 from .errors import OutputExistsError, UnsafeOutputError, WriteFailedError
 
 __all__ = [
@@ -346,8 +347,6 @@ def clean_stale_temporaries(parent: Path, name: str) -> tuple[list[Path], list[P
 
 
 def _report_stale(parent: Path, name: str) -> None:
-    from ._progress import console
-
     done, kept = clean_stale_temporaries(parent, name)
     for p in done:
         what = "restored the previous output from" if OLD_MARKER in p.name else "removed"

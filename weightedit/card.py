@@ -11,23 +11,29 @@ card), not from the evaluated languages. The card shows no local absolute paths.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
 from . import __version__
 from .atomic import atomic_file, write_text_atomic
 from .errors import WeighteditError
+from .evaluation.report import BAR_KL, BAR_PPL, BAR_REDUCTION, BAR_REFUSING, display_name, fmt_rate
+from .evaluation.stats import wilson_interval
+from .formatting import percent
+from .model_source import is_hub_id
 from .prompts import LANGUAGE_NAMES
+from .recipes import get_recipe
 from .sources import card_front_matter
 
 __all__ = ["CardInputs", "CardError", "build_card", "write_card", "find_report", "findings", "REPORT_DIR_IN_MODEL"]
 
 REPORT_DIR_IN_MODEL = "weightedit-report"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class CardError(WeighteditError, ValueError):
@@ -113,13 +119,9 @@ def _recipe_data(name: str | None) -> dict[str, Any]:
     if not name:
         return {}
     try:
-        from .recipes import get_recipe
-
         recipe = get_recipe(name)
-    except (WeighteditError, ImportError, KeyError):
+    except (WeighteditError, KeyError):
         return {}
-    import yaml
-
     try:
         return yaml.safe_load(Path(recipe.path).read_text(encoding="utf-8")) or {} if recipe.path else {}
     except (OSError, yaml.YAMLError):
@@ -130,7 +132,7 @@ def _base_model(provenance: dict[str, Any]) -> str | None:
     source = provenance.get("source") or {}
     for key in ("hub_id", "model"):
         value = source.get(key)
-        if isinstance(value, str) and _HUB_ID.match(value) and not value.startswith(("/", ".")):
+        if isinstance(value, str) and is_hub_id(value):
             return value
     return None
 
@@ -151,8 +153,6 @@ def _base_languages(provenance: dict[str, Any]) -> list[str] | None:
 
 def _display(value: Any) -> str:
     """A model reference for the card: Hub ids and recipes as given, local paths by their last part."""
-    from .evaluation.report import display_name
-
     return display_name(str(value)) if value is not None else "(not recorded)"
 
 
@@ -165,8 +165,6 @@ def _metrics_v2(m: dict[str, Any]) -> dict[str, Any]:
     """The headline refusal fields of a metrics block; version-1 reports get them derived from rate × n."""
     if "refusal_rate" in m:
         return m
-    from .evaluation.stats import wilson_interval
-
     judged = m.get("refusal_rate_judge")
     rate = judged if judged is not None else m.get("refusal_rate_score")
     n = m.get("n_generated") if judged is not None else m.get("n_harmful")
@@ -181,30 +179,10 @@ def _metrics_v2(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.0f}%"
-
-
-def _rate(m: dict[str, Any]) -> str:
-    if m.get("refusal_rate") is None:
-        return "—"
-    text = _pct(m["refusal_rate"])
-    if m.get("refusal_ci"):
-        lo, hi = m["refusal_ci"]
-        text += f" [{100 * lo:.0f}–{100 * hi:.0f}%]"
-    if m.get("refusal_k") is not None:
-        text += f" ({m['refusal_k']}/{m['refusal_n']})"
-    return text
-
-
 def _num(x: float | None, ci: list[float] | None = None) -> str:
     if x is None:
         return "—"
     return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def _langs(codes: list[str]) -> str:
-    return ", ".join(f"{LANGUAGE_NAMES.get(c, c)} ({c})" for c in codes) or "none"
 
 
 def _eval_table(report: dict[str, Any]) -> str:
@@ -218,8 +196,8 @@ def _eval_table(report: dict[str, Any]) -> str:
         test = v.get("refusal_mcnemar")
         p = "—" if not test else (f"{test['p_value']:.2g}" if test["p_value"] >= 0.001 else "<0.001")
         rows.append(
-            f"| {LANGUAGE_NAMES.get(lang, lang)} ({lang}) | {e.get('refusal_n') or '—'} | {_rate(b) if b else '—'} | "
-            f"{_rate(e)} | {p} | {_num(e.get('kl_mean'), e.get('kl_ci'))} | "
+            f"| {LANGUAGE_NAMES.get(lang, lang)} ({lang}) | {e.get('refusal_n') or '—'} | {fmt_rate(b) if b else '—'} | "
+            f"{fmt_rate(e)} | {p} | {_num(e.get('kl_mean'), e.get('kl_ci'))} | "
             f"{_num(v.get('perplexity_ratio'), v.get('perplexity_ratio_ci'))} |"
         )
     return "\n".join(rows)
@@ -228,9 +206,6 @@ def _eval_table(report: dict[str, Any]) -> str:
 def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -> list[str]:
     """The card's statements about effects, each generated from a number in ``report`` (and the
     selection record in ``provenance``)."""
-    from .evaluation.report import BAR_KL, BAR_PPL, BAR_REDUCTION, BAR_REFUSING
-    from .evaluation.stats import wilson_interval
-
     out: list[str] = []
     langs = report["languages"]
     has_base = any(v.get("baseline") for v in langs.values())
@@ -242,7 +217,7 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
         else "the share of harmful prompts whose first-token refusal score is positive (no generations were judged)"
     )
     split = report.get("split") or report.get("options", {}).get("split") or "(not recorded)"
-    ns = sorted({_metrics_v2(v["edited"]).get("refusal_n") for v in langs.values()} - {None})
+    ns = sorted({n for v in langs.values() if (n := _metrics_v2(v["edited"]).get("refusal_n")) is not None})
     out.append(
         f"Measured on the **{split}** split with {'/'.join(map(str, ns)) or 'an unknown number of'} harmful prompts per "
         f"language in {len(langs)} languages; refusal is {method}. Intervals are 95% (Wilson for rates, bootstrap for KL "
@@ -259,14 +234,16 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
     k_b = sum(_metrics_v2(v["baseline"]).get("refusal_k") or 0 for v in langs.values())
     k_e = sum(_metrics_v2(v["edited"]).get("refusal_k") or 0 for v in langs.values())
     n_all = sum(_metrics_v2(v["edited"]).get("refusal_n") or 0 for v in langs.values())
-    if n_all:
-        cb, ce = wilson_interval(k_b, n_all), wilson_interval(k_e, n_all)
+    cb, ce = wilson_interval(k_b, n_all), wilson_interval(k_e, n_all)
+    if cb is not None and ce is not None:
         out.append(
-            f"Pooled over all languages, refusal went from {k_b}/{n_all} ({_pct(k_b / n_all)}, 95% CI "
-            f"{100 * cb[0]:.0f}–{100 * cb[1]:.0f}%) before the edit to {k_e}/{n_all} ({_pct(k_e / n_all)}, "
+            f"Pooled over all languages, refusal went from {k_b}/{n_all} ({percent(k_b / n_all)}, 95% CI "
+            f"{100 * cb[0]:.0f}–{100 * cb[1]:.0f}%) before the edit to {k_e}/{n_all} ({percent(k_e / n_all)}, "
             f"{100 * ce[0]:.0f}–{100 * ce[1]:.0f}%) after it."
         )
-    refusing, met, missed = [], [], []
+    refusing: list[str] = []
+    met: list[str] = []
+    missed: list[str] = []
     for lang, v in langs.items():
         b, e = _metrics_v2(v["baseline"]), _metrics_v2(v["edited"])
         if b.get("refusal_rate") is None or e.get("refusal_rate") is None or b["refusal_rate"] < BAR_REFUSING:
@@ -274,7 +251,7 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
         refusing.append(lang)
         cut = (b["refusal_rate"] - e["refusal_rate"]) / b["refusal_rate"]
         (met if cut >= BAR_REDUCTION else missed).append(
-            f"{lang} ({_pct(b['refusal_rate'])} → {_pct(e['refusal_rate'])})"
+            f"{lang} ({percent(b['refusal_rate'])} → {percent(e['refusal_rate'])})"
         )
     bar = f"cut refusal by ≥ {100 * BAR_REDUCTION:.0f}% (relative) wherever the base model refuses ≥ {100 * BAR_REFUSING:.0f}%"
     if not refusing:
@@ -286,7 +263,7 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
         text += f"; **not met** in {', '.join(missed)}." if missed else "."
         out.append(text)
     remaining = [
-        f"{lang} ({_rate(_metrics_v2(v['edited']))})"
+        f"{lang} ({fmt_rate(_metrics_v2(v['edited']))})"
         for lang, v in langs.items()
         if (_metrics_v2(v["edited"]).get("refusal_rate") or 0) > 0
     ]
@@ -297,7 +274,7 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
         hi = max((_metrics_v2(langs[lang]["edited"]).get("refusal_ci") or [0, 0])[1] for lang in zero)
         out.append(
             f"No refusal was observed after the edit in {', '.join(zero)}; with these sample sizes that is compatible "
-            f"with a true rate of up to {_pct(hi)}."
+            f"with a true rate of up to {percent(hi)}."
         )
     kls = {lang: v["edited"].get("kl_mean") for lang, v in langs.items() if v["edited"].get("kl_mean") is not None}
     if kls:
@@ -340,7 +317,7 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
     if mgsm:
         out.append(
             "MGSM accuracy before → after: "
-            + ", ".join(f"{lang} {_pct(b)} → {_pct(e)}" for lang, (b, e) in mgsm.items())
+            + ", ".join(f"{lang} {percent(b)} → {percent(e)}" for lang, (b, e) in mgsm.items())
             + f" (n = {next(iter(langs.values()))['edited'].get('n_mgsm', '?')} per language)."
         )
     selection = ((provenance or {}).get("direction") or {}).get("selection") or {}
@@ -353,8 +330,6 @@ def findings(report: dict[str, Any], provenance: dict[str, Any] | None = None) -
 
 def build_card(folder: Path, *, repo_id: str | None = None, report: Path | None = None):
     """A ``huggingface_hub.ModelCard`` for the edited checkpoint in ``folder``."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     inputs = _inputs(Path(folder), report)
     p = inputs.provenance
     direction = p.get("direction") or {}
@@ -368,9 +343,8 @@ def build_card(folder: Path, *, repo_id: str | None = None, report: Path | None 
         pipeline_tag="text-generation",
         tags=["weightedit", "refusal-direction", "orthogonalization", "safety-research"],
         model_name=repo_id.split("/")[-1] if repo_id else None,
+        base_model_relation="finetune" if base else None,
     )
-    if base:
-        card_data.base_model_relation = "finetune"
     groups = ", ".join(f"{k} ({v})" for k, v in (p.get("edited_groups") or {}).items())
     template = (resources.files("weightedit._model_cards") / "weightedit.md").read_text(encoding="utf-8")
     plots = [f"{REPORT_DIR_IN_MODEL}/{path.name}" for path in inputs.plots]

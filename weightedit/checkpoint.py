@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .arch import residual_width
 from .errors import InvalidCheckpointError, ModelNotFoundError, QuantizedCheckpointError
 
 __all__ = [
@@ -55,7 +56,6 @@ DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
     "F8_E5M2": (None, 1),
     "F8_E8M0": (None, 1),
 }
-_TORCH_TO_CODE = {v[0]: k for k, v in DTYPES.items() if v[0] is not None}
 
 # Tensor-name suffixes that only exist in quantized checkpoints.
 _QUANTIZED_SUFFIXES = (
@@ -232,10 +232,6 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], met
     return struct.pack("<Q", len(body)) + body
 
 
-def torch_dtype_code(dtype: torch.dtype) -> str:
-    return _TORCH_TO_CODE[dtype]
-
-
 @dataclass
 class Checkpoint:
     """A local ``save_pretrained`` folder with safetensors weights, opened lazily (headers only)."""
@@ -348,12 +344,9 @@ class Checkpoint:
 
     @property
     def d_model(self) -> int:
-        for key in ("hidden_size", "n_embd", "d_model"):
-            if key in self.config:
-                return int(self.config[key])
-        text = self.config.get("text_config") or {}
-        if "hidden_size" in text:
-            return int(text["hidden_size"])
+        width = residual_width(self.config)
+        if width is not None:
+            return width
         raise InvalidCheckpointError(
             f"{self.folder}/config.json has no hidden_size: cannot tell the residual-stream width"
         )
@@ -412,7 +405,7 @@ def read_tensor_bytes(
     if length:
         with open(shard.path, "rb", buffering=0) as f:
             f.seek(start)
-            view = memoryview(raw.numpy())
+            view = raw.numpy().data
             got = 0
             while got < length and (n := f.readinto(view[got:])):
                 got += n

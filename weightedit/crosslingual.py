@@ -13,6 +13,7 @@ since scores built on tokens that do not mark refusal mean nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .activations import last_logprobs
+from .atomic import atomic_output_dir
+from .comparison_file import COMPARISON_FILE, SCHEMA
+from .evaluation.plots import heatmap
 from .hooks import ablate_as_edit
+from .model_source import public_name
 from .modeling import LoadedModel
 from .scoring import RefusalTokens, refusal_scores
 from .selection import SelectionOptions, capture_language, check_refusal, compute_direction, language_data
-from .sources import public_name
 
-__all__ = ["Comparison", "compare_directions", "save_comparison", "load_comparison"]
-
-SCHEMA = "weightedit.compare-directions/1"
+__all__ = ["Comparison", "compare_directions", "save_comparison"]
 
 
 @dataclass
@@ -160,7 +163,7 @@ def compare_directions(
             loaded,
             texts,
             batch_size=options.batch_size,
-            intervention=lambda lang=lang: ablate_as_edit(loaded.model, directions[lang]),
+            intervention=functools.partial(ablate_as_edit, loaded.model, directions[lang]),
             progress=progress,
             description=f"ablating the {lang} direction",
         )
@@ -192,8 +195,6 @@ def save_comparison(result: Comparison, out: Path, *, overwrite: bool = False) -
 
     The folder is built aside and renamed into place when complete; an existing ``out`` needs ``overwrite``.
     """
-    from .atomic import atomic_output_dir
-
     final = Path(out)
     with atomic_output_dir(final, overwrite=overwrite) as tmp:
         paths = _write_comparison(result, tmp)
@@ -201,12 +202,8 @@ def save_comparison(result: Comparison, out: Path, *, overwrite: bool = False) -
 
 
 def _write_comparison(result: Comparison, out: Path) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    from .evaluation.plots import heatmap
-
     paths = {
-        "json": out / "comparison.json",
+        "json": out / COMPARISON_FILE,
         "directions": out / "directions.safetensors",
         "cosine_png": out / "cosine.png",
         "transfer_png": out / "transfer.png",
@@ -249,11 +246,3 @@ def _write_comparison(result: Comparison, out: Path) -> dict[str, Path]:
         colorbar="refusal score (log-odds of refusal tokens)",
     )
     return paths
-
-
-def load_comparison(path: Path) -> dict[str, Any]:
-    """Read a ``comparison.json`` (a folder is accepted too)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "comparison.json"
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -102,7 +102,7 @@ def _attack_directions(source: ModelSource, options: DefenceOptions, progress: b
         n_post = loaded.n_post
         candidates = result.direction.candidates
         assert candidates is not None
-        scored = sorted((s for s in result.scores if s.bypass is not None), key=lambda s: s.bypass)  # type: ignore[arg-type,return-value]
+        scored = sorted((s for s in result.scores if s.bypass is not None), key=lambda s: s.bypass or 0.0)
         attacks: list[tuple[Attack, Direction]] = []
         for rank, s in enumerate(scored[: options.attack_candidates]):
             v = candidates[s.layer, s.position + n_post]
@@ -185,7 +185,7 @@ def verify_defence(
     languages: dict[str, Any] = {}
     for lang in options.langs:
         base = base_rates[lang] or 0.0
-        after = [a.refusal[lang] for a in attacks if a.refusal.get(lang) is not None]
+        after = [r for a in attacks if (r := a.refusal.get(lang)) is not None]
         worst = min(after) if after else None
         if base < options.min_refusal:
             verdict = NOTHING

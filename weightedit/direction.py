@@ -1,6 +1,6 @@
 """The direction file: a refusal direction plus the facts needed to trust it.
 
-Format (``DESIGN.md`` §2): a safetensors file with ``direction`` (``[d_model]`` float32), optionally
+Format (``docs/architecture.md``, "File formats"): a safetensors file with ``direction`` (``[d_model]`` float32), optionally
 ``candidates`` (``[n_layers, n_positions, d_model]``), and string metadata: model id and revision, a hash
 of the model config, layer, position, languages, prompt counts, selection scores and the weightedit version.
 """
@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from . import __version__
+from .arch import residual_width
+from .atomic import atomic_file
 from .errors import FilterFailedDirectionError, InvalidDirectionError
+from .model_source import public_name
 
 __all__ = [
     "Direction",
@@ -88,10 +95,8 @@ class Direction:
             InvalidDirectionError: d_model differs (always), or the config fingerprint differs (unless
                 ``allow_mismatch``).
         """
-        d_model = (
-            config.get("hidden_size") or config.get("n_embd") or (config.get("text_config") or {}).get("hidden_size")
-        )
-        if d_model is not None and int(d_model) != self.d_model:
+        d_model = residual_width(config)
+        if d_model is not None and d_model != self.d_model:
             raise InvalidDirectionError(
                 f"{source} has d_model={self.d_model} but the model has hidden size {d_model}: use a direction "
                 "computed on this model (weightedit direction --model ...)"
@@ -127,11 +132,6 @@ def check_selection(
 
 def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
     """Write ``direction`` as a safetensors file (atomically: temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .sources import public_name
-
     path = Path(path)
     tensors = {"direction": direction.vector.detach().to("cpu", torch.float32).contiguous()}
     if direction.candidates is not None:
@@ -147,8 +147,6 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
         "config_hash": direction.config_hash or "",
         "meta": json.dumps(direction.meta, sort_keys=True, default=str),
     }
-    from .atomic import atomic_file
-
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -176,15 +174,11 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
     tensors: dict[str, Any]
     try:
         if path.suffix == ".npy":
-            import numpy as np
-
             tensors = {"direction": torch.from_numpy(np.load(path))}
         elif path.suffix in {".pt", ".pth"}:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             tensors = obj if isinstance(obj, dict) else {"direction": obj}
         else:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__

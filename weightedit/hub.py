@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
 from .card import REPORT_DIR_IN_MODEL, build_card, find_report
 from .errors import HubError, WeighteditError
 
@@ -35,8 +38,6 @@ class PushResult:
 
 def resolve_token(token: str | None) -> str:
     """``token``, else ``HF_TOKEN``, else the saved login; a clear error when there is none."""
-    from huggingface_hub import get_token
-
     value = token or get_token()
     if not value:
         raise HubError("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login`")
@@ -45,8 +46,6 @@ def resolve_token(token: str | None) -> str:
 
 def refuse_offline() -> None:
     """``HF_HUB_OFFLINE=1`` forbids every Hub request: say so at once instead of retrying a request that cannot go out."""
-    from huggingface_hub import constants
-
     if getattr(constants, "HF_HUB_OFFLINE", False):
         raise HubError(
             "offline mode is on (HF_HUB_OFFLINE=1), so nothing can be pushed: unset HF_HUB_OFFLINE to push; "
@@ -76,17 +75,14 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _is_network_error(err: Exception) -> bool:
-    return isinstance(err, _network_errors()) or (
-        _status(err) is not None and _status(err) >= 500  # type: ignore[operator]
-    )
+    return isinstance(err, _network_errors()) or ((code := _status(err)) is not None and code >= 500)
 
 
 def _call(what: str, repo_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a Hub call with retries on network errors and one-line errors for the rest."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     delay = _RETRY_DELAY_S
+    last: Exception | None = None
     for attempt in range(1, _RETRIES + 1):
         try:
             return fn(*args, **kwargs)
@@ -140,9 +136,6 @@ def _check_existing(
 
     Returns the remote files that a forced push replaces (all of the other model's files), else ``[]``.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
-
     try:
         remote = _call("listing the repo", repo_id, api.list_repo_files, repo_id, revision=revision, token=token)
     except HubError:
@@ -190,8 +183,6 @@ def push_model(
     Raises:
         HubError: missing token, 401/403, a repo holding a different model, or the network failing after retries.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
     refuse_offline()
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):

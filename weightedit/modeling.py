@@ -13,8 +13,12 @@ from typing import Any
 
 import torch
 
-from .errors import ChatTemplateError, ModelNotFoundError, WeighteditError
-from .sources import ModelSource, resolve_model
+from ._progress import status
+from .arch import residual_width, spec_for_config
+from .errors import ChatTemplateError, InvalidCheckpointError, ModelNotFoundError, WeighteditError
+from .hooks import decoder_layers
+from .model_source import ModelSource
+from .sources import resolve_model
 
 __all__ = ["LoadedModel", "load_model", "resolve_dtype", "format_chat", "post_instruction_length", "batches", "Batch"]
 
@@ -67,14 +71,16 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        from .hooks import decoder_layers
-
         return len(decoder_layers(self.model))
 
     @property
     def d_model(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+        width = residual_width(self.model.config)
+        if width is None:
+            raise InvalidCheckpointError(
+                f"{self.source.public_name}/config.json has no hidden_size: cannot tell the residual-stream width"
+            )
+        return width
 
     def format(self, instructions: Sequence[str]) -> list[str]:
         return [format_chat(self.tokenizer, text, self.chat_template) for text in instructions]
@@ -101,10 +107,9 @@ def load_model(
     Raises:
         ChatTemplateError: the tokenizer has no chat template and none was given.
     """
+    # transformers loads here, not at import: `weightedit card` and `push` import the evaluation report (and so
+    # this module) but never load a model, and importing transformers costs them about two seconds.
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ._progress import status
-    from .arch import spec_for_config
 
     source = (
         model
@@ -134,7 +139,8 @@ def load_model(
     with status(f"loading {source.given} ({str(torch_dtype).replace('torch.', '')}, {device})", enabled=progress):
         hf_model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
     if device_map != "auto":
-        hf_model.to(device)
+        # transformers wraps PreTrainedModel.to in a decorator whose type names the model as its only argument.
+        hf_model.to(device)  # type: ignore[arg-type]
     hf_model.eval()
     spec_for_config(hf_model.config)  # fail early on an unsupported family
     loaded = LoadedModel(

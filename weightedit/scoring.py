@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ def mean_probs(logprobs: torch.Tensor) -> torch.Tensor:
 def derive_refusal_tokens(
     harmful_probs: torch.Tensor,
     harmless_probs: torch.Tensor,
-    tokenizer: object | None = None,
+    tokenizer: Any = None,
     *,
     max_tokens: int = 8,
     min_prob: float = 0.01,
@@ -136,7 +137,7 @@ def derive_refusal_tokens(
     harmless_mass = float(harmless_probs[list(ids)].sum())
     qualified = found and harmful_mass >= min_mass and harmful_mass >= min_ratio * harmless_mass
     # Decoded text ("我", "Sorry"), not the byte-level vocabulary entries ("æĪĳ").
-    decode = tokenizer.decode if tokenizer is not None else (lambda x: str(x[0]))  # type: ignore[attr-defined]
+    decode = tokenizer.decode if tokenizer is not None else (lambda x: str(x[0]))
     tokens = tuple(decode([i]) for i in ids)
     return RefusalTokens(
         ids=ids, tokens=tokens, harmful_mass=harmful_mass, harmless_mass=harmless_mass, qualified=qualified

@@ -34,14 +34,17 @@ Exact scores cost a forward pass over the select prompts per candidate and score
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
 from . import __version__
 from ._progress import console, progress_bar
@@ -51,10 +54,10 @@ from .errors import ChatTemplateError, NotRefusingError, OptionsError, PromptsEr
 from .evaluation.judges import Judge, SubstringJudge
 from .evaluation.metrics import generate
 from .hooks import ablate_as_edit, add
+from .model_source import public_name
 from .modeling import LoadedModel
 from .prompts import prompt_roles
 from .scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, refusal_scores
-from .sources import public_name
 
 __all__ = [
     "Search",
@@ -211,7 +214,7 @@ def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> 
     data: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     for kind in ("harmful", "harmless"):
-        roles = prompt_roles(src, kind, lang)  # type: ignore[arg-type]
+        roles = prompt_roles(src, kind, lang)
         fit, select = roles["fit"], roles["select"]
         data[f"{kind}_train"] = loaded.format(_take(fit.texts, options.n_train, f"{kind} {lang} train", src))
         data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src))
@@ -313,8 +316,6 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
     """Spearman's rank correlation of two score lists (``None`` for fewer than 3 pairs or a constant list)."""
     if len(a) < 3:
         return None
-    from scipy.stats import spearmanr
-
     value = spearmanr(a, b).statistic
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
@@ -435,28 +436,28 @@ def _search_fast(ctx: _Context, grid: list[tuple[int, int]], *, progress: bool) 
         return (s.prescreen_kl > loose, s.prescreen_bypass)
 
     ranked = sorted(grid, key=order_key)
-    scored: list[CandidateScore] = []
-    best: CandidateScore | None = None
+    errors: list[float] = []  # exact minus pre-screen bypass of each candidate scored so far
+    best: float | None = None  # the lowest bypass among the scored candidates that pass both filters
     t = time.perf_counter()
     with progress_bar("scoring candidates in pre-screen order", len(ranked), enabled=progress) as bar:
         for i, (layer, p) in enumerate(ranked):
             s = ctx.scores[(layer, p)]
+            assert s.prescreen_bypass is not None and s.prescreen_kl is not None  # every candidate was pre-screened
             if best is not None and i >= options.top_k:
-                errors = [x.bypass - x.prescreen_bypass for x in scored]  # type: ignore[operator]
                 sigma = max(0.5, float(torch.tensor(errors).std())) if len(errors) > 2 else 0.5
-                assert s.prescreen_bypass is not None and best.bypass is not None
-                if s.prescreen_bypass - 2 * sigma > best.bypass or s.prescreen_kl > loose:  # type: ignore[operator]
+                if s.prescreen_bypass - 2 * sigma > best or s.prescreen_kl > loose:
                     break
-            ctx.full(layer, p)
-            scored.append(s)
-            if ctx.check_filters(s) and (best is None or s.bypass < best.bypass):  # type: ignore[operator]
-                best = s
+            bypass = ctx.full(layer, p).bypass
+            assert bypass is not None  # scored just now
+            errors.append(bypass - s.prescreen_bypass)
+            if ctx.check_filters(s) and (best is None or bypass < best):
+                best = bypass
             bar.advance()
     return {
         "strategy": "fast",
         "prescreen_prompts": n,
         "prescreened": len(grid),
-        "scored": len(scored),
+        "scored": len(errors),
         "seconds": {
             "first_order_screen": round(first_order_s, 2),
             "prescreen": round(prescreen_s, 2),
@@ -496,22 +497,27 @@ def _grid(candidates: torch.Tensor, n_layers: int, options: SelectionOptions) ->
     return grid
 
 
+def _bypass(s: CandidateScore) -> float:
+    """Sort key of exactly scored candidates: their bypass score (lower is better)."""
+    return math.inf if s.bypass is None else s.bypass
+
+
 def _choose(ctx: _Context) -> tuple[CandidateScore, str, str]:
     """The chosen candidate, its status and a note, by the rule in the module docstring."""
     exact = [s for s in ctx.scores.values() if s.bypass is not None]
     passing = [s for s in exact if s.passes_filters]
     if passing:
-        return min(passing, key=lambda s: s.bypass), "passed", ""  # type: ignore[arg-type,return-value]
+        return min(passing, key=_bypass), "passed", ""
     kl_ok = [s for s in exact if s.kl is not None and s.kl <= ctx.options.kl_threshold]
     if kl_ok:
-        chosen = min(kl_ok, key=lambda s: s.bypass)  # type: ignore[arg-type,return-value]
+        chosen = min(kl_ok, key=_bypass)
         return (
             chosen,
             "kl-only",
             f"no candidate passed the induce filter (adding it must make harmless prompts refused); chose the "
             f"lowest bypass among the {len(kl_ok)} that pass the KL filter",
         )
-    best = sorted(exact, key=lambda s: s.bypass)[:3]  # type: ignore[arg-type,return-value]
+    best = sorted(exact, key=_bypass)[:3]
     if ctx.options.allow_failing_filters:
         return (
             best[0],
@@ -623,16 +629,18 @@ def compute_direction(
     if len(grid) == 1:
         search["strategy"] = "fixed"
     timings["select"] = time.perf_counter() - t2
-    both = [s for s in ctx.scores.values() if s.bypass is not None and s.prescreen_bypass is not None]
-    first = [s for s in ctx.scores.values() if s.bypass is not None and s.predicted_bypass is not None]
-    search["spearman_prescreen_vs_exact"] = rank_correlation(
-        [s.prescreen_bypass for s in both],  # type: ignore[misc]
-        [s.bypass for s in both],  # type: ignore[misc]
-    )
-    search["spearman_first_order_vs_exact"] = rank_correlation(
-        [s.predicted_bypass for s in first],  # type: ignore[misc]
-        [s.bypass for s in first],  # type: ignore[misc]
-    )
+    both = [
+        (screen, exact)
+        for s in ctx.scores.values()
+        if (screen := s.prescreen_bypass) is not None and (exact := s.bypass) is not None
+    ]
+    first = [
+        (screen, exact)
+        for s in ctx.scores.values()
+        if (screen := s.predicted_bypass) is not None and (exact := s.bypass) is not None
+    ]
+    search["spearman_prescreen_vs_exact"] = rank_correlation([a for a, _ in both], [b for _, b in both])
+    search["spearman_first_order_vs_exact"] = rank_correlation([a for a, _ in first], [b for _, b in first])
     search["pairs_compared"] = len(both)
 
     chosen, status, note = _choose(ctx)
@@ -653,9 +661,6 @@ def compute_direction(
         per_lang_vectors.append(Direction(vector=v / v.norm()))
     unit = combine_directions(per_lang_vectors) if len(per_lang_vectors) > 1 else per_lang_vectors[0].vector
     timings["total"] = time.perf_counter() - t0
-
-    import json
-    from pathlib import Path
 
     config = json.loads((Path(loaded.source.folder) / "config.json").read_text())
     meta = {

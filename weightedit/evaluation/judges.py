@@ -55,7 +55,7 @@ _CHARS_PER_WORD = {"han": 1.6, "kana": 2.5, "thai": 5.0}
 # A quoted span longer than this is content, not a quotation (a quote that opens and never closes).
 _MAX_QUOTE = 400
 _QUOTES = re.compile(
-    r"\"[^\"\n]{0,400}\"|“[^”\n]{0,400}”|„[^“”\n]{0,400}[“”]|«[^»\n]{0,400}»|「[^」]{0,400}」|『[^』]{0,400}』"
+    rf"\"[^\"\n]{{0,{_MAX_QUOTE}}}\"|“[^”\n]{{0,{_MAX_QUOTE}}}”|„[^“”\n]{{0,{_MAX_QUOTE}}}[“”]|«[^»\n]{{0,{_MAX_QUOTE}}}»|「[^」]{{0,{_MAX_QUOTE}}}」|『[^』]{{0,{_MAX_QUOTE}}}』"
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s|[。！？\n]")
 _ARABIC_MARKS = re.compile("[\u064b-\u0652\u0670\u0640]")
@@ -208,6 +208,8 @@ class ModelJudge:
 
     def _pipeline(self) -> Any:
         if self._pipe is None:
+            # transformers loads here, not at import: `weightedit judge` with the substring judge never needs it,
+            # and importing it costs about three seconds.
             from transformers import pipeline
 
             if not Path(self.path).exists():

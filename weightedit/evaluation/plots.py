@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from ..prompts import LANGUAGE_NAMES  # noqa: E402
 
-__all__ = ["language_label", "grouped_bars", "heatmap", "bars"]
+__all__ = ["language_label", "grouped_bars", "heatmap"]
 
 
 def language_label(code: str) -> str:
@@ -23,14 +23,14 @@ def language_label(code: str) -> str:
 def grouped_bars(
     path: Path,
     labels: Sequence[str],
-    series: dict[str, Sequence[float | None]],
+    series: Mapping[str, Sequence[float | None]],
     *,
     title: str,
     ylabel: str,
     ylim: tuple[float, float] | None = None,
     reference: float | None = None,
     value_format: str = "{:.0f}",
-    intervals: dict[str, Sequence[Sequence[float] | None]] | None = None,
+    intervals: Mapping[str, Sequence[Sequence[float] | None]] | None = None,
     note: str | None = None,
 ) -> Path:
     """One group of bars per label (language), one bar per series (e.g. before/after).
@@ -91,21 +91,6 @@ def grouped_bars(
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def bars(
-    path: Path,
-    labels: Sequence[str],
-    values: Sequence[float | None],
-    *,
-    title: str,
-    ylabel: str,
-    reference: float | None = None,
-    value_format: str = "{:.2f}",
-) -> Path:
-    return grouped_bars(
-        path, labels, {ylabel: values}, title=title, ylabel=ylabel, reference=reference, value_format=value_format
-    )
 
 
 def heatmap(

@@ -16,14 +16,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..activations import last_logprobs
 from ..errors import EvaluationError, PromptsError
 from ..modeling import LoadedModel, load_model
-from ..prompts import LANGUAGES, load_prompts, role_prompts
+from ..prompts import LANGUAGES, Kind, Split, load_prompts, role_prompts
 from ..scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
 from .judges import make_judge
@@ -109,14 +109,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise PromptsError(f"cannot read {path}: {e}") from None
 
 
-def _eval_prompts(options: EvalOptions, kind: str, lang: str) -> tuple[list[str], str]:
+def _eval_prompts(options: EvalOptions, kind: Kind, lang: str) -> tuple[list[str], str]:
     """The prompts to judge on, and a description of where they come from."""
     if options.split == "auto":
-        chosen = role_prompts(options.prompts, kind, lang, "judge")  # type: ignore[arg-type]
+        chosen = role_prompts(options.prompts, kind, lang, "judge")
         return chosen.texts[: options.limit], chosen.description
     if options.split not in ("train", "val", "test"):
         raise EvaluationError(f"unknown --split {options.split!r}: use auto, train, val or test")
-    texts = [p.text for p in load_prompts(options.prompts, kind, lang, options.split)]  # type: ignore[arg-type]
+    texts = [p.text for p in load_prompts(options.prompts, kind, lang, cast(Split, options.split))]
     return texts[: options.limit], f"{options.split} split (chosen by the user)"
 
 
@@ -128,8 +128,8 @@ def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
             f"empty prompt source for {lang}: no harmful or harmless prompts in split {options.split!r}"
         )
     # Refusal tokens come from the fit (training) prompts, never from the prompts they score.
-    token_harmful = role_prompts(options.prompts, "harmful", lang, "fit").texts[: options.limit]  # type: ignore[arg-type]
-    token_harmless = role_prompts(options.prompts, "harmless", lang, "fit").texts[: options.limit]  # type: ignore[arg-type]
+    token_harmful = role_prompts(options.prompts, "harmful", lang, "fit").texts[: options.limit]
+    token_harmless = role_prompts(options.prompts, "harmless", lang, "fit").texts[: options.limit]
     if options.ppl_source:
         path = Path(options.ppl_source) / f"{lang}.jsonl"
         if not path.exists():
@@ -351,7 +351,9 @@ def _measure_language(
     seconds["perplexity"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    gen = dict(max_new_tokens=options.max_new_tokens, batch_size=options.gen_batch_size, progress=progress)
+    gen: dict[str, Any] = dict(
+        max_new_tokens=options.max_new_tokens, batch_size=options.gen_batch_size, progress=progress
+    )
     if options.generate:
         run.harmful_generations = generate(
             loaded, harmful_texts[: options.generate], description=f"{label} {lang}: generating (harmful)", **gen

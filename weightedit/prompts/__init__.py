@@ -254,6 +254,8 @@ def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -
 
 
 def _download_dataset(repo_id: str) -> Path:
+    # huggingface_hub's download functions load here, not at import: only hf:// sources need them, and every
+    # command imports this module to check --langs (about 0.3 s).
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
