@@ -14,7 +14,7 @@ from weightedit.hooks import ablate, ablate_as_edit, capture_residuals
 
 from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 
-TOLERANCE = 1e-4  # max abs logit difference, float32 (DESIGN.md §7)
+TOLERANCE = 1e-4  # max abs logit difference, float32 (docs/architecture.md, "Design bars")
 
 
 def run_cli(*args: str):
