@@ -28,9 +28,9 @@ def main() -> None:
     import torch
 
     import weightedit
-    from weightedit.activations import capture_means
-    from weightedit.modeling import load_model
     from weightedit.prompts import builtin_prompts
+    from weightedit.runtime.activations import capture_means
+    from weightedit.runtime.modeling import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, progress=False)
     half = args.prompts // 2

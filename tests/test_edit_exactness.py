@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from weightedit.arch import families
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
-from weightedit.hooks import ablate, ablate_as_edit, capture_residuals
+from weightedit.edit.arch import families
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.runtime.hooks import ablate, ablate_as_edit, capture_residuals
 
 from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 

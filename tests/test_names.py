@@ -7,8 +7,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import GPT2Config, LlamaConfig
 
-from weightedit.arch import residual_width
-from weightedit.model_source import is_hub_id, public_name
+from weightedit.io.checkpoint import residual_width
+from weightedit.sources.model import is_hub_id, public_name
 
 IDS = [
     "gpt2",

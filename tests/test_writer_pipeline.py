@@ -17,13 +17,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import weightedit._writer as writer
-import weightedit.orthogonalize as ortho
-from weightedit.checkpoint import read_header
-from weightedit.direction import Direction, save_direction
-from weightedit.edit import noise_floor, project_columns_, project_columns_streamed, project_out_, unit_direction
+import weightedit.edit.rewrite as ortho
+import weightedit.edit.writer as writer
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.edit.projection import (
+    noise_floor,
+    project_columns_,
+    project_columns_streamed,
+    project_out_,
+    unit_direction,
+)
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 from weightedit.errors import InvalidCheckpointError, WriteFailedError
-from weightedit.orthogonalize import orthogonalize_checkpoint
+from weightedit.io.checkpoint import read_header
 
 from helpers import folder_hashes, load_tensors
 from tiny_models import random_direction
@@ -287,7 +293,7 @@ def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_pa
 
 def test_every_output_file_and_the_parent_are_flushed(tiny_checkpoints, tmp_path, monkeypatch):
     """Every file of the output is fsynced before the rename, and the parent folder after it."""
-    from weightedit import atomic
+    from weightedit.io import atomic
 
     real_fsync = os.fsync
     real_rename = atomic._rename_noreplace

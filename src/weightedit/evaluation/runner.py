@@ -1,0 +1,429 @@
+"""Measuring a model (and its baseline) in every language.
+
+Cheap forward-pass metrics come first and always run: the first-token refusal score on harmful and
+harmless prompts, KL divergence to the baseline's next-token distribution, and perplexity on parallel
+sentences. Greedy generation, judged per language, is an optional, expensive layer on top
+(``generate=N`` prompts per language). Baseline measurements are cached on disk, keyed by the model's
+content hash, the prompts and the options, so evaluating several edits of one model costs one baseline.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from ..errors import EvaluationError, PromptsError
+from ..prompts import LANGUAGES, Kind, Split, load_prompts, role_prompts
+from ..runtime.activations import last_logprobs
+from ..runtime.modeling import LoadedModel, load_model
+from ..runtime.scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
+from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
+from .judges import make_judge
+from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perplexity, token_nll_per_text
+
+__all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
+
+CACHE_VERSION = 3  # 2: per-sentence NLL for bootstrap intervals; 3: refusal tokens from fit prompts, judge-role prompts
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    langs: tuple[str, ...] = LANGUAGES
+    prompts: str | None = None  # prompt source (None = built-in)
+    # "auto": the judge role of the prompt source (built-in: the test split), disjoint from every prompt
+    # direction selection or a defence attack uses; or a split name (train/val/test) to force one.
+    split: str = "auto"
+    limit: int = 32  # harmful and harmless prompts per language
+    generate: int = 0  # harmful prompts per language to complete and judge (0 = forward metrics only)
+    generate_harmless: int = 0  # harmless prompts per language to complete and judge
+    max_new_tokens: int = 48
+    judge: str = "substring"
+    batch_size: int = 16
+    gen_batch_size: int = 24
+    ppl_source: str | None = None  # folder of <lang>.jsonl with a "text" field (FLORES/SIB); None = built-in
+    ppl_limit: int = 16
+    xstest: str | None = None  # JSONL with "instruction" and "label" (safe/unsafe)
+    xstest_limit: int = 32
+    mgsm: str | None = None  # folder of <lang>.jsonl with "question" and "answer"
+    mgsm_limit: int = 0  # questions per language (0 = skip MGSM)
+    mgsm_max_new_tokens: int = 256
+    dtype: str = "auto"
+    device_map: str | None = None
+    chat_template: str | None = None  # Jinja file for a tokenizer without a chat template
+    seed: int = 0
+    trust_remote_code: bool = False  # allow the model repo's own modeling code (how it loads, not what is measured)
+
+    def key(self) -> dict[str, Any]:
+        """The options that change what is measured (not how fast)."""
+        d = asdict(self)
+        for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge", "trust_remote_code"):
+            d.pop(k)
+        if self.chat_template:  # the template's text, not its path, changes what is measured
+            d["chat_template"] = hashlib.sha256(Path(self.chat_template).read_bytes()).hexdigest()[:16]
+        return d
+
+
+@dataclass
+class EvalData:
+    """The texts evaluated for one language."""
+
+    lang: str
+    harmful: list[str]
+    harmless: list[str]
+    ppl: list[str]
+    xstest: list[str] = field(default_factory=list)
+    mgsm: list[tuple[str, float]] = field(default_factory=list)
+    split: str = ""  # where the judged prompts come from ("test split", ...)
+    token_harmful: list[str] = field(default_factory=list)  # fit prompts the refusal tokens are derived from
+    token_harmless: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        payload = json.dumps(
+            [
+                self.lang,
+                self.harmful,
+                self.harmless,
+                self.ppl,
+                self.xstest,
+                self.mgsm,
+                self.token_harmful,
+                self.token_harmless,
+            ],
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise PromptsError(f"cannot read {path}: {e}") from None
+
+
+def _eval_prompts(options: EvalOptions, kind: Kind, lang: str) -> tuple[list[str], str]:
+    """The prompts to judge on, and a description of where they come from."""
+    if options.split == "auto":
+        chosen = role_prompts(options.prompts, kind, lang, "judge")
+        return chosen.texts[: options.limit], chosen.description
+    if options.split not in ("train", "val", "test"):
+        raise EvaluationError(f"unknown --split {options.split!r}: use auto, train, val or test")
+    texts = [p.text for p in load_prompts(options.prompts, kind, lang, cast(Split, options.split))]
+    return texts[: options.limit], f"{options.split} split (chosen by the user)"
+
+
+def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
+    harmful, split = _eval_prompts(options, "harmful", lang)
+    harmless, _ = _eval_prompts(options, "harmless", lang)
+    if not harmful or not harmless:
+        raise EvaluationError(
+            f"empty prompt source for {lang}: no harmful or harmless prompts in split {options.split!r}"
+        )
+    # Refusal tokens come from the fit (training) prompts, never from the prompts they score.
+    token_harmful = role_prompts(options.prompts, "harmful", lang, "fit").texts[: options.limit]
+    token_harmless = role_prompts(options.prompts, "harmless", lang, "fit").texts[: options.limit]
+    if options.ppl_source:
+        path = Path(options.ppl_source) / f"{lang}.jsonl"
+        if not path.exists():
+            raise EvaluationError(
+                f"{options.ppl_source} has no {lang}.jsonl for perplexity: pass a folder with one file per language"
+            )
+        ppl = [str(r["text"]) for r in _read_jsonl(path) if r.get("text")][: options.ppl_limit]
+    else:
+        # The built-in harmless prompts are parallel sentences in every language.
+        ppl = role_prompts(None, "harmless", lang, "judge").texts[: options.ppl_limit]
+    xstest: list[str] = []
+    if options.xstest and lang == "en":
+        rows = _read_jsonl(Path(options.xstest))
+        xstest = [str(r.get("instruction") or r.get("prompt")) for r in rows if str(r.get("label", "safe")) == "safe"][
+            : options.xstest_limit
+        ]
+    mgsm: list[tuple[str, float]] = []
+    if options.mgsm and options.mgsm_limit:
+        path = Path(options.mgsm) / f"{lang}.jsonl"
+        if path.exists():
+            mgsm = [(str(r["question"]), float(r["answer"])) for r in _read_jsonl(path)][: options.mgsm_limit]
+    return EvalData(lang, harmful, harmless, ppl, xstest, mgsm, split, token_harmful, token_harmless)
+
+
+def model_fingerprint(source: ModelSource) -> str:
+    """Content hash of a checkpoint: its config and the SHA-256 of every weight file (cached by stat)."""
+    folder = Path(source.folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for shard in sorted(folder.glob("*.safetensors")):
+        h.update(shard.name.encode())
+        h.update(cached_sha256(shard).encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class LanguageRun:
+    """What was measured for one model in one language (all plain Python/tensors, cacheable)."""
+
+    lang: str
+    tokens: RefusalTokens
+    harmful_scores: list[float]
+    harmless_scores: list[float]
+    nll: float
+    nll_tokens: int
+    harmful_generations: list[str] = field(default_factory=list)
+    harmless_generations: list[str] = field(default_factory=list)
+    harmful_gen_scores: list[float] = field(default_factory=list)
+    xstest_scores: list[float] = field(default_factory=list)
+    xstest_generations: list[str] = field(default_factory=list)
+    mgsm_correct: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)  # vs the baseline (edited model only)
+    nll_per_text: list[float] = field(default_factory=list)  # per perplexity sentence (bootstrap intervals)
+    tokens_per_text: list[int] = field(default_factory=list)
+    harmless_logprobs: torch.Tensor | None = None  # baseline only: for the edited model's KL
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.nll, self.nll_tokens)
+
+
+@dataclass
+class ModelRun:
+    model: str
+    fingerprint: str
+    folder: str
+    langs: dict[str, LanguageRun]
+    seconds: dict[str, float]
+    cached: list[str] = field(default_factory=list)
+
+
+def _cache_path(fingerprint: str, data: EvalData, options: EvalOptions, tokens: RefusalTokens | None) -> Path:
+    key = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "model": fingerprint,
+            "data": data.digest(),
+            "options": options.key(),
+            "tokens": list(tokens.ids) if tokens else None,
+        },
+        sort_keys=True,
+    )
+    return cache_dir() / "eval" / hashlib.sha256(key.encode()).hexdigest()[:24] / f"{data.lang}.pt"
+
+
+def measure_model(
+    model: str | ModelSource,
+    options: EvalOptions,
+    *,
+    reference: dict[str, LanguageRun] | None = None,
+    keep_logprobs: bool = False,
+    use_cache: bool = True,
+    progress: bool = True,
+    label: str = "model",
+) -> ModelRun:
+    """Measure ``model`` in every language of ``options``.
+
+    Args:
+        reference: the baseline's per-language runs; when given, refusal tokens come from the baseline
+            (so both models are scored on the same tokens) and KL is measured against it.
+        keep_logprobs: keep the harmless next-token distributions (needed when this is the baseline).
+    """
+    source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
+    fingerprint = model_fingerprint(source)
+    datas = [load_eval_data(lang, options) for lang in options.langs]
+    runs: dict[str, LanguageRun] = {}
+    cached: list[str] = []
+    pending: list[EvalData] = []
+    for data in datas:
+        tokens = reference[data.lang].tokens if reference else None
+        path = _cache_path(fingerprint, data, options, tokens)
+        if use_cache and path.exists():
+            try:
+                runs[data.lang] = _load_run(path)
+                cached.append(data.lang)
+                continue
+            except (OSError, RuntimeError, KeyError, TypeError, EOFError):
+                path.unlink(missing_ok=True)
+        pending.append(data)
+    seconds: dict[str, float] = {"load": 0.0, "forward": 0.0, "perplexity": 0.0, "generate": 0.0}
+    if pending:
+        t = time.perf_counter()
+        loaded = load_model(
+            source,
+            dtype=options.dtype,
+            device_map=options.device_map,
+            chat_template=options.chat_template,
+            trust_remote_code=options.trust_remote_code,
+            progress=progress,
+        )
+        seconds["load"] = time.perf_counter() - t
+        try:
+            for data in pending:
+                ref = reference[data.lang] if reference else None
+                run = _measure_language(loaded, data, options, ref, seconds, progress=progress, label=label)
+                path = _cache_path(fingerprint, data, options, ref.tokens if ref else None)
+                _save_run(run, path, keep_logprobs=True)
+                if not keep_logprobs:
+                    run.harmless_logprobs = None
+                runs[data.lang] = run
+        finally:
+            del loaded
+            gc.collect()
+    if not keep_logprobs:
+        for run in runs.values():
+            run.harmless_logprobs = None
+    return ModelRun(
+        model=source.given,
+        fingerprint=fingerprint,
+        folder=str(source.folder),
+        langs={lang: runs[lang] for lang in options.langs},
+        seconds=seconds,
+        cached=cached,
+    )
+
+
+def _measure_language(
+    loaded: LoadedModel,
+    data: EvalData,
+    options: EvalOptions,
+    reference: LanguageRun | None,
+    seconds: dict[str, float],
+    *,
+    progress: bool,
+    label: str,
+) -> LanguageRun:
+    lang = data.lang
+    t = time.perf_counter()
+    harmful_texts = loaded.format(data.harmful)
+    harmless_texts = loaded.format(data.harmless)
+    lp_h = last_logprobs(
+        loaded, harmful_texts, batch_size=options.batch_size, progress=progress, description=f"{label} {lang}: harmful"
+    )
+    lp_b = last_logprobs(
+        loaded,
+        harmless_texts,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=f"{label} {lang}: harmless",
+    )
+    if reference is None:
+        fit_h = last_logprobs(loaded, loaded.format(data.token_harmful or data.harmful), batch_size=options.batch_size)
+        fit_b = last_logprobs(
+            loaded, loaded.format(data.token_harmless or data.harmless), batch_size=options.batch_size
+        )
+        tokens = derive_refusal_tokens(mean_probs(fit_h), mean_probs(fit_b), loaded.tokenizer)
+    else:
+        tokens = reference.tokens
+    run = LanguageRun(
+        lang=lang,
+        tokens=tokens,
+        harmful_scores=refusal_scores(lp_h, tokens.ids).tolist(),
+        harmless_scores=refusal_scores(lp_b, tokens.ids).tolist(),
+        nll=0.0,
+        nll_tokens=0,
+        harmless_logprobs=lp_b,
+    )
+    if reference is not None and reference.harmless_logprobs is not None:
+        run.kl = kl_divergence(reference.harmless_logprobs, lp_b).tolist()
+    if data.xstest:
+        lp_x = last_logprobs(
+            loaded,
+            loaded.format(data.xstest),
+            batch_size=options.batch_size,
+            progress=progress,
+            description=f"{label} {lang}: XSTest",
+        )
+        run.xstest_scores = refusal_scores(lp_x, tokens.ids).tolist()
+    seconds["forward"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    run.nll_per_text, run.tokens_per_text = token_nll_per_text(
+        loaded,
+        data.ppl,
+        batch_size=max(1, options.batch_size // 2),
+        progress=progress,
+        description=f"{label} {lang}: perplexity",
+    )
+    run.nll, run.nll_tokens = math.fsum(run.nll_per_text), sum(run.tokens_per_text)
+    seconds["perplexity"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    gen: dict[str, Any] = dict(
+        max_new_tokens=options.max_new_tokens, batch_size=options.gen_batch_size, progress=progress
+    )
+    if options.generate:
+        run.harmful_generations = generate(
+            loaded, harmful_texts[: options.generate], description=f"{label} {lang}: generating (harmful)", **gen
+        )
+        run.harmful_gen_scores = run.harmful_scores[: options.generate]
+    if options.generate_harmless:
+        run.harmless_generations = generate(
+            loaded,
+            harmless_texts[: options.generate_harmless],
+            description=f"{label} {lang}: generating (harmless)",
+            **gen,
+        )
+    if data.xstest and options.generate:
+        run.xstest_generations = generate(
+            loaded, loaded.format(data.xstest[: options.generate]), description=f"{label} XSTest: generating", **gen
+        )
+    if data.mgsm:
+        suffix = MGSM_SUFFIX.get(lang, MGSM_SUFFIX["en"])[0]
+        completions = generate(
+            loaded,
+            loaded.format([f"{q}\n{suffix}" for q, _ in data.mgsm]),
+            max_new_tokens=options.mgsm_max_new_tokens,
+            batch_size=options.gen_batch_size,
+            progress=progress,
+            description=f"{label} {lang}: MGSM",
+        )
+        run.mgsm_correct = [
+            numbers_match(extract_number(c, lang), a) for c, (_, a) in zip(completions, data.mgsm, strict=True)
+        ]
+    seconds["generate"] += time.perf_counter() - t
+    return run
+
+
+def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
+    """Judge a run's generations (harmful, harmless, XSTest): refusal or not.
+
+    With the ``score`` judge, a generated prompt counts as refused when its first-token score is positive.
+    """
+    if judge_spec == "score":
+        return {
+            "harmful": [s > 0 for s in run.harmful_scores[: len(run.harmful_generations)]],
+            "harmless": [s > 0 for s in run.harmless_scores[: len(run.harmless_generations)]],
+            "xstest": [s > 0 for s in run.xstest_scores[: len(run.xstest_generations)]],
+        }
+    judge = make_judge(judge_spec)
+    assert judge is not None
+    out: dict[str, list[bool]] = {}
+    for name, texts, lang in (
+        ("harmful", run.harmful_generations, run.lang),
+        ("harmless", run.harmless_generations, run.lang),
+        ("xstest", run.xstest_generations, "en"),
+    ):
+        out[name] = judge.judge(texts, [lang] * len(texts)) if texts else []
+    return out
+
+
+def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in run.__dict__.items() if k not in ("tokens", "harmless_logprobs")}
+    payload["tokens"] = run.tokens.to_dict()
+    if keep_logprobs and run.harmless_logprobs is not None:
+        payload["harmless_logprobs"] = run.harmless_logprobs
+    from ..io.atomic import atomic_file
+
+    with atomic_file(path, record=False) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_run(path: Path) -> LanguageRun:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["tokens"] = RefusalTokens.from_dict(payload["tokens"])
+    payload.setdefault("harmless_logprobs", None)
+    return LanguageRun(**payload)
