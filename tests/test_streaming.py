@@ -142,7 +142,7 @@ def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "mixtral", "gpt2"])
 def test_in_memory_edit_matches_streaming_edit(family, tiny_checkpoints, tmp_path):
-    from weightedit.edit.rewrite import orthogonalize_model_
+    from weightedit.edit.in_memory import orthogonalize_model_
 
     src = tiny_checkpoints(family)
     r = random_direction()

@@ -216,7 +216,7 @@ def test_disk_full_on_the_last_chunk_across_filesystems(tmp_path):
 
 def _corrupting_side_files(monkeypatch, pick):
     """After the shards are written (before verification), flip one byte of the tensor ``pick`` chooses."""
-    real = ortho._copy_side_files
+    real = ortho.copy_side_files
 
     def corrupt(src, tmp, **kwargs):
         for shard in sorted(tmp.glob("*.safetensors")):
@@ -231,7 +231,7 @@ def _corrupting_side_files(monkeypatch, pick):
                 break
         return real(src, tmp, **kwargs)
 
-    monkeypatch.setattr(ortho, "_copy_side_files", corrupt)
+    monkeypatch.setattr(ortho, "copy_side_files", corrupt)
 
 
 @pytest.mark.parametrize("which", ["edited", "copied"])
@@ -413,14 +413,14 @@ def test_output_that_comes_out_short_is_an_error(tmp_path, monkeypatch):
 
 def test_input_that_shrinks_during_the_edit_is_reported(tmp_path, monkeypatch):
     src = _tiny_single_file(tmp_path / "model")
-    real = ortho._shard_jobs
+    real = ortho.shard_jobs
 
     def then_truncate(*args, **kwargs):
         jobs = real(*args, **kwargs)
         os.truncate(src / "model.safetensors", 4096)  # after the headers were read and checked
         return jobs
 
-    monkeypatch.setattr(ortho, "_shard_jobs", then_truncate)
+    monkeypatch.setattr(ortho, "shard_jobs", then_truncate)
     out = tmp_path / "out"
     with pytest.raises(InvalidCheckpointError, match="ended at byte .* the file changed or is truncated"):
         orthogonalize_checkpoint(src, out, torch.randn(64), progress=False)

@@ -20,8 +20,8 @@ _EXPORTS = {
     # edit
     "orthogonalize": "edit.rewrite",
     "orthogonalize_checkpoint": "edit.rewrite",
-    "orthogonalize_model_": "edit.rewrite",
-    "plan_edit": "edit.rewrite",
+    "orthogonalize_model_": "edit.in_memory",
+    "plan_edit": "edit.plan",
     "EditReport": "edit.rewrite",
     "Checkpoint": "io.checkpoint",
     "resolve_model": "sources",

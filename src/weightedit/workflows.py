@@ -11,7 +11,8 @@ from typing import Any
 
 from .direction.selection import DirectionResult, SelectionOptions, compute_direction
 from .edit.direction_file import save_direction
-from .edit.rewrite import TiedEmbeddings, orthogonalize_checkpoint
+from .edit.plan import TiedEmbeddings
+from .edit.rewrite import orthogonalize_checkpoint
 from .io.atomic import check_output_file, check_output_path, scratch_dir, write_text_atomic
 from .io.cache import cache_dir
 from .prompts import parse_languages

@@ -39,7 +39,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the architecture, the residual-stream writer tensors weightedit will edit, and their size."""
-    from weightedit.edit.rewrite import plan_edit
+    from weightedit.edit.plan import plan_edit
     from weightedit.io.checkpoint import Checkpoint
     from weightedit.sources import resolve_model
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from weightedit._progress import console
 
 if TYPE_CHECKING:
-    from weightedit.edit.rewrite import TiedEmbeddings
+    from weightedit.edit.plan import TiedEmbeddings
 
 from ._options import (
     DeviceMapOpt,

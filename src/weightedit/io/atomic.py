@@ -49,6 +49,7 @@ __all__ = [
     "committed_outputs",
     "clean_stale_temporaries",
     "scratch_dir",
+    "fsync_path",
 ]
 
 TMP_MARKER = ".weightedit-tmp-"
@@ -219,7 +220,8 @@ def _swap_in(tmp: Path, out: Path) -> Path | None:
     return old
 
 
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Flush a file (or with ``directory``, a folder's entries) to disk."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
@@ -242,8 +244,8 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             p = Path(dirpath) / name
             if not p.is_symlink():
-                _fsync_path(p)
-        _fsync_path(Path(dirpath), directory=True)
+                fsync_path(p)
+        fsync_path(Path(dirpath), directory=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,7 +641,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, record: bool = True
                 _committed.append(out)
             if previous is not None:
                 _live.add(previous)
-            _fsync_path(parent, directory=True)
+            fsync_path(parent, directory=True)
         if previous is not None:
             _remove(previous)
     except BaseException:
@@ -671,14 +673,14 @@ def atomic_file(out: Path | str, *, record: bool = True) -> Iterator[Path]:
     try:
         try:
             yield tmp
-            _fsync_path(tmp)
+            fsync_path(tmp)
             with deferred_signals():
                 os.replace(tmp, out)
                 committed = True
                 _live.discard(tmp)
                 if record:
                     _committed.append(out)
-                _fsync_path(out.parent, directory=True)
+                fsync_path(out.parent, directory=True)
         except OSError as e:
             raise _translate(e, out) from None
     except BaseException:
