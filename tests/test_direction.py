@@ -13,6 +13,7 @@ from weightedit.direction.selection import SelectionOptions, compute_direction
 from weightedit.edit.direction_file import load_direction
 from weightedit.errors import ChatTemplateError
 from weightedit.runtime.modeling import load_model, post_instruction_length
+from weightedit.runtime.options import ModelLoadOptions
 from weightedit.runtime.scoring import derive_refusal_tokens, kl_divergence, refusal_scores
 
 from helpers import PrefixJudge, strip_chat_template
@@ -126,7 +127,7 @@ def test_model_without_chat_template_is_a_clear_error(planted, tmp_path):
         load_model(copy, progress=False)
     template = tmp_path / "t.jinja"
     template.write_text(make_tokenizer().chat_template)
-    loaded = load_model(copy, chat_template=template, progress=False)
+    loaded = load_model(copy, ModelLoadOptions(chat_template=template), progress=False)
     assert loaded.n_post == 2
 
 

@@ -22,6 +22,7 @@ from . import __version__
 from .direction.selection import SelectionOptions, capture_language, compute_direction, language_data
 from .edit.direction_file import Direction
 from .edit.rewrite import orthogonalize_checkpoint
+from .errors import OptionsError
 from .evaluation.report import primary_refusal
 from .evaluation.runner import EvalOptions, ModelRun, judge_runs, measure_model
 from .io.atomic import atomic_output_dir, check_output_path, scratch_dir
@@ -46,6 +47,14 @@ class DefenceOptions:
     min_refusal: float = 0.2  # below this baseline refusal rate there is nothing to defend
     selection: SelectionOptions = field(default_factory=SelectionOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise OptionsError("threshold", self.threshold, "must be in (0, 1]")
+        if self.attack_candidates < 1:
+            raise OptionsError("attack_candidates", self.attack_candidates, "must be at least 1")
+        if not 0 <= self.min_refusal <= 1:
+            raise OptionsError("min_refusal", self.min_refusal, "must be in [0, 1]")
 
 
 @dataclass
@@ -86,14 +95,7 @@ def _rates(run: ModelRun, judge: str) -> dict[str, float | None]:
 
 
 def _attack_directions(source: ModelSource, options: DefenceOptions, progress: bool) -> list[tuple[Attack, Direction]]:
-    loaded = load_model(
-        source,
-        dtype=options.evaluation.dtype,
-        device_map=options.evaluation.device_map,
-        chat_template=options.evaluation.chat_template,
-        trust_remote_code=options.evaluation.trust_remote_code,
-        progress=progress,
-    )
+    loaded = load_model(source, options.evaluation.load, progress=progress)
     try:
         # An attack reports what a direction does even when it fails the selection filters or the model does
         # not refuse in the attack language: the verdict, not selection, decides what counts.

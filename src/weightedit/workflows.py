@@ -11,12 +11,13 @@ from typing import Any
 
 from .direction.selection import DirectionResult, SelectionOptions, compute_direction
 from .edit.direction_file import save_direction
-from .edit.plan import TiedEmbeddings
-from .edit.rewrite import orthogonalize_checkpoint
+from .edit.options import TiedEmbeddings
+from .edit.rewrite import EditReport, orthogonalize_checkpoint
 from .io.atomic import check_output_file, check_output_path, scratch_dir, write_text_atomic
 from .io.cache import cache_dir
 from .prompts import parse_languages
 from .runtime.modeling import load_model
+from .runtime.options import ModelLoadOptions
 from .sources import resolve_model
 from .sources.model import ModelSource, public_name
 
@@ -40,27 +41,15 @@ def direction_for_model(
     langs: str | list[str],
     options: SelectionOptions | None = None,
     *,
-    dtype: str = "auto",
-    device_map: str | None = None,
+    load: ModelLoadOptions | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-    trust_remote_code: bool = False,
-    chat_template: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> DirectionResult:
     """Load ``model``, compute its refusal direction from prompts in ``langs``, and free the model."""
     codes = parse_languages(langs)
     t0 = time.perf_counter()
-    loaded = load_model(
-        model,
-        dtype=dtype,
-        device_map=device_map,
-        revision=revision,
-        token=token,
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        progress=progress,
-    )
+    loaded = load_model(model, load, revision=revision, token=token, progress=progress)
     load_s = time.perf_counter() - t0
     try:
         result = compute_direction(loaded, codes, options, progress=progress)
@@ -121,17 +110,14 @@ def orthogonalize_by_language(
     langs: str | list[str],
     options: SelectionOptions | None = None,
     *,
-    tied_embeddings: TiedEmbeddings = "untie",
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
-    dtype: str = "auto",
-    device_map: str | None = None,
+    load: ModelLoadOptions | None = None,
     revision: str | None = None,
     gguf_file: str | None = None,
     token: str | bool | None = None,
-    trust_remote_code: bool = False,
-    chat_template: str | os.PathLike[str] | None = None,
     progress: bool = True,
-):
+) -> tuple[DirectionResult, EditReport]:
     """Compute the direction from prompts in ``langs``, then write the edited checkpoint to ``out``.
 
     The direction file and its scores are stored in the output folder.
@@ -140,16 +126,7 @@ def orthogonalize_by_language(
     check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
-    result = direction_for_model(
-        source,
-        langs,
-        options,
-        dtype=dtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        progress=progress,
-    )
+    result = direction_for_model(source, langs, options, load=load, progress=progress)
     # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
     if isinstance(result.direction.meta.get("prompts"), str):
         result.direction.meta["prompts"] = public_name(result.direction.meta["prompts"])

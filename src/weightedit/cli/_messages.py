@@ -24,6 +24,18 @@ FLAGS = {
     "kl_threshold": "--max-kl",
     "position": "--position",
     "layer/position": "--layer/--position",
+    "tied_embeddings": "--tied-embeddings",
+    "dtype": "--dtype",
+    "split": "--split",
+    "limit": "--limit",
+    "generate": "--generate",
+    "generate_harmless": "--generate-harmless",
+    "max_new_tokens": "--max-new-tokens",
+    "ppl_limit": "--ppl-limit",
+    "mgsm_limit": "--mgsm-limit",
+    "threshold": "--threshold",
+    "attack_candidates": "--attack-candidates",
+    "min_refusal": "--min-refusal",
 }
 
 

@@ -15,9 +15,13 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
+# Light modules only (enums and options; no torch): every command module imports this one at start-up.
 from weightedit._progress import console
+from weightedit.direction.options import Search, SelectionOptions
+from weightedit.edit.options import TiedEmbeddings
 from weightedit.errors import WeighteditError
 from weightedit.io import atomic
+from weightedit.runtime.options import Dtype
 
 from ._messages import cli_message
 
@@ -26,6 +30,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Exit codes (README, "Exit codes").
 EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
+
+# ---------------------------------------------------------------------------------------------------------
+# Options shared by several commands: each is defined once here, with one spelling and one default (a test
+# checks that every command agrees, and that the README's stated defaults are these).
+# ---------------------------------------------------------------------------------------------------------
+
+_SELECTION = SelectionOptions()
 
 ModelOpt = Annotated[
     str,
@@ -44,7 +55,7 @@ GgufFileOpt = Annotated[
     str | None, typer.Option("--gguf-file", help="GGUF file inside the --model folder or Hub repo.")
 ]
 DtypeOpt = Annotated[
-    str,
+    Dtype,
     typer.Option(
         "--dtype",
         help="Compute dtype: auto (float32 on CPU, bfloat16 on GPUs that support it), float32, bfloat16, float16.",
@@ -60,10 +71,107 @@ DeviceMapOpt = Annotated[
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow custom modeling code from the model repo.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ChatTemplateOpt = Annotated[
+    Path | None, typer.Option("--chat-template", help="Jinja chat template for a tokenizer without one.")
+]
+LangsOpt = Annotated[
+    str,
+    typer.Option(
+        "--langs",
+        help="Languages: a comma list of codes (en,zh,ar) or all; a direction averages their unit directions.",
+    ),
+]
+# The old spelling of --langs, still accepted for one release and hidden from --help.
+OldLangOpt = Annotated[str | None, typer.Option("--lang", "-l", hidden=True)]
+DirectionLangOpt = Annotated[
+    str, typer.Option("--direction-lang", help="Language(s) of the prompts the direction is computed from.")
+]
+PromptsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompts", help="Prompt source: JSONL/CSV file, folder (PolyRefuse layout), or hf://datasets/ORG/NAME."
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+NTrainOpt = Annotated[
+    int, typer.Option("--n-train", help="Harmful and harmless prompts (each) for the mean difference.")
+]
+NValOpt = Annotated[int, typer.Option("--n-val", help="Held-out harmful and harmless prompts (each) for selection.")]
+SearchOpt = Annotated[
+    Search,
+    typer.Option(
+        "--search",
+        help="fast: pre-screen every candidate on a few prompts, score in that order until the best is certain; "
+        "thorough: score all exactly (GPU).",
+    ),
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Candidates scored exactly before the fast search may stop.")]
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="Use this layer instead of selecting one.")]
+PositionOpt = Annotated[
+    int | None, typer.Option("--position", help="Use this post-instruction position (-1 = last token).")
+]
+MaxKlOpt = Annotated[
+    float, typer.Option("--max-kl", help="KL filter (nats on harmless prompts): candidates above it are never chosen.")
+]
+AllowFailingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-failing-filters",
+        help="When no candidate passes the KL filter, keep the lowest bypass anyway (recorded; the model may degrade).",
+    ),
+]
+AllowNonRefusingOpt = Annotated[
+    bool,
+    typer.Option("--allow-non-refusing", help="Use a language the model does not refuse in (its scores mean little)."),
+]
+CheckGenerationsOpt = Annotated[
+    int,
+    typer.Option(
+        "--check-generations",
+        help="Harmful training prompts completed and judged to confirm each language refuses (0 skips the check).",
+    ),
+]
+TiedEmbeddingsOpt = Annotated[
+    TiedEmbeddings,
+    typer.Option(
+        "--tied-embeddings",
+        help="For tied input/output embeddings: untie (exact edit, lm_head keeps the original) or edit-both "
+        "(smaller, not exact).",
+    ),
+]
+RepoIdOpt = Annotated[str, typer.Option("--repo-id", help="Hub repo to upload to, e.g. user/name.")]
+JudgeOpt = Annotated[
+    str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
+]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bars, and no progress or warnings from transformers/hub.")
 ]
+
+# The defaults, one per option: the library's own where it has one.
+N_TRAIN = _SELECTION.n_train
+N_VAL = _SELECTION.n_val
+BATCH_SIZE = _SELECTION.batch_size
+TOP_K = _SELECTION.top_k
+MAX_KL = _SELECTION.kl_threshold
+CHECK_GENERATIONS = _SELECTION.check_generations
+
+
+def one_spelling(value: str, old: str | None) -> str:
+    """The value of an option given under its current or its old (hidden) spelling."""
+    return old if old is not None else value
+
+
+def selection_options(**flags: Any) -> SelectionOptions:
+    """The library's :class:`SelectionOptions` (which checks every value) from the commands' flag values.
+
+    ``max_kl`` is the flag's name for ``kl_threshold``.
+    """
+    if "max_kl" in flags:
+        flags["kl_threshold"] = flags.pop("max_kl")
+    return SelectionOptions(**flags)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
 def quiet_libraries(quiet: bool) -> None:

@@ -9,36 +9,42 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.runtime.options import Dtype, ModelLoadOptions
 
 from ._options import (
+    BATCH_SIZE,
+    CHECK_GENERATIONS,
+    MAX_KL,
+    N_TRAIN,
+    N_VAL,
+    TOP_K,
+    AllowFailingOpt,
+    BatchOpt,
+    ChatTemplateOpt,
+    CheckGenerationsOpt,
     DeviceMapOpt,
     DtypeOpt,
     GgufFileOpt,
     JsonOpt,
+    LangsOpt,
+    LayerOpt,
+    MaxKlOpt,
     ModelOpt,
+    NTrainOpt,
+    NValOpt,
     OverwriteOpt,
+    PositionOpt,
+    PromptsOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
+    TopKOpt,
     TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
     resolve_source,
-)
-from .direction_cmd import (
-    AllowFailingOpt,
-    BatchOpt,
-    ChatTemplateOpt,
-    CheckGenerationsOpt,
-    LayerOpt,
-    MaxKlOpt,
-    NTrainOpt,
-    NValOpt,
-    PositionOpt,
-    PromptsOpt,
-    TopKOpt,
     selection_options,
 )
 
@@ -59,21 +65,21 @@ def compare_directions(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for comparison.json, directions.safetensors and the PNGs.")
     ],
-    langs: Annotated[str, typer.Option("--langs", help="Languages: all, or a comma list.")] = "all",
+    langs: LangsOpt = "all",
     reference: Annotated[
         str, typer.Option("--reference", help="Language whose selection fixes the layer and position.")
     ] = "en",
     layer: LayerOpt = None,
     position: PositionOpt = None,
-    n_train: NTrainOpt = 32,
-    n_val: NValOpt = 8,
-    batch_size: BatchOpt = 16,
+    n_train: NTrainOpt = N_TRAIN,
+    n_val: NValOpt = N_VAL,
+    batch_size: BatchOpt = BATCH_SIZE,
     prompts: PromptsOpt = None,
-    top_k: TopKOpt = 8,
-    max_kl: MaxKlOpt = 0.1,
+    top_k: TopKOpt = TOP_K,
+    max_kl: MaxKlOpt = MAX_KL,
     allow_failing_filters: AllowFailingOpt = False,
-    check_generations: CheckGenerationsOpt = 4,
-    dtype: DtypeOpt = "auto",
+    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
+    dtype: DtypeOpt = Dtype.AUTO,
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
@@ -97,14 +103,11 @@ def compare_directions(
     if (layer is None) != (position is None):
         raise typer.BadParameter("give both --layer and --position, or neither", param_hint="--layer/--position")
     options = selection_options(
-        n_train,
-        n_val,
-        batch_size,
-        "fast",
-        top_k,
-        None,
-        None,
-        prompts,
+        n_train=n_train,
+        n_val=n_val,
+        batch_size=batch_size,
+        top_k=top_k,
+        prompts=prompts,
         max_kl=max_kl,
         allow_failing_filters=allow_failing_filters,
         check_generations=check_generations,
@@ -112,14 +115,10 @@ def compare_directions(
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
     out = check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
-    loaded = load_model(
-        source,
-        dtype=dtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        progress=progress,
+    load = ModelLoadOptions(
+        dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
     )
+    loaded = load_model(source, load, progress=progress)
     result = run(loaded, codes, options, reference=reference, layer=layer, position=position, progress=progress)
     paths = save_comparison(result, out, overwrite=overwrite)
     if json_out:

@@ -10,26 +10,40 @@ from rich.table import Table
 
 from weightedit._progress import console
 from weightedit.render.format import percent
+from weightedit.runtime.options import Dtype
 
 from ._options import (
+    BATCH_SIZE,
     EXIT_NEGATIVE,
+    N_TRAIN,
+    N_VAL,
+    TOP_K,
+    BatchOpt,
+    ChatTemplateOpt,
     DeviceMapOpt,
+    DirectionLangOpt,
     DtypeOpt,
     GgufFileOpt,
     JsonOpt,
+    JudgeOpt,
+    LangsOpt,
     ModelOpt,
+    NTrainOpt,
+    NValOpt,
     OverwriteOpt,
+    PromptsOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
+    TopKOpt,
     TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
     resolve_source,
+    selection_options,
 )
-from .direction_cmd import BatchOpt, ChatTemplateOpt, NTrainOpt, NValOpt, PromptsOpt, TopKOpt, selection_options
 
 
 def register(app: typer.Typer) -> None:
@@ -48,8 +62,8 @@ def verify_defence(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for defence.json, defence.md and defence.png.")
     ] = Path("defence-report"),
-    langs: Annotated[str, typer.Option("--langs", help="Languages: all, or a comma list.")] = "all",
-    direction_lang: Annotated[str, typer.Option("--direction-lang", help="Language of the attack direction.")] = "en",
+    langs: LangsOpt = "all",
+    direction_lang: DirectionLangOpt = "en",
     per_language: Annotated[
         bool, typer.Option("--per-language", help="Also attack with each language's own direction.")
     ] = False,
@@ -67,15 +81,13 @@ def verify_defence(
         int,
         typer.Option("--generate", help="Harmful prompts per language to complete and judge (0 = first-token scores)."),
     ] = 0,
-    judge: Annotated[
-        str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH.")
-    ] = "substring",
-    n_train: NTrainOpt = 32,
-    n_val: NValOpt = 12,
-    top_k: TopKOpt = 6,
-    batch_size: BatchOpt = 16,
+    judge: JudgeOpt = "substring",
+    n_train: NTrainOpt = N_TRAIN,
+    n_val: NValOpt = N_VAL,
+    top_k: TopKOpt = TOP_K,
+    batch_size: BatchOpt = BATCH_SIZE,
     prompts: PromptsOpt = None,
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.AUTO,
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
@@ -98,12 +110,8 @@ def verify_defence(
     codes = tuple(parse_languages(langs))
     parse_languages(direction_lang)
     make_judge(judge)
-    if not 0 < threshold <= 1:
-        raise typer.BadParameter("must be in (0, 1]", param_hint="--threshold")
-    if attack_candidates < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--attack-candidates")
     selection = selection_options(
-        n_train, n_val, batch_size, "fast", max(top_k, attack_candidates), None, None, prompts
+        n_train=n_train, n_val=n_val, batch_size=batch_size, top_k=max(top_k, attack_candidates), prompts=prompts
     )
     evaluation = EvalOptions(
         langs=codes,

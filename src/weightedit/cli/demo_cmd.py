@@ -9,8 +9,16 @@ import typer
 
 from weightedit._progress import console
 
-from ._options import QuietOpt, epilog, handle_errors, quiet_libraries
-from .direction_cmd import AllowNonRefusingOpt, BatchOpt, CheckGenerationsOpt, PromptsOpt
+from ._options import (
+    AllowNonRefusingOpt,
+    BatchOpt,
+    CheckGenerationsOpt,
+    PromptsOpt,
+    QuietOpt,
+    epilog,
+    handle_errors,
+    quiet_libraries,
+)
 from .evaluate_cmd import render_summary
 
 

@@ -9,122 +9,60 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.direction.options import Search
+from weightedit.runtime.options import Dtype, ModelLoadOptions
 
 from ._options import (
+    BATCH_SIZE,
+    CHECK_GENERATIONS,
+    MAX_KL,
+    N_TRAIN,
+    N_VAL,
+    TOP_K,
+    AllowFailingOpt,
+    AllowNonRefusingOpt,
+    BatchOpt,
+    ChatTemplateOpt,
+    CheckGenerationsOpt,
     DeviceMapOpt,
     DtypeOpt,
     GgufFileOpt,
     JsonOpt,
+    LangsOpt,
+    LayerOpt,
+    MaxKlOpt,
     ModelOpt,
+    NTrainOpt,
+    NValOpt,
+    OldLangOpt,
     OverwriteOpt,
+    PositionOpt,
+    PromptsOpt,
     QuietOpt,
     RevisionOpt,
+    SearchOpt,
     TokenOpt,
+    TopKOpt,
     TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
+    one_spelling,
     resolve_source,
+    selection_options,
 )
-
-LangOpt = Annotated[
-    str, typer.Option("--lang", "-l", help="Prompt language(s): en, or en,zh,ar (unit directions are averaged).")
-]
-NTrainOpt = Annotated[
-    int, typer.Option("--n-train", help="Harmful and harmless prompts (each) for the mean difference.")
-]
-NValOpt = Annotated[int, typer.Option("--n-val", help="Held-out harmful and harmless prompts (each) for selection.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
-PromptsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompts", help="Prompt source: JSONL/CSV file, folder (PolyRefuse layout), or hf://datasets/ORG/NAME."
-    ),
-]
-SearchOpt = Annotated[
-    str,
-    typer.Option(
-        "--search",
-        help="fast: screen all candidates, score the best --top-k exactly; thorough: score all exactly (GPU).",
-    ),
-]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Candidates scored exactly in the fast search.")]
-LayerOpt = Annotated[int | None, typer.Option("--layer", help="Use this layer instead of selecting one.")]
-PositionOpt = Annotated[
-    int | None, typer.Option("--position", help="Use this post-instruction position (-1 = last token).")
-]
-ChatTemplateOpt = Annotated[
-    Path | None, typer.Option("--chat-template", help="Jinja chat template for a tokenizer without one.")
-]
 
 
 def register(app: typer.Typer) -> None:
     app.command(
         "direction",
         epilog=epilog(
-            "weightedit direction --model recipe:qwen2.5-coder-1.5b-instruct --lang en --out refusal.safetensors",
-            "weightedit direction --model ./model --lang de --n-train 128 --search thorough --out de.safetensors",
-            "weightedit direction --model ./model --lang en --prompts ../shared/data/polyrefuse --out r.safetensors",
+            "weightedit direction --model recipe:qwen2.5-coder-1.5b-instruct --langs en --out refusal.safetensors",
+            "weightedit direction --model ./model --langs de --n-train 128 --search thorough --out de.safetensors",
+            "weightedit direction --model ./model --langs en --prompts ../shared/data/polyrefuse --out r.safetensors",
         ),
     )(direction)
-
-
-MaxKlOpt = Annotated[
-    float, typer.Option("--max-kl", help="KL filter (nats on harmless prompts): candidates above it are never chosen.")
-]
-AllowFailingOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-failing-filters",
-        help="When no candidate passes the KL filter, keep the lowest bypass anyway (recorded; the model may degrade).",
-    ),
-]
-AllowNonRefusingOpt = Annotated[
-    bool,
-    typer.Option("--allow-non-refusing", help="Use a language the model does not refuse in (its scores mean little)."),
-]
-CheckGenerationsOpt = Annotated[
-    int,
-    typer.Option(
-        "--check-generations",
-        help="Harmful training prompts completed and judged to confirm each language refuses (0 skips the check).",
-    ),
-]
-
-
-def selection_options(
-    n_train: int,
-    n_val: int,
-    batch_size: int,
-    search: str,
-    top_k: int,
-    layer: int | None,
-    position: int | None,
-    prompts: str | None,
-    *,
-    max_kl: float = 0.1,
-    allow_failing_filters: bool = False,
-    allow_non_refusing: bool = False,
-    check_generations: int = 8,
-):
-    """The library's :class:`SelectionOptions` (which checks every value) from the CLI's flags."""
-    from weightedit.direction.selection import SelectionOptions
-
-    return SelectionOptions(
-        n_train=n_train,
-        n_val=n_val,
-        batch_size=batch_size,
-        search=search,
-        top_k=top_k,
-        layer=layer,
-        position=position,
-        prompts=prompts,
-        kl_threshold=max_kl,
-        allow_failing_filters=allow_failing_filters,
-        allow_non_refusing=allow_non_refusing,
-        check_generations=check_generations,
-    )
 
 
 def render_candidates(result) -> None:
@@ -175,20 +113,20 @@ def direction(
         Path,
         typer.Option("--out", "-o", help="Direction file to write (.safetensors); scores go to <name>.scores.json."),
     ],
-    lang: LangOpt = "en",
-    n_train: NTrainOpt = 64,
-    n_val: NValOpt = 16,
-    batch_size: BatchOpt = 16,
+    langs: LangsOpt = "en",
+    n_train: NTrainOpt = N_TRAIN,
+    n_val: NValOpt = N_VAL,
+    batch_size: BatchOpt = BATCH_SIZE,
     prompts: PromptsOpt = None,
-    search: SearchOpt = "fast",
-    top_k: TopKOpt = 8,
+    search: SearchOpt = Search.FAST,
+    top_k: TopKOpt = TOP_K,
     layer: LayerOpt = None,
     position: PositionOpt = None,
-    max_kl: MaxKlOpt = 0.1,
+    max_kl: MaxKlOpt = MAX_KL,
     allow_failing_filters: AllowFailingOpt = False,
     allow_non_refusing: AllowNonRefusingOpt = False,
-    check_generations: CheckGenerationsOpt = 8,
-    dtype: DtypeOpt = "auto",
+    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
+    dtype: DtypeOpt = Dtype.AUTO,
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
@@ -198,22 +136,24 @@ def direction(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    lang: OldLangOpt = None,
 ) -> None:
     """Compute the refusal direction (difference of means) and select the best layer and position."""
     from weightedit.prompts import parse_languages
     from weightedit.workflows import check_direction_output, direction_for_model, save_direction_result, scores_payload
 
-    parse_languages(lang)
+    langs = one_spelling(langs, lang)
+    parse_languages(langs)
     check_direction_output(out, inputs=local_inputs(model), overwrite=overwrite)
     options = selection_options(
-        n_train,
-        n_val,
-        batch_size,
-        search,
-        top_k,
-        layer,
-        position,
-        prompts,
+        n_train=n_train,
+        n_val=n_val,
+        batch_size=batch_size,
+        search=search,
+        top_k=top_k,
+        layer=layer,
+        position=position,
+        prompts=prompts,
         max_kl=max_kl,
         allow_failing_filters=allow_failing_filters,
         allow_non_refusing=allow_non_refusing,
@@ -221,18 +161,10 @@ def direction(
     )
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=quiet or json_out)
     check_direction_output(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
-    result = direction_for_model(
-        source,
-        lang,
-        options,
-        dtype=dtype,
-        device_map=device_map,
-        revision=revision,
-        token=token,
-        trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
-        progress=not (quiet or json_out),
+    load = ModelLoadOptions(
+        dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
     )
+    result = direction_for_model(source, langs, options, load=load, progress=not (quiet or json_out))
     path, scores = save_direction_result(result, out)
     if json_out:
         emit_json(

@@ -9,14 +9,18 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.runtime.options import Dtype
 
 from ._options import (
+    BatchOpt,
+    ChatTemplateOpt,
     DeviceMapOpt,
     DtypeOpt,
     GgufFileOpt,
     JsonOpt,
     ModelOpt,
     OverwriteOpt,
+    PromptsOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
@@ -27,7 +31,6 @@ from ._options import (
     local_inputs,
     resolve_source,
 )
-from .direction_cmd import BatchOpt, ChatTemplateOpt, PromptsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -130,7 +133,7 @@ def evaluate(
         Path | None, typer.Option("--comparison", help="compare-directions output folder, to include its heatmaps.")
     ] = None,
     batch_size: BatchOpt = 16,
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.AUTO,
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,

@@ -11,7 +11,7 @@ import typer
 from weightedit._progress import console
 from weightedit.errors import WeighteditError
 
-from ._options import JsonOpt, TokenOpt, emit_json, epilog, handle_errors
+from ._options import JsonOpt, RepoIdOpt, TokenOpt, emit_json, epilog, handle_errors
 
 ReportOpt = Annotated[
     Path | None, typer.Option("--report", help="Evaluation report folder (weightedit evaluate --out) to include.")
@@ -50,9 +50,9 @@ def push(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="Edited checkpoint folder (the --out of orthogonalize).")
     ],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Target repo, e.g. user/name.")],
+    repo_id: RepoIdOpt,
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if missing).")] = None,
+    branch: Annotated[str | None, typer.Option("--branch", help="Branch to push to (created if missing).")] = None,
     token: TokenOpt = None,
     commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit message.")] = None,
     report: ReportOpt = None,
@@ -63,6 +63,8 @@ def push(
         ),
     ] = False,
     json_out: JsonOpt = False,
+    # The old spelling of --branch: --revision names the input's revision in every other command.
+    revision: Annotated[str | None, typer.Option("--revision", hidden=True)] = None,
 ) -> None:
     """Upload an edited model with a generated model card (large files go through LFS)."""
     from weightedit.hub import push_model
@@ -72,7 +74,7 @@ def push(
         model,
         repo_id,
         private=private,
-        revision=revision,
+        revision=revision if revision is not None else branch,
         token=token,
         commit_message=commit_message,
         report=report,

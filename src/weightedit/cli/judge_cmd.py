@@ -11,8 +11,7 @@ from rich.table import Table
 from weightedit._progress import console
 from weightedit.render.format import percent
 
-from ._options import JsonOpt, OverwriteOpt, QuietOpt, emit_json, epilog, handle_errors
-from .direction_cmd import PromptsOpt
+from ._options import JsonOpt, OverwriteOpt, PromptsOpt, QuietOpt, emit_json, epilog, handle_errors
 
 
 def register(app: typer.Typer) -> None:

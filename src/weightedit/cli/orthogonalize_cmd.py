@@ -3,47 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from weightedit._progress import console
-
-if TYPE_CHECKING:
-    from weightedit.edit.plan import TiedEmbeddings
+from weightedit.direction.options import Search
+from weightedit.edit.options import TiedEmbeddings
+from weightedit.runtime.options import Dtype, ModelLoadOptions
 
 from ._options import (
-    DeviceMapOpt,
-    DtypeOpt,
-    GgufFileOpt,
-    JsonOpt,
-    ModelOpt,
-    OutOpt,
-    OverwriteOpt,
-    QuietOpt,
-    RevisionOpt,
-    TokenOpt,
-    TrustRemoteCodeOpt,
-    emit_json,
-    epilog,
-    handle_errors,
-    quiet_libraries,
-)
-from .direction_cmd import (
+    BATCH_SIZE,
+    CHECK_GENERATIONS,
+    MAX_KL,
+    N_TRAIN,
+    N_VAL,
+    TOP_K,
     AllowFailingOpt,
     AllowNonRefusingOpt,
     BatchOpt,
     ChatTemplateOpt,
     CheckGenerationsOpt,
+    DeviceMapOpt,
+    DtypeOpt,
+    GgufFileOpt,
+    JsonOpt,
     LayerOpt,
     MaxKlOpt,
+    ModelOpt,
     NTrainOpt,
     NValOpt,
+    OutOpt,
+    OverwriteOpt,
     PositionOpt,
     PromptsOpt,
+    QuietOpt,
+    RevisionOpt,
     SearchOpt,
+    TiedEmbeddingsOpt,
+    TokenOpt,
     TopKOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+    quiet_libraries,
     selection_options,
 )
 
@@ -72,58 +77,51 @@ def orthogonalize(
             "--direction-lang", help="Compute the direction from built-in prompts in these languages (en, or en,zh,ar)."
         ),
     ] = None,
-    tied_embeddings: Annotated[
-        str,
-        typer.Option(
-            "--tied-embeddings",
-            help="For tied input/output embeddings: untie (exact edit, lm_head keeps the original) or edit-both (smaller, not exact).",
-        ),
-    ] = "untie",
+    tied_embeddings: TiedEmbeddingsOpt = TiedEmbeddings.UNTIE,
     overwrite: OverwriteOpt = False,
     allow_model_mismatch: Annotated[
         bool,
         typer.Option("--allow-model-mismatch", help="Accept a direction file computed on a different model config."),
     ] = False,
-    n_train: NTrainOpt = 64,
-    n_val: NValOpt = 16,
-    batch_size: BatchOpt = 16,
+    n_train: NTrainOpt = N_TRAIN,
+    n_val: NValOpt = N_VAL,
+    batch_size: BatchOpt = BATCH_SIZE,
     prompts: PromptsOpt = None,
-    search: SearchOpt = "fast",
-    top_k: TopKOpt = 8,
+    search: SearchOpt = Search.FAST,
+    top_k: TopKOpt = TOP_K,
     layer: LayerOpt = None,
     position: PositionOpt = None,
-    max_kl: MaxKlOpt = 0.1,
+    max_kl: MaxKlOpt = MAX_KL,
     allow_failing_filters: AllowFailingOpt = False,
     allow_non_refusing: AllowNonRefusingOpt = False,
-    check_generations: CheckGenerationsOpt = 8,
-    dtype: DtypeOpt = "auto",
+    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
+    dtype: DtypeOpt = Dtype.AUTO,
     device_map: DeviceMapOpt = None,
     chat_template: ChatTemplateOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
-    push_to: Annotated[
-        str | None, typer.Option("--push-to", help="After the edit, push the output to this Hub repo (user/name).")
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="After the edit, push the output to this Hub repo (user/name).")
     ] = None,
-    private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo as private.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="With --repo-id: create the repo as private.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    push_to: Annotated[str | None, typer.Option("--push-to", hidden=True)] = None,  # the old spelling of --repo-id
 ) -> None:
     """Project the refusal direction out of every matrix that writes to the residual stream."""
     from weightedit.edit.direction_file import load_direction
     from weightedit.edit.rewrite import orthogonalize as run
     from weightedit.errors import InvalidDirectionError
 
-    if push_to:
+    repo = push_to if push_to is not None else repo_id
+    if repo:
         from weightedit.hub import refuse_offline, resolve_token
 
         refuse_offline()  # fail before the long work, not after it
         resolve_token(token)
 
-    if tied_embeddings not in ("untie", "edit-both"):
-        raise typer.BadParameter("must be 'untie' or 'edit-both'", param_hint="--tied-embeddings")
-    tied = cast("TiedEmbeddings", tied_embeddings)
     if (direction is None) == (direction_lang is None):
         raise InvalidDirectionError("pass exactly one of --direction FILE or --direction-lang LANGS")
     progress = not (quiet or json_out)
@@ -134,14 +132,14 @@ def orthogonalize(
 
         parse_languages(direction_lang)
         options = selection_options(
-            n_train,
-            n_val,
-            batch_size,
-            search,
-            top_k,
-            layer,
-            position,
-            prompts,
+            n_train=n_train,
+            n_val=n_val,
+            batch_size=batch_size,
+            search=search,
+            top_k=top_k,
+            layer=layer,
+            position=position,
+            prompts=prompts,
             max_kl=max_kl,
             allow_failing_filters=allow_failing_filters,
             allow_non_refusing=allow_non_refusing,
@@ -152,15 +150,14 @@ def orthogonalize(
             out,
             direction_lang,
             options,
-            tied_embeddings=tied,
+            tied_embeddings=tied_embeddings,
             overwrite=overwrite,
-            dtype=dtype,
-            device_map=device_map,
+            load=ModelLoadOptions(
+                dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
+            ),
             revision=revision,
             gguf_file=gguf_file,
             token=token,
-            trust_remote_code=trust_remote_code,
-            chat_template=chat_template,
             progress=progress,
         )
     else:
@@ -171,7 +168,7 @@ def orthogonalize(
             model,
             out,
             d,
-            tied_embeddings=tied,
+            tied_embeddings=tied_embeddings,
             overwrite=overwrite,
             revision=revision,
             gguf_file=gguf_file,
@@ -192,10 +189,10 @@ def orthogonalize(
         "tied_embeddings": report.tied_embeddings,
         "seconds": round(report.seconds, 3),
     }
-    if push_to:
+    if repo:
         from weightedit.hub import push_model
 
-        pushed = push_model(report.out, push_to, private=private, token=token)
+        pushed = push_model(report.out, repo, private=private, token=token)
         summary["pushed"] = pushed.commit_url
     if json_out:
         emit_json(summary)

@@ -11,7 +11,7 @@ from ..errors import InvalidCheckpointError
 from ..io.checkpoint import residual_width
 from .arch import spec_for_config
 from .direction_file import Direction
-from .plan import TiedEmbeddings
+from .options import TiedEmbeddings, tied_embeddings_option
 from .projection import effective_direction, project_out_, unit_direction
 
 __all__ = ["CausalLM", "orthogonalize_model_"]
@@ -29,7 +29,10 @@ class CausalLM(Protocol):
 
 @torch.no_grad()
 def orthogonalize_model_(
-    model: CausalLM, direction: Direction | torch.Tensor, *, tied_embeddings: TiedEmbeddings = "untie"
+    model: CausalLM,
+    direction: Direction | torch.Tensor,
+    *,
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
 ) -> dict[str, int]:
     """In place: apply the same edit to a model already loaded in memory; return the edited groups.
 
@@ -48,7 +51,11 @@ def orthogonalize_model_(
     input_embeddings = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     output_embeddings = getattr(head, "weight", None)
-    if head is not None and output_embeddings is input_embeddings and tied_embeddings == "untie":
+    if (
+        head is not None
+        and output_embeddings is input_embeddings
+        and tied_embeddings_option(tied_embeddings) is TiedEmbeddings.UNTIE
+    ):
         # Give the LM head its own copy of the original matrix before the embedding is edited.
         assert isinstance(input_embeddings, torch.Tensor)
         head.weight = torch.nn.Parameter(input_embeddings.detach().clone())

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from ..errors import InvalidCheckpointError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from .arch import ArchSpec, WriterMatch, spec_for_config
+from .options import TiedEmbeddings
 from .projection import effective_direction
 
 __all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets"]
-
-TiedEmbeddings = Literal["untie", "edit-both"]
 
 
 @dataclass(frozen=True)

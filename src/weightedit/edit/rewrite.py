@@ -30,8 +30,9 @@ from ..io.hashing import known_sha256, remember_sha256
 from ..sources import resolve_model
 from ..sources.model import ModelSource
 from .direction_file import Direction, check_selection
+from .options import TiedEmbeddings, tied_embeddings_option
 from .output import BLOCK_BYTES, config_ties, copy_side_files, shard_jobs, write_index
-from .plan import EditPlan, TiedEmbeddings, plan_edit, writer_targets
+from .plan import EditPlan, plan_edit, writer_targets
 from .projection import BlockStats, unit_direction
 from .provenance import PROVENANCE_FILE, edit_provenance
 from .verify import verify_output
@@ -63,7 +64,7 @@ def orthogonalize(
     out: str | os.PathLike[str],
     direction: Direction | torch.Tensor,
     *,
-    tied_embeddings: TiedEmbeddings = "untie",
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
     revision: str | None = None,
     gguf_file: str | None = None,
@@ -107,7 +108,7 @@ def orthogonalize_checkpoint(
     out: str | os.PathLike[str],
     direction: Direction | torch.Tensor,
     *,
-    tied_embeddings: TiedEmbeddings = "untie",
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
     allow_model_mismatch: bool = False,
     allow_failing_filters: bool = False,
@@ -141,8 +142,7 @@ def orthogonalize_checkpoint(
     if not isinstance(source, ModelSource):
         folder = Path(source).expanduser().resolve()
         source = ModelSource(folder=folder, given=str(source), kind="local", inputs=(folder,))
-    if tied_embeddings not in ("untie", "edit-both"):
-        raise ValueError(f"tied_embeddings must be 'untie' or 'edit-both', got {tied_embeddings!r}")
+    tied = tied_embeddings_option(tied_embeddings)
     out = check_output_path(Path(out), inputs=(source.folder, *source.inputs), overwrite=overwrite)
 
     checkpoint = Checkpoint.open(source.folder)
@@ -150,7 +150,7 @@ def orthogonalize_checkpoint(
     direction, r = _checked_direction(
         direction, checkpoint, allow_model_mismatch=allow_model_mismatch, allow_failing_filters=allow_failing_filters
     )
-    untie = plan.tied and tied_embeddings == "untie"
+    untie = plan.tied and tied is TiedEmbeddings.UNTIE
     extra_bytes = checkpoint.find(plan.embedding)[1].nbytes if untie and plan.embedding else 0
     ensure_free_space(_existing_ancestor(out), checkpoint.total_bytes + extra_bytes, out)
 
@@ -181,7 +181,7 @@ def orthogonalize_checkpoint(
                 input_hashes=hasher.result(),
                 verification=verification,
                 options={
-                    "tied_embeddings": tied_embeddings if plan.tied else None,
+                    "tied_embeddings": tied.value if plan.tied else None,
                     "allow_model_mismatch": bool(allow_model_mismatch),
                     "allow_failing_filters": allow_failing_filters,
                 },
@@ -203,7 +203,7 @@ def orthogonalize_checkpoint(
         tensors_copied=sum(len(s.tensors) for s in checkpoint.shards) - len(stats),
         bytes_written=sum(j.size for j in jobs),
         max_relative_residual=verification["max_relative_residual"],
-        tied_embeddings=(tied_embeddings if plan.tied else None),
+        tied_embeddings=(tied.value if plan.tied else None),
         seconds=time.perf_counter() - started,
         provenance=provenance,
     )

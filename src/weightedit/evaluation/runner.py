@@ -14,16 +14,17 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 
-from ..errors import EvaluationError, PromptsError
+from ..errors import EvaluationError, OptionsError, PromptsError
 from ..prompts import LANGUAGES, Kind, Split, load_prompts, role_prompts
 from ..runtime.activations import last_logprobs
 from ..runtime.modeling import LoadedModel, load_model
+from ..runtime.options import ModelLoadOptions
 from ..runtime.scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
 from .judges import make_judge
@@ -61,11 +62,61 @@ class EvalOptions:
     seed: int = 0
     trust_remote_code: bool = False  # allow the model repo's own modeling code (how it loads, not what is measured)
 
+    # The fields a measured language depends on, which make its cache key; every other field changes only how
+    # the measurement runs or what is done after it (languages are cached one by one, judging reads the cached
+    # generations). A test checks that each field is in exactly one of the two lists.
+    MEASURED: ClassVar[tuple[str, ...]] = (
+        "prompts",
+        "split",
+        "limit",
+        "generate",
+        "generate_harmless",
+        "max_new_tokens",
+        "ppl_source",
+        "ppl_limit",
+        "xstest",
+        "xstest_limit",
+        "mgsm",
+        "mgsm_limit",
+        "mgsm_max_new_tokens",
+        "dtype",
+        "chat_template",
+        "seed",
+    )
+    NOT_MEASURED: ClassVar[tuple[str, ...]] = (
+        "langs",
+        "judge",
+        "batch_size",
+        "gen_batch_size",
+        "device_map",
+        "trust_remote_code",
+    )
+
+    def __post_init__(self) -> None:
+        if self.split not in ("auto", "train", "val", "test"):
+            raise EvaluationError(f"unknown --split {self.split!r}: use auto, train, val or test")
+        for name in ("limit", "max_new_tokens", "batch_size", "gen_batch_size", "ppl_limit", "mgsm_max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise OptionsError(name, getattr(self, name), "must be at least 1")
+        for name in ("generate", "generate_harmless", "xstest_limit", "mgsm_limit"):
+            if int(getattr(self, name)) < 0:
+                raise OptionsError(name, getattr(self, name), "must be 0 or more")
+        make_judge(self.judge)  # an unknown judge is an EvaluationError naming the choices
+        ModelLoadOptions(dtype=self.dtype)  # an unknown dtype is an OptionsError
+
+    @property
+    def load(self) -> ModelLoadOptions:
+        """How the models are loaded to run."""
+        return ModelLoadOptions(
+            dtype=self.dtype,
+            device_map=self.device_map,
+            chat_template=self.chat_template,
+            trust_remote_code=self.trust_remote_code,
+        )
+
     def key(self) -> dict[str, Any]:
-        """The options that change what is measured (not how fast)."""
-        d = asdict(self)
-        for k in ("batch_size", "gen_batch_size", "device_map", "langs", "judge", "trust_remote_code"):
-            d.pop(k)
+        """The options that change what is measured (not how fast): :attr:`MEASURED`."""
+        d = {name: getattr(self, name) for name in self.MEASURED}
         if self.chat_template:  # the template's text, not its path, changes what is measured
             d["chat_template"] = hashlib.sha256(Path(self.chat_template).read_bytes()).hexdigest()[:16]
         return d
@@ -251,14 +302,7 @@ def measure_model(
     seconds: dict[str, float] = {"load": 0.0, "forward": 0.0, "perplexity": 0.0, "generate": 0.0}
     if pending:
         t = time.perf_counter()
-        loaded = load_model(
-            source,
-            dtype=options.dtype,
-            device_map=options.device_map,
-            chat_template=options.chat_template,
-            trust_remote_code=options.trust_remote_code,
-            progress=progress,
-        )
+        loaded = load_model(source, options.load, progress=progress)
         seconds["load"] = time.perf_counter() - t
         try:
             for data in pending:

@@ -15,33 +15,47 @@ import torch
 
 from .._progress import status
 from ..edit.arch import spec_for_config
-from ..errors import ChatTemplateError, InvalidCheckpointError, ModelNotFoundError, WeighteditError
+from ..errors import ChatTemplateError, InvalidCheckpointError, ModelNotFoundError
 from ..io.checkpoint import residual_width
 from ..sources import resolve_model
 from ..sources.model import ModelSource
 from .hooks import decoder_layers
+from .options import Dtype, ModelLoadOptions, dtype_option
 
-__all__ = ["LoadedModel", "load_model", "resolve_dtype", "format_chat", "post_instruction_length", "batches", "Batch"]
+__all__ = [
+    "ModelLoadOptions",
+    "Dtype",
+    "LoadedModel",
+    "load_model",
+    "resolve_dtype",
+    "format_chat",
+    "post_instruction_length",
+    "batches",
+    "Batch",
+]
 
 # Two instructions that share no trailing characters, used to find where the template's suffix starts.
 _PROBE_A = "Say the word apple"
 _PROBE_B = "List two colors, please?"
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """``auto`` = float32 on CPU (bf16 matmuls are ~80× slower on AVX2-only CPUs), bf16 on GPUs that support it."""
+def resolve_dtype(dtype: Dtype | str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``auto`` = float32 on CPU (bf16 matmuls are ~80× slower on AVX2-only CPUs), bf16 on GPUs that support it.
+
+    Raises:
+        OptionsError: ``dtype`` is not one of :class:`Dtype`.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
+    choice = dtype_option(dtype)
+    if choice is Dtype.AUTO:
         dev = torch.device(device)
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         if dev.type == "cuda":
             return torch.float16
         return torch.float32
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise WeighteditError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    value: torch.dtype = getattr(torch, choice.value)
     return value
 
 
@@ -89,21 +103,18 @@ class LoadedModel:
 
 def load_model(
     model: str | os.PathLike[str] | ModelSource,
+    options: ModelLoadOptions | None = None,
     *,
-    dtype: str | torch.dtype = "auto",
-    device_map: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-    trust_remote_code: bool = False,
-    chat_template: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> LoadedModel:
     """Load a model (folder, .gguf, Hub id, recipe:NAME) for inference, in eval mode.
 
     Args:
-        dtype: ``auto`` picks float32 on CPU and bfloat16 on GPUs; stored checkpoints are not changed.
-        device_map: accelerate device map (``auto`` spreads a large model over the GPUs and CPU).
-        chat_template: a Jinja file to use when the tokenizer has no chat template (or to override it).
+        options: dtype, device map, chat template and remote code (:class:`ModelLoadOptions`; default: auto
+            dtype, one device, the tokenizer's own template, no remote code).
+        revision, token: for a Hub id (a resolved :class:`ModelSource` ignores them).
 
     Raises:
         ChatTemplateError: the tokenizer has no chat template and none was given.
@@ -112,17 +123,19 @@ def load_model(
     # this module) but never load a model, and importing transformers costs them about two seconds.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    options = options or ModelLoadOptions()
+    device_map = options.device_map
     source = (
         model
         if isinstance(model, ModelSource)
         else resolve_model(model, revision=revision, token=token, progress=progress)
     )
     device = _default_device(device_map)
-    torch_dtype = resolve_dtype(dtype, device)
-    tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code=trust_remote_code)
+    torch_dtype = resolve_dtype(options.dtype, device)
+    tokenizer = _load_tokenizer(AutoTokenizer, source, trust_remote_code=options.trust_remote_code)
     template = None
-    if chat_template is not None:
-        path = Path(chat_template)
+    if options.chat_template is not None:
+        path = Path(options.chat_template)
         if not path.is_file():
             raise ChatTemplateError(f"--chat-template {path} does not exist: pass a Jinja chat template file")
         template = path.read_text(encoding="utf-8")
@@ -134,7 +147,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": options.trust_remote_code}
     if device_map == "auto":
         kwargs["device_map"] = "auto"
     with status(f"loading {source.given} ({str(torch_dtype).replace('torch.', '')}, {device})", enabled=progress):
