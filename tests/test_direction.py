@@ -123,7 +123,7 @@ def test_model_without_chat_template_is_a_clear_error(planted, tmp_path):
     copy = tmp_path / "base"
     shutil.copytree(model, copy)
     strip_chat_template(copy)
-    with pytest.raises(ChatTemplateError, match="--chat-template"):
+    with pytest.raises(ChatTemplateError, match="chat_template"):
         load_model(copy, progress=False)
     template = tmp_path / "t.jinja"
     template.write_text(make_tokenizer().chat_template)

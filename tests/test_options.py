@@ -141,7 +141,41 @@ def test_option_values_become_enums():
     assert ModelLoadOptions(dtype="float32").dtype is Dtype.FLOAT32
     assert ModelLoadOptions(chat_template=Path("t.jinja")).chat_template == "t.jinja"
     assert tied_embeddings_option("edit-both") is TiedEmbeddings.EDIT_BOTH
-    with pytest.raises(EvaluationError, match="unknown --judge"):
+    with pytest.raises(EvaluationError, match="unknown judge"):
         EvalOptions(judge="regex")
-    with pytest.raises(EvaluationError, match="unknown --split"):
+    with pytest.raises(EvaluationError, match="unknown split"):
         EvalOptions(split="tset")
+
+
+def test_library_errors_name_options_not_flags():
+    """Library messages mark options by their library names; only the command line turns them into flags."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "weightedit"
+    found = []
+    for path in root.rglob("*.py"):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            call = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
+            if isinstance(call, ast.Call) and str(getattr(call.func, "id", getattr(call.func, "attr", ""))).endswith(
+                "Error"
+            ):
+                for line in lines[node.lineno - 1 : node.end_lineno]:
+                    # A whole command to run ("weightedit direction --model ...") is a hint, not an option.
+                    if re.search(r"--[a-z]", re.sub(r"weightedit \w+ --[\w-]+", "", line)):
+                        found.append(f"{path.name}: {line.strip()}")
+    assert not found, found
+
+
+def test_the_command_line_words_errors_with_its_flags():
+    from weightedit.cli._messages import cli_message
+    from weightedit.errors import OutputExistsError
+
+    error = OutputExistsError("<<out>> /x already exists: pass <<overwrite>> to replace it", path="/x", option="out")
+    assert str(error) == "out /x already exists: pass overwrite to replace it"
+    assert cli_message(error) == "--out /x already exists: pass --overwrite to replace it"
+    assert isinstance(error, FileExistsError) and error.path == "/x"
+    assert cli_message(OptionsError("kl_threshold", 0, "must be positive")) == "--max-kl 0: must be positive"

@@ -69,7 +69,7 @@ def _check_demo_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _DEMO_ENTRIES and not p.name.startswith("."))
         if foreign:
             raise OutputExistsError(
-                f"--out {out} already exists and is not a weightedit demo folder (it holds {foreign[0]}): "
+                f"<<out>> {out} already exists and is not a weightedit demo folder (it holds {foreign[0]}): "
                 "choose a new or empty folder"
             )
 

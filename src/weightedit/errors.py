@@ -2,13 +2,52 @@
 
 Each class also inherits the builtin exception a caller would expect, so ``except ValueError`` keeps
 working. Messages are one line: what failed, the offending value, and what to do about it.
+
+A message names the options it concerns by their names in the library, marked ``<<out>>`` or ``<<gguf_file>>``:
+``str(error)`` shows the names (``out``, ``gguf_file``), and the command line shows its flags instead (``--out``,
+``--gguf-file``; ``weightedit.cli._messages``), so that no library message is written in terms of the command line.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Callable
+
+_OPTION = re.compile(r"<<(\w+)>>")
+
+
+def render_options(template: str, name: Callable[[str], str]) -> str:
+    """``template`` with each ``<<option>>`` marker replaced by ``name(option)``."""
+    return _OPTION.sub(lambda m: name(m.group(1)), template)
+
 
 class WeighteditError(Exception):
-    """Base class of the errors weightedit raises for bad input or a failed precondition."""
+    """Base class of the errors weightedit raises for bad input or a failed precondition.
+
+    Attributes:
+        template: the message with its options marked (``<<out>>``); ``str()`` renders them by name.
+        path: the file or folder the error is about, when there is one.
+        option: the library option it is about, when there is one.
+        value: the value given for it.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        path: str | os.PathLike[str] | None = None,
+        option: str | None = None,
+        value: object = None,
+    ) -> None:
+        super().__init__(render_options(message, lambda name: name))
+        self.template = message
+        self.path = path
+        self.option = option
+        self.value = value
+
+    def __str__(self) -> str:
+        return render_options(self.template, lambda name: name)
 
 
 class ModelNotFoundError(WeighteditError, FileNotFoundError):
@@ -72,9 +111,11 @@ class OptionsError(WeighteditError, ValueError):
         problem: what is wrong with it and what is allowed.
     """
 
+    option: str
+
     def __init__(self, option: str, value: object, problem: str) -> None:
-        self.option, self.value, self.problem = option, value, problem
-        super().__init__(f"{option}={value!r}: {problem}")
+        self.problem = problem
+        super().__init__(f"{option}={value!r}: {problem}", option=option, value=value)
 
 
 class SelectionError(WeighteditError, ValueError):

@@ -113,7 +113,7 @@ def _take(prompts: list[str], n: int, what: str, source: str | None) -> list[str
     if len(prompts) < n:
         raise PromptsError(
             f"too few prompts for the split: {what} has {len(prompts)} in {source or 'the built-in set'}, "
-            f"{n} asked; lower --n-train/--n-val or add prompts"
+            f"{n} asked; lower <<n_train>>/<<n_val>> or add prompts"
         )
     return prompts[:n]
 
@@ -148,7 +148,7 @@ def refusal_tokens_for(
         raise ChatTemplateError(
             f"the first answer token is {text!r} with probability {ph:.2f} after harmful and {pb:.2f} after "
             "harmless prompts alike, so the chat template puts something before the answer (a reasoning block or "
-            "a fixed header): pass --chat-template FILE whose prompt ends where the answer starts"
+            "a fixed header): pass <<chat_template>> FILE whose prompt ends where the answer starts"
         )
     return derive_refusal_tokens(harmful_probs, harmless_probs, loaded.tokenizer)
 

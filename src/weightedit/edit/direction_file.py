@@ -105,7 +105,7 @@ class Direction:
             raise InvalidDirectionError(
                 f"{source} was computed on {self.model or 'another model'} (config {self.config_hash}), not on this "
                 f"one (config {config_fingerprint(config)}): recompute it on this model, or pass "
-                "--allow-model-mismatch if both share a residual basis (e.g. a fine-tune)"
+                "<<allow_model_mismatch>> if both share a residual basis (e.g. a fine-tune)"
             )
 
 

@@ -400,7 +400,7 @@ def write_shards(
         if size != job.size:
             raise WriteFailedError(
                 f"writing {job.dest.name} produced {size} bytes instead of {job.size}: the output filesystem "
-                "lost data; choose another --out; nothing was written"
+                "lost data; choose another <<out>>; nothing was written"
             )
         on_shard_written(job.dest)
 

@@ -46,7 +46,7 @@ def read_rows(path: Path, *, need_prompt: bool = False) -> list[dict[str, Any]]:
     """Read and validate the input rows (one-line errors naming the file, line and fix)."""
     path = Path(path)
     if not path.is_file():
-        raise PromptsError(f"--input {path} does not exist: pass a JSONL file with lang and response fields")
+        raise PromptsError(f"<<input>> {path} does not exist: pass a JSONL file with lang and response fields")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -87,14 +87,16 @@ def _check_out(out: Path, input_path: Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.resolve() == Path(input_path).resolve():
         raise UnsafeOutputError(
-            f"--out {out} is the --input file: choose another output file (the input is never written)"
+            f"<<out>> {out} is the <<input>> file: choose another output file (the input is never written)"
         )
     if out.is_dir():
-        raise OutputExistsError(f"--out {out} is a folder: pass a file name such as judged.jsonl")
+        raise OutputExistsError(f"<<out>> {out} is a folder: pass a file name such as judged.jsonl")
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another file")
+        raise OutputExistsError(
+            f"<<out>> {out} already exists: pass <<overwrite>> to replace it, or choose another file"
+        )
     if not out.parent.exists():
-        raise EvaluationError(f"the folder of --out {out} does not exist: create {out.parent} or choose another path")
+        raise EvaluationError(f"the folder of <<out>> {out} does not exist: create {out.parent} or choose another path")
     return out
 
 
@@ -155,7 +157,9 @@ def judge_file(
     """Judge every row of ``input_path`` and write ``out`` (atomically); see the module docstring."""
     judge: Judge | None = make_judge(judge_spec)
     if judge_spec == "score" and not model:
-        raise EvaluationError("--judge score needs --model: it asks that model whether it refuses each row's prompt")
+        raise EvaluationError(
+            "<<judge>> score needs <<model>>: it asks that model whether it refuses each row's prompt"
+        )
     rows = read_rows(input_path, need_prompt=judge_spec == "score")
     out = _check_out(out, input_path, overwrite)
     if judge is None:

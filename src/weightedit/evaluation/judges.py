@@ -214,7 +214,7 @@ class ModelJudge:
 
             if not Path(self.path).exists():
                 raise EvaluationError(
-                    f"judge model {self.path} does not exist: pass --judge model:PATH to a local classifier"
+                    f"judge model {self.path} does not exist: pass <<judge>> model:PATH to a local classifier"
                 )
             try:
                 self._pipe = pipeline("text-classification", model=self.path, device=-1)
@@ -239,7 +239,7 @@ def make_judge(spec: str) -> Judge | None:
         return None
     if spec.startswith("model:") and len(spec) > len("model:"):
         return ModelJudge(spec.split(":", 1)[1])
-    raise EvaluationError(f"unknown --judge {spec!r}: use substring, score, or model:PATH")
+    raise EvaluationError(f"unknown <<judge>> {spec!r}: use substring, score, or model:PATH")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def check_same_tokenizer(model_folder: str, baseline_folder: str) -> None:
     b = AutoTokenizer.from_pretrained(baseline_folder)
     if len(a) != len(b) or a.get_vocab() != b.get_vocab():
         raise EvaluationError(
-            f"the baseline has a different tokenizer (vocabulary {len(b)} vs {len(a)} tokens): pass as --baseline "
+            f"the baseline has a different tokenizer (vocabulary {len(b)} vs {len(a)} tokens): pass as <<baseline>> "
             "the model the edit was made from"
         )
 
@@ -596,7 +596,7 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise EvaluationError(
-            f"output folder {out} is not writable ({e.strerror or e}): choose another --out"
+            f"output folder {out} is not writable ({e.strerror or e}): choose another <<out>>"
         ) from None
 
 

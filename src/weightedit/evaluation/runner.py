@@ -94,7 +94,7 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.split not in ("auto", "train", "val", "test"):
-            raise EvaluationError(f"unknown --split {self.split!r}: use auto, train, val or test")
+            raise EvaluationError(f"unknown <<split>> {self.split!r}: use auto, train, val or test")
         for name in ("limit", "max_new_tokens", "batch_size", "gen_batch_size", "ppl_limit", "mgsm_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise OptionsError(name, getattr(self, name), "must be at least 1")
@@ -166,7 +166,7 @@ def _eval_prompts(options: EvalOptions, kind: Kind, lang: str) -> tuple[list[str
         chosen = role_prompts(options.prompts, kind, lang, "judge")
         return chosen.texts[: options.limit], chosen.description
     if options.split not in ("train", "val", "test"):
-        raise EvaluationError(f"unknown --split {options.split!r}: use auto, train, val or test")
+        raise EvaluationError(f"unknown <<split>> {options.split!r}: use auto, train, val or test")
     texts = [p.text for p in load_prompts(options.prompts, kind, lang, cast(Split, options.split))]
     return texts[: options.limit], f"{options.split} split (chosen by the user)"
 

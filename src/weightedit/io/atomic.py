@@ -377,7 +377,7 @@ def _make_parents(folder: Path) -> list[Path]:
             break
         p = p.parent
     if os.path.lexists(p) and not p.is_dir():
-        raise UnsafeOutputError(f"cannot create {folder}: {p} is a file, not a folder; choose another --out")
+        raise UnsafeOutputError(f"cannot create {folder}: {p} is a file, not a folder; choose another <<out>>")
     created: list[Path] = []
     for d in reversed(missing):
         try:
@@ -432,13 +432,13 @@ def _check_length(out: Path) -> None:
         size = len(os.fsencode(part))
         if size > name_max:
             raise UnsafeOutputError(
-                f"--out name {part[:40]}… is {size} bytes long, over the file system's limit of {name_max}: "
+                f"<<out>> name {part[:40]}… is {size} bytes long, over the file system's limit of {name_max}: "
                 "choose a shorter name"
             )
     size = len(os.fsencode(str(out))) + _TMP_OVERHEAD
     if size >= path_max:
         raise UnsafeOutputError(
-            f"--out path is {size - _TMP_OVERHEAD} bytes long, too close to the file system's limit of {path_max} "
+            f"<<out>> path is {size - _TMP_OVERHEAD} bytes long, too close to the file system's limit of {path_max} "
             "(PATH_MAX): choose a shorter path"
         )
 
@@ -448,7 +448,9 @@ def _check_parents(out: Path) -> None:
         if os.path.lexists(p):
             if not os.path.isdir(p):
                 raise UnsafeOutputError(
-                    f"--out {out} lies below {p}, which is a file, not a folder: choose another --out"
+                    f"<<out>> {out} lies below {p}, which is a file, not a folder: choose another <<out>>",
+                    path=out,
+                    option="out",
                 )
             return
 
@@ -459,14 +461,18 @@ def _check_overlap(out: Path, inputs: tuple[Path, ...]) -> None:
         real = src.resolve()
         if out == real or _is_within(out, real) or _is_within(real, out):
             raise UnsafeOutputError(
-                f"--out {out} overlaps the input model {real}: choose an output folder outside the input "
-                "(weightedit never writes into its input)"
+                f"<<out>> {out} overlaps the input model {real}: choose an output folder outside the input "
+                "(weightedit never writes into its input)",
+                path=out,
+                option="out",
             )
         for f in _real_files(src):
             if f == out or _is_within(f, out):
                 raise UnsafeOutputError(
-                    f"--out {out} holds {f}, a file of the input model {src} (linked from it): choose an "
-                    "output outside the input's files (weightedit never writes over its input)"
+                    f"<<out>> {out} holds {f}, a file of the input model {src} (linked from it): choose an "
+                    "output outside the input's files (weightedit never writes over its input)",
+                    path=out,
+                    option="out",
                 )
 
 
@@ -487,7 +493,7 @@ def _check_writable(out: Path) -> None:
 
 def _resolved(out: Path | str) -> Path:
     if str(out).strip() == "":
-        raise UnsafeOutputError("--out is empty: pass the path to write to")
+        raise UnsafeOutputError("<<out>> is empty: pass the path to write to")
     absolute = Path(os.path.abspath(Path(out).expanduser()))
     _check_length(absolute)  # before resolving: resolving a name over the limit fails in the kernel
     return absolute.resolve()
@@ -509,14 +515,20 @@ def check_output_path(out: Path | str, *, inputs: tuple[Path, ...] = (), overwri
     # A previous output that a killed run had set aside goes back first, so that the checks below see it.
     _report_stale(out.parent, out.name)
     if os.path.lexists(out) and not out.is_dir():
-        raise OutputExistsError(f"--out {out} exists and is not a folder: remove it or choose another path")
+        raise OutputExistsError(
+            f"<<out>> {out} exists and is not a folder: remove it or choose another path", path=out, option="out"
+        )
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists: pass --overwrite to replace it, or choose another folder")
+        raise OutputExistsError(
+            f"<<out>> {out} already exists: pass <<overwrite>> to replace it, or choose another folder",
+            path=out,
+            option="out",
+        )
     return out
 
 
 def check_output_file(
-    out: Path | str, *, inputs: tuple[Path, ...] = (), overwrite: bool = False, option: str = "--out"
+    out: Path | str, *, inputs: tuple[Path, ...] = (), overwrite: bool = False, option: str = "<<out>>"
 ) -> Path:
     """Validate an output *file* (a direction file, a report) before any work starts; return it resolved.
 
@@ -532,7 +544,7 @@ def check_output_file(
         raise OutputExistsError(f"{option} {out} is a folder: pass a file name (e.g. {out / 'refusal.safetensors'})")
     if os.path.lexists(out) and not overwrite:
         raise OutputExistsError(
-            f"{option} {out} already exists: pass --overwrite to replace it, or choose another path"
+            f"{option} {out} already exists: pass <<overwrite>> to replace it, or choose another path"
         )
     return out
 
@@ -543,12 +555,12 @@ def _write_error(err: OSError, out: Path, what: str | None = None) -> WriteFaile
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
         folder = Path(err.filename).parent
         return WriteFailedError(
-            f"output folder {folder} is not writable ({err.strerror}): choose another --out; nothing was written"
+            f"output folder {folder} is not writable ({err.strerror}): choose another <<out>>; nothing was written"
         )
     where = f" ({err.filename})" if err.filename else ""
     return WriteFailedError(
         f"{what or f'writing {out} failed'}: {err.strerror or err}{where}; check the path and its permissions, "
-        "or choose another --out; nothing was written"
+        "or choose another <<out>>; nothing was written"
     )
 
 
@@ -557,7 +569,7 @@ def disk_full_error(err: OSError, out: Path) -> WriteFailedError:
     if err.errno in _DISK_FULL:
         return WriteFailedError(
             f"not enough disk space while writing {out} ({os.strerror(err.errno)}): free space or choose "
-            "another --out; nothing was written"
+            "another <<out>>; nothing was written"
         )
     return WriteFailedError(f"writing {out} failed: {err.strerror or err}; nothing was written")
 
@@ -568,7 +580,7 @@ def ensure_free_space(parent: Path, needed: int, out: Path) -> None:
     if free < needed:
         raise WriteFailedError(
             f"not enough disk space for {out}: {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in "
-            f"{parent}; free space or choose another --out"
+            f"{parent}; free space or choose another <<out>>"
         )
 
 
@@ -601,7 +613,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, record: bool = True
     created = _make_parents(parent)
     if not os.access(parent, os.W_OK):
         _remove_created(created)
-        raise WriteFailedError(f"output folder {parent} is not writable: choose another --out; nothing was written")
+        raise WriteFailedError(f"output folder {parent} is not writable: choose another <<out>>; nothing was written")
     _report_stale(parent, out.name)
     tmp = parent / _temp_name(out.name)
     _live.add(tmp)
@@ -624,14 +636,18 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, record: bool = True
                 if overwrite and os.path.lexists(out):
                     if not out.is_dir() or out.is_symlink():
                         raise OutputExistsError(
-                            f"--out {out} exists and is not a folder: remove it or choose another path"
+                            f"<<out>> {out} exists and is not a folder: remove it or choose another path",
+                            path=out,
+                            option="out",
                         )
                     previous = _swap_in(tmp, out)
                 else:
                     _rename_noreplace(tmp, out)
             except FileExistsError:
                 raise OutputExistsError(
-                    f"--out {out} appeared while writing: pass --overwrite to replace it, or choose another folder"
+                    f"<<out>> {out} appeared while writing: pass <<overwrite>> to replace it, or choose another folder",
+                    path=out,
+                    option="out",
                 ) from None
             except OSError as e:
                 raise _write_error(e, out) from None

@@ -283,7 +283,7 @@ class Checkpoint:
         except FileNotFoundError:
             raise ModelNotFoundError(
                 f"{folder} has no config.json: pass a transformers save_pretrained folder "
-                "(or a .gguf file with --gguf-file)"
+                "(or a .gguf file with <<gguf_file>>)"
             ) from None
         except (OSError, ValueError) as e:
             raise InvalidCheckpointError(f"cannot read {config_path}: {e}; fix or re-download config.json") from None

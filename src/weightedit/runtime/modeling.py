@@ -137,12 +137,12 @@ def load_model(
     if options.chat_template is not None:
         path = Path(options.chat_template)
         if not path.is_file():
-            raise ChatTemplateError(f"--chat-template {path} does not exist: pass a Jinja chat template file")
+            raise ChatTemplateError(f"<<chat_template>> {path} does not exist: pass a Jinja chat template file")
         template = path.read_text(encoding="utf-8")
     elif not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"{source.given} has no chat template (it may be a base model): use an instruction-tuned model, "
-            "or pass --chat-template FILE with a Jinja template"
+            "or pass <<chat_template>> FILE with a Jinja template"
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -244,7 +244,7 @@ def post_instruction_length(tokenizer: Any, template: str | None = None) -> int:
     if n == 0:
         raise ChatTemplateError(
             "the chat template puts no tokens after the user's text, so there is no post-instruction position; "
-            "pass --chat-template FILE with a template that ends with the assistant header"
+            "pass <<chat_template>> FILE with a template that ends with the assistant header"
         )
     return n
 

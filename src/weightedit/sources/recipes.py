@@ -156,7 +156,7 @@ def fetch_recipe(name: str, *, source: str | None = None, progress: bool = True)
                 gguf = fetch_mirror(recipe.mirror, progress=progress)
                 folder, digest = convert_gguf(gguf, dtype=recipe.mirror.dtype, progress=progress)
             except (RecipeError, ModelNotFoundError) as e:
-                errors.append(str(e))
+                errors.append(e.template)
                 continue
             return ModelSource(
                 folder=folder,
@@ -177,7 +177,7 @@ def fetch_recipe(name: str, *, source: str | None = None, progress: bool = True)
             try:
                 hub = from_hub(recipe.hub_id, revision=recipe.revision, progress=progress)
             except ModelNotFoundError as e:
-                errors.append(str(e))
+                errors.append(e.template)
                 continue
             return ModelSource(
                 folder=hub.folder,

@@ -60,7 +60,7 @@ def resolve_model(
     given = str(model)
     if not given.strip():
         raise ModelNotFoundError(
-            "--model is empty: pass a save_pretrained folder, a .gguf file, a Hub id (org/name) or recipe:NAME"
+            "<<model>> is empty: pass a save_pretrained folder, a .gguf file, a Hub id (org/name) or recipe:NAME"
         )
     if given.startswith("recipe:"):
         return fetch_recipe(given.split(":", 1)[1], progress=progress)
@@ -76,14 +76,14 @@ def resolve_model(
         if gguf_file:
             target = path / gguf_file
             if not target.is_file():
-                raise ModelNotFoundError(f"--gguf-file {gguf_file} is not in {path}: check the file name")
+                raise ModelNotFoundError(f"<<gguf_file>> {gguf_file} is not in {path}: check the file name")
             return from_gguf(target, given=given, dtype=gguf_dtype, progress=progress)
         if not (path / "config.json").exists():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             if ggufs:
                 raise ModelNotFoundError(
-                    f"{path} has no config.json but holds {ggufs[0]}: pass --gguf-file {ggufs[0]} "
-                    "(or the .gguf path itself as --model)"
+                    f"{path} has no config.json but holds {ggufs[0]}: pass <<gguf_file>> {ggufs[0]} "
+                    "(or the .gguf path itself as <<model>>)"
                 )
             raise ModelNotFoundError(
                 f"{path} is not a transformers checkpoint (no config.json): pass a save_pretrained folder, "
