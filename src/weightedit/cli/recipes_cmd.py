@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def recipes(json_out: JsonOpt = False) -> None:
-    """List the known models (recipes/*.yaml) and where their weights come from."""
+    """List the known models (the recipe files) and where their weights come from."""
     from weightedit.sources.recipes import list_recipes
 
     items = list_recipes()

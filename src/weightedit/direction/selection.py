@@ -277,8 +277,7 @@ def compute_direction(
         base_harmful=baseline.record["harmful_refusal_score"],
         base_harmless=baseline.record["harmless_refusal_score"],
     )
-    strategy = search_fixed if len(grid) == 1 else SEARCHES[Search(options.search)]
-    search = {**strategy(ctx, grid, progress=progress), **screen_agreement(ctx)}
+    search = _search(ctx, grid, options, progress=progress)
     timings["select"] = time.perf_counter() - t
 
     chosen, status, note = choose(ctx)
@@ -299,11 +298,7 @@ def compute_direction(
     meta = {
         "model_revision": loaded.source.revision,
         "source": loaded.source.provenance(),
-        "n_harmful": options.n_train,
-        "n_harmless": options.n_train,
-        "n_val": options.n_val,
-        "prompts": public_name(options.prompts) if options.prompts else "builtin",
-        "prompt_splits": splits,
+        **_prompt_record(options, splits),
         "search": search,
         "selection": _selection_record(chosen, status, note, options, loaded.n_layers),
         "baseline": baseline.record,
@@ -335,6 +330,25 @@ def compute_direction(
         note=note,
         search=search,
     )
+
+
+def _search(
+    ctx: SearchContext, grid: list[tuple[int, int]], options: SelectionOptions, *, progress: bool
+) -> dict[str, Any]:
+    """Run the strategy of ``options.search`` (or the fixed one for a single candidate) and record its screens."""
+    strategy = search_fixed if len(grid) == 1 else SEARCHES[Search(options.search)]
+    return {**strategy(ctx, grid, progress=progress), **screen_agreement(ctx)}
+
+
+def _prompt_record(options: SelectionOptions, splits: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """How many prompts of which source and splits the direction was computed and selected on."""
+    return {
+        "n_harmful": options.n_train,
+        "n_harmless": options.n_train,
+        "n_val": options.n_val,
+        "prompts": public_name(options.prompts) if options.prompts else "builtin",
+        "prompt_splits": splits,
+    }
 
 
 def _select_baseline(

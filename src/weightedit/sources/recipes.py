@@ -1,4 +1,4 @@
-"""Recipes: one YAML per known model (``recipes/``), and fetching a recipe to a local checkpoint.
+"""Recipes: one YAML per known model (``recipe_data/``), and fetching a recipe to a local checkpoint.
 
 A recipe names the model's Hub id and revision, optionally an offline *mirror* (for the demo models: a
 GGUF file split over PyPI data wheels), chat-template notes, recommended direction options and results.
