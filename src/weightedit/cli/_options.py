@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from weightedit.direction.options import Search, SelectionOptions
 from weightedit.edit.options import TiedEmbeddings
 from weightedit.errors import WeighteditError
 from weightedit.io import atomic
-from weightedit.runtime.options import Dtype
+from weightedit.runtime.options import Dtype, ModelLoadOptions
 
 from ._messages import cli_message
 
@@ -169,6 +170,77 @@ def selection_options(**flags: Any) -> SelectionOptions:
     if "max_kl" in flags:
         flags["kl_threshold"] = flags.pop("max_kl")
     return SelectionOptions(**flags)
+
+
+def _flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
+
+
+# The flags of direction selection, by the name of their command-line parameter.
+SELECTION_FLAGS = {
+    p.name: p
+    for p in (
+        _flag("n_train", NTrainOpt, N_TRAIN),
+        _flag("n_val", NValOpt, N_VAL),
+        _flag("batch_size", BatchOpt, BATCH_SIZE),
+        _flag("prompts", PromptsOpt, None),
+        _flag("search", SearchOpt, Search.FAST),
+        _flag("top_k", TopKOpt, TOP_K),
+        _flag("layer", LayerOpt, None),
+        _flag("position", PositionOpt, None),
+        _flag("max_kl", MaxKlOpt, MAX_KL),
+        _flag("allow_failing_filters", AllowFailingOpt, False),
+        _flag("allow_non_refusing", AllowNonRefusingOpt, False),
+        _flag("check_generations", CheckGenerationsOpt, CHECK_GENERATIONS),
+    )
+}
+# The flags of loading a model to run it.
+LOAD_FLAGS = {
+    p.name: p
+    for p in (
+        _flag("dtype", DtypeOpt, Dtype.AUTO),
+        _flag("device_map", DeviceMapOpt, None),
+        _flag("chat_template", ChatTemplateOpt, None),
+        _flag("trust_remote_code", TrustRemoteCodeOpt, False),
+    )
+}
+
+
+def with_selection(*names: str) -> Callable[[F], F]:
+    """Give a command the selection flags ``names`` (default: all of them), defined here once, and pass them on
+    as one checked :class:`SelectionOptions` in its ``selection`` parameter."""
+    flags = [SELECTION_FLAGS[n] for n in (names or SELECTION_FLAGS)]
+    return _grouped("selection", flags, selection_options)
+
+
+def with_load_options(func: F) -> F:
+    """Give a command the model-loading flags, defined here once, and pass them on as one checked
+    :class:`ModelLoadOptions` in its ``load`` parameter."""
+    return _grouped("load", list(LOAD_FLAGS.values()), _load_options)(func)
+
+
+def _load_options(*, chat_template: Path | None, **flags: Any) -> ModelLoadOptions:
+    return ModelLoadOptions(chat_template=str(chat_template) if chat_template else None, **flags)
+
+
+def _grouped(name: str, flags: list[inspect.Parameter], build: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator that replaces the command's parameter ``name`` by ``flags`` (typer reads the signature) and
+    calls the command with ``build(**flag values)`` in their place."""
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != name]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in flags}
+            return func(**kwargs, **{name: build(**values)})
+
+        # typer reads the signature through inspect, which takes __signature__ where a function sets one.
+        command.__signature__ = signature.replace(parameters=[*own, *flags])  # type: ignore[attr-defined]
+        return cast(F, command)
+
+    return decorate
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]

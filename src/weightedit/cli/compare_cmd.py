@@ -9,43 +9,27 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
-from weightedit.runtime.options import Dtype, ModelLoadOptions
+from weightedit.direction.options import SelectionOptions
+from weightedit.runtime.options import ModelLoadOptions
 
 from ._options import (
-    BATCH_SIZE,
-    CHECK_GENERATIONS,
-    MAX_KL,
-    N_TRAIN,
-    N_VAL,
-    TOP_K,
-    AllowFailingOpt,
-    BatchOpt,
-    ChatTemplateOpt,
-    CheckGenerationsOpt,
-    DeviceMapOpt,
-    DtypeOpt,
     GgufFileOpt,
     JsonOpt,
     LangsOpt,
     LayerOpt,
-    MaxKlOpt,
     ModelOpt,
-    NTrainOpt,
-    NValOpt,
     OverwriteOpt,
     PositionOpt,
-    PromptsOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
-    TopKOpt,
-    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
     resolve_source,
-    selection_options,
+    with_load_options,
+    with_selection,
 )
 
 
@@ -60,32 +44,26 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@with_selection(
+    "n_train", "n_val", "batch_size", "prompts", "top_k", "max_kl", "allow_failing_filters", "check_generations"
+)
+@with_load_options
 def compare_directions(
     model: ModelOpt,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for comparison.json, directions.safetensors and the PNGs.")
     ],
+    selection: SelectionOptions,
+    load: ModelLoadOptions,
     langs: LangsOpt = "all",
     reference: Annotated[
         str, typer.Option("--reference", help="Language whose selection fixes the layer and position.")
     ] = "en",
     layer: LayerOpt = None,
     position: PositionOpt = None,
-    n_train: NTrainOpt = N_TRAIN,
-    n_val: NValOpt = N_VAL,
-    batch_size: BatchOpt = BATCH_SIZE,
-    prompts: PromptsOpt = None,
-    top_k: TopKOpt = TOP_K,
-    max_kl: MaxKlOpt = MAX_KL,
-    allow_failing_filters: AllowFailingOpt = False,
-    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
-    dtype: DtypeOpt = Dtype.AUTO,
-    device_map: DeviceMapOpt = None,
-    chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -102,24 +80,11 @@ def compare_directions(
     parse_languages(reference)
     if (layer is None) != (position is None):
         raise typer.BadParameter("give both --layer and --position, or neither", param_hint="--layer/--position")
-    options = selection_options(
-        n_train=n_train,
-        n_val=n_val,
-        batch_size=batch_size,
-        top_k=top_k,
-        prompts=prompts,
-        max_kl=max_kl,
-        allow_failing_filters=allow_failing_filters,
-        check_generations=check_generations,
-    )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
     out = check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
-    load = ModelLoadOptions(
-        dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
-    )
     loaded = load_model(source, load, progress=progress)
-    result = run(loaded, codes, options, reference=reference, layer=layer, position=position, progress=progress)
+    result = run(loaded, codes, selection, reference=reference, layer=layer, position=position, progress=progress)
     paths = save_comparison(result, out, overwrite=overwrite)
     if json_out:
         emit_json({**result.to_json(), "files": {k: str(v) for k, v in paths.items()}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -9,40 +10,29 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
+from weightedit.direction.options import SelectionOptions
 from weightedit.render.format import percent
-from weightedit.runtime.options import Dtype
+from weightedit.runtime.options import ModelLoadOptions
 
 from ._options import (
-    BATCH_SIZE,
     EXIT_NEGATIVE,
-    N_TRAIN,
-    N_VAL,
-    TOP_K,
-    BatchOpt,
-    ChatTemplateOpt,
-    DeviceMapOpt,
     DirectionLangOpt,
-    DtypeOpt,
     GgufFileOpt,
     JsonOpt,
     JudgeOpt,
     LangsOpt,
     ModelOpt,
-    NTrainOpt,
-    NValOpt,
     OverwriteOpt,
-    PromptsOpt,
     QuietOpt,
     RevisionOpt,
     TokenOpt,
-    TopKOpt,
-    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
     resolve_source,
-    selection_options,
+    with_load_options,
+    with_selection,
 )
 
 
@@ -57,8 +47,12 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@with_selection("n_train", "n_val", "batch_size", "prompts", "top_k")
+@with_load_options
 def verify_defence(
     model: ModelOpt,
+    selection: SelectionOptions,
+    load: ModelLoadOptions,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for defence.json, defence.md and defence.png.")
     ] = Path("defence-report"),
@@ -82,18 +76,9 @@ def verify_defence(
         typer.Option("--generate", help="Harmful prompts per language to complete and judge (0 = first-token scores)."),
     ] = 0,
     judge: JudgeOpt = "substring",
-    n_train: NTrainOpt = N_TRAIN,
-    n_val: NValOpt = N_VAL,
-    top_k: TopKOpt = TOP_K,
-    batch_size: BatchOpt = BATCH_SIZE,
-    prompts: PromptsOpt = None,
-    dtype: DtypeOpt = Dtype.AUTO,
-    device_map: DeviceMapOpt = None,
-    chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -110,20 +95,19 @@ def verify_defence(
     codes = tuple(parse_languages(langs))
     parse_languages(direction_lang)
     make_judge(judge)
-    selection = selection_options(
-        n_train=n_train, n_val=n_val, batch_size=batch_size, top_k=max(top_k, attack_candidates), prompts=prompts
-    )
+    # Every attack candidate is scored exactly, so the search scores at least that many.
+    selection = dataclasses.replace(selection, top_k=max(selection.top_k, attack_candidates))
     evaluation = EvalOptions(
         langs=codes,
-        prompts=prompts,
+        prompts=selection.prompts,
         limit=limit,
         generate=generate,
         judge=judge,
-        batch_size=batch_size,
-        dtype=dtype,
-        device_map=device_map,
-        chat_template=str(chat_template) if chat_template else None,
-        trust_remote_code=trust_remote_code,
+        batch_size=selection.batch_size,
+        dtype=load.dtype,
+        device_map=load.device_map,
+        chat_template=load.chat_template,
+        trust_remote_code=load.trust_remote_code,
     )
     options = DefenceOptions(
         langs=codes,

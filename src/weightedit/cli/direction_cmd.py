@@ -9,48 +9,27 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
-from weightedit.direction.options import Search
-from weightedit.runtime.options import Dtype, ModelLoadOptions
+from weightedit.direction.options import SelectionOptions
+from weightedit.runtime.options import ModelLoadOptions
 
 from ._options import (
-    BATCH_SIZE,
-    CHECK_GENERATIONS,
-    MAX_KL,
-    N_TRAIN,
-    N_VAL,
-    TOP_K,
-    AllowFailingOpt,
-    AllowNonRefusingOpt,
-    BatchOpt,
-    ChatTemplateOpt,
-    CheckGenerationsOpt,
-    DeviceMapOpt,
-    DtypeOpt,
     GgufFileOpt,
     JsonOpt,
     LangsOpt,
-    LayerOpt,
-    MaxKlOpt,
     ModelOpt,
-    NTrainOpt,
-    NValOpt,
     OldLangOpt,
     OverwriteOpt,
-    PositionOpt,
-    PromptsOpt,
     QuietOpt,
     RevisionOpt,
-    SearchOpt,
     TokenOpt,
-    TopKOpt,
-    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     local_inputs,
     one_spelling,
     resolve_source,
-    selection_options,
+    with_load_options,
+    with_selection,
 )
 
 
@@ -107,32 +86,20 @@ def render_candidates(result) -> None:
 
 
 @handle_errors
+@with_selection()
+@with_load_options
 def direction(
     model: ModelOpt,
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Direction file to write (.safetensors); scores go to <name>.scores.json."),
     ],
+    selection: SelectionOptions,
+    load: ModelLoadOptions,
     langs: LangsOpt = "en",
-    n_train: NTrainOpt = N_TRAIN,
-    n_val: NValOpt = N_VAL,
-    batch_size: BatchOpt = BATCH_SIZE,
-    prompts: PromptsOpt = None,
-    search: SearchOpt = Search.FAST,
-    top_k: TopKOpt = TOP_K,
-    layer: LayerOpt = None,
-    position: PositionOpt = None,
-    max_kl: MaxKlOpt = MAX_KL,
-    allow_failing_filters: AllowFailingOpt = False,
-    allow_non_refusing: AllowNonRefusingOpt = False,
-    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
-    dtype: DtypeOpt = Dtype.AUTO,
-    device_map: DeviceMapOpt = None,
-    chat_template: ChatTemplateOpt = None,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -145,26 +112,9 @@ def direction(
     langs = one_spelling(langs, lang)
     parse_languages(langs)
     check_direction_output(out, inputs=local_inputs(model), overwrite=overwrite)
-    options = selection_options(
-        n_train=n_train,
-        n_val=n_val,
-        batch_size=batch_size,
-        search=search,
-        top_k=top_k,
-        layer=layer,
-        position=position,
-        prompts=prompts,
-        max_kl=max_kl,
-        allow_failing_filters=allow_failing_filters,
-        allow_non_refusing=allow_non_refusing,
-        check_generations=check_generations,
-    )
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=quiet or json_out)
     check_direction_output(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
-    load = ModelLoadOptions(
-        dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
-    )
-    result = direction_for_model(source, langs, options, load=load, progress=not (quiet or json_out))
+    result = direction_for_model(source, langs, selection, load=load, progress=not (quiet or json_out))
     path, scores = save_direction_result(result, out)
     if json_out:
         emit_json(

@@ -9,47 +9,26 @@ import typer
 from rich.table import Table
 
 from weightedit._progress import console
-from weightedit.direction.options import Search
+from weightedit.direction.options import SelectionOptions
 from weightedit.edit.options import TiedEmbeddings
-from weightedit.runtime.options import Dtype, ModelLoadOptions
+from weightedit.runtime.options import ModelLoadOptions
 
 from ._options import (
-    BATCH_SIZE,
-    CHECK_GENERATIONS,
-    MAX_KL,
-    N_TRAIN,
-    N_VAL,
-    TOP_K,
-    AllowFailingOpt,
-    AllowNonRefusingOpt,
-    BatchOpt,
-    ChatTemplateOpt,
-    CheckGenerationsOpt,
-    DeviceMapOpt,
-    DtypeOpt,
     GgufFileOpt,
     JsonOpt,
-    LayerOpt,
-    MaxKlOpt,
     ModelOpt,
-    NTrainOpt,
-    NValOpt,
     OutOpt,
     OverwriteOpt,
-    PositionOpt,
-    PromptsOpt,
     QuietOpt,
     RevisionOpt,
-    SearchOpt,
     TiedEmbeddingsOpt,
     TokenOpt,
-    TopKOpt,
-    TrustRemoteCodeOpt,
     emit_json,
     epilog,
     handle_errors,
     quiet_libraries,
-    selection_options,
+    with_load_options,
+    with_selection,
 )
 
 
@@ -65,9 +44,13 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
+@with_selection()
+@with_load_options
 def orthogonalize(
     model: ModelOpt,
     out: OutOpt,
+    selection: SelectionOptions,
+    load: ModelLoadOptions,
     direction: Annotated[
         Path | None, typer.Option("--direction", "-d", help="Direction file (from `weightedit direction`).")
     ] = None,
@@ -83,22 +66,6 @@ def orthogonalize(
         bool,
         typer.Option("--allow-model-mismatch", help="Accept a direction file computed on a different model config."),
     ] = False,
-    n_train: NTrainOpt = N_TRAIN,
-    n_val: NValOpt = N_VAL,
-    batch_size: BatchOpt = BATCH_SIZE,
-    prompts: PromptsOpt = None,
-    search: SearchOpt = Search.FAST,
-    top_k: TopKOpt = TOP_K,
-    layer: LayerOpt = None,
-    position: PositionOpt = None,
-    max_kl: MaxKlOpt = MAX_KL,
-    allow_failing_filters: AllowFailingOpt = False,
-    allow_non_refusing: AllowNonRefusingOpt = False,
-    check_generations: CheckGenerationsOpt = CHECK_GENERATIONS,
-    dtype: DtypeOpt = Dtype.AUTO,
-    device_map: DeviceMapOpt = None,
-    chat_template: ChatTemplateOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
@@ -131,30 +98,14 @@ def orthogonalize(
         from weightedit.workflows import orthogonalize_by_language
 
         parse_languages(direction_lang)
-        options = selection_options(
-            n_train=n_train,
-            n_val=n_val,
-            batch_size=batch_size,
-            search=search,
-            top_k=top_k,
-            layer=layer,
-            position=position,
-            prompts=prompts,
-            max_kl=max_kl,
-            allow_failing_filters=allow_failing_filters,
-            allow_non_refusing=allow_non_refusing,
-            check_generations=check_generations,
-        )
         _, report = orthogonalize_by_language(
             model,
             out,
             direction_lang,
-            options,
+            selection,
             tied_embeddings=tied_embeddings,
             overwrite=overwrite,
-            load=ModelLoadOptions(
-                dtype=dtype, device_map=device_map, chat_template=chat_template, trust_remote_code=trust_remote_code
-            ),
+            load=load,
             revision=revision,
             gguf_file=gguf_file,
             token=token,
@@ -174,7 +125,7 @@ def orthogonalize(
             gguf_file=gguf_file,
             token=token,
             allow_model_mismatch=allow_model_mismatch,
-            allow_failing_filters=allow_failing_filters,
+            allow_failing_filters=selection.allow_failing_filters,
             progress=progress,
         )
     summary = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from enum import Enum
 
@@ -47,7 +46,7 @@ class ModelLoadOptions:
 
     dtype: Dtype | str = Dtype.AUTO
     device_map: str | None = None
-    chat_template: str | os.PathLike[str] | None = None
+    chat_template: str | None = None  # a path (given as a path, it is kept as its string)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
