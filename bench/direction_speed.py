@@ -28,11 +28,12 @@ def main() -> None:
     import torch
 
     import weightedit
-    from weightedit.activations import capture_means
-    from weightedit.modeling import load_model
     from weightedit.prompts import builtin_prompts
+    from weightedit.runtime.activations import capture_means
+    from weightedit.runtime.modeling import load_model
+    from weightedit.runtime.options import ModelLoadOptions
 
-    loaded = load_model(args.model, dtype=args.dtype, progress=False)
+    loaded = load_model(args.model, ModelLoadOptions(dtype=args.dtype), progress=False)
     half = args.prompts // 2
     texts = loaded.format(
         [p.text for p in builtin_prompts("harmful", "en", "train")[:half]]

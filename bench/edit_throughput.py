@@ -78,7 +78,7 @@ def _write_layout(
 
     ``fill(fd, index)`` appends the bytes of tensor ``index`` to the open file ``fd``.
     """
-    from weightedit.checkpoint import encode_header
+    from weightedit.io.checkpoint import encode_header
 
     total = sum(t[3] for t in tensors)
     groups: list[list[int]] = [[]]
@@ -111,7 +111,7 @@ def _write_layout(
 
 def relayout(src: Path, dst: Path, n_shards: int) -> Path:
     """Copy the checkpoint ``src`` into ``dst`` as ``n_shards`` shards (tensor bytes unchanged, same order)."""
-    from weightedit.checkpoint import WEIGHTS_INDEX_NAME, Checkpoint
+    from weightedit.io.checkpoint import WEIGHTS_INDEX_NAME, Checkpoint
 
     ckpt = Checkpoint.open(src)
     items = list(ckpt.tensors())
@@ -234,8 +234,8 @@ def _warm(src: Path) -> None:
 def bench_layout(name: str, src: Path, work: Path, runs: int, env: dict[str, str]) -> dict[str, Any]:
     import torch
 
-    from weightedit.checkpoint import Checkpoint
-    from weightedit.direction import Direction, save_direction
+    from weightedit.edit.direction_file import Direction, save_direction
+    from weightedit.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(src)
     d = ckpt.d_model

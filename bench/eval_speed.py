@@ -32,10 +32,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from weightedit.activations import last_logprobs
 from weightedit.evaluation.metrics import generate_ids, stop_token_ids
-from weightedit.modeling import batches, load_model
 from weightedit.prompts import role_prompts
+from weightedit.runtime.activations import last_logprobs
+from weightedit.runtime.modeling import batches, load_model
 
 
 def hf_generate_per_language(loaded, per_lang: dict[str, list[str]], max_new_tokens: int, batch_size: int):

@@ -24,8 +24,8 @@ from rich.table import Table
 
 from weightedit.evaluation.judges import make_judge, strip_thinking
 from weightedit.evaluation.metrics import generate_ids
-from weightedit.modeling import load_model
 from weightedit.prompts import LANGUAGES, role_prompts
+from weightedit.runtime.modeling import load_model
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from weightedit.modeling import load_model
-from weightedit.selection import SelectionOptions, compute_direction
+from weightedit.direction.selection import SelectionOptions, compute_direction
+from weightedit.runtime.modeling import load_model
 
 
 def rule_order(score: dict, max_kl: float) -> tuple[bool, bool, float]:
@@ -108,7 +108,7 @@ def main() -> None:
     exact = {(s["layer"], s["position"]): s for s in thorough["scores"]}
     first = [(s["predicted_bypass"], exact[(s["layer"], s["position"])]["bypass"]) for s in fast["scores"]]
     pre = [(s["prescreen_bypass"], exact[(s["layer"], s["position"])]["bypass"]) for s in fast["scores"]]
-    from weightedit.selection import rank_correlation
+    from weightedit.direction.selection import rank_correlation
 
     over_all = {
         "spearman_first_order_vs_exact_all": rank_correlation([a for a, _ in first], [b for _, b in first]),

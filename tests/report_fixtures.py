@@ -12,7 +12,7 @@ from pathlib import Path
 
 from weightedit.evaluation.report import build_report, write_report
 from weightedit.evaluation.runner import EvalOptions, LanguageRun, ModelRun
-from weightedit.scoring import RefusalTokens
+from weightedit.runtime.scoring import RefusalTokens
 
 TOKENS = RefusalTokens(ids=(5,), tokens=("REFUSE",), harmful_mass=0.9, harmless_mass=0.01)
 

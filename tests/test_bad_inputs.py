@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
+from weightedit.edit.direction_file import Direction, save_direction
 
 from helpers import folder_hashes
 from tiny_models import random_direction

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from weightedit.card import build_card
 from weightedit.cli.main import app
-from weightedit.direction import Direction
-from weightedit.orthogonalize import orthogonalize_checkpoint
+from weightedit.edit.direction_file import Direction
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 
 from report_fixtures import write_synthetic_report
 from tiny_models import random_direction
@@ -133,9 +133,9 @@ def test_a_failed_card_write_leaves_the_previous_card(model, monkeypatch):
     import errno
     import os
 
-    from weightedit import atomic
     from weightedit.card import write_card
     from weightedit.errors import WriteFailedError
+    from weightedit.io import atomic
 
     previous = "---\nlicense: apache-2.0\n---\n# the card before\n"
     (model / "README.md").write_text(previous, encoding="utf-8")

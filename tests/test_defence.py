@@ -17,11 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 import weightedit.defence as defence
-from weightedit.activations import last_logprobs
 from weightedit.cli.main import app
-from weightedit.hooks import ablate
-from weightedit.modeling import load_model
-from weightedit.scoring import refusal_scores
+from weightedit.runtime.activations import last_logprobs
+from weightedit.runtime.hooks import ablate
+from weightedit.runtime.modeling import load_model
+from weightedit.runtime.scoring import refusal_scores
 
 from defence_models import (
     make_nonlinear_model,

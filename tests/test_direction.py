@@ -9,11 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
-from weightedit.direction import load_direction
+from weightedit.direction.selection import SelectionOptions, compute_direction
+from weightedit.edit.direction_file import load_direction
 from weightedit.errors import ChatTemplateError
-from weightedit.modeling import load_model, post_instruction_length
-from weightedit.scoring import derive_refusal_tokens, kl_divergence, refusal_scores
-from weightedit.selection import SelectionOptions, compute_direction
+from weightedit.runtime.modeling import load_model, post_instruction_length
+from weightedit.runtime.options import ModelLoadOptions
+from weightedit.runtime.scoring import derive_refusal_tokens, kl_divergence, refusal_scores
 
 from helpers import PrefixJudge, strip_chat_template
 from tiny_models import (
@@ -57,7 +58,7 @@ def test_selection_recovers_the_planted_direction(planted, search):
 
 
 def test_capture_mean_difference_is_along_the_planted_direction(planted):
-    from weightedit.activations import capture_means
+    from weightedit.runtime.activations import capture_means
 
     model, _ = planted
     loaded = load_model(model, progress=False)
@@ -73,7 +74,7 @@ def test_capture_mean_difference_is_along_the_planted_direction(planted):
 
 
 def test_batch_size_and_padding_do_not_change_the_means(planted):
-    from weightedit.activations import capture_means
+    from weightedit.runtime.activations import capture_means
 
     model, _ = planted
     loaded = load_model(model, progress=False)
@@ -122,11 +123,11 @@ def test_model_without_chat_template_is_a_clear_error(planted, tmp_path):
     copy = tmp_path / "base"
     shutil.copytree(model, copy)
     strip_chat_template(copy)
-    with pytest.raises(ChatTemplateError, match="--chat-template"):
+    with pytest.raises(ChatTemplateError, match="chat_template"):
         load_model(copy, progress=False)
     template = tmp_path / "t.jinja"
     template.write_text(make_tokenizer().chat_template)
-    loaded = load_model(copy, chat_template=template, progress=False)
+    loaded = load_model(copy, ModelLoadOptions(chat_template=template), progress=False)
     assert loaded.n_post == 2
 
 
@@ -198,7 +199,7 @@ def test_direction_cli_writes_file_with_metadata(planted, tmp_path):
 
 
 def test_orthogonalize_by_language_removes_the_planted_refusal(planted, tmp_path):
-    from weightedit.activations import last_logprobs
+    from weightedit.runtime.activations import last_logprobs
 
     model, prompts = planted
     out = tmp_path / "edited"

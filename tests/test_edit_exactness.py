@@ -7,14 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from weightedit.arch import families
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
-from weightedit.hooks import ablate, ablate_as_edit, capture_residuals
+from weightedit.edit.arch import families
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.runtime.hooks import ablate, ablate_as_edit, capture_residuals
 
 from tiny_models import FAMILY_CONFIGS, POST_NORM, TIED, input_ids, random_direction
 
-TOLERANCE = 1e-4  # max abs logit difference, float32 (DESIGN.md §7)
+TOLERANCE = 1e-4  # max abs logit difference, float32 (docs/architecture.md, "Design bars")
 
 
 def run_cli(*args: str):

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 from weightedit.evaluation.report import SCHEMA
 from weightedit.evaluation.stats import wilson_interval
-from weightedit.orthogonalize import orthogonalize_checkpoint
 from weightedit.prompts import LANGUAGES
 
 from helpers import strip_chat_template
@@ -30,7 +30,7 @@ from tiny_models import (
 )
 
 R_TRUE = random_direction(seed=5)
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "weightedit" / "evaluation" / "report.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "src" / "weightedit" / "evaluation" / "report.schema.json"
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_evaluate_without_baseline_and_with_comparison(models, tmp_path):
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tmp_path):
     from weightedit.evaluation.metrics import perplexity, token_nll
-    from weightedit.modeling import load_model
+    from weightedit.runtime.modeling import load_model
 
     tokenizer = make_tokenizer()
     model = AutoModelForCausalLM.from_config(make_config("llama", vocab_size=len(tokenizer)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from weightedit.evaluation.metrics import generate, generate_ids, stop_token_ids
-from weightedit.modeling import batches, load_model
+from weightedit.runtime.modeling import batches, load_model
 
 from tiny_models import FAMILY_CONFIGS, PREFIX_TEMPLATE, TIED, make_model, make_tokenizer, planted_prompts
 

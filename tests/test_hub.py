@@ -22,16 +22,16 @@ from typer.testing import CliRunner
 import weightedit.hub
 from weightedit.card import build_card
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 from weightedit.evaluation.report import SCHEMA
-from weightedit.orthogonalize import orthogonalize_checkpoint
 
 from fake_hub import READ_TOKEN, FakeHub, running_hub, use_hub
 from helpers import folder_hashes
 from report_fixtures import write_synthetic_report
 from tiny_models import random_direction
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "weightedit" / "evaluation" / "report.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "src" / "weightedit" / "evaluation" / "report.schema.json"
 HUB_SOURCE = {
     "model": "meta-llama/Llama-3.2-1B-Instruct",
     "kind": "hub",

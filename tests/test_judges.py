@@ -142,5 +142,5 @@ def test_unknown_language_and_unknown_judge():
 
     with pytest.raises(EvaluationError, match="no rules for language"):
         SubstringJudge().judge(["text"], ["xx"])
-    with pytest.raises(EvaluationError, match="unknown --judge"):
+    with pytest.raises(EvaluationError, match="unknown judge"):
         make_judge("oracle")

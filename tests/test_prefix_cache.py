@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightedit.activations import capture_means, last_logprobs
-from weightedit.hooks import ablate, add
-from weightedit.modeling import load_model
+from weightedit.runtime.activations import capture_means, last_logprobs
+from weightedit.runtime.hooks import ablate, add
+from weightedit.runtime.modeling import load_model
 
 from tiny_models import (
     FAMILY_CONFIGS,

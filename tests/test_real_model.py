@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
-from weightedit.hooks import ablate
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.runtime.hooks import ablate
 
 from helpers import load_tensors, logit_tolerance
 
@@ -28,7 +28,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Path:
     """The recipe's checkpoint, in a cache shared across runs when WEIGHTEDIT_CACHE is set by the user."""
-    from weightedit.recipes import fetch_recipe
+    from weightedit.sources.recipes import fetch_recipe
 
     return fetch_recipe("smollm2-135m-instruct", progress=False).folder
 

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from test_bad_inputs import _big_checkpoint, _cli
 from typer.testing import CliRunner
 
-import weightedit.atomic as atomic
-from weightedit.atomic import TMP_MARKER
+import weightedit.io.atomic as atomic
 from weightedit.cli.main import app
-from weightedit.direction import Direction, save_direction
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.io.atomic import TMP_MARKER
 
 from helpers import folder_hashes
 from tiny_models import make_planted_model, random_direction, write_planted_prompts
@@ -679,7 +679,7 @@ def test_float64_direction_beyond_float32_range_keeps_its_direction(model, tmp_p
     out = tmp_path / "o"
     code, output = invoke("orthogonalize", "--model", model, "--direction", path, "--out", out, "--quiet")
     assert code == 0, output
-    from weightedit.direction import load_direction
+    from weightedit.edit.direction_file import load_direction
 
     v = load_direction(path).vector
     assert torch.isfinite(v).all()
@@ -758,7 +758,7 @@ def test_direction_inside_an_output_model_goes_to_a_subfolder(tmp_path):
     model = make_planted_model(root / "model", random_direction(seed=5))
     prompts = write_planted_prompts(root / "prompts.jsonl")
     # A scratch folder a killed run left in the cache is found and removed by the next run.
-    from weightedit.sources import cache_dir
+    from weightedit.io.cache import cache_dir
 
     stale = cache_dir() / "tmp" / f".direction{TMP_MARKER}{_dead_pid()}-0123abcd"
     stale.mkdir(parents=True)
@@ -837,7 +837,7 @@ def test_readme_error_table_names_tests_that_exist():
 
 def test_evaluate_report_names_models_without_local_paths(tmp_path):
     """report.json (and the plot titles drawn from it) name local models ./<folder>, not by absolute path."""
-    from weightedit.orthogonalize import orthogonalize_checkpoint
+    from weightedit.edit.rewrite import orthogonalize_checkpoint
 
     base = make_planted_model(tmp_path / "base", random_direction(seed=5))
     edited = orthogonalize_checkpoint(base, tmp_path / "edited", random_direction(seed=5), progress=False).out

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
-from weightedit.direction import load_direction
+from weightedit.direction.selection import SelectionOptions, compute_direction, rank_correlation, refusal_tokens_for
+from weightedit.edit.direction_file import load_direction
 from weightedit.errors import ChatTemplateError, NotRefusingError, OptionsError
-from weightedit.hooks import ablate_as_edit
-from weightedit.modeling import format_chat, load_model, post_instruction_length
-from weightedit.selection import SelectionOptions, compute_direction, rank_correlation, refusal_tokens_for
+from weightedit.runtime.hooks import ablate_as_edit
+from weightedit.runtime.modeling import format_chat, load_model, post_instruction_length
 
 from helpers import PrefixJudge
 from tiny_models import (
@@ -180,8 +180,8 @@ def test_rank_correlation():
 def test_direction_search_runs_end_to_end_on_every_family(family, tmp_path):
     """MoE expert outputs ([routed tokens, d]), learned positions and post-norm writers all go through the
     fast search's first-order screen, pre-screen and exact scores."""
-    from weightedit.modeling import LoadedModel
-    from weightedit.sources import ModelSource
+    from weightedit.runtime.modeling import LoadedModel
+    from weightedit.sources.model import ModelSource
 
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
@@ -215,9 +215,9 @@ def test_direction_search_runs_end_to_end_on_every_family(family, tmp_path):
 
 def test_selection_scores_the_edit_of_post_norm_families(tmp_path):
     """For a post-norm family the exact bypass is the refusal score of the edited checkpoint."""
-    from weightedit.activations import last_logprobs
-    from weightedit.direction import Direction
-    from weightedit.orthogonalize import orthogonalize_checkpoint
+    from weightedit.edit.direction_file import Direction
+    from weightedit.edit.rewrite import orthogonalize_checkpoint
+    from weightedit.runtime.activations import last_logprobs
 
     tokenizer = make_tokenizer()
     folder = tmp_path / "gemma2"
@@ -264,8 +264,8 @@ def test_a_token_that_opens_every_answer_is_a_template_error():
 
 def test_tied_config_beside_a_stored_head_is_written_untied(tmp_path):
     """config.json says tied, the checkpoint stores lm_head: the edit keeps the stored head and must say so."""
-    from weightedit.direction import Direction
-    from weightedit.orthogonalize import orthogonalize_checkpoint
+    from weightedit.edit.direction_file import Direction
+    from weightedit.edit.rewrite import orthogonalize_checkpoint
 
     folder = tmp_path / "llama"
     save_model(make_model("llama", tie_word_embeddings=False), folder)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from weightedit.arch import get_spec
-from weightedit.edit import noise_floor, orthogonality
-from weightedit.hooks import ablate
-from weightedit.orthogonalize import orthogonalize_checkpoint
+from weightedit.edit.arch import get_spec
+from weightedit.edit.projection import noise_floor, orthogonality
+from weightedit.edit.rewrite import orthogonalize_checkpoint
+from weightedit.runtime.hooks import ablate
 
 from helpers import folder_hashes, load_tensors, raw_bytes
 from tiny_models import input_ids, make_model, random_direction, save_model
@@ -142,7 +142,7 @@ def test_overwrite_replaces_an_existing_output(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "mixtral", "gpt2"])
 def test_in_memory_edit_matches_streaming_edit(family, tiny_checkpoints, tmp_path):
-    from weightedit.orthogonalize import orthogonalize_model_
+    from weightedit.edit.in_memory import orthogonalize_model_
 
     src = tiny_checkpoints(family)
     r = random_direction()

@@ -17,13 +17,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import weightedit._writer as writer
-import weightedit.orthogonalize as ortho
-from weightedit.checkpoint import read_header
-from weightedit.direction import Direction, save_direction
-from weightedit.edit import noise_floor, project_columns_, project_columns_streamed, project_out_, unit_direction
+import weightedit.edit.rewrite as ortho
+import weightedit.edit.writer as writer
+from weightedit.edit.direction_file import Direction, save_direction
+from weightedit.edit.projection import (
+    noise_floor,
+    project_columns_,
+    project_columns_streamed,
+    project_out_,
+    unit_direction,
+)
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 from weightedit.errors import InvalidCheckpointError, WriteFailedError
-from weightedit.orthogonalize import orthogonalize_checkpoint
+from weightedit.io.checkpoint import read_header
 
 from helpers import folder_hashes, load_tensors
 from tiny_models import random_direction
@@ -210,7 +216,7 @@ def test_disk_full_on_the_last_chunk_across_filesystems(tmp_path):
 
 def _corrupting_side_files(monkeypatch, pick):
     """After the shards are written (before verification), flip one byte of the tensor ``pick`` chooses."""
-    real = ortho._copy_side_files
+    real = ortho.copy_side_files
 
     def corrupt(src, tmp, **kwargs):
         for shard in sorted(tmp.glob("*.safetensors")):
@@ -225,7 +231,7 @@ def _corrupting_side_files(monkeypatch, pick):
                 break
         return real(src, tmp, **kwargs)
 
-    monkeypatch.setattr(ortho, "_copy_side_files", corrupt)
+    monkeypatch.setattr(ortho, "copy_side_files", corrupt)
 
 
 @pytest.mark.parametrize("which", ["edited", "copied"])
@@ -247,12 +253,12 @@ def test_verification_compares_written_bytes(which, tiny_checkpoints, tmp_path, 
 
 
 def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
-    def unreadable(path, stop):
+    def unreadable(path, *, stop):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
     src = tmp_path / "model"  # a new path: its hashes are not known yet
     shutil.copytree(tiny_checkpoints("llama"), src)
-    monkeypatch.setattr(writer, "_hash_file", unreadable)
+    monkeypatch.setattr(writer, "sha256_file", unreadable)
     out = tmp_path / "out"
     with pytest.raises(InvalidCheckpointError, match="cannot read .* SHA-256"):
         orthogonalize_checkpoint(src, out, random_direction(), progress=False)
@@ -262,14 +268,14 @@ def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
 def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_path, monkeypatch):
     src = tmp_path / "model"
     shutil.copytree(tiny_checkpoints("llama", shards=False), src)
-    real = writer._hash_file
+    real = writer.sha256_file
     hashed = []
 
-    def counting(path, stop):
+    def counting(path, *, stop):
         hashed.append(path.name)
-        return real(path, stop)
+        return real(path, stop=stop)
 
-    monkeypatch.setattr(writer, "_hash_file", counting)
+    monkeypatch.setattr(writer, "sha256_file", counting)
     first = orthogonalize_checkpoint(src, tmp_path / "a", random_direction(), progress=False)
     second = orthogonalize_checkpoint(src, tmp_path / "b", random_direction(), progress=False)
     assert hashed == ["model.safetensors"]
@@ -287,7 +293,7 @@ def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_pa
 
 def test_every_output_file_and_the_parent_are_flushed(tiny_checkpoints, tmp_path, monkeypatch):
     """Every file of the output is fsynced before the rename, and the parent folder after it."""
-    from weightedit import atomic
+    from weightedit.io import atomic
 
     real_fsync = os.fsync
     real_rename = atomic._rename_noreplace
@@ -407,14 +413,14 @@ def test_output_that_comes_out_short_is_an_error(tmp_path, monkeypatch):
 
 def test_input_that_shrinks_during_the_edit_is_reported(tmp_path, monkeypatch):
     src = _tiny_single_file(tmp_path / "model")
-    real = ortho._shard_jobs
+    real = ortho.shard_jobs
 
     def then_truncate(*args, **kwargs):
         jobs = real(*args, **kwargs)
         os.truncate(src / "model.safetensors", 4096)  # after the headers were read and checked
         return jobs
 
-    monkeypatch.setattr(ortho, "_shard_jobs", then_truncate)
+    monkeypatch.setattr(ortho, "shard_jobs", then_truncate)
     out = tmp_path / "out"
     with pytest.raises(InvalidCheckpointError, match="ended at byte .* the file changed or is truncated"):
         orthogonalize_checkpoint(src, out, torch.randn(64), progress=False)

@@ -1,1 +1,0 @@
-"""Model card templates; installed as the data package ``weightedit._model_cards``."""

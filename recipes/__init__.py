@@ -1,1 +1,0 @@
-"""Recipe YAML files; installed as the data package ``weightedit._recipes``."""

@@ -1,0 +1,239 @@
+"""``weightedit evaluate``: refusal and capability, per language, before and after an edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from weightedit._progress import console
+from weightedit.runtime.options import Dtype
+
+from ._options import (
+    BatchOpt,
+    ChatTemplateOpt,
+    DeviceMapOpt,
+    DtypeOpt,
+    GgufFileOpt,
+    JsonOpt,
+    ModelOpt,
+    OverwriteOpt,
+    PromptsOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    epilog,
+    handle_errors,
+    local_inputs,
+    resolve_source,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "evaluate",
+        epilog=epilog(
+            "weightedit evaluate --model ./qwen-ortho --baseline recipe:qwen2.5-coder-1.5b-instruct --langs all --out report/",
+            "weightedit evaluate --model ./edited --baseline ./base --langs en,zh --generate 12 --xstest ../shared/data/xstest.jsonl --out r/",
+            "weightedit evaluate --model ./edited --baseline ./base --prompts ../shared/data/polyrefuse --ppl-data ../shared/data/flores-or-sib --out r/",
+        ),
+    )(evaluate)
+
+
+def render_summary(report: dict) -> None:
+    from weightedit.evaluation.report import display_name, fmt_ci, fmt_rate
+
+    has_base = report["models"]["baseline"] is not None
+    table = Table(title=f"evaluation of {display_name(report['models']['edited']['id'])} (split {report.get('split')})")
+    cols = (
+        ["language", "n", "refusal before", "refusal after", "McNemar p", "KL", "ppl ratio"]
+        if has_base
+        else ["language", "n", "refusal", "ppl"]
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+
+    for lang, v in report["languages"].items():
+        e = v["edited"]
+        name = f"{v['name']} ({lang})"
+        if has_base:
+            test = v.get("refusal_mcnemar")
+            table.add_row(
+                name,
+                str(e["refusal_n"]),
+                fmt_rate(v["baseline"]),
+                fmt_rate(e),
+                "—" if not test else f"{test['p_value']:.2g}",
+                fmt_ci(e["kl_mean"], e.get("kl_ci")),
+                fmt_ci(v.get("perplexity_ratio"), v.get("perplexity_ratio_ci")),
+            )
+        else:
+            table.add_row(name, str(e["refusal_n"]), fmt_rate(e), fmt_ci(e["perplexity"], None))
+    console.print(table)
+    judge = report.get("judge") or {}
+    method = next(iter(report["languages"].values()))["edited"]["refusal_method"]
+    how = f"{judge.get('name')} judge on greedy generations" if method == "judge" else "first-token score > 0"
+    if method == "judge" and judge.get("accuracy") is not None:
+        how += f" (held-out accuracy {judge['accuracy']:.2f}, n={judge['n']})"
+    console.print(f"refusal: {how}; brackets: Wilson 95% (rates) and bootstrap 95% (KL, perplexity ratio)")
+
+
+@handle_errors
+def evaluate(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json, report.md, PNGs).")],
+    baseline: Annotated[
+        str | None,
+        typer.Option("--baseline", "-b", help="The model before the edit (Hub id, folder, .gguf, recipe:NAME)."),
+    ] = None,
+    langs: Annotated[str, typer.Option("--langs", help="Languages: all, or a comma list.")] = "all",
+    prompts: PromptsOpt = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="Prompts to judge on: auto (the source's held-out part: built-in test split; never a prompt used to "
+            "choose a direction), or train/val/test to force one.",
+        ),
+    ] = "auto",
+    limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
+    generate: Annotated[
+        int | None,
+        typer.Option(
+            "--generate",
+            help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
+            "(default: every evaluated prompt, = --limit); 0 = first-token scores only (a quick look).",
+            show_default=False,
+        ),
+    ] = None,
+    generate_harmless: Annotated[
+        int | None,
+        typer.Option(
+            "--generate-harmless",
+            help="Harmless prompts per language to complete and judge (over-refusal; default: = --limit).",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
+    ] = 96,
+    judge: Annotated[
+        str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
+    ] = "substring",
+    ppl_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--ppl-data",
+            help="Folder of <lang>.jsonl with a 'text' field (FLORES/SIB) for perplexity; default: built-in parallel sentences.",
+        ),
+    ] = None,
+    ppl_limit: Annotated[
+        int, typer.Option("--ppl-limit", help="Sentences per language for perplexity (the built-in set has 32).")
+    ] = 100,
+    xstest: Annotated[
+        Path | None, typer.Option("--xstest", help="XSTest JSONL; its safe prompts measure over-refusal (English).")
+    ] = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="Extra tasks: mgsm (needs --mgsm).")] = "",
+    mgsm: Annotated[Path | None, typer.Option("--mgsm", help="Folder of MGSM <lang>.jsonl files.")] = None,
+    mgsm_limit: Annotated[int, typer.Option("--mgsm-limit", help="MGSM questions per language.")] = 16,
+    comparison: Annotated[
+        Path | None, typer.Option("--comparison", help="compare-directions output folder, to include its heatmaps.")
+    ] = None,
+    batch_size: BatchOpt = 16,
+    dtype: DtypeOpt = Dtype.AUTO,
+    device_map: DeviceMapOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
+    baseline_revision: Annotated[
+        str | None, typer.Option("--baseline-revision", help="Hub branch, tag or commit of --baseline.")
+    ] = None,
+    baseline_gguf_file: Annotated[
+        str | None, typer.Option("--baseline-gguf-file", help="GGUF file inside the --baseline folder or Hub repo.")
+    ] = None,
+    token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    overwrite: OverwriteOpt = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the baseline even if cached.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure refusal (harmful), over-refusal (harmless, XSTest) and capability (KL, perplexity, MGSM) per language."""
+    from weightedit.evaluation.judges import make_judge
+    from weightedit.evaluation.report import evaluate as run
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.io.atomic import atomic_output_dir, check_output_path
+    from weightedit.prompts import parse_languages
+    from weightedit.sources import public_name
+
+    # Before anything is created or loaded: --out must be a new folder (or --overwrite) outside every input.
+    inputs = local_inputs(model, baseline, comparison)
+    check_output_path(out, inputs=inputs, overwrite=overwrite)
+    codes = parse_languages(langs)
+    make_judge(judge)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t != "mgsm"]
+    if unknown:
+        raise typer.BadParameter(f"unknown task {unknown[0]!r}; available: mgsm", param_hint="--tasks")
+    if "mgsm" in task_list and mgsm is None:
+        raise typer.BadParameter("--tasks mgsm needs --mgsm FOLDER", param_hint="--mgsm")
+    options = EvalOptions(
+        langs=tuple(codes),
+        prompts=prompts,
+        split=split,
+        limit=limit,
+        generate=generate,
+        generate_harmless=generate_harmless,
+        max_new_tokens=max_new_tokens,
+        judge=judge,
+        batch_size=batch_size,
+        ppl_source=str(ppl_data) if ppl_data else None,
+        ppl_limit=ppl_limit,
+        xstest=str(xstest) if xstest else None,
+        mgsm=str(mgsm) if mgsm else None,
+        mgsm_limit=mgsm_limit if "mgsm" in task_list else 0,
+        dtype=dtype,
+        device_map=device_map,
+        chat_template=str(chat_template) if chat_template else None,
+        trust_remote_code=trust_remote_code,
+    )
+    progress = not (quiet or json_out)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
+    base_source = (
+        resolve_source(
+            baseline, gguf_file=baseline_gguf_file, revision=baseline_revision, token=token, quiet=not progress
+        )
+        if baseline
+        else None
+    )
+    resolved = (source, base_source) if base_source is not None else (source,)
+    out = check_output_path(
+        out, inputs=(*inputs, *(p for s in resolved for p in (s.folder, *s.inputs))), overwrite=overwrite
+    )
+    # The report is built in a temporary sibling and renamed into place once complete.
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        result = run(
+            source,
+            tmp,
+            options,
+            baseline=base_source,
+            comparison=comparison,
+            use_cache=not no_cache,
+            progress=progress,
+            name=public_name(model),
+            baseline_name=public_name(baseline),
+        )
+    result.files = {k: out / Path(v).relative_to(tmp) for k, v in result.files.items()}
+    if json_out:
+        emit_json({"files": {k: str(v) for k, v in result.files.items()}, "summary": result.data["summary"]})
+        return
+    render_summary(result.data)
+    console.print(
+        f"report: {result.files['md']} · {result.files['json']} · plots: "
+        + ", ".join(str(p) for k, p in result.files.items() if k.endswith("png"))
+    )

@@ -1,0 +1,98 @@
+"""What an edit will do, decided from the checkpoint's headers alone (used by ``inspect`` and the rewrite)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidCheckpointError
+from ..io.checkpoint import Checkpoint, TensorInfo
+from .arch import ArchSpec, WriterMatch, spec_for_config
+from .options import TiedEmbeddings
+from .projection import effective_direction
+
+__all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets"]
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """What an edit will do, decided from headers alone (used by ``inspect`` and the rewriter)."""
+
+    checkpoint: Checkpoint
+    spec: ArchSpec
+    writers: dict[str, WriterMatch]
+    tied: bool  # the LM head reads the input embedding matrix
+    embedding: str | None  # name of the input embedding tensor
+
+    @property
+    def writer_bytes(self) -> int:
+        return sum(self.checkpoint.find(n)[1].nbytes for n in self.writers)
+
+    def groups(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in self.writers.values():
+            counts[m.rule.group] = counts.get(m.rule.group, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def largest_tensor(self) -> TensorInfo:
+        return max((info for _, info in self.checkpoint.tensors()), key=lambda t: t.numel)
+
+
+def plan_edit(checkpoint: Checkpoint) -> EditPlan:
+    """Find the writer tensors of ``checkpoint`` and check they can be edited.
+
+    Raises:
+        UnsupportedArchitectureError: unknown ``model_type``.
+        QuantizedCheckpointError: quantized weights.
+        InvalidCheckpointError: a writer with an unexpected shape or dtype, or no writers at all.
+    """
+    spec = spec_for_config(checkpoint.config)
+    checkpoint.check_not_quantized()
+    d_model = checkpoint.d_model
+    writers: dict[str, WriterMatch] = {}
+    embedding = None
+    names = [info.name for _, info in checkpoint.tensors()]
+    for name in names:
+        if spec.is_embedding(name):
+            embedding = name
+        m = spec.match(name)
+        if m is None:
+            continue
+        _, info = checkpoint.find(name)
+        if info.torch_dtype is None:
+            raise InvalidCheckpointError(
+                f"writer {name!r} has dtype {info.dtype}: weightedit edits float tensors; use an unquantized checkpoint"
+            )
+        if not info.shape or info.shape[m.rule.axis] != d_model:
+            raise InvalidCheckpointError(
+                f"writer {name!r} has shape {list(info.shape)}, expected size {d_model} on axis {m.rule.axis}: "
+                f"the {spec.model_type} registry entry does not fit this checkpoint"
+            )
+        if m.norm_name is not None and m.norm_name not in checkpoint.weight_map:
+            raise InvalidCheckpointError(
+                f"post-norm writer {name!r} needs {m.norm_name!r}, which is not in the checkpoint"
+            )
+        writers[name] = m
+    if not writers:
+        raise InvalidCheckpointError(
+            f"no residual-stream writers found among {len(names)} tensors of this {spec.model_type} checkpoint: "
+            "its tensor names do not follow the transformers layout"
+        )
+    tied = embedding is not None and spec.lm_head not in checkpoint.weight_map
+    return EditPlan(checkpoint=checkpoint, spec=spec, writers=writers, tied=tied, embedding=embedding)
+
+
+def writer_targets(checkpoint: Checkpoint, plan: EditPlan, r: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unit vector each writer is projected against: ``r``, or for post-norm writers the normalized
+    ``γ ⊙ r`` of the norm that follows them (one per norm tensor, read once)."""
+    norm_cache: dict[str, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}
+    for name, m in plan.writers.items():
+        if m.norm_name is None:
+            targets[name] = r
+            continue
+        if m.norm_name not in norm_cache:
+            norm_cache[m.norm_name] = effective_direction(r, checkpoint.read_tensor(m.norm_name), plan.spec.norm_offset)
+        targets[name] = norm_cache[m.norm_name]
+    return targets

@@ -1,0 +1,286 @@
+"""The edit itself: removing a direction from the output space of residual-stream writers.
+
+For a unit vector ``u`` in the residual stream and a writer whose residual axis is ``axis``:
+
+- axis is the last one (embeddings ``[vocab, d]``, GPT-2 Conv1D ``[d_in, d]``, biases ``[d]``): every row
+  ``w`` becomes ``w - (w·u) u``;
+- axis is the first one of a matrix (``nn.Linear`` ``[d, d_in]``): every column ``c`` becomes ``c - (u·c) u``.
+
+Both are local to a row (or column), so large tensors are processed in blocks. Arithmetic is float32
+(float64 for float64 tensors) and the result is cast back to the stored dtype once.
+
+A row or column whose component along ``u`` is already below the stored dtype's rounding noise is left
+bit-for-bit unchanged. That makes re-editing with the same direction an exact no-op, and it changes
+nothing else: editing such a row would only move it by less than one rounding step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidDirectionError
+
+__all__ = [
+    "unit_direction",
+    "noise_floor",
+    "effective_direction",
+    "project_rows_",
+    "project_columns_",
+    "project_columns_streamed",
+    "column_block_rows",
+    "project_out_",
+    "orthogonality",
+    "BlockStats",
+]
+
+# How many rounding-noise standard deviations a component must exceed to count as "present".
+_NOISE_FACTOR = 8.0
+
+
+def unit_direction(direction: torch.Tensor, d_model: int, *, name: str = "direction") -> torch.Tensor:
+    """Validate ``direction`` and return it as a unit float32 vector of length ``d_model``.
+
+    Raises:
+        InvalidDirectionError: wrong shape, non-finite values, or (near) zero norm.
+    """
+    if not isinstance(direction, torch.Tensor):
+        direction = torch.as_tensor(direction)
+    r = direction.detach().to("cpu", torch.float64)
+    if r.dim() == 2 and r.shape[0] == 1:
+        r = r[0]
+    if r.dim() != 1 or r.numel() != d_model:
+        raise InvalidDirectionError(
+            f"{name} has shape {list(direction.shape)} but the model's residual stream has d_model={d_model}: "
+            "compute the direction on this model (weightedit direction --model ...)"
+        )
+    if not torch.isfinite(r).all():
+        bad = int((~torch.isfinite(r)).sum())
+        raise InvalidDirectionError(f"{name} has {bad} non-finite values (NaN/inf): recompute the direction")
+    norm = float(r.norm())
+    if norm < 1e-8:
+        raise InvalidDirectionError(f"{name} has zero norm ({norm:.3g}): recompute the direction")
+    return (r / norm).to(torch.float32)
+
+
+def noise_floor(dtype: torch.dtype, d_model: int) -> float:
+    """Relative component along ``u`` that rounding to ``dtype`` alone can produce, with a wide margin.
+
+    Rounding each of ``d_model`` entries to ``dtype`` perturbs ``w·u / ‖w‖`` by about
+    ``eps / (2 sqrt(3 d_model))`` (one standard deviation); anything below ``8 eps / sqrt(d_model)`` is noise.
+    """
+    return _NOISE_FACTOR * torch.finfo(dtype).eps / math.sqrt(d_model)
+
+
+def effective_direction(r: torch.Tensor, norm_weight: torch.Tensor | None, norm_offset: float = 0.0) -> torch.Tensor:
+    """The vector to project a writer against.
+
+    For a writer followed by an RMSNorm with effective gain ``γ = norm_offset + weight`` (post-norm
+    blocks), ``rᵀ(γ ⊙ y) = (γ ⊙ r)ᵀ y``, so the writer must be made orthogonal to ``γ ⊙ r``.
+    """
+    if norm_weight is None:
+        return r
+    gamma = norm_weight.to(torch.float32).reshape(-1) + norm_offset
+    u = gamma * r
+    n = float(u.norm())
+    if n < 1e-12:
+        # The norm zeroes the direction already: nothing reaches the residual stream along r.
+        return torch.zeros_like(r)
+    return u / n
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class BlockStats:
+    """Running statistics of an edit, accumulated block by block."""
+
+    changed: int = 0  # rows/columns modified
+    total: int = 0  # rows/columns seen
+    residual_sq: float = 0.0  # Σ (component along u after the edit)²
+    norm_sq: float = 0.0  # Σ ‖row‖² before the edit (rounding errors scale with it)
+
+    def merge(self, other: BlockStats) -> None:
+        self.changed += other.changed
+        self.total += other.total
+        self.residual_sq += other.residual_sq
+        self.norm_sq += other.norm_sq
+
+    @property
+    def relative_residual(self) -> float:
+        """``‖uᵀW'‖ / ‖W‖``: what the edit left along ``u``, relative to the tensor before it (0 if all zero)."""
+        return math.sqrt(self.residual_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
+
+
+# Elements per block: small enough that the float32 copy of a block stays in the CPU cache while several
+# passes run over it, large enough that per-call overhead does not matter.
+_CACHE_BLOCK = 1 << 19
+
+
+def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK) -> BlockStats:
+    """In place: remove ``u`` from every row of ``block`` (``[n, d]``, any float dtype).
+
+    Rows whose relative component along ``u`` is at most ``floor`` are left untouched.
+    """
+    n, d = block.shape
+    cdt = _compute_dtype(block.dtype)
+    uc = u.to(cdt)
+    step = max(1, min(n, block_elems // max(d, 1)))
+    stats = BlockStats(total=n)
+    # One scratch buffer for all blocks: fresh large allocations would page-fault on every block.
+    scratch = torch.empty(step, d, dtype=cdt)
+    for i0 in range(0, n, step):
+        part = block[i0 : i0 + step]
+        x = scratch[: part.shape[0]]
+        x.copy_(part)
+        comp = x @ uc  # (rows,)
+        norm_sq = torch.linalg.vector_norm(x, dim=1).square()
+        mask = comp.square() > (floor * floor) * norm_sq
+        changed = int(mask.sum())
+        if changed:
+            stats.changed += changed
+            # Masked rows get a zero update and keep their exact bits. A second pass ("twice is enough")
+            # cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
+            # size of the removed component.
+            for _ in range(2):
+                x.addr_(comp * mask, uc, alpha=-1)
+                part.copy_(x)
+                if part.dtype != cdt:
+                    x.copy_(part)
+                comp = x @ uc
+                mask = comp.square() > (floor * floor) * norm_sq
+                if not bool(mask.any()):
+                    break
+        stats.residual_sq += float(comp.square().sum())
+        stats.norm_sq += float(norm_sq.sum())
+    return stats
+
+
+def project_columns_(
+    matrix: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK
+) -> BlockStats:
+    """In place: remove ``u`` from every column of ``matrix`` (``[d, m]``).
+
+    Two passes over blocks of rows: the first accumulates each column's component along ``u`` and its
+    norm, the second applies the rank-one update and measures what is left after rounding.
+    """
+    d, m = matrix.shape
+    return project_columns_streamed(
+        d,
+        m,
+        matrix.dtype,
+        u,
+        floor,
+        read=lambda i0, i1, updated: matrix[i0:i1],
+        write=lambda i0, rows: None,  # the rows read are views of ``matrix``: updated in place already
+        block_elems=block_elems,
+    )
+
+
+def column_block_rows(m: int, *, block_elems: int = _CACHE_BLOCK) -> int:
+    """Rows per block that :func:`project_columns_streamed` reads and writes for a matrix of ``m`` columns."""
+    return max(1, block_elems // max(m, 1))
+
+
+def project_columns_streamed(
+    d: int,
+    m: int,
+    dtype: torch.dtype,
+    u: torch.Tensor,
+    floor: float,
+    *,
+    read: Callable[[int, int, bool], torch.Tensor],
+    write: Callable[[int, torch.Tensor], object],
+    block_elems: int = _CACHE_BLOCK,
+) -> BlockStats:
+    """:func:`project_columns_` for a ``[d, m]`` matrix read and written in blocks of rows, never held whole.
+
+    Args:
+        read: ``read(i0, i1, updated)`` returns rows ``[i0, i1)`` in ``dtype`` as a tensor the function
+            may overwrite: the original rows, or with ``updated=True`` the rows as last given to ``write``.
+        write: ``write(i0, rows)`` stores the edited rows ``[i0, i0 + len(rows))``.
+
+    The arithmetic (block boundaries, accumulation order) is the same as for a matrix held in memory, so
+    both give bit-identical results.
+    """
+    cdt = _compute_dtype(dtype)
+    uc = u.to(cdt)
+    step = min(d, column_block_rows(m, block_elems=block_elems))
+    scratch = torch.empty(step, m, dtype=cdt)
+    squares = torch.empty(step, m, dtype=cdt)
+    ones = torch.ones(step, dtype=cdt)
+    comp = torch.zeros(m, dtype=torch.float64)
+    norm_sq = torch.zeros(m, dtype=torch.float64)
+    for i0 in range(0, d, step):
+        part = read(i0, min(d, i0 + step), False)
+        rows = part.shape[0]
+        x = scratch[:rows]
+        x.copy_(part)
+        comp += (uc[i0 : i0 + step] @ x).double()
+        # Column sums as a matrix-vector product: much faster than a reduction over the strided axis.
+        torch.mul(x, x, out=squares[:rows])
+        norm_sq += (ones[:rows] @ squares[:rows]).double()
+    mask = comp.square() > (floor * floor) * norm_sq
+    stats = BlockStats(total=m, changed=int(mask.sum()))
+    if not stats.changed:
+        stats.residual_sq = float(comp.square().sum())
+        stats.norm_sq = float(norm_sq.sum())
+        return stats
+    # As for rows: a second pass only for columns that one pass left above the noise floor.
+    for attempt in range(2):
+        update = (comp * mask).to(cdt)
+        after = torch.zeros(m, dtype=torch.float64)
+        for i0 in range(0, d, step):
+            part = read(i0, min(d, i0 + step), attempt > 0)
+            x = scratch[: part.shape[0]]
+            x.copy_(part)
+            x.addr_(uc[i0 : i0 + step], update, alpha=-1)
+            part.copy_(x)
+            write(i0, part)
+            if part.dtype != cdt:
+                x.copy_(part)
+            after += (uc[i0 : i0 + step] @ x).double()
+        comp = after
+        mask = comp.square() > (floor * floor) * norm_sq
+        if not bool(mask.any()):
+            break
+    stats.residual_sq = float(after.square().sum())
+    stats.norm_sq = float(norm_sq.sum())
+    return stats
+
+
+def project_out_(tensor: torch.Tensor, u: torch.Tensor, axis: int, *, floor: float | None = None) -> BlockStats:
+    """In place: remove ``u`` from the residual axis ``axis`` of ``tensor``.
+
+    Works for any rank: the tensor is viewed as ``[A, d, B]`` around ``axis``.
+    """
+    d = tensor.shape[axis]
+    if u.numel() != d:
+        raise InvalidDirectionError(f"direction has {u.numel()} entries but tensor axis {axis} has size {d}")
+    if not tensor.is_contiguous():
+        raise ValueError("project_out_ needs a contiguous tensor")
+    if floor is None:
+        floor = noise_floor(tensor.dtype, d)
+    axis = axis % tensor.dim()
+    a = math.prod(tensor.shape[:axis])
+    b = math.prod(tensor.shape[axis + 1 :])
+    view = tensor.view(a, d, b)
+    if b == 1:
+        return project_rows_(view.view(a, d), u, floor)
+    stats = BlockStats()
+    for i in range(a):
+        stats.merge(project_columns_(view[i], u, floor))
+    return stats
+
+
+def orthogonality(tensor: torch.Tensor, u: torch.Tensor, axis: int) -> float:
+    """``‖uᵀW‖ / ‖W‖`` along ``axis`` (0 means the tensor writes nothing along ``u``)."""
+    x = tensor.to(_compute_dtype(tensor.dtype)).movedim(axis, -1)
+    comp = x @ u.to(x.dtype)
+    total = float(x.pow(2).sum())
+    return math.sqrt(float(comp.pow(2).sum()) / total) if total > 0 else 0.0

@@ -1,0 +1,268 @@
+"""Streaming orthogonalization of a safetensors checkpoint.
+
+The rewriter reads one tensor (or one block of rows) at a time: writer tensors are edited
+(:mod:`weightedit.edit.projection`), every other tensor is copied as raw bytes inside the kernel, and each output
+shard keeps the input's name, tensor order and byte offsets (:mod:`weightedit.edit.output`). Reading and editing
+the next block overlaps with writing the current one (:mod:`weightedit.edit.writer`); peak memory is a few
+blocks, whatever the model size. The output is built in a temporary sibling folder, every file of it is
+flushed to disk, and it is renamed into place only after it is verified (:mod:`weightedit.edit.verify`); the
+input is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .._progress import progress_bar
+from ..io.atomic import atomic_output_dir, check_output_path, ensure_free_space, fsync_path
+from ..io.checkpoint import Checkpoint
+from ..io.hashing import known_sha256, remember_sha256
+from ..sources import resolve_model
+from ..sources.model import ModelSource
+from .direction_file import Direction, check_selection
+from .options import TiedEmbeddings, tied_embeddings_option
+from .output import BLOCK_BYTES, config_ties, copy_side_files, shard_jobs, write_index
+from .plan import EditPlan, plan_edit, writer_targets
+from .projection import BlockStats, unit_direction
+from .provenance import PROVENANCE_FILE, edit_provenance
+from .verify import verify_output
+from .writer import EditSpan, InputHasher, Sample, ShardJob, write_shards
+
+__all__ = ["EditReport", "orthogonalize", "orthogonalize_checkpoint"]
+
+
+@dataclass(frozen=True)
+class EditReport:
+    """Result of :func:`orthogonalize_checkpoint`."""
+
+    out: Path
+    model_type: str
+    d_model: int
+    groups: dict[str, int]
+    tensors_edited: int
+    tensors_already_orthogonal: int
+    tensors_copied: int
+    bytes_written: int
+    max_relative_residual: float
+    tied_embeddings: str | None
+    seconds: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def orthogonalize(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    direction: Direction | torch.Tensor,
+    *,
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
+    overwrite: bool = False,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    token: str | bool | None = None,
+    allow_model_mismatch: bool = False,
+    allow_failing_filters: bool = False,
+    progress: bool = True,
+    extra_provenance: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> EditReport:
+    """Resolve ``model`` (folder, ``.gguf``, Hub id, ``recipe:NAME``) and write an edited copy to ``out``.
+
+    The output path is checked before anything is downloaded or converted.
+    """
+    out_path = Path(out).expanduser()
+    local = Path(str(model)).expanduser()
+    early_inputs = (local,) if str(model) and local.exists() else ()
+    check_output_path(out_path, inputs=early_inputs, overwrite=overwrite)
+    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
+    return orthogonalize_checkpoint(
+        source,
+        out_path,
+        direction,
+        tied_embeddings=tied_embeddings,
+        overwrite=overwrite,
+        allow_model_mismatch=allow_model_mismatch,
+        allow_failing_filters=allow_failing_filters,
+        progress=progress,
+        extra_provenance=extra_provenance,
+        extra_files=extra_files,
+    )
+
+
+def _direction_name(direction: Direction) -> str:
+    file = direction.meta.get("file") if isinstance(direction.meta, dict) else None
+    return f"direction {file}" if file else "the direction"
+
+
+def orthogonalize_checkpoint(
+    source: ModelSource | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    direction: Direction | torch.Tensor,
+    *,
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
+    overwrite: bool = False,
+    allow_model_mismatch: bool = False,
+    allow_failing_filters: bool = False,
+    progress: bool = True,
+    extra_provenance: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> EditReport:
+    """Write a copy of a local checkpoint with ``direction`` projected out of every residual writer.
+
+    Args:
+        source: a resolved :class:`ModelSource` or a local ``save_pretrained`` folder.
+        out: output folder; must not exist (unless ``overwrite``) and must not overlap the input.
+        direction: a :class:`Direction` (checked against the model) or a ``[d_model]`` tensor.
+        tied_embeddings: for models whose LM head shares the embedding matrix: ``"untie"`` (default)
+            keeps the original matrix as ``lm_head.weight`` so the edit is exact; ``"edit-both"`` edits the
+            shared matrix and keeps the checkpoint tied (smaller, not exact).
+        overwrite: replace an existing ``out`` once the new one is complete.
+        allow_model_mismatch: accept a direction file whose model fingerprint differs.
+        allow_failing_filters: accept a direction whose selection failed the KL filter (recorded in
+            ``weightedit.json``); without it such a direction is refused before anything is written.
+        progress: show a rich progress bar on stderr.
+        extra_provenance: merged into ``weightedit.json``.
+        extra_files: files copied into the output folder under the given names (e.g. the direction file).
+
+    Returns:
+        An :class:`EditReport`.
+    """
+
+    started = time.perf_counter()
+    if not isinstance(source, ModelSource):
+        folder = Path(source).expanduser().resolve()
+        source = ModelSource(folder=folder, given=str(source), kind="local", inputs=(folder,))
+    tied = tied_embeddings_option(tied_embeddings)
+    out = check_output_path(Path(out), inputs=(source.folder, *source.inputs), overwrite=overwrite)
+
+    checkpoint = Checkpoint.open(source.folder)
+    plan = plan_edit(checkpoint)
+    direction, r = _checked_direction(
+        direction, checkpoint, allow_model_mismatch=allow_model_mismatch, allow_failing_filters=allow_failing_filters
+    )
+    untie = plan.tied and tied is TiedEmbeddings.UNTIE
+    extra_bytes = checkpoint.find(plan.embedding)[1].nbytes if untie and plan.embedding else 0
+    ensure_free_space(_existing_ancestor(out), checkpoint.total_bytes + extra_bytes, out)
+
+    hasher = InputHasher([s.path for s in checkpoint.shards], known=known_sha256, remember=remember_sha256)
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            jobs = shard_jobs(
+                checkpoint,
+                tmp,
+                targets=writer_targets(checkpoint, plan, r),
+                axes={n: m.rule.axis for n, m in plan.writers.items()},
+                lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
+                metadata={
+                    "weightedit_version": __version__,
+                    "weightedit_direction_sha256": direction.sha256(),
+                    "weightedit_source": source.public_name,
+                },
+                block_bytes=block_bytes,
+            )
+            stats, samples = _write_shards(jobs, f"editing {source.given}", progress=progress)
+            _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
+            verification = verify_output(checkpoint, tmp, plan, stats, samples, untie=untie)
+            provenance = edit_provenance(
+                source,
+                checkpoint,
+                plan,
+                direction,
+                input_hashes=hasher.result(),
+                verification=verification,
+                options={
+                    "tied_embeddings": tied.value if plan.tied else None,
+                    "allow_model_mismatch": bool(allow_model_mismatch),
+                    "allow_failing_filters": allow_failing_filters,
+                },
+                extra=extra_provenance,
+            )
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
+        # atomic_output_dir flushed every file and folder before the rename, and the parent after it.
+    finally:
+        hasher.stop()
+
+    edited = sum(1 for s in stats.values() if s.changed)
+    return EditReport(
+        out=out,
+        model_type=plan.spec.model_type,
+        d_model=checkpoint.d_model,
+        groups=plan.groups(),
+        tensors_edited=edited,
+        tensors_already_orthogonal=len(stats) - edited,
+        tensors_copied=sum(len(s.tensors) for s in checkpoint.shards) - len(stats),
+        bytes_written=sum(j.size for j in jobs),
+        max_relative_residual=verification["max_relative_residual"],
+        tied_embeddings=(tied.value if plan.tied else None),
+        seconds=time.perf_counter() - started,
+        provenance=provenance,
+    )
+
+
+def _checked_direction(
+    direction: Direction | torch.Tensor,
+    checkpoint: Checkpoint,
+    *,
+    allow_model_mismatch: bool,
+    allow_failing_filters: bool,
+) -> tuple[Direction, torch.Tensor]:
+    """The direction (a file is checked against the model and its selection record) and its unit vector."""
+    if isinstance(direction, Direction):
+        direction.check_model(checkpoint.config, allow_mismatch=allow_model_mismatch)
+        check_selection(direction, allow_failing_filters=allow_failing_filters, source=_direction_name(direction))
+        return direction, unit_direction(direction.vector, checkpoint.d_model)
+    r = unit_direction(direction, checkpoint.d_model)
+    return Direction(vector=r), r
+
+
+def _write_shards(
+    jobs: list[ShardJob], description: str, *, progress: bool
+) -> tuple[dict[str, BlockStats], list[Sample]]:
+    """Write every shard with progress; each finished shard is flushed to disk while the next one is written."""
+    slab = max((sp.length for j in jobs for sp in j.spans if isinstance(sp, EditSpan)), default=0)
+    syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightedit-fsync")
+    pending: list[Future[None]] = []
+    try:
+        with progress_bar(description, sum(j.size for j in jobs), enabled=progress, unit="bytes") as bar:
+            result = write_shards(
+                jobs,
+                slab_bytes=slab,
+                advance=bar.advance,
+                on_shard_written=lambda path: pending.append(syncer.submit(fsync_path, path)),
+            )
+            for fut in pending:
+                fut.result()  # re-raises a failed flush (e.g. the disk filled up)
+    finally:
+        syncer.shutdown(wait=True, cancel_futures=True)
+    return result
+
+
+def _write_side_files(
+    checkpoint: Checkpoint, plan: EditPlan, tmp: Path, *, untie: bool, extra_files: dict[str, Path]
+) -> None:
+    """The index, the configs, tokenizer and other side files, and the caller's extra files."""
+    write_index(checkpoint, tmp, lm_head=plan.spec.lm_head if untie else None, embedding=plan.embedding)
+    # A config that says "tied" beside a stored lm_head would make transformers read the edited embedding
+    # as the head instead of the stored one; the stored head is what this edit keeps, so say untied.
+    stale_tie = plan.embedding is not None and not plan.tied and config_ties(checkpoint.config)
+    copy_side_files(checkpoint.folder, tmp, untie=untie or stale_tie)
+    for name, path in extra_files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, tmp / name)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path.cwd()

@@ -1,0 +1,148 @@
+"""Multi-step jobs built from the library's pieces (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .direction.selection import DirectionResult, SelectionOptions, compute_direction
+from .edit.direction_file import save_direction
+from .edit.options import TiedEmbeddings
+from .edit.rewrite import EditReport, orthogonalize_checkpoint
+from .io.atomic import check_output_file, check_output_path, scratch_dir, write_text_atomic
+from .io.cache import cache_dir
+from .prompts import parse_languages
+from .runtime.modeling import load_model
+from .runtime.options import ModelLoadOptions
+from .sources import resolve_model
+from .sources.model import ModelSource, public_name
+
+__all__ = [
+    "direction_for_model",
+    "scores_payload",
+    "orthogonalize_by_language",
+    "check_direction_output",
+    "DIRECTION_FILE_NAME",
+    "DIRECTION_SUBFOLDER",
+]
+
+DIRECTION_FILE_NAME = "refusal_direction.safetensors"
+# Inside an output model folder the direction goes to a subfolder: a serving stack such as vLLM loads every
+# top-level *.safetensors of a folder without an index as weights.
+DIRECTION_SUBFOLDER = "weightedit"
+
+
+def direction_for_model(
+    model: str | os.PathLike[str] | ModelSource,
+    langs: str | list[str],
+    options: SelectionOptions | None = None,
+    *,
+    load: ModelLoadOptions | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> DirectionResult:
+    """Load ``model``, compute its refusal direction from prompts in ``langs``, and free the model."""
+    codes = parse_languages(langs)
+    t0 = time.perf_counter()
+    loaded = load_model(model, load, revision=revision, token=token, progress=progress)
+    load_s = time.perf_counter() - t0
+    try:
+        result = compute_direction(loaded, codes, options, progress=progress)
+        result.timings["load"] = load_s
+        return result
+    finally:
+        del loaded
+        gc.collect()
+
+
+def scores_payload(result: DirectionResult) -> dict[str, Any]:
+    """Everything the selection measured, for ``<direction>.scores.json``."""
+    d = result.direction
+    return {
+        "model": public_name(d.model),
+        "languages": list(d.languages),
+        "layer": d.layer,
+        "position": d.position,
+        "chosen": result.chosen.to_dict(),
+        "status": result.status,
+        "note": result.note,
+        "search": result.search,
+        "baseline": result.baseline,
+        "refusal_tokens": {k: v.to_dict() for k, v in result.refusal_tokens.items()},
+        "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+        "candidates": [s.to_dict() for s in result.scores],
+    }
+
+
+def scores_path(path: Path) -> Path:
+    """``<name>.scores.json`` beside the direction file ``<name>.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".scores.json")
+
+
+def check_direction_output(path: Path, *, inputs: tuple[Path, ...] = (), overwrite: bool = False) -> Path:
+    """Validate a direction file path and its scores file before any work starts.
+
+    Raises:
+        UnsafeOutputError: the path is inside (or over) an input model, or below a file.
+        OutputExistsError: either file exists and ``overwrite`` is false, or the path is a folder.
+    """
+    out = check_output_file(path, inputs=inputs, overwrite=overwrite)
+    check_output_file(scores_path(out), inputs=inputs, overwrite=overwrite, option="scores file")
+    return out
+
+
+def save_direction_result(result: DirectionResult, path: Path) -> tuple[Path, Path]:
+    """Write the direction file and its ``.scores.json`` beside it (each atomically)."""
+    scores = write_text_atomic(scores_path(path), json.dumps(scores_payload(result), indent=2, default=str) + "\n")
+    path = save_direction(result.direction, path)
+    return path, scores
+
+
+def orthogonalize_by_language(
+    model: str,
+    out: Path,
+    langs: str | list[str],
+    options: SelectionOptions | None = None,
+    *,
+    tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
+    overwrite: bool = False,
+    load: ModelLoadOptions | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> tuple[DirectionResult, EditReport]:
+    """Compute the direction from prompts in ``langs``, then write the edited checkpoint to ``out``.
+
+    The direction file and its scores are stored in the output folder.
+    """
+    local = Path(str(model)).expanduser()
+    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
+    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
+    check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
+    result = direction_for_model(source, langs, options, load=load, progress=progress)
+    # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
+    if isinstance(result.direction.meta.get("prompts"), str):
+        result.direction.meta["prompts"] = public_name(result.direction.meta["prompts"])
+    with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
+        direction_path, scores_file = save_direction_result(result, Path(tmp) / DIRECTION_FILE_NAME)
+        report = orthogonalize_checkpoint(
+            source,
+            out,
+            result.direction,
+            tied_embeddings=tied_embeddings,
+            overwrite=overwrite,
+            allow_failing_filters=options.allow_failing_filters if options else False,
+            progress=progress,
+            extra_files={
+                f"{DIRECTION_SUBFOLDER}/{direction_path.name}": direction_path,
+                f"{DIRECTION_SUBFOLDER}/{scores_file.name}": scores_file,
+            },
+        )
+    return result, report
