@@ -48,16 +48,22 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def batch_inputs(batch: Batch, prefix_cache: Any = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Cache, attention mask and position ids to run ``batch``'s rows.
+def _forward(loaded: LoadedModel, batch: Batch, prefix_cache: Any = None) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32.
 
-    With ``prefix_cache`` (keys and values of ``batch.prefix``), the cache is a copy of it for every row,
-    the mask covers the prefix, then the padding (masked out) between the prefix and each row, then the
-    row, and positions continue after the prefix. Without one, the cache is ``None`` and positions count
-    each row's own tokens.
+    With ``prefix_cache`` (keys and values of ``batch.prefix``), only the rows after the shared prefix are
+    run: the padding sits between the prefix and each row and is masked out, and positions continue
+    after the prefix.
     """
     if prefix_cache is None or batch.prefix is None:
-        return None, batch.attention_mask, _position_ids(batch.attention_mask)
+        out = loaded.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=_position_ids(batch.attention_mask),
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     n, p = batch.input_ids.shape[0], batch.prefix.numel()
     cache = copy.deepcopy(prefix_cache)
     cache.batch_repeat_interleave(n)
@@ -66,20 +72,13 @@ def batch_inputs(batch: Batch, prefix_cache: Any = None) -> tuple[Any, torch.Ten
         1,
     )
     position_ids = (p + batch.attention_mask.long().cumsum(-1) - 1).clamp(min=p)
-    return cache, mask, position_ids
-
-
-def _forward(loaded: LoadedModel, batch: Batch, prefix_cache: Any = None) -> torch.Tensor:
-    """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32 (see
-    :func:`batch_inputs` for how a cached prefix is used)."""
-    cache, mask, position_ids = batch_inputs(batch, prefix_cache)
     out = loaded.model(
         input_ids=batch.input_ids,
         attention_mask=mask,
         position_ids=position_ids,
         logits_to_keep=1,
-        use_cache=cache is not None,
-        **({_cache_keyword(loaded.model): cache} if cache is not None else {}),
+        use_cache=True,
+        **{_cache_keyword(loaded.model): cache},
     )
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
