@@ -72,6 +72,7 @@ class WriterMatch:
     name: str
     rule: WriterRule
     norm_name: str | None
+    layer: int | None = None  # the decoder layer it belongs to (None for embeddings)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class ArchSpec:
             m = rule.match(name)
             if m is not None:
                 norm = rule.post_norm.format(**m.groupdict()) if rule.post_norm else None
-                return WriterMatch(name=name, rule=rule, norm_name=norm)
+                layer = m.groupdict().get("layer")
+                return WriterMatch(name=name, rule=rule, norm_name=norm, layer=None if layer is None else int(layer))
         return None
 
     def is_embedding(self, name: str) -> bool:

@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..errors import FilterFailedDirectionError, InvalidDirectionError
+from ..errors import FilterFailedDirectionError, InvalidDirectionError, OptionsError
 from ..io.atomic import atomic_file
 from ..io.checkpoint import residual_width
 from ..sources.model import public_name
+from .profile import EditProfile
 
 __all__ = [
     "Direction",
@@ -69,6 +70,7 @@ class Direction:
         model: model id it was computed on; ``config_hash`` fingerprints that model's config.
         candidates: optional ``[n_layers, n_positions, d_model]`` tensor of all candidates.
         meta: everything else (prompt counts, scores, revision, ...).
+        profile: the shape of the edit that goes with it (``weightedit optimize``); ``None`` is the full edit.
     """
 
     vector: torch.Tensor
@@ -79,6 +81,7 @@ class Direction:
     config_hash: str | None = None
     candidates: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    profile: EditProfile | None = None
 
     @property
     def d_model(self) -> int:
@@ -147,6 +150,8 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
         "config_hash": direction.config_hash or "",
         "meta": json.dumps(direction.meta, sort_keys=True, default=str),
     }
+    if direction.profile is not None:
+        meta["edit_profile"] = json.dumps(direction.profile.to_json(), sort_keys=True)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -228,6 +233,15 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
                 f"{path}: its 'meta' metadata is a JSON {type(extra).__name__}, not an object: re-save the direction file"
             )
 
+    profile = None
+    if meta.get("edit_profile"):
+        try:
+            profile = EditProfile.from_json(json.loads(meta["edit_profile"]))
+        except (ValueError, OptionsError) as e:
+            raise InvalidDirectionError(
+                f"{path}: its edit profile is not valid ({e}): re-save the direction file", path=path
+            ) from None
+
     def _int(key: str) -> int | None:
         value = meta.get(key, "")
         return int(value) if value.lstrip("-").isdigit() else None
@@ -241,6 +255,7 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         config_hash=meta.get("config_hash") or None,
         candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
         meta=extra,
+        profile=profile,
     )
 
 

@@ -35,8 +35,13 @@ def shard_jobs(
     lm_head: tuple[str, str] | None,
     metadata: dict[str, str],
     block_bytes: int,
+    scales: dict[str, float] | None = None,
+    preserve_norm: bool = False,
 ) -> list[ShardJob]:
     """Describe each output shard: same tensors at the same offsets, writers edited, the LM head appended.
+
+    ``scales`` gives the share of the component each writer loses (1 where missing: the full edit), and
+    ``preserve_norm`` whether edited vectors keep their length (:mod:`weightedit.edit.profile`).
 
     ``lm_head`` is ``(name, embedding)`` when untying: the shard holding the embedding gets a copy of its
     original bytes under the LM head's name, after its last tensor.
@@ -62,7 +67,12 @@ def shard_jobs(
 
         for info in ordered:
             if info.name in targets:
-                spans.extend(_edit_spans(shard, info, targets[info.name], axes[info.name], block_bytes))
+                scale = 1.0 if scales is None else scales.get(info.name, 1.0)
+                spans.extend(
+                    _edit_spans(
+                        shard, info, targets[info.name], axes[info.name], block_bytes, scale=scale, keep=preserve_norm
+                    )
+                )
             elif info.nbytes:
                 copy(shard.data_start + info.start, info.nbytes)
         for info in extras:
@@ -72,7 +82,16 @@ def shard_jobs(
     return jobs
 
 
-def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int, block_bytes: int) -> list[EditSpan]:
+def _edit_spans(
+    shard: ShardHeader,
+    info: TensorInfo,
+    u: torch.Tensor,
+    axis: int,
+    block_bytes: int,
+    *,
+    scale: float = 1.0,
+    keep: bool = False,
+) -> list[EditSpan]:
     """One writer tensor as edit spans.
 
     Row-local tensors (embeddings, Conv1D: the residual axis is the last one) become blocks of whole rows;
@@ -101,6 +120,8 @@ def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int
                 axis,
                 floor,
                 mode="rows",
+                scale=scale,
+                preserve_norm=keep,
             )
             for r0 in range(0, rows, step)
         ]
@@ -108,10 +129,36 @@ def _edit_spans(shard: ShardHeader, info: TensorInfo, u: torch.Tensor, axis: int
         outer = math.prod(info.shape[:axis])
         size = info.nbytes // outer
         return [
-            EditSpan(info.name, start + i * size, size, dtype, (d, inner), u, 0, floor, mode="columns")
+            EditSpan(
+                info.name,
+                start + i * size,
+                size,
+                dtype,
+                (d, inner),
+                u,
+                0,
+                floor,
+                mode="columns",
+                scale=scale,
+                preserve_norm=keep,
+            )
             for i in range(outer)
         ]
-    return [EditSpan(info.name, start, info.nbytes, dtype, info.shape, u, axis, floor, mode="whole")]
+    return [
+        EditSpan(
+            info.name,
+            start,
+            info.nbytes,
+            dtype,
+            info.shape,
+            u,
+            axis,
+            floor,
+            mode="whole",
+            scale=scale,
+            preserve_norm=keep,
+        )
+    ]
 
 
 def write_index(checkpoint: Checkpoint, tmp: Path, *, lm_head: str | None, embedding: str | None) -> None:

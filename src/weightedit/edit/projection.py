@@ -6,7 +6,12 @@ For a unit vector ``u`` in the residual stream and a writer whose residual axis 
   ``w`` becomes ``w - (w·u) u``;
 - axis is the first one of a matrix (``nn.Linear`` ``[d, d_in]``): every column ``c`` becomes ``c - (u·c) u``.
 
-Both are local to a row (or column), so large tensors are processed in blocks. Arithmetic is float32
+A *partial* edit removes only a share ``λ`` of the component, ``w - λ (w·u) u`` (``λ = 1`` is the full edit, the
+default), and a *norm-preserving* one then rescales each edited vector back to its original length. Here a
+vector is one of the vectors the writer adds to the residual stream: a row of an embedding or Conv1D weight, a
+column of an ``nn.Linear`` weight, a bias. With ``λ = 1`` both leave nothing along ``u``.
+
+All of these are local to a row (or column), so large tensors are processed in blocks. Arithmetic is float32
 (float64 for float64 tensors) and the result is cast back to the stored dtype once.
 
 A row or column whose component along ``u`` is already below the stored dtype's rounding noise is left
@@ -102,7 +107,7 @@ class BlockStats:
 
     changed: int = 0  # rows/columns modified
     total: int = 0  # rows/columns seen
-    residual_sq: float = 0.0  # Σ (component along u after the edit)²
+    residual_sq: float = 0.0  # Σ (component along u after the edit - the component it aims at)²
     norm_sq: float = 0.0  # Σ ‖row‖² before the edit (rounding errors scale with it)
 
     def merge(self, other: BlockStats) -> None:
@@ -122,10 +127,31 @@ class BlockStats:
 _CACHE_BLOCK = 1 << 19
 
 
-def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK) -> BlockStats:
-    """In place: remove ``u`` from every row of ``block`` (``[n, d]``, any float dtype).
+def _norm_factors(norm_sq: torch.Tensor, comp: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """Per vector, the factor that gives ``w - λ (w·u) u`` back the length of ``w`` (1 where nothing changes).
 
-    Rows whose relative component along ``u`` is at most ``floor`` are left untouched.
+    ``‖w - λ c u‖² = ‖w‖² - (2λ - λ²) c²`` for a unit ``u``; a vector the edit shrinks to (almost) nothing keeps
+    factor 1, since no rescaling can restore a zero vector.
+    """
+    after_sq = norm_sq - (2 * scale - scale * scale) * comp.square()
+    usable = mask & (after_sq > 1e-12 * norm_sq)
+    return torch.where(usable, (norm_sq / after_sq.clamp_min(1e-30)).sqrt(), torch.ones_like(norm_sq))
+
+
+def project_rows_(
+    block: torch.Tensor,
+    u: torch.Tensor,
+    floor: float,
+    *,
+    scale: float = 1.0,
+    preserve_norm: bool = False,
+    block_elems: int = _CACHE_BLOCK,
+) -> BlockStats:
+    """In place: remove ``scale`` times ``u``'s component from every row of ``block`` (``[n, d]``, any float dtype).
+
+    Rows whose relative component along ``u`` is at most ``floor`` are left untouched. With ``preserve_norm``
+    every edited row is rescaled to its original length. The statistics measure each row's component along
+    ``u`` against the one the edit aims at, ``(1 - scale)`` times the original (rescaled).
     """
     n, d = block.shape
     cdt = _compute_dtype(block.dtype)
@@ -142,27 +168,43 @@ def project_rows_(block: torch.Tensor, u: torch.Tensor, floor: float, *, block_e
         norm_sq = torch.linalg.vector_norm(x, dim=1).square()
         mask = comp.square() > (floor * floor) * norm_sq
         changed = int(mask.sum())
+        target = comp * (1 - scale)
         if changed:
             stats.changed += changed
+            factor = _norm_factors(norm_sq, comp, scale, mask) if preserve_norm else None
+            if factor is not None:
+                target = target * factor
+            aim = torch.where(mask, target, comp)
             # Masked rows get a zero update and keep their exact bits. A second pass ("twice is enough")
             # cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
             # size of the removed component.
-            for _ in range(2):
-                x.addr_(comp * mask, uc, alpha=-1)
+            update = comp * mask * scale
+            for attempt in range(2):
+                x.addr_(update, uc, alpha=-1)
+                if factor is not None and attempt == 0:
+                    x.mul_(factor[:, None])
                 part.copy_(x)
                 if part.dtype != cdt:
                     x.copy_(part)
                 comp = x @ uc
-                mask = comp.square() > (floor * floor) * norm_sq
+                deviation = comp - aim
+                mask = deviation.square() > (floor * floor) * norm_sq
                 if not bool(mask.any()):
                     break
-        stats.residual_sq += float(comp.square().sum())
+                update = deviation * mask
+        stats.residual_sq += float((comp - target).square().sum())
         stats.norm_sq += float(norm_sq.sum())
     return stats
 
 
 def project_columns_(
-    matrix: torch.Tensor, u: torch.Tensor, floor: float, *, block_elems: int = _CACHE_BLOCK
+    matrix: torch.Tensor,
+    u: torch.Tensor,
+    floor: float,
+    *,
+    scale: float = 1.0,
+    preserve_norm: bool = False,
+    block_elems: int = _CACHE_BLOCK,
 ) -> BlockStats:
     """In place: remove ``u`` from every column of ``matrix`` (``[d, m]``).
 
@@ -178,6 +220,8 @@ def project_columns_(
         floor,
         read=lambda i0, i1, updated: matrix[i0:i1],
         write=lambda i0, rows: None,  # the rows read are views of ``matrix``: updated in place already
+        scale=scale,
+        preserve_norm=preserve_norm,
         block_elems=block_elems,
     )
 
@@ -196,6 +240,8 @@ def project_columns_streamed(
     *,
     read: Callable[[int, int, bool], torch.Tensor],
     write: Callable[[int, torch.Tensor], object],
+    scale: float = 1.0,
+    preserve_norm: bool = False,
     block_elems: int = _CACHE_BLOCK,
 ) -> BlockStats:
     """:func:`project_columns_` for a ``[d, m]`` matrix read and written in blocks of rows, never held whole.
@@ -228,34 +274,49 @@ def project_columns_streamed(
     mask = comp.square() > (floor * floor) * norm_sq
     stats = BlockStats(total=m, changed=int(mask.sum()))
     if not stats.changed:
-        stats.residual_sq = float(comp.square().sum())
+        stats.residual_sq = float((comp * (1 - scale)).square().sum())
         stats.norm_sq = float(norm_sq.sum())
         return stats
-    # As for rows: a second pass only for columns that one pass left above the noise floor.
+    factor = _norm_factors(norm_sq, comp, scale, mask) if preserve_norm else None
+    target = comp * (1 - scale) * (factor if factor is not None else 1)
+    aim = torch.where(mask, target, comp)
+    # As for rows: a second pass only for columns that one pass left away from their aim by more than the floor.
+    update = (comp * mask * scale).to(cdt)
+    scaling = factor.to(cdt) if factor is not None else None
     for attempt in range(2):
-        update = (comp * mask).to(cdt)
         after = torch.zeros(m, dtype=torch.float64)
         for i0 in range(0, d, step):
             part = read(i0, min(d, i0 + step), attempt > 0)
             x = scratch[: part.shape[0]]
             x.copy_(part)
             x.addr_(uc[i0 : i0 + step], update, alpha=-1)
+            if scaling is not None and attempt == 0:
+                x.mul_(scaling)
             part.copy_(x)
             write(i0, part)
             if part.dtype != cdt:
                 x.copy_(part)
             after += (uc[i0 : i0 + step] @ x).double()
-        comp = after
-        mask = comp.square() > (floor * floor) * norm_sq
+        deviation = after - aim
+        mask = deviation.square() > (floor * floor) * norm_sq
         if not bool(mask.any()):
             break
-    stats.residual_sq = float(after.square().sum())
+        update = (deviation * mask).to(cdt)
+    stats.residual_sq = float((after - target).square().sum())
     stats.norm_sq = float(norm_sq.sum())
     return stats
 
 
-def project_out_(tensor: torch.Tensor, u: torch.Tensor, axis: int, *, floor: float | None = None) -> BlockStats:
-    """In place: remove ``u`` from the residual axis ``axis`` of ``tensor``.
+def project_out_(
+    tensor: torch.Tensor,
+    u: torch.Tensor,
+    axis: int,
+    *,
+    floor: float | None = None,
+    scale: float = 1.0,
+    preserve_norm: bool = False,
+) -> BlockStats:
+    """In place: remove ``u`` (``scale`` times its component, optionally keeping norms) from axis ``axis`` of ``tensor``.
 
     Works for any rank: the tensor is viewed as ``[A, d, B]`` around ``axis``.
     """
@@ -271,10 +332,10 @@ def project_out_(tensor: torch.Tensor, u: torch.Tensor, axis: int, *, floor: flo
     b = math.prod(tensor.shape[axis + 1 :])
     view = tensor.view(a, d, b)
     if b == 1:
-        return project_rows_(view.view(a, d), u, floor)
+        return project_rows_(view.view(a, d), u, floor, scale=scale, preserve_norm=preserve_norm)
     stats = BlockStats()
     for i in range(a):
-        stats.merge(project_columns_(view[i], u, floor))
+        stats.merge(project_columns_(view[i], u, floor, scale=scale, preserve_norm=preserve_norm))
     return stats
 
 

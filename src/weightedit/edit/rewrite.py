@@ -33,6 +33,7 @@ from .direction_file import Direction, check_selection
 from .options import TiedEmbeddings, tied_embeddings_option
 from .output import BLOCK_BYTES, config_ties, copy_side_files, shard_jobs, write_index
 from .plan import EditPlan, plan_edit, writer_targets
+from .profile import FULL_EDIT, EditProfile
 from .projection import BlockStats, unit_direction
 from .provenance import PROVENANCE_FILE, edit_provenance
 from .verify import verify_output
@@ -71,6 +72,7 @@ def orthogonalize(
     token: str | bool | None = None,
     allow_model_mismatch: bool = False,
     allow_failing_filters: bool = False,
+    profile: EditProfile | None = None,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
@@ -92,6 +94,7 @@ def orthogonalize(
         overwrite=overwrite,
         allow_model_mismatch=allow_model_mismatch,
         allow_failing_filters=allow_failing_filters,
+        profile=profile,
         progress=progress,
         extra_provenance=extra_provenance,
         extra_files=extra_files,
@@ -112,6 +115,7 @@ def orthogonalize_checkpoint(
     overwrite: bool = False,
     allow_model_mismatch: bool = False,
     allow_failing_filters: bool = False,
+    profile: EditProfile | None = None,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
@@ -130,6 +134,8 @@ def orthogonalize_checkpoint(
         allow_model_mismatch: accept a direction file whose model fingerprint differs.
         allow_failing_filters: accept a direction whose selection failed the KL filter (recorded in
             ``weightedit.json``); without it such a direction is refused before anything is written.
+        profile: the share of the direction each writer loses (:mod:`weightedit.edit.profile`); by default the
+            direction file's own profile, else the full edit. Recorded in ``weightedit.json``.
         progress: show a rich progress bar on stderr.
         extra_provenance: merged into ``weightedit.json``.
         extra_files: files copied into the output folder under the given names (e.g. the direction file).
@@ -150,6 +156,10 @@ def orthogonalize_checkpoint(
     direction, r = _checked_direction(
         direction, checkpoint, allow_model_mismatch=allow_model_mismatch, allow_failing_filters=allow_failing_filters
     )
+    if profile is None:
+        profile = direction.profile or FULL_EDIT
+    scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
+    targets = {name: u for name, u in writer_targets(checkpoint, plan, r).items() if scales[name] > 0}
     untie = plan.tied and tied is TiedEmbeddings.UNTIE
     extra_bytes = checkpoint.find(plan.embedding)[1].nbytes if untie and plan.embedding else 0
     ensure_free_space(_existing_ancestor(out), checkpoint.total_bytes + extra_bytes, out)
@@ -160,8 +170,10 @@ def orthogonalize_checkpoint(
             jobs = shard_jobs(
                 checkpoint,
                 tmp,
-                targets=writer_targets(checkpoint, plan, r),
+                targets=targets,
                 axes={n: m.rule.axis for n, m in plan.writers.items()},
+                scales=None if profile.is_full else scales,
+                preserve_norm=profile.preserve_norm,
                 lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
                 metadata={
                     "weightedit_version": __version__,
@@ -184,6 +196,7 @@ def orthogonalize_checkpoint(
                     "tied_embeddings": tied.value if plan.tied else None,
                     "allow_model_mismatch": bool(allow_model_mismatch),
                     "allow_failing_filters": allow_failing_filters,
+                    "edit_profile": profile.to_json(),
                 },
                 extra=extra_provenance,
             )

@@ -79,7 +79,8 @@ class EditSpan:
     read whole into the buffer (:func:`~weightedit.edit.project_rows_`); ``"columns"``, one ``[d, m]``
     matrix whose columns are edited (``nn.Linear``, one expert of a stack), streamed in cache-sized blocks
     of rows in two passes (:func:`~weightedit.edit.project_columns_streamed`); ``"whole"``, a small
-    tensor edited along ``axis`` in the buffer (biases).
+    tensor edited along ``axis`` in the buffer (biases). ``scale`` and ``preserve_norm`` shape the edit
+    (:mod:`weightedit.edit.profile`).
     """
 
     name: str
@@ -91,6 +92,8 @@ class EditSpan:
     axis: int
     floor: float
     mode: str
+    scale: float = 1.0
+    preserve_norm: bool = False
 
 
 @dataclass
@@ -268,9 +271,13 @@ class _Worker:
         read_into(src_fd, view, span.offset, job.src)
         tensor = raw.view(span.dtype).view(span.shape)
         if span.mode == "rows":
-            block_stats = project_rows_(tensor.view(-1, span.shape[-1]), span.u, span.floor)
+            block_stats = project_rows_(
+                tensor.view(-1, span.shape[-1]), span.u, span.floor, scale=span.scale, preserve_norm=span.preserve_norm
+            )
         else:
-            block_stats = project_out_(tensor, span.u, span.axis, floor=span.floor)
+            block_stats = project_out_(
+                tensor, span.u, span.axis, floor=span.floor, scale=span.scale, preserve_norm=span.preserve_norm
+            )
         for k in _samples_for(span.length):
             n = min(_SAMPLE_BYTES, span.length - k)
             self.samples.append(Sample(job.dest, pos + k, n, expected=bytes(view[k : k + n])))
@@ -302,7 +309,17 @@ class _Worker:
                 end = at + len(view) - n
                 written[end] = Sample(job.dest, end, n, expected=bytes(view[len(view) - n :]))
 
-        block_stats = project_columns_streamed(d, m, span.dtype, span.u, span.floor, read=read, write=write)
+        block_stats = project_columns_streamed(
+            d,
+            m,
+            span.dtype,
+            span.u,
+            span.floor,
+            read=read,
+            write=write,
+            scale=span.scale,
+            preserve_norm=span.preserve_norm,
+        )
         if not written and span.length:  # nothing changed: the input's bytes go out as they are
             raw = buffer[: min(len(buffer) // row_bytes * row_bytes, span.length)]
             done = 0
