@@ -207,3 +207,24 @@ def test_a_direction_file_with_a_broken_profile_is_refused(tmp_path):
     save_file({"direction": random_direction()}, str(path), metadata={"edit_profile": '{"embedding": 7}'})
     with pytest.raises(InvalidDirectionError, match="edit profile"):
         load_direction(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_temporary_edit_is_the_in_memory_edit_and_undoes_exactly(family, tiny_checkpoints):
+    from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
+
+    src = tiny_checkpoints(family)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    untie_embeddings_(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    profile = EditProfile(mlp=LayerKernel(center=1, peak=0.7, width=1, floor=0.1), embedding=0.3, preserve_norm=True)
+    orthogonalize_model_(reference_model, random_direction(), profile=profile)
+    ids = input_ids()
+    with torch.inference_mode():
+        with temporarily_edited(model, random_direction(), profile):
+            got = model(ids).logits
+        want = reference_model(ids).logits
+    assert torch.equal(got, want)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ from .options import TiedEmbeddings, tied_embeddings_option
 from .profile import FULL_EDIT, EditProfile
 from .projection import effective_direction, project_out_, unit_direction
 
-__all__ = ["CausalLM", "orthogonalize_model_"]
+__all__ = ["CausalLM", "orthogonalize_model_", "untie_embeddings_", "temporarily_edited"]
 
 
 class CausalLM(Protocol):
@@ -43,31 +44,46 @@ def orthogonalize_model_(
     with the LM head keeping the original matrix. ``profile`` shapes the edit as in the streaming rewrite (by
     default the direction's own profile, else the full edit).
     """
-    config = model.config
-    spec = spec_for_config(config)
-    vector = direction.vector if isinstance(direction, Direction) else direction
-    d_model = residual_width(config)
-    if d_model is None:
-        raise InvalidCheckpointError("the model's config has no hidden_size: cannot tell the residual-stream width")
-    r = unit_direction(vector, d_model)
+    r = _unit(model, direction)
     if profile is None:
         profile = (direction.profile if isinstance(direction, Direction) else None) or FULL_EDIT
-    params = dict(model.named_parameters())
+    if tied_embeddings_option(tied_embeddings) is TiedEmbeddings.UNTIE:
+        untie_embeddings_(model)
+    groups: dict[str, int] = {}
+    for _, param, group, edit in _writer_edits(model, r, profile):
+        edit(param.data)
+        groups[group] = groups.get(group, 0) + 1
+    return dict(sorted(groups.items()))
+
+
+def _unit(model: CausalLM, direction: Direction | torch.Tensor) -> torch.Tensor:
+    vector = direction.vector if isinstance(direction, Direction) else direction
+    d_model = residual_width(model.config)
+    if d_model is None:
+        raise InvalidCheckpointError("the model's config has no hidden_size: cannot tell the residual-stream width")
+    return unit_direction(vector, d_model)
+
+
+def untie_embeddings_(model: CausalLM) -> bool:
+    """Give a tied LM head its own copy of the embedding matrix, so that editing the embedding leaves the head as
+    it was (what the default streaming edit writes). Returns whether the model was tied."""
     input_embeddings = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    output_embeddings = getattr(head, "weight", None)
-    if (
-        head is not None
-        and output_embeddings is input_embeddings
-        and tied_embeddings_option(tied_embeddings) is TiedEmbeddings.UNTIE
-    ):
-        # Give the LM head its own copy of the original matrix before the embedding is edited.
-        assert isinstance(input_embeddings, torch.Tensor)
-        head.weight = torch.nn.Parameter(input_embeddings.detach().clone())
-        config.tie_word_embeddings = False
-        if hasattr(config, "get_text_config"):
-            config.get_text_config().tie_word_embeddings = False
-    groups: dict[str, int] = {}
+    if head is None or getattr(head, "weight", None) is not input_embeddings:
+        return False
+    assert isinstance(input_embeddings, torch.Tensor)
+    head.weight = torch.nn.Parameter(input_embeddings.detach().clone())
+    config = model.config
+    config.tie_word_embeddings = False
+    if hasattr(config, "get_text_config"):
+        config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+def _writer_edits(model: CausalLM, r: torch.Tensor, profile: EditProfile) -> Iterator[tuple[str, Any, str, Any]]:
+    """Each writer parameter the profile edits, with its group and a function that edits a tensor of it in place."""
+    spec = spec_for_config(model.config)
+    params = dict(model.named_parameters())
     for name, param in params.items():
         m = spec.match(name)
         if m is None:
@@ -78,10 +94,32 @@ def orthogonalize_model_(
         u = r
         if m.norm_name is not None:
             u = effective_direction(r, params[m.norm_name].detach().cpu(), spec.norm_offset)
-        data = param.data
-        work = data if data.device.type == "cpu" and data.is_contiguous() else data.detach().to("cpu").contiguous()
-        project_out_(work, u, m.rule.axis, scale=scale, preserve_norm=profile.preserve_norm)
-        if work is not data:
-            data.copy_(work)
-        groups[m.rule.group] = groups.get(m.rule.group, 0) + 1
-    return dict(sorted(groups.items()))
+
+        def edit(data: torch.Tensor, u: torch.Tensor = u, axis: int = m.rule.axis, scale: float = scale) -> None:
+            work = data if data.device.type == "cpu" and data.is_contiguous() else data.detach().to("cpu").contiguous()
+            project_out_(work, u, axis, scale=scale, preserve_norm=profile.preserve_norm)
+            if work is not data:
+                data.copy_(work)
+
+        yield name, param, m.rule.group, edit
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def temporarily_edited(model: CausalLM, direction: Direction | torch.Tensor, profile: EditProfile) -> Iterator[None]:
+    """Within the block, ``model`` is edited in place as :func:`orthogonalize_model_` edits it; afterwards every
+    edited parameter is exactly what it was. A tied model must be untied first (:func:`untie_embeddings_`), or the
+    edit would reach the LM head."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight:
+        raise InvalidCheckpointError("temporarily_edited needs an untied model: call untie_embeddings_ first")
+    r = _unit(model, direction)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for _, param, _, edit in _writer_edits(model, r, profile):
+            saved.append((param.data, param.data.clone()))
+            edit(param.data)
+        yield
+    finally:
+        for data, original in saved:
+            data.copy_(original)
