@@ -26,7 +26,8 @@ PER_COMMAND = {
     "--out": "each command writes its own kind of output",
     "--model": "required, or the checkpoint folder of push/card",
     # A direction is computed from one language by default; the commands that measure cover every language.
-    "--langs": "direction: en; evaluate, compare-directions, verify-defence, demo: all",
+    "--langs": "direction: en; evaluate, compare-directions, verify-defence, demo: all; optimize: en (each language "
+    "costs every trial a pass)",
     "--repo-id": "required by push; optional (push after the edit) in orthogonalize; the card's title in card",
     "--direction-lang": "orthogonalize takes it or --direction FILE, so it has none; verify-defence attacks in en",
     "--limit": "prompts per language: a full evaluation (32), an attack battery per language (16), the demo (12)",

@@ -158,3 +158,22 @@ class FilterFailedDirectionError(WeighteditError, ValueError):
             f"{source} failed its KL filter at selection (KL {kl} > {max_kl}): an edit with it damages ordinary "
             "answers; choose another direction, or set allow_failing_filters to write it anyway"
         )
+
+
+class OptimizeTargetError(WeighteditError, RuntimeError):
+    """No judged point of an optimisation study met the refusal target, so no model was written.
+
+    Attributes:
+        target: the judged refusal rate a point had to stay at or under in every refusing language.
+        misses: what each judged point missed.
+        report: the study report that shows the front.
+    """
+
+    def __init__(self, *, target: float, misses: str, report: str) -> None:
+        self.target, self.misses, self.report = target, misses, report
+        super().__init__(
+            f"no judged point of the study keeps refusal at or under {100 * target:.0f}% in every language that "
+            f"refuses ({misses}); nothing was written; the front is in {report}: run more trials, raise "
+            "target_refusal, or judge more points (verify)",
+            path=report,
+        )

@@ -6,13 +6,17 @@ import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .direction.selection import DirectionResult, SelectionOptions, compute_direction
-from .edit.direction_file import save_direction
+from .edit.direction_file import Direction, config_fingerprint, save_direction
 from .edit.options import TiedEmbeddings
 from .edit.rewrite import EditReport, orthogonalize_checkpoint
+from .errors import OptimizeTargetError, UnsafeOutputError
+from .evaluation.report import evaluate
+from .evaluation.runner import model_fingerprint
 from .io.atomic import check_output_file, check_output_path, scratch_dir, write_text_atomic
 from .io.cache import cache_dir
 from .prompts import parse_languages
@@ -23,6 +27,9 @@ from .sources.model import ModelSource, public_name
 
 __all__ = [
     "direction_for_model",
+    "optimize_model",
+    "OptimizeJob",
+    "default_work_dir",
     "scores_payload",
     "orthogonalize_by_language",
     "check_direction_output",
@@ -146,3 +153,115 @@ def orthogonalize_by_language(
             },
         )
     return result, report
+
+
+@dataclass
+class OptimizeJob:
+    """What :func:`optimize_model` produced."""
+
+    study: Any  # weightedit.optimize.StudyResult
+    files: dict[str, Path]  # the study report in the work folder
+    edit: EditReport | None  # None when no point met the target
+    evaluation: Any = None  # weightedit.evaluation.report.EvaluationReport when evaluated
+
+
+def default_work_dir(out: Path) -> Path:
+    """Where ``optimize`` keeps its study and report by default: ``<out>-optimize`` beside the output."""
+    out = Path(out)
+    return out.with_name(out.name + "-optimize")
+
+
+def optimize_model(
+    model: str,
+    out: Path,
+    options: Any = None,
+    *,
+    work_dir: Path | None = None,
+    evaluation: Any = None,
+    overwrite: bool = False,
+    load: ModelLoadOptions | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> OptimizeJob:
+    """Search the edit's shape on ``model`` (:mod:`weightedit.optimize`), write the chosen point to ``out`` with the
+    streaming rewriter, and (with ``evaluation``, an :class:`~weightedit.evaluation.runner.EvalOptions`) evaluate it
+    against the unedited model on the held-out judge prompts, into ``<work_dir>/evaluation``.
+
+    The study lives in ``work_dir`` (default :func:`default_work_dir`): rerunning the same command resumes it.
+
+    Raises:
+        OptimizeTargetError: no judged Pareto point meets the target; the study report is written, the model is not.
+    """
+    # Optuna loads only for this job, not with every command that imports the workflows.
+    from .optimize import OptimizeOptions, payload, prepare, run_study, write_study_report
+
+    options = options or OptimizeOptions()
+    out = Path(out).expanduser()
+    work = Path(work_dir).expanduser() if work_dir is not None else default_work_dir(out)
+    local = Path(str(model)).expanduser()
+    early = (local,) if str(model) and local.exists() else ()
+    check_output_path(out, inputs=early, overwrite=overwrite)
+    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
+    check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
+    _check_work_dir(work, out, source)
+    loaded = load_model(source, load, progress=progress)
+    try:
+        setup = prepare(loaded, options, progress=progress)
+        result = run_study(loaded, setup, options, work, fingerprint=model_fingerprint(source), progress=progress)
+    finally:
+        del loaded
+        gc.collect()
+    edit = None
+    if result.chosen is not None:
+        point = result.chosen.trial.point
+        config = json.loads((Path(source.folder) / "config.json").read_text())
+        direction = Direction(
+            vector=result.direction(point),
+            layer=int(round(point.layer)),
+            position=point.position,
+            languages=(options.direction_lang,),
+            model=source.given,
+            config_hash=config_fingerprint(config),
+            meta={"optimize": {**result.chosen.trial.to_json(), "judged": result.chosen.judged}},
+            profile=point.profile,
+        )
+        with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
+            path = save_direction(direction, Path(tmp) / DIRECTION_FILE_NAME)
+            edit = orthogonalize_checkpoint(
+                source,
+                out,
+                direction,
+                overwrite=overwrite,
+                progress=progress,
+                extra_files={f"{DIRECTION_SUBFOLDER}/{path.name}": path},
+                extra_provenance={"optimize": {"trial": result.chosen.trial.number, "study": str(work.name)}},
+            )
+    files = write_study_report(
+        payload(result, model=source.public_name, written=None if edit is None else str(edit.out)), work
+    )
+    if edit is None:
+        misses = "; ".join(f"trial {v.trial.number}: {', '.join(v.misses)}" for v in result.verified)
+        raise OptimizeTargetError(
+            target=options.target_refusal, misses=misses or "no point was judged", report=str(files["md"])
+        )
+    job = OptimizeJob(study=result, files=files, edit=edit)
+    if evaluation is not None:
+        job.evaluation = evaluate(str(out), work / "evaluation", evaluation, baseline=source, progress=progress)
+    return job
+
+
+def _check_work_dir(work: Path, out: Path, source: ModelSource) -> None:
+    """The work folder may exist (a study to resume) but must not be the output, an input, or inside either."""
+    w = work.resolve()
+    for other, what in (
+        (out.resolve(), "the output"),
+        *((p.resolve(), "an input") for p in (source.folder, *source.inputs)),
+    ):
+        if w == other or other in w.parents or w in other.parents:
+            raise UnsafeOutputError(
+                f"<<work_dir>> {work} overlaps {what} ({other}): choose a folder beside them",
+                path=work,
+                option="work_dir",
+            )

@@ -20,6 +20,7 @@ from . import (
     hub_cmd,
     inspect_cmd,
     judge_cmd,
+    optimize_cmd,
     orthogonalize_cmd,
     recipes_cmd,
 )
@@ -53,6 +54,7 @@ for module in (
     demo_cmd,
     direction_cmd,
     orthogonalize_cmd,
+    optimize_cmd,
     evaluate_cmd,
     judge_cmd,
     compare_cmd,

@@ -1,0 +1,185 @@
+"""``weightedit optimize``: search the edit's shape for the best refusal/KL trade-off, and write the chosen point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from weightedit._progress import console
+from weightedit.optimize.options import Sampler
+from weightedit.runtime.options import ModelLoadOptions
+
+from ._messages import cli_message
+from ._options import (
+    EXIT_NEGATIVE,
+    BatchOpt,
+    DirectionLangOpt,
+    GgufFileOpt,
+    JudgeOpt,
+    LangsOpt,
+    ModelOpt,
+    NTrainOpt,
+    OutOpt,
+    OverwriteOpt,
+    PromptsOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    epilog,
+    handle_errors,
+    with_load_options,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "optimize",
+        epilog=epilog(
+            "weightedit optimize --model recipe:qwen2.5-coder-1.5b-instruct --langs en,zh,ar --trials 32 --out edited",
+            "weightedit optimize --model ./model --langs all --trials 64 --preserve-norm --out edited --no-evaluate",
+        ),
+    )(optimize)
+
+
+def render(job) -> None:
+    study = job.study
+    table = Table(title=f"judged refusal on the select split ({study.trials[0].number if study.trials else 0}…)")
+    table.add_column("language")
+    table.add_column("unedited", justify="right")
+    for v in study.verified:
+        table.add_column(f"trial {v.trial.number} (KL {v.trial.kl:.3f})", justify="right")
+
+    def cell(x):
+        if not x or x["rate"] is None:
+            return "—"
+        lo, hi = x["ci"]
+        return f"{x['k']}/{x['n']} [{100 * lo:.0f}–{100 * hi:.0f}%]"
+
+    for t in study.setup.targets:
+        table.add_row(t.lang, cell(study.baseline_judged[t.lang]), *(cell(v.judged[t.lang]) for v in study.verified))
+    console.print(table)
+
+
+@handle_errors
+@with_load_options
+def optimize(
+    model: ModelOpt,
+    out: OutOpt,
+    load: ModelLoadOptions,
+    langs: LangsOpt = "en",
+    direction_lang: DirectionLangOpt = "en",
+    trials: Annotated[int, typer.Option("--trials", help="Trials in the study (a resumed study runs the rest).")] = 32,
+    n_train: NTrainOpt = 64,
+    n_score: Annotated[
+        int,
+        typer.Option(
+            "--n-score", help="Select prompts per language (harmful and harmless, each) every trial is scored on."
+        ),
+    ] = 8,
+    prompts: PromptsOpt = None,
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="Optuna sampler: tpe or nsga2.")] = Sampler.TPE,
+    seed: Annotated[int, typer.Option("--seed", help="The sampler's seed.")] = 0,
+    preserve_norm: Annotated[
+        bool | None,
+        typer.Option(
+            "--preserve-norm/--no-preserve-norm",
+            help="Keep edited vectors' norms (default: searched).",
+            show_default=False,
+        ),
+    ] = None,
+    orthogonal_to_harmless: Annotated[
+        bool, typer.Option("--orthogonal-to-harmless", help="Remove the harmless mean's direction from the direction.")
+    ] = False,
+    target_refusal: Annotated[
+        float,
+        typer.Option("--target-refusal", help="Judged refusal a chosen point may keep in each refusing language."),
+    ] = 0.03,
+    kl_budget: Annotated[
+        float | None,
+        typer.Option("--kl-budget", help="A chosen point's KL must not exceed this (nats).", show_default=False),
+    ] = None,
+    verify: Annotated[
+        int, typer.Option("--verify", help="Pareto points re-measured with judged generations, lowest KL first.")
+    ] = 3,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per judged completion.")] = 96,
+    judge: JudgeOpt = "substring",
+    batch_size: BatchOpt = 16,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Study, report and evaluation folder (default: <out>-optimize); kept, resumable.",
+            show_default=False,
+        ),
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the written model on the held-out test split.")
+    ] = True,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test prompts per language for the evaluation.")] = 32,
+    revision: RevisionOpt = None,
+    gguf_file: GgufFileOpt = None,
+    token: TokenOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search per-layer edit weights and the direction's layer for the lowest KL that removes refusal in every
+    language; write the chosen point exactly, with its study report."""
+    from weightedit.errors import OptimizeTargetError
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.optimize import OptimizeOptions
+    from weightedit.prompts import parse_languages
+    from weightedit.workflows import default_work_dir, optimize_model
+
+    codes = tuple(parse_languages(langs))
+    options = OptimizeOptions(
+        langs=codes,
+        direction_lang=parse_languages(direction_lang)[0],
+        trials=trials,
+        n_train=n_train,
+        n_score=n_score,
+        batch_size=batch_size,
+        prompts=prompts,
+        sampler=sampler,
+        seed=seed,
+        preserve_norm=preserve_norm,
+        orthogonal_to_harmless=orthogonal_to_harmless,
+        target_refusal=target_refusal,
+        kl_budget=kl_budget,
+        verify=verify,
+        max_new_tokens=max_new_tokens,
+        judge=judge,
+    )
+    evaluation = EvalOptions(langs=codes, limit=eval_limit, prompts=prompts, judge=judge) if evaluate else None
+    work = work_dir or default_work_dir(out)
+    try:
+        job = optimize_model(
+            model,
+            out,
+            options,
+            work_dir=work,
+            evaluation=evaluation,
+            overwrite=overwrite,
+            load=load,
+            revision=revision,
+            gguf_file=gguf_file,
+            token=token,
+            progress=not quiet,
+        )
+    except OptimizeTargetError as e:
+        console.print(f"[bold red]error:[/] {cli_message(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_NEGATIVE) from None
+    except KeyboardInterrupt:
+        console.print(f"the study so far is kept in {work}: run the same command again to continue it", highlight=False)
+        raise
+    if not quiet:
+        render(job)
+    chosen = job.study.chosen
+    console.print(
+        f"wrote {job.edit.out} (trial {chosen.trial.number}: {chosen.trial.point.profile.describe()}; "
+        f"direction layer {chosen.trial.point.layer:.2f}, position {chosen.trial.point.position}); study report "
+        f"{job.files['md']}" + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
+        highlight=False,
+    )

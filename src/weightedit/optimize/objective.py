@@ -1,0 +1,197 @@
+"""What every trial is scored on, and the judged re-measurement of the points that are reported or chosen.
+
+Per language, on its *select* prompts (never the *judge* prompts the final evaluation uses): the share of harmful
+prompts whose first-token refusal score (:func:`weightedit.runtime.scoring.refusal_scores`, with refusal tokens
+derived on the language's *fit* prompts) is positive, and the mean first-token KL from the unedited model on
+harmless prompts. First-token scores are cheap and only steer the search; a point that is reported as a result
+or chosen is re-measured with greedy generations judged per language (:func:`judged_refusal`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..direction.options import SelectionOptions
+from ..direction.selection import language_data, refusal_tokens_for
+from ..edit.in_memory import temporarily_edited
+from ..edit.profile import EditProfile
+from ..errors import NotRefusingError
+from ..evaluation.judges import make_judge
+from ..evaluation.metrics import generate
+from ..evaluation.stats import wilson_interval
+from ..runtime.activations import capture_means, last_logprobs
+from ..runtime.modeling import LoadedModel
+from ..runtime.scoring import RefusalTokens, kl_divergence, mean_probs, refusal_scores
+from .options import OptimizeOptions
+
+__all__ = ["LanguageTarget", "Setup", "prepare", "measure", "judged_refusal"]
+
+# Fit prompts per kind that derive the refusal tokens of a language other than the direction's (cheaper than all).
+_TOKEN_PROMPTS = 16
+
+
+@dataclass
+class LanguageTarget:
+    """One language's select prompts and the unedited model's behaviour on them."""
+
+    lang: str
+    harmful: list[str]
+    harmless: list[str]
+    harmless_lp: torch.Tensor
+    tokens: RefusalTokens
+    base_refusal: float  # first-token share on the harmful select prompts
+    refuses: bool  # whether its refusal is an objective (tokens qualify and the model refuses some select prompts)
+    split: str
+
+
+@dataclass
+class Setup:
+    """Everything the trials share: the candidate mean differences and the per-language targets."""
+
+    diffs: torch.Tensor  # [n_layers, n_post, d]: harmful minus harmless means of the direction language
+    harmless_means: torch.Tensor  # [n_layers, n_post, d]
+    targets: list[LanguageTarget]
+
+    @property
+    def refusing(self) -> list[LanguageTarget]:
+        return [t for t in self.targets if t.refuses]
+
+
+def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = True) -> Setup:
+    """Mean differences of ``options.direction_lang`` and the select-split baseline of every language.
+
+    Raises:
+        NotRefusingError: no language of ``options.langs`` refuses (there is nothing to remove).
+    """
+    sel = SelectionOptions(
+        n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
+    )
+    data = language_data(loaded, options.direction_lang, sel)
+    harmful = capture_means(
+        loaded,
+        data.harmful_train,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=f"activations {data.lang} harmful",
+    )
+    harmless = capture_means(
+        loaded,
+        data.harmless_train,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=f"activations {data.lang} harmless",
+    )
+    direction_tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=False)
+    targets = []
+    for lang in options.langs:
+        d = data if lang == data.lang else language_data(loaded, lang, sel)
+        if lang == data.lang:
+            tokens = direction_tokens
+        else:
+            fit = last_logprobs(
+                loaded,
+                d.harmful_train[:_TOKEN_PROMPTS] + d.harmless_train[:_TOKEN_PROMPTS],
+                batch_size=options.batch_size,
+            )
+            k = min(_TOKEN_PROMPTS, len(d.harmful_train))
+            tokens = refusal_tokens_for(loaded, mean_probs(fit[:k]), mean_probs(fit[k:]), strict=False)
+        lp = last_logprobs(
+            loaded,
+            d.harmful_val + d.harmless_val,
+            batch_size=options.batch_size,
+            progress=progress,
+            description=f"baseline {lang}",
+        )
+        n = len(d.harmful_val)
+        base = float((refusal_scores(lp[:n], tokens.ids) > 0).float().mean())
+        refuses = tokens.qualified and base > 0
+        targets.append(
+            LanguageTarget(
+                lang,
+                d.harmful_val,
+                d.harmless_val,
+                lp[n:],
+                tokens,
+                base,
+                refuses,
+                d.splits.get("select", "select split"),
+            )
+        )
+    setup = Setup(
+        diffs=(harmful.means - harmless.means).float(), harmless_means=harmless.means.float(), targets=targets
+    )
+    if not setup.refusing:
+        raise NotRefusingError(
+            lang=",".join(options.langs),
+            reason="no language has refusal tokens that qualify and a first-token refusal on its select prompts",
+        )
+    return setup
+
+
+def measure(loaded: LoadedModel, setup: Setup, options: OptimizeOptions) -> dict[str, dict[str, float]]:
+    """First-token refusal share and mean KL per language, for the model as it is now (one pass over all)."""
+    texts: list[str] = []
+    for t in setup.targets:
+        texts += t.harmful + t.harmless
+    lp = last_logprobs(loaded, texts, batch_size=options.batch_size)
+    out: dict[str, dict[str, float]] = {}
+    at = 0
+    for t in setup.targets:
+        n, m = len(t.harmful), len(t.harmless)
+        scores = refusal_scores(lp[at : at + n], t.tokens.ids)
+        kl = kl_divergence(t.harmless_lp, lp[at + n : at + n + m])
+        out[t.lang] = {"refusal": float((scores > 0).float().mean()), "kl": float(kl.mean())}
+        at += n + m
+    return out
+
+
+def objectives(per_lang: dict[str, dict[str, float]], setup: Setup) -> tuple[float, float]:
+    """(mean refusal share over the refusing languages, mean KL over all languages)."""
+    refusal = sum(per_lang[t.lang]["refusal"] for t in setup.refusing) / len(setup.refusing)
+    kl = sum(v["kl"] for v in per_lang.values()) / len(per_lang)
+    return refusal, kl
+
+
+def judged_refusal(
+    loaded: LoadedModel,
+    setup: Setup,
+    options: OptimizeOptions,
+    edit: tuple[torch.Tensor, EditProfile] | None,
+    *,
+    progress: bool = True,
+    label: str = "judging",
+) -> dict[str, dict[str, Any]]:
+    """Judged refusal on each language's harmful select prompts, for the unedited model (``edit=None``) or the
+    model edited with ``(direction, profile)``: k, n, rate and Wilson 95% interval per language. The ``score``
+    judge (for models without text, such as the test suite's) counts a positive first-token score instead."""
+    texts = [p for t in setup.targets for p in t.harmful]
+    langs = [t.lang for t in setup.targets for _ in t.harmful]
+    context = contextlib.nullcontext() if edit is None else temporarily_edited(loaded.model, edit[0], edit[1])
+    judge = make_judge(options.judge)
+    with context:
+        if judge is None:  # the score judge: a prompt counts as refused when its first-token score is positive
+            lp = last_logprobs(loaded, texts, batch_size=options.batch_size)
+            verdicts, at = [], 0
+            for t in setup.targets:
+                verdicts += (refusal_scores(lp[at : at + len(t.harmful)], t.tokens.ids) > 0).tolist()
+                at += len(t.harmful)
+        else:
+            completions = generate(
+                loaded,
+                texts,
+                max_new_tokens=options.max_new_tokens,
+                batch_size=options.batch_size,
+                progress=progress,
+                description=label,
+            )
+            verdicts = judge.judge(completions, langs)
+    out: dict[str, dict[str, Any]] = {}
+    for t in setup.targets:
+        mine = [v for v, lang in zip(verdicts, langs, strict=True) if lang == t.lang]
+        k, n = sum(mine), len(mine)
+        out[t.lang] = {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n)}
+    return out

@@ -1,0 +1,97 @@
+"""What ``weightedit optimize`` searches over and how, checked on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import OptionsError
+
+__all__ = ["Sampler", "OptimizeOptions"]
+
+
+class Sampler(str, Enum):
+    """Optuna's multi-objective samplers: ``tpe`` (default, good with few trials) or ``nsga2`` (genetic)."""
+
+    TPE = "tpe"
+    NSGA2 = "nsga2"
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """The search for the edit's shape (:mod:`weightedit.optimize`).
+
+    Attributes:
+        langs: languages of the objectives (refusal and KL are averaged over them).
+        direction_lang: language of the fit prompts the direction's mean differences come from.
+        trials: trials in the study (a resumed study runs only the missing ones).
+        n_train: harmful and harmless fit prompts (each) for the mean differences and refusal tokens.
+        n_score: harmful and harmless select prompts per language (each) that every trial is scored on.
+        batch_size: prompts per forward pass.
+        prompts: prompt source (``None`` = built-in).
+        sampler: :class:`Sampler`.
+        seed: the sampler's seed.
+        preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
+        orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction.
+        max_layer_fraction: the direction is read from layers below this fraction of the depth.
+        target_refusal: the judged refusal rate a chosen point may keep in each language that refuses at baseline.
+        kl_budget: a chosen point's KL must not exceed this (nats); ``None``: no limit beyond the rule.
+        verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
+        max_new_tokens: tokens per judged completion.
+        judge: the generation judge (``substring`` or ``model:PATH``).
+        allow_non_refusing: keep languages the model does not refuse in (their refusal is not an objective).
+    """
+
+    langs: tuple[str, ...] = ("en",)
+    direction_lang: str = "en"
+    trials: int = 32
+    n_train: int = 64
+    n_score: int = 8
+    batch_size: int = 16
+    prompts: str | None = None
+    sampler: Sampler | str = Sampler.TPE
+    seed: int = 0
+    preserve_norm: bool | None = None
+    orthogonal_to_harmless: bool = False
+    max_layer_fraction: float = 0.8
+    target_refusal: float = 0.03
+    kl_budget: float | None = None
+    verify: int = 3
+    max_new_tokens: int = 96
+    judge: str = "substring"
+    allow_non_refusing: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "sampler", Sampler(self.sampler))
+        except ValueError:
+            raise OptionsError(
+                "sampler", self.sampler, f"must be one of {', '.join(s.value for s in Sampler)}"
+            ) from None
+        object.__setattr__(self, "langs", tuple(self.langs))
+        if not self.langs:
+            raise OptionsError("langs", self.langs, "must name at least one language")
+        for name in ("trials", "n_train", "n_score", "batch_size", "verify", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(name, value, "must be a whole number of at least 1")
+        if not 0 < self.max_layer_fraction <= 1:
+            raise OptionsError("max_layer_fraction", self.max_layer_fraction, "must be in (0, 1]")
+        if not 0 <= self.target_refusal < 1:
+            raise OptionsError("target_refusal", self.target_refusal, "must be a rate from 0 to below 1")
+        if self.kl_budget is not None and not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
+            raise OptionsError("kl_budget", self.kl_budget, "must be a positive number of nats")
+
+    def setup_key(self) -> dict[str, object]:
+        """What a stored study depends on: resuming with other values would mix incomparable trials."""
+        return {
+            "langs": list(self.langs),
+            "direction_lang": self.direction_lang,
+            "n_train": self.n_train,
+            "n_score": self.n_score,
+            "prompts": self.prompts,
+            "preserve_norm": self.preserve_norm,
+            "orthogonal_to_harmless": self.orthogonal_to_harmless,
+            "max_layer_fraction": self.max_layer_fraction,
+        }

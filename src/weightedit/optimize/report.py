@@ -1,0 +1,197 @@
+"""optimize.json, optimize.md and front.png: the study's trials, its Pareto front, the judged points and the choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ..io.atomic import atomic_file, write_text_atomic  # noqa: E402
+from ..render.plots import language_label  # noqa: E402
+from .options import Sampler  # noqa: E402
+from .study import StudyResult  # noqa: E402
+
+__all__ = ["SCHEMA", "payload", "write_study_report"]
+
+SCHEMA = "weightedit-optimize/1"
+
+
+def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str, Any]:
+    o = result.options
+    chosen = result.chosen
+    return {
+        "schema": SCHEMA,
+        "weightedit_version": __version__,
+        "model": model,
+        "written": written,
+        "options": {
+            **o.setup_key(),
+            "trials": o.trials,
+            "sampler": Sampler(o.sampler).value,
+            "seed": o.seed,
+            "target_refusal": o.target_refusal,
+            "kl_budget": o.kl_budget,
+            "verify": o.verify,
+            "max_new_tokens": o.max_new_tokens,
+            "judge": o.judge,
+        },
+        "split": {t.lang: t.split for t in result.setup.targets},
+        "n_per_language": {
+            t.lang: {"harmful": len(t.harmful), "harmless": len(t.harmless)} for t in result.setup.targets
+        },
+        "refusing_languages": [t.lang for t in result.setup.refusing],
+        "baseline": {
+            t.lang: {
+                "refusal_estimate": t.base_refusal,
+                "tokens": list(t.tokens.tokens),
+                "judged": result.baseline_judged.get(t.lang),
+            }
+            for t in result.setup.targets
+        },
+        "trials": [t.to_json() for t in result.trials],
+        "front": [t.number for t in result.front],
+        "verified": [v.to_json() for v in result.verified],
+        "chosen": None if chosen is None else {**chosen.trial.to_json(), "judged": chosen.judged},
+        "resumed_trials": result.resumed_trials,
+        "seconds": round(result.seconds, 1),
+        "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
+        "method": {
+            "search": "first-token refusal share (score > 0) and mean first-token KL on the select split",
+            "verification": "greedy generations of the harmful select prompts, judged; Wilson 95% intervals",
+        },
+    }
+
+
+def _pct(v: dict[str, Any] | None) -> str:
+    if not v or v.get("rate") is None:
+        return "—"
+    lo, hi = v["ci"]
+    return f"{v['k']}/{v['n']} = {100 * v['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    langs = list(data["baseline"])
+    lines = [
+        f"# weightedit optimize: {data['model']}",
+        "",
+        f"{len(data['trials'])} trials ({data['options']['sampler']}), objectives over {', '.join(langs)}: "
+        "first-token refusal share and KL on each language's select prompts "
+        f"({next(iter(data['n_per_language'].values()))['harmful']} harmful + "
+        f"{next(iter(data['n_per_language'].values()))['harmless']} harmless per language; "
+        f"split: {next(iter(data['split'].values()))}). Pareto points are re-measured with judged greedy "
+        f"generations ({data['options']['max_new_tokens']} tokens, {data['options']['judge']} judge; Wilson 95%).",
+        "",
+        "## Pareto front (search estimates)",
+        "",
+        "| trial | direction layer | position | refusal (first token) | KL | profile |",
+        "|---|---|---|---|---|---|",
+    ]
+    trials = {t["trial"]: t for t in data["trials"]}
+    for number in data["front"]:
+        t = trials[number]
+        lines.append(
+            f"| {number} | {t['direction_layer']:.2f} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
+            f"{t['kl']:.3f} | {_profile_text(t['profile'])} |"
+        )
+    lines += [
+        "",
+        "## Judged (select split)",
+        "",
+        "| language | unedited | " + " | ".join(f"trial {v['trial']}" for v in data["verified"]) + " |",
+        "|---|---|" + "---|" * len(data["verified"]),
+    ]
+    for lang in langs:
+        row = [language_label(lang), _pct(data["baseline"][lang]["judged"])]
+        row += [_pct(v["judged"].get(lang)) for v in data["verified"]]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    chosen = data["chosen"]
+    if chosen is None:
+        misses = "; ".join(", ".join(v["misses"]) for v in data["verified"]) or "no point judged"
+        lines.append(
+            f"**No point chosen**: none of the judged points meets the target "
+            f"({100 * data['options']['target_refusal']:.0f}% in every refusing language): {misses}."
+        )
+    else:
+        lines.append(
+            f"**Chosen: trial {chosen['trial']}** (KL {chosen['kl']:.3f}; "
+            f"{_profile_text(chosen['profile'])}); written to {data['written'] or '(not written)'}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _profile_text(p: dict[str, Any]) -> str:
+    def k(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return "1"
+        width = "∞" if x["width"] is None else f"{x['width']:.1f}"
+        return f"{x['peak']:.2f}@{x['center']:.1f}±{width}→{x['floor']:.2f}"
+
+    text = f"attn {k(p['attention'])}, mlp {k(p['mlp'])}, emb {p['embedding']:.2f}"
+    return text + (", norms kept" if p["preserve_norm"] else "")
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    trials = {t["trial"]: t for t in data["trials"]}
+    front = [trials[n] for n in data["front"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    left.scatter(
+        [t["kl"] for t in data["trials"]],
+        [100 * t["refusal_estimate"] for t in data["trials"]],
+        s=12,
+        color="#bbbbbb",
+        label="trial (first-token estimate)",
+    )
+    left.plot(
+        [t["kl"] for t in front],
+        [100 * t["refusal_estimate"] for t in front],
+        "-o",
+        color="#4C72B0",
+        ms=4,
+        label="Pareto front (estimate)",
+    )
+    refusing = data["refusing_languages"]
+    for v in data["verified"]:
+        t = trials[v["trial"]]
+        ks = sum(v["judged"][lang]["k"] for lang in refusing)
+        ns = sum(v["judged"][lang]["n"] for lang in refusing)
+        marker = "*" if data["chosen"] and data["chosen"]["trial"] == v["trial"] else "D"
+        left.scatter(
+            [t["kl"]], [100 * ks / max(ns, 1)], marker=marker, s=90 if marker == "*" else 36, color="#C44E52", zorder=3
+        )
+    left.scatter([], [], marker="D", color="#C44E52", label="judged (pooled refusing languages)")
+    left.set_xscale("symlog", linthresh=1e-3)
+    left.set_xlabel("mean KL on harmless select prompts (nats)")
+    left.set_ylabel("refusal (%)")
+    left.set_title("trials and front")
+    left.legend(fontsize=7)
+    xs = [t["kl"] for t in front]
+    for lang in data["baseline"]:
+        right.plot(xs, [100 * t["languages"][lang]["refusal"] for t in front], "-o", ms=3, label=lang)
+    right.set_xscale("symlog", linthresh=1e-3)
+    right.set_xlabel("mean KL of the front point (nats)")
+    right.set_ylabel("first-token refusal (%)")
+    right.set_title("per language along the front")
+    right.legend(fontsize=6, ncol=2)
+    n = next(iter(data["n_per_language"].values()))["harmful"]
+    fig.text(
+        0.01, 0.01, f"select split, n={n} harmful prompts per language; judged points: greedy generations", fontsize=7
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_study_report(data: dict[str, Any], work_dir: Path) -> dict[str, Path]:
+    files = {"json": work_dir / "optimize.json", "md": work_dir / "optimize.md", "png": work_dir / "front.png"}
+    write_text_atomic(files["json"], json.dumps(data, indent=2, default=list) + "\n")
+    write_text_atomic(files["md"], markdown(data))
+    plot(data, files["png"])
+    return files

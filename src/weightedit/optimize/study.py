@@ -1,0 +1,263 @@
+"""The study: Optuna's multi-objective search over edit points, its Pareto front, and the choice among it.
+
+Every trial edits the loaded model in place (:func:`weightedit.edit.in_memory.temporarily_edited`, undone exactly
+afterwards) and is scored on (first-token refusal share, KL) over the languages (:mod:`.objective`). The study
+lives in a journal file in the work folder, so an interrupted run resumes where it stopped. The first trial is the
+plain full edit, so the front always holds it.
+
+The choice: Pareto points are re-measured with judged generations on the select prompts, lowest KL first, until
+one keeps judged refusal at or below the target in every language that refuses at baseline (and KL within
+``kl_budget`` if set); that point is chosen. When none of the re-measured points does, nothing is chosen, and the
+caller reports the front as the evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from .._progress import console, progress_bar
+from ..edit.in_memory import temporarily_edited
+from ..errors import OptionsError
+from ..runtime.modeling import LoadedModel
+from .objective import Setup, judged_refusal, measure, objectives
+from .options import OptimizeOptions, Sampler
+from .space import EditPoint, direction_vector, full_edit_params, point_from_params, suggest
+
+__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "STUDY_FILE"]
+
+STUDY_FILE = "study.journal"
+_STUDY_NAME = "weightedit-optimize"
+# A front point is worth judging when its first-token refusal estimate is within this of the target.
+_ESTIMATE_SLACK = 0.1
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    point: EditPoint
+    refusal: float  # first-token share, mean over the refusing languages (select split)
+    kl: float  # mean over languages
+    per_lang: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trial": self.number,
+            **self.point.to_json(),
+            "refusal_estimate": self.refusal,
+            "kl": self.kl,
+            "languages": self.per_lang,
+        }
+
+
+@dataclass
+class VerifiedPoint:
+    trial: TrialRecord
+    judged: dict[str, dict[str, Any]]
+    meets_target: bool
+    misses: list[str]  # why not: the languages (or the KL) over the bar
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial.number,
+            "judged": self.judged,
+            "meets_target": self.meets_target,
+            "misses": self.misses,
+        }
+
+
+@dataclass
+class StudyResult:
+    setup: Setup
+    options: OptimizeOptions
+    trials: list[TrialRecord]
+    front: list[TrialRecord]
+    baseline_judged: dict[str, dict[str, Any]]
+    verified: list[VerifiedPoint]
+    chosen: VerifiedPoint | None
+    seconds: float
+    resumed_trials: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def direction(self, point: EditPoint) -> Any:
+        return direction_vector(
+            point, self.setup.diffs, self.setup.harmless_means if self.options.orthogonal_to_harmless else None
+        )
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str) -> optuna.Study:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(work_dir / STUDY_FILE)))
+    sampler: optuna.samplers.BaseSampler
+    if options.sampler is Sampler.NSGA2:
+        sampler = optuna.samplers.NSGAIISampler(seed=options.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=min(10, max(2, options.trials // 3)))
+    study = optuna.create_study(
+        storage=storage,
+        sampler=sampler,
+        study_name=_STUDY_NAME,
+        load_if_exists=True,
+        directions=["minimize", "minimize"],
+    )
+    setup = json.dumps({"model": fingerprint, **options.setup_key()}, sort_keys=True)
+    stored = study.user_attrs.get("setup")
+    if stored is None:
+        study.set_user_attr("setup", setup)
+    elif stored != setup:
+        raise OptionsError(
+            "work_dir",
+            str(work_dir),
+            "holds a study of another model or other options (languages, prompts, norms): choose another "
+            "<<work_dir>>, or remove it to start over",
+        )
+    return study
+
+
+def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions) -> TrialRecord:
+    refusal, kl = trial.values
+    return TrialRecord(
+        trial.number,
+        point_from_params(trial.params, options),
+        float(refusal),
+        float(kl),
+        trial.user_attrs.get("languages", {}),
+    )
+
+
+def _search(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: optuna.Study, *, progress: bool) -> int:
+    """Run the trials the study still lacks; return how many it had already."""
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        study.enqueue_trial(full_edit_params(loaded.n_layers, options))
+    missing = options.trials - len(done)
+    harmless = setup.harmless_means if options.orthogonal_to_harmless else None
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        point = suggest(trial, loaded.n_layers, loaded.n_post, options)
+        r = direction_vector(point, setup.diffs, harmless)
+        with temporarily_edited(loaded.model, r, point.profile):
+            per_lang = measure(loaded, setup, options)
+        trial.set_user_attr("languages", per_lang)
+        return objectives(per_lang, setup)
+
+    if missing > 0:
+        with (
+            progress_bar(f"trials ({len(done)} done before)" if done else "trials", missing, enabled=progress) as bar,
+            _quiet_optuna(),
+        ):
+
+            def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                bar.advance(1)
+
+            study.optimize(objective, n_trials=missing, callbacks=[advance], catch=())
+    return len(done)
+
+
+def _misses(
+    judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], kl: float, options: OptimizeOptions
+) -> list[str]:
+    out = []
+    for lang, v in judged.items():
+        refuses_before = (base[lang]["k"] or 0) > 0
+        if refuses_before and v["rate"] is not None and v["rate"] > options.target_refusal:
+            out.append(f"{lang} {v['k']}/{v['n']}")
+    if options.kl_budget is not None and kl > options.kl_budget:
+        out.append(f"KL {kl:.3f} > {options.kl_budget}")
+    return out
+
+
+def _verify(
+    loaded: LoadedModel,
+    setup: Setup,
+    options: OptimizeOptions,
+    front: list[TrialRecord],
+    base: dict[str, dict[str, Any]],
+    result_direction: Any,
+    *,
+    progress: bool,
+) -> list[VerifiedPoint]:
+    """Judge front points, lowest KL first (those whose estimate is near the target), until one meets it."""
+    hopeful = [t for t in front if t.refusal <= options.target_refusal + _ESTIMATE_SLACK]
+    order = hopeful or sorted(front, key=lambda t: t.refusal)
+    verified: list[VerifiedPoint] = []
+    for t in order[: options.verify]:
+        judged = judged_refusal(
+            loaded,
+            setup,
+            options,
+            (result_direction(t.point), t.point.profile),
+            progress=progress,
+            label=f"judging trial {t.number}",
+        )
+        misses = _misses(judged, base, t.kl, options)
+        verified.append(VerifiedPoint(t, judged, not misses, misses))
+        if not misses:
+            break
+    return verified
+
+
+def run_study(
+    loaded: LoadedModel,
+    setup: Setup,
+    options: OptimizeOptions,
+    work_dir: Path,
+    *,
+    fingerprint: str,
+    progress: bool = True,
+) -> StudyResult:
+    """Run (or resume) the study in ``work_dir``, judge its front, and choose a point.
+
+    Raises:
+        OptionsError: ``work_dir`` holds a study of another setup.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with _quiet_optuna():
+        study = _open_study(work_dir, options, fingerprint)
+    before = _search(loaded, setup, options, study, progress=progress)
+    timings["search"] = time.perf_counter() - t0
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    trials = [_record(t, options) for t in complete]
+    front_numbers = {t.number for t in study.best_trials}
+    front = sorted((t for t in trials if t.number in front_numbers), key=lambda t: (t.kl, t.refusal))
+    t = time.perf_counter()
+    base = judged_refusal(loaded, setup, options, None, progress=progress, label="judging the unedited model")
+    partial = StudyResult(setup, options, trials, front, base, [], None, 0.0)
+    verified = _verify(loaded, setup, options, front, base, partial.direction, progress=progress)
+    timings["verify"] = time.perf_counter() - t
+    chosen = next((v for v in verified if v.meets_target), None)
+    if progress and chosen is None:
+        console.print("[bold red]no judged Pareto point meets the target[/]")
+    return StudyResult(
+        setup,
+        options,
+        trials,
+        front,
+        base,
+        verified,
+        chosen,
+        time.perf_counter() - t0,
+        resumed_trials=before,
+        timings=timings,
+    )

@@ -1,0 +1,131 @@
+"""weightedit optimize: the study over edit shapes, its resumable journal, the choice, and the exact write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from weightedit.cli.main import app
+from weightedit.edit.direction_file import load_direction
+from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
+from weightedit.errors import OptionsError
+from weightedit.optimize import OptimizeOptions, point_from_params
+from weightedit.workflows import optimize_model
+
+from tiny_models import make_planted_model, random_direction, write_planted_prompts
+
+R_TRUE = random_direction(seed=7)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimize-planted")
+    model = make_planted_model(root / "model", R_TRUE)
+    prompts = write_planted_prompts(root / "prompts.jsonl", n_train=24, n_val=8, langs=("en", "de"))
+    return model, prompts
+
+
+def options(prompts, **kw):
+    base = dict(langs=("en", "de"), trials=10, n_train=16, n_score=8, prompts=str(prompts), judge="score", seed=1)
+    return OptimizeOptions(**{**base, **kw})
+
+
+def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(planted, tmp_path):
+    model, prompts = planted
+    out = tmp_path / "edited"
+    job = optimize_model(str(model), out, options(prompts), progress=False)
+    study = job.study
+    # The first trial is the plain full edit, so the front can never be worse than it.
+    first = study.trials[0].point.profile
+    assert first.is_full
+    assert study.front and all(t.number in {s.number for s in study.trials} for t in study.front)
+    chosen = study.chosen
+    assert chosen is not None and chosen.meets_target
+    assert all(v["k"] == 0 for v in chosen.judged.values())
+    assert all(v["k"] > 0 for v in study.baseline_judged.values())
+
+    # The written checkpoint computes what the trial's in-memory model computed.
+    direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
+    assert direction.profile == chosen.trial.point.profile
+    trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    untie_embeddings_(trial_model)
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, written.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        original = trial_model(ids).logits
+        with temporarily_edited(trial_model, study.direction(chosen.trial.point), chosen.trial.point.profile):
+            want = trial_model(ids).logits
+        got = written(ids).logits
+    assert (want - original).abs().max() > 1e-2
+    assert (got - want).abs().max().item() <= 1e-4
+    provenance = json.loads((out / "weightedit.json").read_text())
+    assert provenance["options"]["edit_profile"] == chosen.trial.point.profile.to_json()
+
+    report = json.loads(job.files["json"].read_text())
+    assert report["schema"] == "weightedit-optimize/1"
+    assert report["chosen"]["trial"] == chosen.trial.number
+    assert report["split"] == {"en": "val split", "de": "val split"}
+    assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
+
+
+def test_a_study_resumes_where_it_stopped(planted, tmp_path):
+    model, prompts = planted
+    work = tmp_path / "study"
+    first = optimize_model(str(model), tmp_path / "a", options(prompts, trials=4), work_dir=work, progress=False)
+    params = [t.point for t in first.study.trials]
+    second = optimize_model(str(model), tmp_path / "b", options(prompts, trials=7), work_dir=work, progress=False)
+    assert second.study.resumed_trials == 4
+    assert len(second.study.trials) == 7
+    assert [t.point for t in second.study.trials[:4]] == params
+    # Another setup in the same folder is refused instead of mixing incomparable trials.
+    with pytest.raises(OptionsError, match="another model or other options"):
+        optimize_model(str(model), tmp_path / "c", options(prompts, langs=("en",)), work_dir=work, progress=False)
+
+
+def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tmp_path):
+    model, prompts = planted
+    result = CliRunner().invoke(
+        app,
+        [
+            "optimize", "--model", str(model), "--out", str(tmp_path / "edited"), "--langs", "en", "--prompts",
+            str(prompts), "--trials", "2", "--n-train", "16", "--judge", "score", "--kl-budget", "0.0000001",
+            "--no-evaluate", "--quiet",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "nothing was written" in result.output
+    assert not (tmp_path / "edited").exists()
+    assert (tmp_path / "edited-optimize" / "optimize.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trials", "0"], "--trials 0"),
+        (["--target-refusal", "1.5"], "--target-refusal 1.5"),
+        (["--langs", "xx"], "available languages"),
+        (["--sampler", "grid"], "grid"),
+    ],
+)
+def test_bad_options_are_one_line_errors(flags, message, tmp_path):
+    result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_parameters_rebuild_the_same_point():
+    opts = OptimizeOptions(preserve_norm=None)
+    params = {
+        "direction_layer": 3.4, "position": -2, "attention_center": 5.0, "attention_peak": 1.2,
+        "attention_width": 3.0, "attention_floor": 0.5, "mlp_center": 1.0, "mlp_peak": 0.8, "mlp_width": 2.0,
+        "mlp_floor": 0.0, "embedding": 0.25, "preserve_norm": True,
+    }  # fmt: skip
+    point = point_from_params(params, opts)
+    assert point.profile.attention.floor == pytest.approx(0.6)  # the floor is a share of the peak
+    assert point.profile.preserve_norm and point.layer == 3.4 and point.position == -2
+    assert point_from_params(params, OptimizeOptions(preserve_norm=False)).profile.preserve_norm is False
