@@ -177,6 +177,7 @@ def optimize(
     if not quiet:
         render(job)
     chosen = job.study.chosen
+    assert chosen is not None and job.edit is not None  # optimize_model raises when nothing was chosen
     console.print(
         f"wrote {job.edit.out} (trial {chosen.trial.number}: {chosen.trial.point.profile.describe()}; "
         f"direction layer {chosen.trial.point.layer:.2f}, position {chosen.trial.point.position}); study report "
