@@ -102,7 +102,7 @@ def verify_defence(
 
     check_output_path(out, inputs=local_inputs(model), overwrite=overwrite)
     codes = tuple(parse_languages(langs))
-    parse_languages(direction_lang)
+    parse_languages(direction_lang, option="direction_lang")
     make_judge(judge)
     # Every attack candidate is scored exactly, so the search scores at least that many.
     selection = dataclasses.replace(selection, top_k=max(selection.top_k, attack_candidates))

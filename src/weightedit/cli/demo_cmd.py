@@ -83,7 +83,7 @@ def demo(
         recipe=recipe,
         out=out,
         langs=tuple(parse_languages(langs)),
-        direction_lang=parse_languages(direction_lang)[0],
+        direction_lang=parse_languages(direction_lang, option="direction_lang")[0],
         n_train=n_train,
         n_val=n_val,
         limit=limit,

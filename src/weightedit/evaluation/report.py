@@ -192,7 +192,8 @@ def check_same_tokenizer(model_folder: str, baseline_folder: str) -> None:
     if len(a) != len(b) or a.get_vocab() != b.get_vocab():
         raise EvaluationError(
             f"the baseline has a different tokenizer (vocabulary {len(b)} vs {len(a)} tokens): pass as <<baseline>> "
-            "the model the edit was made from"
+            "the model the edit was made from",
+            option="baseline",
         )
 
 
@@ -627,7 +628,7 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise EvaluationError(
-            f"output folder {out} is not writable ({e.strerror or e}): choose another <<out>>"
+            f"output folder {out} is not writable ({e.strerror or e}): choose another <<out>>", path=out, option="out"
         ) from None
 
 
