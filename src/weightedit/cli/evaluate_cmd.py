@@ -12,12 +12,17 @@ from weightedit._progress import console
 from weightedit.runtime.options import Dtype
 
 from ._options import (
+    MAX_NEW_TOKENS,
     BatchOpt,
     ChatTemplateOpt,
     DeviceMapOpt,
     DtypeOpt,
+    GenerateOpt,
     GgufFileOpt,
     JsonOpt,
+    JudgeOpt,
+    LimitOpt,
+    MaxNewTokensOpt,
     ModelOpt,
     OverwriteOpt,
     PromptsOpt,
@@ -100,16 +105,8 @@ def evaluate(
             "choose a direction), or train/val/test to force one.",
         ),
     ] = "auto",
-    limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
-    generate: Annotated[
-        int | None,
-        typer.Option(
-            "--generate",
-            help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
-            "(default: every evaluated prompt, = --limit); 0 = first-token scores only (a quick look).",
-            show_default=False,
-        ),
-    ] = None,
+    limit: LimitOpt = 32,
+    generate: GenerateOpt = None,
     generate_harmless: Annotated[
         int | None,
         typer.Option(
@@ -118,13 +115,8 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    max_new_tokens: Annotated[
-        int,
-        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
-    ] = 96,
-    judge: Annotated[
-        str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
-    ] = "substring",
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
+    judge: JudgeOpt = "substring",
     ppl_data: Annotated[
         Path | None,
         typer.Option(
