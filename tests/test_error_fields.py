@@ -18,6 +18,7 @@ from weightedit.card import CardError, find_report
 from weightedit.direction.options import SelectionOptions
 from weightedit.edit.direction_file import load_direction
 from weightedit.errors import (
+    ChatTemplateError,
     EvaluationError,
     InvalidCheckpointError,
     InvalidDirectionError,
@@ -33,8 +34,13 @@ from weightedit.evaluation.runner import EvalOptions, load_eval_data
 from weightedit.io.atomic import check_output_file, check_output_path
 from weightedit.io.checkpoint import Checkpoint, read_header
 from weightedit.prompts import load_prompts, parse_languages
+from weightedit.runtime.modeling import load_model
+from weightedit.runtime.options import ModelLoadOptions
 from weightedit.sources import resolve_model
 from weightedit.sources.recipes import list_recipes
+
+from helpers import strip_chat_template
+from tiny_models import make_tokenizer
 
 
 @pytest.fixture()
@@ -114,6 +120,19 @@ def test_malformed_recipe(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="not valid YAML") as info:
         list_recipes()
     assert info.value.path == bad
+
+
+def test_model_without_a_chat_template(model_copy, tmp_path):
+    make_tokenizer().save_pretrained(model_copy)
+    strip_chat_template(model_copy)
+    with pytest.raises(ChatTemplateError, match="has no chat template") as info:
+        load_model(model_copy, progress=False)
+    assert info.value.path == model_copy.resolve()
+    missing = tmp_path / "absent.jinja"
+    with pytest.raises(ChatTemplateError, match="does not exist") as info:
+        load_model(model_copy, ModelLoadOptions(chat_template=missing), progress=False)
+    assert info.value.path == missing
+    assert (info.value.option, info.value.value) == ("chat_template", str(missing))
 
 
 # Prompts

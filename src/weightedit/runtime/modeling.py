@@ -148,7 +148,8 @@ def load_model(
     elif not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"{source.given} has no chat template (it may be a base model): use an instruction-tuned model, "
-            "or pass <<chat_template>> FILE with a Jinja template"
+            "or pass <<chat_template>> FILE with a Jinja template",
+            path=source.folder,
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
