@@ -72,6 +72,26 @@ def test_one_default_per_option_across_commands():
         assert len(set(map(repr, defaults.values()))) <= 1, f"{flag} has different defaults: {defaults}"
 
 
+def test_options_declared_alike_are_declared_once():
+    """A flag with the same declaration in two commands belongs in cli/_options.py, defined there once."""
+    import ast
+
+    cli = Path(__file__).resolve().parents[1] / "src" / "weightedit" / "cli"
+    seen: dict[str, list[str]] = {}
+    for path in sorted(cli.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Option" and node.args:
+                seen.setdefault(ast.unparse(node), []).append(path.name)
+    repeated = {declaration: files for declaration, files in seen.items() if len(files) > 1}
+    assert not repeated, repeated
+
+
+def test_shared_defaults_written_out_are_the_library_defaults():
+    from weightedit.cli._options import MAX_NEW_TOKENS
+
+    assert EvalOptions().max_new_tokens == MAX_NEW_TOKENS
+
+
 def test_readme_states_the_defaults_the_commands_use():
     """Every "`--flag` (value)" and "`--flag value` (default)" in the README is the flag's default everywhere."""
     text = README.read_text(encoding="utf-8")

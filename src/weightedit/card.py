@@ -55,11 +55,11 @@ def _read_json(path: Path, what: str, fix: str) -> Any:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise CardError(f"cannot read {path} ({e}): {fix}") from None
+        raise CardError(f"cannot read {path} ({e}): {fix}", path=path) from None
     except ValueError as e:
-        raise CardError(f"{path} is not valid JSON ({str(e).split(':')[0]}): {fix}") from None
+        raise CardError(f"{path} is not valid JSON ({str(e).split(':')[0]}): {fix}", path=path) from None
     if not isinstance(data, dict):
-        raise CardError(f"{path} is not a {what} (expected a JSON object): {fix}")
+        raise CardError(f"{path} is not a {what} (expected a JSON object): {fix}", path=path)
     return data
 
 
@@ -67,15 +67,15 @@ def _check_report(data: dict[str, Any], path: Path) -> dict[str, Any]:
     fix = "re-run weightedit evaluate to write it again"
     schema = data.get("schema")
     if not isinstance(schema, str) or not schema.startswith("weightedit.evaluate/"):
-        raise CardError(f"{path} is not a weightedit evaluation report (schema {schema!r}): {fix}")
+        raise CardError(f"{path} is not a weightedit evaluation report (schema {schema!r}): {fix}", path=path)
     languages = data.get("languages")
     if not isinstance(languages, dict) or not languages:
-        raise CardError(f"{path} has no languages: {fix}")
+        raise CardError(f"{path} has no languages: {fix}", path=path)
     for lang, v in languages.items():
         if not isinstance(v, dict) or not isinstance(v.get("edited"), dict):
-            raise CardError(f"{path}: language {lang!r} has no 'edited' measurements: {fix}")
+            raise CardError(f"{path}: language {lang!r} has no 'edited' measurements: {fix}", path=path)
     if not isinstance(data.get("summary", {}), dict) or not isinstance(data.get("models", {}), dict):
-        raise CardError(f"{path} has a malformed summary or models field: {fix}")
+        raise CardError(f"{path} has a malformed summary or models field: {fix}", path=path)
     return data
 
 
@@ -90,7 +90,12 @@ def find_report(folder: Path, report: Path | None = None) -> tuple[dict[str, Any
             data = _read_json(path, "weightedit evaluation report", "re-run weightedit evaluate")
             return _check_report(data, path), path.parent
     if report is not None:
-        raise CardError(f"no report.json at {report}: pass the folder written by weightedit evaluate")
+        raise CardError(
+            f"no report.json at {report}: pass the folder written by weightedit evaluate",
+            path=report,
+            option="report",
+            value=report,
+        )
     return None, None
 
 
@@ -98,13 +103,14 @@ def _inputs(folder: Path, report: Path | None) -> CardInputs:
     provenance_path = folder / "weightedit.json"
     if not provenance_path.is_file():
         raise CardError(
-            f"{folder} has no weightedit.json: model cards describe checkpoints written by weightedit orthogonalize"
+            f"{folder} has no weightedit.json: model cards describe checkpoints written by weightedit orthogonalize",
+            path=folder,
         )
     fix = "it should be the record written by weightedit orthogonalize; re-run the edit"
     provenance = _read_json(provenance_path, "weightedit provenance record", fix)
     for key in ("source", "direction"):
         if not isinstance(provenance.get(key, {}), dict):
-            raise CardError(f"{provenance_path}: field {key!r} is malformed: {fix}")
+            raise CardError(f"{provenance_path}: field {key!r} is malformed: {fix}", path=provenance_path)
     data, report_dir = find_report(folder, report)
     plots = sorted(report_dir.glob("*.png")) if report_dir else []
     return CardInputs(folder=folder, provenance=provenance, report=data, report_dir=report_dir, plots=plots)

@@ -76,7 +76,9 @@ def _check_demo_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
         if foreign:
             raise OutputExistsError(
                 f"<<out>> {out} already exists and is not a weightedit demo folder (it holds {foreign[0]}): "
-                "choose a new or empty folder"
+                "choose a new or empty folder",
+                path=out,
+                option="out",
             )
 
 

@@ -40,7 +40,9 @@ def resolve_token(token: str | None) -> str:
     """``token``, else ``HF_TOKEN``, else the saved login; a clear error when there is none."""
     value = token or get_token()
     if not value:
-        raise HubError("no Hugging Face token: pass <<token>>, set HF_TOKEN, or log in with `hf auth login`")
+        raise HubError(
+            "no Hugging Face token: pass <<token>>, set HF_TOKEN, or log in with `hf auth login`", option="token"
+        )
     return value
 
 
@@ -88,15 +90,20 @@ def _call(what: str, repo_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
             return fn(*args, **kwargs)
         except RepositoryNotFoundError:
             raise HubError(
-                f"{what}: repo {repo_id} not found or not yours: check <<repo_id>> and the token's permissions"
+                f"{what}: repo {repo_id} not found or not yours: check <<repo_id>> and the token's permissions",
+                option="repo_id",
+                value=repo_id,
             ) from None
         except HfHubHTTPError as e:
             code = _status(e)
             if code == 401:
-                raise HubError(f"{what}: the Hub rejected the token (401): check <<token>> / HF_TOKEN") from None
+                raise HubError(
+                    f"{what}: the Hub rejected the token (401): check <<token>> / HF_TOKEN", option="token"
+                ) from None
             if code == 403:
                 raise HubError(
-                    f"{what}: the token may not write to {repo_id} (403): use a write token for that namespace"
+                    f"{what}: the token may not write to {repo_id} (403): use a write token for that namespace",
+                    option="token",
                 ) from None
             if code is not None and code < 500:
                 raise HubError(f"{what} failed ({code}): {str(e).splitlines()[0]}") from None
@@ -160,7 +167,9 @@ def _check_existing(
         return list(remote)
     raise HubError(
         f"{repo_id} already holds a different model ({len(weights)} weight files, e.g. {weights[0]}): "
-        "push to a new <<repo_id>>, or pass <<force>> to replace its files"
+        "push to a new <<repo_id>>, or pass <<force>> to replace its files",
+        option="repo_id",
+        value=repo_id,
     )
 
 
@@ -187,7 +196,8 @@ def push_model(
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise WeighteditError(
-            f"{folder} is not a checkpoint folder (config.json + *.safetensors): pass the <<out>> of orthogonalize"
+            f"{folder} is not a checkpoint folder (config.json + *.safetensors): pass the <<out>> of orthogonalize",
+            path=folder,
         )
     provenance_path = folder / "weightedit.json"
     provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}

@@ -141,6 +141,19 @@ TiedEmbeddingsOpt = Annotated[
     ),
 ]
 RepoIdOpt = Annotated[str, typer.Option("--repo-id", help="Hub repo to upload to, e.g. user/name.")]
+LimitOpt = Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")]
+GenerateOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--generate",
+        help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
+        "(default: every evaluated prompt, = --limit); 0 = first-token scores only (a quick look).",
+        show_default=False,
+    ),
+]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS).")
+]
 JudgeOpt = Annotated[
     str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
 ]
@@ -155,6 +168,9 @@ BATCH_SIZE = _SELECTION.batch_size
 TOP_K = _SELECTION.top_k
 MAX_KL = _SELECTION.kl_threshold
 CHECK_GENERATIONS = _SELECTION.check_generations
+# EvalOptions.max_new_tokens, written out because evaluation.runner imports torch, which start-up must not pay (a
+# test checks that the two agree). The demo keeps its own budget (64; README, "What the demo prints").
+MAX_NEW_TOKENS = 96
 
 
 def one_spelling(value: str, old: str | None) -> str:

@@ -77,7 +77,7 @@ def compare_directions(
 
     check_output_path(out, inputs=local_inputs(model), overwrite=overwrite)
     codes = parse_languages(langs)
-    parse_languages(reference)
+    parse_languages(reference, option="reference")
     if (layer is None) != (position is None):
         raise typer.BadParameter("give both --layer and --position, or neither", param_hint="--layer/--position")
     progress = not (quiet or json_out)

@@ -16,11 +16,15 @@ from weightedit.runtime.options import ModelLoadOptions
 
 from ._options import (
     EXIT_NEGATIVE,
+    MAX_NEW_TOKENS,
     DirectionLangOpt,
+    GenerateOpt,
     GgufFileOpt,
     JsonOpt,
     JudgeOpt,
     LangsOpt,
+    LimitOpt,
+    MaxNewTokensOpt,
     ModelOpt,
     OverwriteOpt,
     QuietOpt,
@@ -70,20 +74,9 @@ def verify_defence(
     min_refusal: Annotated[
         float, typer.Option("--min-refusal", help="Below this refusal rate a language has nothing to defend.")
     ] = 0.2,
-    limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 16,
-    generate: Annotated[
-        int | None,
-        typer.Option(
-            "--generate",
-            help="Harmful prompts per language to complete and judge (default: every one, = --limit); "
-            "0 = first-token scores only (a quick look).",
-            show_default=False,
-        ),
-    ] = None,
-    max_new_tokens: Annotated[
-        int,
-        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
-    ] = 96,
+    limit: LimitOpt = 16,
+    generate: GenerateOpt = None,
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     judge: JudgeOpt = "substring",
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
@@ -102,7 +95,7 @@ def verify_defence(
 
     check_output_path(out, inputs=local_inputs(model), overwrite=overwrite)
     codes = tuple(parse_languages(langs))
-    parse_languages(direction_lang)
+    parse_languages(direction_lang, option="direction_lang")
     make_judge(judge)
     # Every attack candidate is scored exactly, so the search scores at least that many.
     selection = dataclasses.replace(selection, top_k=max(selection.top_k, attack_candidates))

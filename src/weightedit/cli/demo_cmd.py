@@ -13,6 +13,8 @@ from ._options import (
     AllowNonRefusingOpt,
     BatchOpt,
     CheckGenerationsOpt,
+    GenerateOpt,
+    MaxNewTokensOpt,
     PromptsOpt,
     QuietOpt,
     epilog,
@@ -44,15 +46,7 @@ def demo(
     limit: Annotated[
         int, typer.Option("--limit", help="Held-out harmful and harmless prompts per language in the evaluation.")
     ] = 8,
-    generate: Annotated[
-        int | None,
-        typer.Option(
-            "--generate",
-            help="Harmful prompts per language to complete and judge (default: every one, = --limit); "
-            "0 = first-token scores only (a quick look).",
-            show_default=False,
-        ),
-    ] = None,
+    generate: GenerateOpt = None,
     generate_harmless: Annotated[
         int,
         typer.Option(
@@ -61,13 +55,7 @@ def demo(
             "budget: use `weightedit evaluate` for it).",
         ),
     ] = 0,
-    max_new_tokens: Annotated[
-        int,
-        typer.Option(
-            "--max-new-tokens",
-            help="Tokens per completion at most (each stops at the model's EOS); 64 in the demo's budget.",
-        ),
-    ] = 64,
+    max_new_tokens: MaxNewTokensOpt = 64,
     prompts: PromptsOpt = None,
     batch_size: BatchOpt = 16,
     allow_non_refusing: AllowNonRefusingOpt = False,
@@ -83,7 +71,7 @@ def demo(
         recipe=recipe,
         out=out,
         langs=tuple(parse_languages(langs)),
-        direction_lang=parse_languages(direction_lang)[0],
+        direction_lang=parse_languages(direction_lang, option="direction_lang")[0],
         n_train=n_train,
         n_val=n_val,
         limit=limit,

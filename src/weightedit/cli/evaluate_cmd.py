@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,13 +11,23 @@ from rich.table import Table
 from weightedit._progress import console
 from weightedit.runtime.options import Dtype
 
+if TYPE_CHECKING:
+    from weightedit.evaluation.report import EvaluationReport
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.sources import ModelSource
+
 from ._options import (
+    MAX_NEW_TOKENS,
     BatchOpt,
     ChatTemplateOpt,
     DeviceMapOpt,
     DtypeOpt,
+    GenerateOpt,
     GgufFileOpt,
     JsonOpt,
+    JudgeOpt,
+    LimitOpt,
+    MaxNewTokensOpt,
     ModelOpt,
     OverwriteOpt,
     PromptsOpt,
@@ -100,16 +110,8 @@ def evaluate(
             "choose a direction), or train/val/test to force one.",
         ),
     ] = "auto",
-    limit: Annotated[int, typer.Option("--limit", help="Harmful and harmless prompts per language.")] = 32,
-    generate: Annotated[
-        int | None,
-        typer.Option(
-            "--generate",
-            help="Harmful prompts per language to complete greedily and judge: the headline refusal rate "
-            "(default: every evaluated prompt, = --limit); 0 = first-token scores only (a quick look).",
-            show_default=False,
-        ),
-    ] = None,
+    limit: LimitOpt = 32,
+    generate: GenerateOpt = None,
     generate_harmless: Annotated[
         int | None,
         typer.Option(
@@ -118,13 +120,8 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    max_new_tokens: Annotated[
-        int,
-        typer.Option("--max-new-tokens", help="Tokens per completion at most (each stops at the model's EOS)."),
-    ] = 96,
-    judge: Annotated[
-        str, typer.Option("--judge", help="Generation judge: substring, score, or model:PATH (a local classifier).")
-    ] = "substring",
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
+    judge: JudgeOpt = "substring",
     ppl_data: Annotated[
         Path | None,
         typer.Option(
@@ -164,25 +161,111 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure refusal (harmful), over-refusal (harmless, XSTest) and capability (KL, perplexity, MGSM) per language."""
-    from weightedit.evaluation.judges import make_judge
-    from weightedit.evaluation.report import evaluate as run
-    from weightedit.evaluation.runner import EvalOptions
-    from weightedit.io.atomic import atomic_output_dir, check_output_path
-    from weightedit.prompts import parse_languages
+    from weightedit.io.atomic import check_output_path
     from weightedit.sources import public_name
 
     # Before anything is created or loaded: --out must be a new folder (or --overwrite) outside every input.
     inputs = local_inputs(model, baseline, comparison)
     check_output_path(out, inputs=inputs, overwrite=overwrite)
-    codes = parse_languages(langs)
-    make_judge(judge)
+    options = _eval_options(
+        langs=langs,
+        prompts=prompts,
+        split=split,
+        limit=limit,
+        generate=generate,
+        generate_harmless=generate_harmless,
+        max_new_tokens=max_new_tokens,
+        judge=judge,
+        batch_size=batch_size,
+        ppl_data=ppl_data,
+        ppl_limit=ppl_limit,
+        xstest=xstest,
+        tasks=tasks,
+        mgsm=mgsm,
+        mgsm_limit=mgsm_limit,
+        dtype=dtype,
+        device_map=device_map,
+        chat_template=chat_template,
+        trust_remote_code=trust_remote_code,
+    )
+    progress = not (quiet or json_out)
+    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
+    base_source = (
+        resolve_source(
+            baseline, gguf_file=baseline_gguf_file, revision=baseline_revision, token=token, quiet=not progress
+        )
+        if baseline
+        else None
+    )
+    out = _check_out_against(out, inputs, source, base_source, overwrite=overwrite)
+    result = _write_report(
+        out,
+        source,
+        options,
+        baseline=base_source,
+        comparison=comparison,
+        use_cache=not no_cache,
+        progress=progress,
+        names=(public_name(model), public_name(baseline)),
+        overwrite=overwrite,
+    )
+    _print_result(result, json_out=json_out)
+
+
+def _check_out_against(
+    out: Path, inputs: tuple[Path, ...], source: ModelSource, baseline: ModelSource | None, *, overwrite: bool
+) -> Path:
+    """``out`` checked again now that the models are resolved: outside their folders and files too."""
+    from weightedit.io.atomic import check_output_path
+
+    resolved = (source, baseline) if baseline is not None else (source,)
+    return check_output_path(
+        out, inputs=(*inputs, *(p for s in resolved for p in (s.folder, *s.inputs))), overwrite=overwrite
+    )
+
+
+def _tasks(tasks: str, mgsm: Path | None) -> list[str]:
+    """The extra tasks of ``--tasks`` (a comma list), checked: only mgsm exists, and it needs ``--mgsm``."""
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in task_list if t != "mgsm"]
     if unknown:
         raise typer.BadParameter(f"unknown task {unknown[0]!r}; available: mgsm", param_hint="--tasks")
     if "mgsm" in task_list and mgsm is None:
         raise typer.BadParameter("--tasks mgsm needs --mgsm FOLDER", param_hint="--mgsm")
-    options = EvalOptions(
+    return task_list
+
+
+def _eval_options(
+    *,
+    langs: str,
+    prompts: str | None,
+    split: str,
+    limit: int,
+    generate: int | None,
+    generate_harmless: int | None,
+    max_new_tokens: int,
+    judge: str,
+    batch_size: int,
+    ppl_data: Path | None,
+    ppl_limit: int,
+    xstest: Path | None,
+    tasks: str,
+    mgsm: Path | None,
+    mgsm_limit: int,
+    dtype: Dtype,
+    device_map: str | None,
+    chat_template: Path | None,
+    trust_remote_code: bool,
+) -> EvalOptions:
+    """The library's checked :class:`EvalOptions` from the flags (languages, judge and tasks checked first)."""
+    from weightedit.evaluation.judges import make_judge
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.prompts import parse_languages
+
+    codes = parse_languages(langs)
+    make_judge(judge)
+    task_list = _tasks(tasks, mgsm)
+    return EvalOptions(
         langs=tuple(codes),
         prompts=prompts,
         split=split,
@@ -202,33 +285,42 @@ def evaluate(
         chat_template=str(chat_template) if chat_template else None,
         trust_remote_code=trust_remote_code,
     )
-    progress = not (quiet or json_out)
-    source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
-    base_source = (
-        resolve_source(
-            baseline, gguf_file=baseline_gguf_file, revision=baseline_revision, token=token, quiet=not progress
-        )
-        if baseline
-        else None
-    )
-    resolved = (source, base_source) if base_source is not None else (source,)
-    out = check_output_path(
-        out, inputs=(*inputs, *(p for s in resolved for p in (s.folder, *s.inputs))), overwrite=overwrite
-    )
-    # The report is built in a temporary sibling and renamed into place once complete.
+
+
+def _write_report(
+    out: Path,
+    source: ModelSource,
+    options: EvalOptions,
+    *,
+    baseline: ModelSource | None,
+    comparison: Path | None,
+    use_cache: bool,
+    progress: bool,
+    names: tuple[str | None, str | None],
+    overwrite: bool,
+) -> EvaluationReport:
+    """Evaluate and write the report to ``out``: built in a temporary sibling and renamed into place once complete."""
+    from weightedit.evaluation.report import evaluate as run
+    from weightedit.io.atomic import atomic_output_dir
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         result = run(
             source,
             tmp,
             options,
-            baseline=base_source,
+            baseline=baseline,
             comparison=comparison,
-            use_cache=not no_cache,
+            use_cache=use_cache,
             progress=progress,
-            name=public_name(model),
-            baseline_name=public_name(baseline),
+            name=names[0],
+            baseline_name=names[1],
         )
     result.files = {k: out / Path(v).relative_to(tmp) for k, v in result.files.items()}
+    return result
+
+
+def _print_result(result: EvaluationReport, *, json_out: bool) -> None:
+    """The report's files and summary as JSON on stdout, or its summary table and where its files are."""
     if json_out:
         emit_json({"files": {k: str(v) for k, v in result.files.items()}, "summary": result.data["summary"]})
         return

@@ -29,9 +29,9 @@ def _check_card_inputs(model: Path, report: Path | None) -> None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise WeighteditError(f"{path} is not valid JSON ({e}): {fix}") from None
+            raise WeighteditError(f"{path} is not valid JSON ({e}): {fix}", path=path) from None
         if not isinstance(data, dict):
-            raise WeighteditError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")
+            raise WeighteditError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}", path=path)
 
 
 def register(app: typer.Typer) -> None:

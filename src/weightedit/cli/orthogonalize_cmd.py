@@ -97,7 +97,7 @@ def orthogonalize(
         from weightedit.prompts import parse_languages
         from weightedit.workflows import orthogonalize_by_language
 
-        parse_languages(direction_lang)
+        parse_languages(direction_lang, option="direction_lang")
         _, report = orthogonalize_by_language(
             model,
             out,

@@ -109,11 +109,13 @@ class DirectionResult:
         return exact[:n]
 
 
-def _take(prompts: list[str], n: int, what: str, source: str | None) -> list[str]:
+def _take(prompts: list[str], n: int, what: str, source: str | None, option: str) -> list[str]:
     if len(prompts) < n:
         raise PromptsError(
             f"too few prompts for the split: {what} has {len(prompts)} in {source or 'the built-in set'}, "
-            f"{n} asked; lower <<n_train>>/<<n_val>> or add prompts"
+            f"{n} asked; lower <<n_train>>/<<n_val>> or add prompts",
+            option=option,
+            value=n,
         )
     return prompts[:n]
 
@@ -126,8 +128,8 @@ def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> 
     for kind in ("harmful", "harmless"):
         roles = prompt_roles(src, kind, lang)
         fit, select = roles["fit"], roles["select"]
-        data[f"{kind}_train"] = loaded.format(_take(fit.texts, options.n_train, f"{kind} {lang} train", src))
-        data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src))
+        data[f"{kind}_train"] = loaded.format(_take(fit.texts, options.n_train, f"{kind} {lang} train", src, "n_train"))
+        data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src, "n_val"))
         splits["fit"], splits["select"] = fit.description, select.description
     return LanguageData(lang=lang, splits=splits, **data)
 

@@ -165,15 +165,18 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
     """
     path = Path(path)
     if not path.exists():
-        raise InvalidDirectionError(f"direction file {path} does not exist: compute one with `weightedit direction`")
+        raise InvalidDirectionError(
+            f"direction file {path} does not exist: compute one with `weightedit direction`", path=path
+        )
     if path.is_dir():
         raise InvalidDirectionError(
             f"direction file {path} is a folder: pass the .safetensors file inside it "
-            "(e.g. weightedit/refusal_direction.safetensors)"
+            "(e.g. weightedit/refusal_direction.safetensors)",
+            path=path,
         )
     if not path.is_file():
         raise InvalidDirectionError(
-            f"direction file {path} is not a regular file (a pipe or device): pass a .safetensors file"
+            f"direction file {path} is not a regular file (a pipe or device): pass a .safetensors file", path=path
         )
     meta: dict[str, str] = {}
     tensors: dict[str, Any]
@@ -189,7 +192,7 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as e:  # the readers raise many unrelated types for a bad file
         raise InvalidDirectionError(
-            f"cannot read direction file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"cannot read direction file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", path=path
         ) from None
     if "direction" in tensors:
         vector = tensors["direction"]
@@ -197,21 +200,25 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         vector = next(iter(tensors.values()))
     else:
         raise InvalidDirectionError(
-            f"{path} holds {len(tensors)} tensors and none is named 'direction': save the vector as 'direction'"
+            f"{path} holds {len(tensors)} tensors and none is named 'direction': save the vector as 'direction'",
+            path=path,
         )
     if not isinstance(vector, torch.Tensor):
         raise InvalidDirectionError(
-            f"{path} holds a {type(vector).__name__}, not a tensor: save the direction as a float tensor"
+            f"{path} holds a {type(vector).__name__}, not a tensor: save the direction as a float tensor", path=path
         )
     if vector.is_complex() or not vector.is_floating_point():
         raise InvalidDirectionError(
             f"{path}: the direction has dtype {str(vector.dtype).replace('torch.', '')}; a direction is a "
-            "floating-point vector (float32, float16, bfloat16 or float64)"
+            "floating-point vector (float32, float16, bfloat16 or float64)",
+            path=path,
         )
     if vector.dim() == 2 and vector.shape[0] == 1:
         vector = vector.reshape(-1)
     if vector.dim() != 1:
-        raise InvalidDirectionError(f"{path}: the direction must be a vector, got shape {list(vector.shape)}")
+        raise InvalidDirectionError(
+            f"{path}: the direction must be a vector, got shape {list(vector.shape)}", path=path
+        )
     wide = vector.double()
     vector = vector.to(torch.float32)
     if bool(torch.isfinite(wide).all()) and not bool(torch.isfinite(vector).all()):
@@ -219,18 +226,21 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         peak = float(wide.abs().max())
         vector = (wide / peak).to(torch.float32)
     if meta and not all(isinstance(v, str) for v in meta.values()):
-        raise InvalidDirectionError(f"{path}: its metadata is not string-to-string: re-save the direction file")
+        raise InvalidDirectionError(
+            f"{path}: its metadata is not string-to-string: re-save the direction file", path=path
+        )
     extra: Any = {}
     if meta.get("meta"):
         try:
             extra = json.loads(meta["meta"])
         except ValueError as e:
             raise InvalidDirectionError(
-                f"{path}: its 'meta' metadata is not valid JSON ({e}): re-save the direction file"
+                f"{path}: its 'meta' metadata is not valid JSON ({e}): re-save the direction file", path=path
             ) from None
         if not isinstance(extra, dict):
             raise InvalidDirectionError(
-                f"{path}: its 'meta' metadata is a JSON {type(extra).__name__}, not an object: re-save the direction file"
+                f"{path}: its 'meta' metadata is a JSON {type(extra).__name__}, not an object: re-save the direction file",
+                path=path,
             )
 
     profile = None

@@ -199,7 +199,8 @@ def copy_side_files(src: Path, tmp: Path, *, untie: bool) -> None:
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR) and not _is_under(e.filename, tmp):
                 raise InvalidCheckpointError(
-                    f"cannot read {item} ({e.strerror}): make it readable (chmod u+r) or move it out of the model folder"
+                    f"cannot read {item} ({e.strerror}): make it readable (chmod u+r) or move it out of the model folder",
+                    path=item,
                 ) from None
             raise
 

@@ -62,22 +62,26 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
         _, info = checkpoint.find(name)
         if info.torch_dtype is None:
             raise InvalidCheckpointError(
-                f"writer {name!r} has dtype {info.dtype}: weightedit edits float tensors; use an unquantized checkpoint"
+                f"writer {name!r} has dtype {info.dtype}: weightedit edits float tensors; use an unquantized checkpoint",
+                path=checkpoint.folder,
             )
         if not info.shape or info.shape[m.rule.axis] != d_model:
             raise InvalidCheckpointError(
                 f"writer {name!r} has shape {list(info.shape)}, expected size {d_model} on axis {m.rule.axis}: "
-                f"the {spec.model_type} registry entry does not fit this checkpoint"
+                f"the {spec.model_type} registry entry does not fit this checkpoint",
+                path=checkpoint.folder,
             )
         if m.norm_name is not None and m.norm_name not in checkpoint.weight_map:
             raise InvalidCheckpointError(
-                f"post-norm writer {name!r} needs {m.norm_name!r}, which is not in the checkpoint"
+                f"post-norm writer {name!r} needs {m.norm_name!r}, which is not in the checkpoint",
+                path=checkpoint.folder,
             )
         writers[name] = m
     if not writers:
         raise InvalidCheckpointError(
             f"no residual-stream writers found among {len(names)} tensors of this {spec.model_type} checkpoint: "
-            "its tensor names do not follow the transformers layout"
+            "its tensor names do not follow the transformers layout",
+            path=checkpoint.folder,
         )
     tied = embedding is not None and spec.lm_head not in checkpoint.weight_map
     return EditPlan(checkpoint=checkpoint, spec=spec, writers=writers, tied=tied, embedding=embedding)

@@ -157,7 +157,8 @@ def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
         if n == 0:
             raise InvalidCheckpointError(
                 f"{path} ended at byte {offset + got} while it was being read: the file changed or is truncated; "
-                "re-download it"
+                "re-download it",
+                path=path,
             )
         got += n
 
@@ -202,7 +203,8 @@ class _Copier:
             if n == 0:
                 raise InvalidCheckpointError(
                     f"{src} ended at byte {offset + done} while it was being copied: the file changed or is "
-                    "truncated; re-download it"
+                    "truncated; re-download it",
+                    path=src,
                 )
             done += n
 
@@ -417,7 +419,9 @@ def write_shards(
         if size != job.size:
             raise WriteFailedError(
                 f"writing {job.dest.name} produced {size} bytes instead of {job.size}: the output filesystem "
-                "lost data; choose another <<out>>; nothing was written"
+                "lost data; choose another <<out>>; nothing was written",
+                path=job.dest,
+                option="out",
             )
         on_shard_written(job.dest)
 
@@ -478,7 +482,8 @@ def check_samples(samples: Sequence[Sample]) -> int:
             if got != want:
                 raise InvalidCheckpointError(
                     f"verification failed: {s.dest.name} holds other bytes at offset {s.offset} than were "
-                    f"{'computed' if s.expected is not None else 'copied'}; check the disk and run the edit again"
+                    f"{'computed' if s.expected is not None else 'copied'}; check the disk and run the edit again",
+                    path=s.dest,
                 )
     finally:
         for fd in fds.values():
@@ -544,7 +549,8 @@ class InputHasher:
         if self._error is not None:
             path, e = self._error
             raise InvalidCheckpointError(
-                f"cannot read {path} to record its SHA-256: {e.strerror or e}; check the file and its permissions"
+                f"cannot read {path} to record its SHA-256: {e.strerror or e}; check the file and its permissions",
+                path=path,
             )
         for path, digest in self._computed:
             with contextlib.suppress(OSError):  # a read-only cache only costs hashing again next time

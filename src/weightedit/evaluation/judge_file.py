@@ -46,11 +46,15 @@ def read_rows(path: Path, *, need_prompt: bool = False) -> list[dict[str, Any]]:
     """Read and validate the input rows (one-line errors naming the file, line and fix)."""
     path = Path(path)
     if not path.is_file():
-        raise PromptsError(f"<<input>> {path} does not exist: pass a JSONL file with lang and response fields")
+        raise PromptsError(
+            f"<<input>> {path} does not exist: pass a JSONL file with lang and response fields",
+            path=path,
+            option="input",
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise PromptsError(f"cannot read {path} ({e}): pass a UTF-8 JSONL file") from None
+        raise PromptsError(f"cannot read {path} ({e}): pass a UTF-8 JSONL file", path=path) from None
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -59,27 +63,27 @@ def read_rows(path: Path, *, need_prompt: bool = False) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError as e:
             raise PromptsError(
-                f"{path} line {number}: invalid JSON ({str(e).split(':')[0]}): fix or remove the line"
+                f"{path} line {number}: invalid JSON ({str(e).split(':')[0]}): fix or remove the line", path=path
             ) from None
         if not isinstance(row, dict):
-            raise PromptsError(f"{path} line {number}: expected a JSON object with lang and response fields")
+            raise PromptsError(f"{path} line {number}: expected a JSON object with lang and response fields", path=path)
         for key in ("lang", "response", *(("prompt",) if need_prompt else ())):
             if key not in row:
                 why = " (the score judge asks the model about the prompt)" if key == "prompt" else ""
                 raise PromptsError(
-                    f"{path} line {number}: missing field {key!r}{why}: every row needs lang and response"
+                    f"{path} line {number}: missing field {key!r}{why}: every row needs lang and response", path=path
                 )
             if not isinstance(row[key], str):
                 raise PromptsError(
-                    f"{path} line {number}: field {key!r} must be a string, got {type(row[key]).__name__}"
+                    f"{path} line {number}: field {key!r} must be a string, got {type(row[key]).__name__}", path=path
                 )
         if row["lang"] not in LANGUAGES:
             raise PromptsError(
-                f"{path} line {number}: unknown language {row['lang']!r}: use one of {', '.join(LANGUAGES)}"
+                f"{path} line {number}: unknown language {row['lang']!r}: use one of {', '.join(LANGUAGES)}", path=path
             )
         rows.append(row)
     if not rows:
-        raise PromptsError(f"{path} has no rows: each line must be a JSON object with lang and response")
+        raise PromptsError(f"{path} has no rows: each line must be a JSON object with lang and response", path=path)
     return rows
 
 
@@ -87,16 +91,26 @@ def _check_out(out: Path, input_path: Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.resolve() == Path(input_path).resolve():
         raise UnsafeOutputError(
-            f"<<out>> {out} is the <<input>> file: choose another output file (the input is never written)"
+            f"<<out>> {out} is the <<input>> file: choose another output file (the input is never written)",
+            path=out,
+            option="out",
         )
     if out.is_dir():
-        raise OutputExistsError(f"<<out>> {out} is a folder: pass a file name such as judged.jsonl")
+        raise OutputExistsError(
+            f"<<out>> {out} is a folder: pass a file name such as judged.jsonl", path=out, option="out"
+        )
     if out.exists() and not overwrite:
         raise OutputExistsError(
-            f"<<out>> {out} already exists: pass <<overwrite>> to replace it, or choose another file"
+            f"<<out>> {out} already exists: pass <<overwrite>> to replace it, or choose another file",
+            path=out,
+            option="out",
         )
     if not out.parent.exists():
-        raise EvaluationError(f"the folder of <<out>> {out} does not exist: create {out.parent} or choose another path")
+        raise EvaluationError(
+            f"the folder of <<out>> {out} does not exist: create {out.parent} or choose another path",
+            path=out,
+            option="out",
+        )
     return out
 
 
@@ -158,7 +172,9 @@ def judge_file(
     judge: Judge | None = make_judge(judge_spec)
     if judge_spec == "score" and not model:
         raise EvaluationError(
-            "<<judge>> score needs <<model>>: it asks that model whether it refuses each row's prompt"
+            "<<judge>> score needs <<model>>: it asks that model whether it refuses each row's prompt",
+            option="judge",
+            value=judge_spec,
         )
     rows = read_rows(input_path, need_prompt=judge_spec == "score")
     out = _check_out(out, input_path, overwrite)

@@ -214,12 +214,16 @@ class ModelJudge:
 
             if not Path(self.path).exists():
                 raise EvaluationError(
-                    f"judge model {self.path} does not exist: pass <<judge>> model:PATH to a local classifier"
+                    f"judge model {self.path} does not exist: pass <<judge>> model:PATH to a local classifier",
+                    path=self.path,
+                    option="judge",
                 )
             try:
                 self._pipe = pipeline("text-classification", model=self.path, device=-1)
             except (OSError, ValueError) as e:
-                raise EvaluationError(f"cannot load the judge model {self.path}: {str(e).splitlines()[0]}") from None
+                raise EvaluationError(
+                    f"cannot load the judge model {self.path}: {str(e).splitlines()[0]}", path=self.path, option="judge"
+                ) from None
         return self._pipe
 
     def judge(self, completions: Sequence[str], langs: Sequence[str]) -> list[bool]:
@@ -239,7 +243,9 @@ def make_judge(spec: str) -> Judge | None:
         return None
     if spec.startswith("model:") and len(spec) > len("model:"):
         return ModelJudge(spec.split(":", 1)[1])
-    raise EvaluationError(f"unknown <<judge>> {spec!r}: use substring, score, or model:PATH")
+    raise EvaluationError(
+        f"unknown <<judge>> {spec!r}: use substring, score, or model:PATH", option="judge", value=spec
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

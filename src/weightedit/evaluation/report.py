@@ -192,7 +192,8 @@ def check_same_tokenizer(model_folder: str, baseline_folder: str) -> None:
     if len(a) != len(b) or a.get_vocab() != b.get_vocab():
         raise EvaluationError(
             f"the baseline has a different tokenizer (vocabulary {len(b)} vs {len(a)} tokens): pass as <<baseline>> "
-            "the model the edit was made from"
+            "the model the edit was made from",
+            option="baseline",
         )
 
 
@@ -210,57 +211,7 @@ def build_report(
     timings: dict[str, float],
     prompts: dict[str, list[str]],
 ) -> dict[str, Any]:
-    languages: dict[str, Any] = {}
-    for lang in options.langs:
-        e_run = edited.langs[lang]
-        e_judged = judge_runs(e_run, options.judge)
-        e = _model_metrics(e_run, e_judged, seed=options.seed)
-        entry: dict[str, Any] = {"name": LANGUAGE_NAMES.get(lang, lang), "edited": e}
-        if baseline is not None:
-            b_run = baseline.langs[lang]
-            b_judged = judge_runs(b_run, options.judge)
-            b = _model_metrics(b_run, b_judged, seed=options.seed)
-            entry["baseline"] = b
-            # Before and after on the same prompts: McNemar's paired test on the headline outcomes.
-            before, b_method = refusal_outcomes(b_run, b_judged)
-            after, e_method = refusal_outcomes(e_run, e_judged)
-            test = mcnemar_test(before, after) if b_method == e_method and len(before) == len(after) else None
-            entry["refusal_mcnemar"] = None if test is None else test.to_dict()
-            entry["delta"] = {
-                k: (e[k] - b[k]) if isinstance(e.get(k), float) and isinstance(b.get(k), float) else None
-                for k in (
-                    "refusal_rate",
-                    "refusal_score_mean",
-                    "refusal_rate_score",
-                    "refusal_rate_judge",
-                    "overrefusal_rate_score",
-                    "perplexity",
-                    "mgsm_accuracy",
-                )
-            }
-            entry["perplexity_ratio"] = e["perplexity"] / b["perplexity"] if b["perplexity"] else None
-            ratio_ci = (
-                perplexity_ratio_ci(e_run.nll_per_text, b_run.nll_per_text, e_run.tokens_per_text, seed=options.seed)
-                if e_run.nll_per_text and e_run.tokens_per_text == b_run.tokens_per_text
-                else None
-            )
-            entry["perplexity_ratio_ci"] = None if ratio_ci is None else [ratio_ci[0], ratio_ci[1]]
-            samples = []
-            for i, prompt in enumerate(prompts[lang][: min(3, len(e_run.harmful_generations))]):
-                samples.append(
-                    {
-                        "prompt": prompt,
-                        "baseline": b_run.harmful_generations[i] if i < len(b_run.harmful_generations) else None,
-                        "edited": e_run.harmful_generations[i],
-                    }
-                )
-            entry["samples"] = samples
-        else:
-            entry["samples"] = [
-                {"prompt": p, "edited": g} for p, g in zip(prompts[lang], e_run.harmful_generations[:3], strict=False)
-            ]
-        languages[lang] = entry
-
+    languages = {lang: _language_entry(lang, edited, baseline, options, prompts[lang]) for lang in options.langs}
     summary = _summary(languages, baseline is not None)
     return {
         "schema": SCHEMA,
@@ -268,18 +219,8 @@ def build_report(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # Local paths appear by their last part only: the report is published with the model card.
         "models": {
-            "edited": {
-                "id": public_name(edited.model),
-                "fingerprint": edited.fingerprint,
-                "folder": public_name(edited.folder),
-            },
-            "baseline": None
-            if baseline is None
-            else {
-                "id": public_name(baseline.model),
-                "fingerprint": baseline.fingerprint,
-                "folder": public_name(baseline.folder),
-            },
+            "edited": _model_block(edited),
+            "baseline": None if baseline is None else _model_block(baseline),
         },
         "options": {
             **{
@@ -298,6 +239,71 @@ def build_report(
             "edited_languages_from_cache": edited.cached,
         },
     }
+
+
+def _model_block(run: ModelRun) -> dict[str, Any]:
+    return {"id": public_name(run.model), "fingerprint": run.fingerprint, "folder": public_name(run.folder)}
+
+
+# The metrics whose change from baseline to edited a report states (``delta``).
+_DELTA_METRICS = (
+    "refusal_rate",
+    "refusal_score_mean",
+    "refusal_rate_score",
+    "refusal_rate_judge",
+    "overrefusal_rate_score",
+    "perplexity",
+    "mgsm_accuracy",
+)
+
+
+def _language_entry(
+    lang: str, edited: ModelRun, baseline: ModelRun | None, options: EvalOptions, prompts: list[str]
+) -> dict[str, Any]:
+    """One language of the report: the edited model's metrics, and with a baseline its metrics and the comparison."""
+    e_run = edited.langs[lang]
+    e_judged = judge_runs(e_run, options.judge)
+    e = _model_metrics(e_run, e_judged, seed=options.seed)
+    entry: dict[str, Any] = {"name": LANGUAGE_NAMES.get(lang, lang), "edited": e}
+    if baseline is None:
+        entry["samples"] = [
+            {"prompt": p, "edited": g} for p, g in zip(prompts, e_run.harmful_generations[:3], strict=False)
+        ]
+        return entry
+    b_run = baseline.langs[lang]
+    b_judged = judge_runs(b_run, options.judge)
+    b = _model_metrics(b_run, b_judged, seed=options.seed)
+    entry["baseline"] = b
+    # Before and after on the same prompts: McNemar's paired test on the headline outcomes.
+    before, b_method = refusal_outcomes(b_run, b_judged)
+    after, e_method = refusal_outcomes(e_run, e_judged)
+    test = mcnemar_test(before, after) if b_method == e_method and len(before) == len(after) else None
+    entry["refusal_mcnemar"] = None if test is None else test.to_dict()
+    entry["delta"] = {
+        k: (e[k] - b[k]) if isinstance(e.get(k), float) and isinstance(b.get(k), float) else None
+        for k in _DELTA_METRICS
+    }
+    entry["perplexity_ratio"] = e["perplexity"] / b["perplexity"] if b["perplexity"] else None
+    ratio_ci = (
+        perplexity_ratio_ci(e_run.nll_per_text, b_run.nll_per_text, e_run.tokens_per_text, seed=options.seed)
+        if e_run.nll_per_text and e_run.tokens_per_text == b_run.tokens_per_text
+        else None
+    )
+    entry["perplexity_ratio_ci"] = None if ratio_ci is None else [ratio_ci[0], ratio_ci[1]]
+    entry["samples"] = _paired_samples(prompts, e_run, b_run)
+    return entry
+
+
+def _paired_samples(prompts: list[str], edited: LanguageRun, baseline: LanguageRun) -> list[dict[str, Any]]:
+    """Up to three harmful prompts with the baseline's and the edited model's generations."""
+    return [
+        {
+            "prompt": prompt,
+            "baseline": baseline.harmful_generations[i] if i < len(baseline.harmful_generations) else None,
+            "edited": edited.harmful_generations[i],
+        }
+        for i, prompt in enumerate(prompts[: min(3, len(edited.harmful_generations))])
+    ]
 
 
 def primary_refusal(metrics: dict[str, Any]) -> float | None:
@@ -431,7 +437,24 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
         f"{report['weightedit_version']} · {report['created']}",
         "",
     ]
-    judged = any(v["edited"].get("refusal_method") == "judge" for v in report["languages"].values())
+    lines += _md_table(report["languages"], has_base)
+    lines += _md_method(report)
+    if has_base:
+        lines += _md_summary(report["summary"])
+    for key, title in (
+        ("refusal_png", "Refusal before/after"),
+        ("perplexity_png", "Perplexity ratio"),
+        ("cosine_png", "Direction cosine similarity"),
+        ("transfer_png", "Direction transfer"),
+    ):
+        if key in files:
+            lines += [f"![{title}]({files[key].name})", ""]
+    lines += _md_samples(report["languages"])
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(languages: dict[str, Any], has_base: bool) -> list[str]:
+    """The per-language table: refusal, over-refusal and (with a baseline) KL and perplexity ratio."""
     header = ["language", "n"]
     header += ["refusal before", "refusal after", "McNemar p"] if has_base else ["refusal"]
     header += ["over-refusal before", "over-refusal after"] if has_base else ["over-refusal"]
@@ -439,9 +462,8 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
         header += ["KL [95% CI]", "ppl ratio [95% CI]"]
     else:
         header += ["perplexity"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|" + "---:|" * (len(header) - 1))
-    for lang, v in report["languages"].items():
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for lang, v in languages.items():
         e = v["edited"]
         row = [f"{v['name']} ({lang})", str(e.get("refusal_n", e["n_harmful"]))]
         if has_base:
@@ -455,6 +477,12 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
         else:
             row += [fmt_rate(e), fmt_rate(e, "overrefusal"), _fmt(e["perplexity"])]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _md_method(report: dict[str, Any]) -> list[str]:
+    """The paragraph under the table: the split, and how refusal, over-refusal, KL and perplexity were measured."""
+    judged = any(v["edited"].get("refusal_method") == "judge" for v in report["languages"].values())
     first = next(iter(report["languages"].values()))["edited"]
     judge = report.get("judge") or {}
     if judged:
@@ -475,7 +503,7 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
         )
     else:
         over_how = "share of harmless prompts with first-token score > 0 (no harmless generations were judged)"
-    lines += [
+    return [
         "",
         f"Split: **{report.get('split', report['options'].get('split'))}**; n = harmful prompts per language "
         f"(as many harmless ones; {first.get('n_ppl_sentences', 0)} sentences for perplexity). "
@@ -485,59 +513,70 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
         "perplexity edited / baseline on parallel sentences; brackets: seeded percentile bootstrap 95% interval.",
         "",
     ]
-    s = report["summary"]
-    if has_base:
-        bars = s.get("bars_met", {})
 
-        def met(x: Any) -> str:
-            return "not measured" if x is None else ("met" if x else "**not met**")
 
-        pb, pe = s.get("refusal_baseline_pooled"), s.get("refusal_edited_pooled")
-        pooled = ""
-        if pb and pe:
-            pooled = (
-                f" (pooled: {pb['k']}/{pb['n']} [{100 * pb['ci'][0]:.0f}–{100 * pb['ci'][1]:.0f}%] → "
-                f"{pe['k']}/{pe['n']} [{100 * pe['ci'][0]:.0f}–{100 * pe['ci'][1]:.0f}%])"
-            )
-        lines += [
-            "## Summary",
-            "",
-            f"- mean refusal over languages: {_fmt(s['refusal_rate_baseline_mean'], True)} → "
-            f"{_fmt(s['refusal_rate_edited_mean'], True)}{pooled}",
-            f"- languages refusing ≥ {int(100 * BAR_REFUSING)}% at baseline: {', '.join(s['languages_refusing_at_baseline']) or 'none'}; "
-            f"cut by ≥ {int(100 * BAR_REDUCTION)}%: {', '.join(s['languages_meeting_reduction_bar']) or 'none'} "
-            f"(bar {met(bars.get('reduction'))})",
-            f"- KL mean {_fmt(s['kl_mean'])}, max {_fmt(s['kl_max'])} (bar ≤ {BAR_KL}: {met(bars.get('kl'))}); "
-            f"perplexity ratio mean {_fmt(s['perplexity_ratio_mean'])}, max {_fmt(s['perplexity_ratio_max'])} "
-            f"(bar ≤ {BAR_PPL}: {met(bars.get('perplexity_ratio'))})",
-            f"- all design bars met: {'yes' if s['meets_design_bars'] else 'no'}",
-            "",
-        ]
-    for key, title in (
-        ("refusal_png", "Refusal before/after"),
-        ("perplexity_png", "Perplexity ratio"),
-        ("cosine_png", "Direction cosine similarity"),
-        ("transfer_png", "Direction transfer"),
-    ):
-        if key in files:
-            lines += [f"![{title}]({files[key].name})", ""]
-    samples = [(lang, smp) for lang, v in report["languages"].items() for smp in v.get("samples", [])[:1]]
-    if samples:
-        lines += ["## Sample generations (first harmful prompt per language)", ""]
-        for lang, smp in samples:
-            lines.append(f"**{lang}** — {smp['prompt']}")
-            if "baseline" in smp:
-                lines.append(f"- before: {(smp['baseline'] or '').replace(chr(10), ' ')[:200]}")
-            lines.append(f"- after: {(smp['edited'] or '').replace(chr(10), ' ')[:200]}")
-            lines.append("")
-    return "\n".join(lines) + "\n"
+def _md_summary(s: dict[str, Any]) -> list[str]:
+    """The summary of a comparison with a baseline: mean and pooled refusal, and the design bars."""
+    bars = s.get("bars_met", {})
+
+    def met(x: Any) -> str:
+        return "not measured" if x is None else ("met" if x else "**not met**")
+
+    pb, pe = s.get("refusal_baseline_pooled"), s.get("refusal_edited_pooled")
+    pooled = ""
+    if pb and pe:
+        pooled = (
+            f" (pooled: {pb['k']}/{pb['n']} [{100 * pb['ci'][0]:.0f}–{100 * pb['ci'][1]:.0f}%] → "
+            f"{pe['k']}/{pe['n']} [{100 * pe['ci'][0]:.0f}–{100 * pe['ci'][1]:.0f}%])"
+        )
+    return [
+        "## Summary",
+        "",
+        f"- mean refusal over languages: {_fmt(s['refusal_rate_baseline_mean'], True)} → "
+        f"{_fmt(s['refusal_rate_edited_mean'], True)}{pooled}",
+        f"- languages refusing ≥ {int(100 * BAR_REFUSING)}% at baseline: {', '.join(s['languages_refusing_at_baseline']) or 'none'}; "
+        f"cut by ≥ {int(100 * BAR_REDUCTION)}%: {', '.join(s['languages_meeting_reduction_bar']) or 'none'} "
+        f"(bar {met(bars.get('reduction'))})",
+        f"- KL mean {_fmt(s['kl_mean'])}, max {_fmt(s['kl_max'])} (bar ≤ {BAR_KL}: {met(bars.get('kl'))}); "
+        f"perplexity ratio mean {_fmt(s['perplexity_ratio_mean'])}, max {_fmt(s['perplexity_ratio_max'])} "
+        f"(bar ≤ {BAR_PPL}: {met(bars.get('perplexity_ratio'))})",
+        f"- all design bars met: {'yes' if s['meets_design_bars'] else 'no'}",
+        "",
+    ]
+
+
+def _md_samples(languages: dict[str, Any]) -> list[str]:
+    """The first sample generation of each language, before and after."""
+    samples = [(lang, smp) for lang, v in languages.items() for smp in v.get("samples", [])[:1]]
+    if not samples:
+        return []
+    lines = ["## Sample generations (first harmful prompt per language)", ""]
+    for lang, smp in samples:
+        lines.append(f"**{lang}** — {smp['prompt']}")
+        if "baseline" in smp:
+            lines.append(f"- before: {(smp['baseline'] or '').replace(chr(10), ' ')[:200]}")
+        lines.append(f"- after: {(smp['edited'] or '').replace(chr(10), ' ')[:200]}")
+        lines.append("")
+    return lines
 
 
 def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    langs = list(report["languages"])
-    model = display_name(report["models"]["edited"]["id"])
+    files: dict[str, Path] = {"refusal_png": _refusal_plot(report, out)}
+    if report["models"]["baseline"] is not None:
+        files["perplexity_png"] = _perplexity_plot(report, out)
+    if comparison is not None:
+        files.update(_comparison_plots(report, out, comparison))
+    files["json"] = out / "report.json"
+    files["md"] = out / "report.md"
+    report["files"] = {k: v.name for k, v in files.items()}
+    files["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    files["md"].write_text(markdown(report, files), encoding="utf-8")
+    return files
+
+
+def _refusal_plot(report: dict[str, Any], out: Path) -> Path:
+    """``refusal.png``: each language's refusal rate (before and after, with a baseline) and its interval."""
     has_base = report["models"]["baseline"] is not None
     series: dict[str, list[float | None]] = {}
     intervals: dict[str, list[list[float] | None]] = {}
@@ -553,36 +592,44 @@ def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None =
     how = (
         f"judged generations ({report['options'].get('judge')} judge)" if method == "judge" else "first-token score > 0"
     )
-    files["refusal_png"] = grouped_bars(
+    return grouped_bars(
         out / "refusal.png",
-        langs,
+        list(report["languages"]),
         {k: [None if x is None else 100 * x for x in vals] for k, vals in series.items()},
-        title=f"Harmful-prompt refusal per language — {model}",
+        title=f"Harmful-prompt refusal per language — {display_name(report['models']['edited']['id'])}",
         ylabel="refusal rate (%)",
         ylim=(0, 118),
         intervals=intervals,
         note=f"split {report.get('split')}, n = {'/'.join(map(str, ns))} prompts per language; refusal: {how}; "
         "error bars: Wilson 95% interval",
     )
-    if has_base:
-        files["perplexity_png"] = grouped_bars(
-            out / "perplexity_ratio.png",
-            langs,
-            {"edited / baseline": [v.get("perplexity_ratio") for v in report["languages"].values()]},
-            title=f"Perplexity ratio (edited / baseline) on parallel sentences — {model}",
-            ylabel="perplexity ratio",
-            reference=1.0,
-            value_format="{:.2f}",
-            intervals={"edited / baseline": [v.get("perplexity_ratio_ci") for v in report["languages"].values()]},
-            note="error bars: percentile bootstrap 95% interval over sentences",
-        )
-    if comparison is not None:
-        from ..io.comparison import load_comparison
 
-        data = load_comparison(comparison)
-        import numpy as np
 
-        files["cosine_png"] = heatmap(
+def _perplexity_plot(report: dict[str, Any], out: Path) -> Path:
+    """``perplexity_ratio.png``: each language's perplexity ratio (edited / baseline) and its interval."""
+    return grouped_bars(
+        out / "perplexity_ratio.png",
+        list(report["languages"]),
+        {"edited / baseline": [v.get("perplexity_ratio") for v in report["languages"].values()]},
+        title="Perplexity ratio (edited / baseline) on parallel sentences — "
+        f"{display_name(report['models']['edited']['id'])}",
+        ylabel="perplexity ratio",
+        reference=1.0,
+        value_format="{:.2f}",
+        intervals={"edited / baseline": [v.get("perplexity_ratio_ci") for v in report["languages"].values()]},
+        note="error bars: percentile bootstrap 95% interval over sentences",
+    )
+
+
+def _comparison_plots(report: dict[str, Any], out: Path, comparison: Path) -> dict[str, Path]:
+    """The heatmaps of a ``compare-directions`` output (cosine, transfer); records its summary in ``report``."""
+    from ..io.comparison import load_comparison
+
+    data = load_comparison(comparison)
+    import numpy as np
+
+    files = {
+        "cosine_png": heatmap(
             out / "cosine.png",
             np.array(data["cosine"]),
             data["languages"],
@@ -594,28 +641,24 @@ def write_report(report: dict[str, Any], out: Path, *, comparison: Path | None =
             vmax=1.0,
             colorbar="cosine",
         )
-        matrix = np.vstack([np.array(data["baseline_refusal_score"])[None], np.array(data["transfer_refusal_score"])])
-        bound = float(np.abs(matrix).max())
-        files["transfer_png"] = heatmap(
-            out / "transfer.png",
-            matrix,
-            ["baseline", *data["languages"]],
-            data["languages"],
-            title=f"Refusal score after ablating each language's direction — {data['model']}",
-            xlabel="evaluated language",
-            ylabel="ablated direction",
-            cmap="RdBu_r",
-            vmin=-bound,
-            vmax=bound,
-            fmt="{:.1f}",
-            colorbar="refusal score",
-        )
-        report["comparison"] = {"source": display_name(str(comparison)), "summary": data.get("summary")}
-    files["json"] = out / "report.json"
-    files["md"] = out / "report.md"
-    report["files"] = {k: v.name for k, v in files.items()}
-    files["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    files["md"].write_text(markdown(report, files), encoding="utf-8")
+    }
+    matrix = np.vstack([np.array(data["baseline_refusal_score"])[None], np.array(data["transfer_refusal_score"])])
+    bound = float(np.abs(matrix).max())
+    files["transfer_png"] = heatmap(
+        out / "transfer.png",
+        matrix,
+        ["baseline", *data["languages"]],
+        data["languages"],
+        title=f"Refusal score after ablating each language's direction — {data['model']}",
+        xlabel="evaluated language",
+        ylabel="ablated direction",
+        cmap="RdBu_r",
+        vmin=-bound,
+        vmax=bound,
+        fmt="{:.1f}",
+        colorbar="refusal score",
+    )
+    report["comparison"] = {"source": display_name(str(comparison)), "summary": data.get("summary")}
     return files
 
 
@@ -627,7 +670,7 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise EvaluationError(
-            f"output folder {out} is not writable ({e.strerror or e}): choose another <<out>>"
+            f"output folder {out} is not writable ({e.strerror or e}): choose another <<out>>", path=out, option="out"
         ) from None
 
 

@@ -100,7 +100,9 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.split not in ("auto", "train", "val", "test"):
-            raise EvaluationError(f"unknown <<split>> {self.split!r}: use auto, train, val or test")
+            raise EvaluationError(
+                f"unknown <<split>> {self.split!r}: use auto, train, val or test", option="split", value=self.split
+            )
         for name in ("limit", "max_new_tokens", "batch_size", "gen_batch_size", "ppl_limit", "mgsm_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise OptionsError(name, getattr(self, name), "must be at least 1")
@@ -175,7 +177,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, ValueError) as e:
-        raise PromptsError(f"cannot read {path}: {e}") from None
+        raise PromptsError(f"cannot read {path}: {e}", path=path) from None
 
 
 def _eval_prompts(options: EvalOptions, kind: Kind, lang: str) -> tuple[list[str], str]:
@@ -184,7 +186,9 @@ def _eval_prompts(options: EvalOptions, kind: Kind, lang: str) -> tuple[list[str
         chosen = role_prompts(options.prompts, kind, lang, "judge")
         return chosen.texts[: options.limit], chosen.description
     if options.split not in ("train", "val", "test"):
-        raise EvaluationError(f"unknown <<split>> {options.split!r}: use auto, train, val or test")
+        raise EvaluationError(
+            f"unknown <<split>> {options.split!r}: use auto, train, val or test", option="split", value=options.split
+        )
     texts = [p.text for p in load_prompts(options.prompts, kind, lang, cast(Split, options.split))]
     return texts[: options.limit], f"{options.split} split (chosen by the user)"
 
@@ -194,7 +198,9 @@ def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
     harmless, _ = _eval_prompts(options, "harmless", lang)
     if not harmful or not harmless:
         raise EvaluationError(
-            f"empty prompt source for {lang}: no harmful or harmless prompts in split {options.split!r}"
+            f"empty prompt source for {lang}: no harmful or harmless prompts in split {options.split!r}",
+            option="prompts",
+            value=options.prompts,
         )
     # Refusal tokens come from the fit (training) prompts, never from the prompts they score.
     token_harmful = role_prompts(options.prompts, "harmful", lang, "fit").texts[: options.limit]
@@ -203,7 +209,10 @@ def load_eval_data(lang: str, options: EvalOptions) -> EvalData:
         path = Path(options.ppl_source) / f"{lang}.jsonl"
         if not path.exists():
             raise EvaluationError(
-                f"{options.ppl_source} has no {lang}.jsonl for perplexity: pass a folder with one file per language"
+                f"{options.ppl_source} has no {lang}.jsonl for perplexity: pass a folder with one file per language",
+                path=path,
+                option="ppl_source",
+                value=options.ppl_source,
             )
         ppl = [str(r["text"]) for r in _read_jsonl(path) if r.get("text")][: options.ppl_limit]
     else:

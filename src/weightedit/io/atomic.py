@@ -377,7 +377,9 @@ def _make_parents(folder: Path) -> list[Path]:
             break
         p = p.parent
     if os.path.lexists(p) and not p.is_dir():
-        raise UnsafeOutputError(f"cannot create {folder}: {p} is a file, not a folder; choose another <<out>>")
+        raise UnsafeOutputError(
+            f"cannot create {folder}: {p} is a file, not a folder; choose another <<out>>", path=folder, option="out"
+        )
     created: list[Path] = []
     for d in reversed(missing):
         try:
@@ -433,13 +435,17 @@ def _check_length(out: Path) -> None:
         if size > name_max:
             raise UnsafeOutputError(
                 f"<<out>> name {part[:40]}… is {size} bytes long, over the file system's limit of {name_max}: "
-                "choose a shorter name"
+                "choose a shorter name",
+                path=out,
+                option="out",
             )
     size = len(os.fsencode(str(out))) + _TMP_OVERHEAD
     if size >= path_max:
         raise UnsafeOutputError(
             f"<<out>> path is {size - _TMP_OVERHEAD} bytes long, too close to the file system's limit of {path_max} "
-            "(PATH_MAX): choose a shorter path"
+            "(PATH_MAX): choose a shorter path",
+            path=out,
+            option="out",
         )
 
 
@@ -493,7 +499,7 @@ def _check_writable(out: Path) -> None:
 
 def _resolved(out: Path | str) -> Path:
     if str(out).strip() == "":
-        raise UnsafeOutputError("<<out>> is empty: pass the path to write to")
+        raise UnsafeOutputError("<<out>> is empty: pass the path to write to", option="out", value=out)
     absolute = Path(os.path.abspath(Path(out).expanduser()))
     _check_length(absolute)  # before resolving: resolving a name over the limit fails in the kernel
     return absolute.resolve()
@@ -541,12 +547,23 @@ def check_output_file(
     _check_overlap(out, tuple(inputs))
     _check_writable(out)
     if out.is_dir():
-        raise OutputExistsError(f"{option} {out} is a folder: pass a file name (e.g. {out / 'refusal.safetensors'})")
+        raise OutputExistsError(
+            f"{option} {out} is a folder: pass a file name (e.g. {out / 'refusal.safetensors'})",
+            path=out,
+            option=_marked(option),
+        )
     if os.path.lexists(out) and not overwrite:
         raise OutputExistsError(
-            f"{option} {out} already exists: pass <<overwrite>> to replace it, or choose another path"
+            f"{option} {out} already exists: pass <<overwrite>> to replace it, or choose another path",
+            path=out,
+            option=_marked(option),
         )
     return out
+
+
+def _marked(label: str) -> str | None:
+    """The option name in a ``<<option>>`` label, or ``None`` for a plain label (``scores file``)."""
+    return label[2:-2] if label.startswith("<<") and label.endswith(">>") else None
 
 
 def _write_error(err: OSError, out: Path, what: str | None = None) -> WriteFailedError:
@@ -555,12 +572,16 @@ def _write_error(err: OSError, out: Path, what: str | None = None) -> WriteFaile
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
         folder = Path(err.filename).parent
         return WriteFailedError(
-            f"output folder {folder} is not writable ({err.strerror}): choose another <<out>>; nothing was written"
+            f"output folder {folder} is not writable ({err.strerror}): choose another <<out>>; nothing was written",
+            path=folder,
+            option="out",
         )
     where = f" ({err.filename})" if err.filename else ""
     return WriteFailedError(
         f"{what or f'writing {out} failed'}: {err.strerror or err}{where}; check the path and its permissions, "
-        "or choose another <<out>>; nothing was written"
+        "or choose another <<out>>; nothing was written",
+        path=out,
+        option="out",
     )
 
 
@@ -569,9 +590,11 @@ def disk_full_error(err: OSError, out: Path) -> WriteFailedError:
     if err.errno in _DISK_FULL:
         return WriteFailedError(
             f"not enough disk space while writing {out} ({os.strerror(err.errno)}): free space or choose "
-            "another <<out>>; nothing was written"
+            "another <<out>>; nothing was written",
+            path=out,
+            option="out",
         )
-    return WriteFailedError(f"writing {out} failed: {err.strerror or err}; nothing was written")
+    return WriteFailedError(f"writing {out} failed: {err.strerror or err}; nothing was written", path=out)
 
 
 def ensure_free_space(parent: Path, needed: int, out: Path) -> None:
@@ -580,7 +603,9 @@ def ensure_free_space(parent: Path, needed: int, out: Path) -> None:
     if free < needed:
         raise WriteFailedError(
             f"not enough disk space for {out}: {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in "
-            f"{parent}; free space or choose another <<out>>"
+            f"{parent}; free space or choose another <<out>>",
+            path=out,
+            option="out",
         )
 
 
@@ -613,7 +638,11 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, record: bool = True
     created = _make_parents(parent)
     if not os.access(parent, os.W_OK):
         _remove_created(created)
-        raise WriteFailedError(f"output folder {parent} is not writable: choose another <<out>>; nothing was written")
+        raise WriteFailedError(
+            f"output folder {parent} is not writable: choose another <<out>>; nothing was written",
+            path=parent,
+            option="out",
+        )
     _report_stale(parent, out.name)
     tmp = parent / _temp_name(out.name)
     _live.add(tmp)
@@ -680,7 +709,7 @@ def atomic_file(out: Path | str, *, record: bool = True) -> Iterator[Path]:
     out = Path(os.path.abspath(Path(out).expanduser()))
     _check_length(out)
     if out.is_dir():
-        raise OutputExistsError(f"{out} is a folder: pass a file name")
+        raise OutputExistsError(f"{out} is a folder: pass a file name", path=out)
     created = _make_parents(out.parent)
     _report_stale(out.parent, out.name)
     tmp = out.parent / _temp_name(out.name)

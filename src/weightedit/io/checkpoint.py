@@ -137,31 +137,36 @@ def read_header(path: Path) -> ShardHeader:
             if len(prefix) < 8:
                 raise InvalidCheckpointError(
                     f"{path} is not a safetensors file ({size} bytes, shorter than the 8-byte header "
-                    "length): re-download or re-save the checkpoint"
+                    "length): re-download or re-save the checkpoint",
+                    path=path,
                 )
             (n,) = struct.unpack("<Q", prefix)
             if n == 0 or n > _MAX_HEADER_BYTES or 8 + n > size:
                 raise InvalidCheckpointError(
                     f"{path} has a corrupted safetensors header (declared header length {n}, file size "
-                    f"{size}): re-download or re-save the checkpoint"
+                    f"{size}): re-download or re-save the checkpoint",
+                    path=path,
                 )
             raw = f.read(n)
     except OSError as e:
-        raise InvalidCheckpointError(f"cannot read {path}: {e.strerror or e}; check the path and permissions") from e
+        raise InvalidCheckpointError(
+            f"cannot read {path}: {e.strerror or e}; check the path and permissions", path=path
+        ) from e
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidCheckpointError(
-            f"{path} has a corrupted safetensors header ({e}): re-download or re-save the checkpoint"
+            f"{path} has a corrupted safetensors header ({e}): re-download or re-save the checkpoint", path=path
         ) from None
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise InvalidCheckpointError(
             f"{path}: its safetensors __metadata__ is a JSON {type(metadata).__name__}, not an object of strings; "
-            "re-save the file"
+            "re-save the file",
+            path=path,
         )
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -174,18 +179,21 @@ def read_header(path: Path) -> ShardHeader:
         except (KeyError, TypeError, ValueError):
             raise InvalidCheckpointError(
                 f"{path} has a corrupted header entry for tensor {name!r} (shape and offsets must be whole "
-                "numbers): re-download or re-save the checkpoint"
+                "numbers): re-download or re-save the checkpoint",
+                path=path,
             ) from None
         if dtype not in DTYPES:
             raise InvalidCheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype!r}, which weightedit does not know; "
-                "convert the checkpoint to bf16/fp16/fp32 safetensors"
+                "convert the checkpoint to bf16/fp16/fp32 safetensors",
+                path=path,
             )
         info = TensorInfo(name, dtype, shape, start, end)
         if end < start or info.nbytes != info.numel * DTYPES[dtype][1]:
             raise InvalidCheckpointError(
                 f"{path}: tensor {name!r} has byte range [{start}, {end}) inconsistent with shape {list(shape)} "
-                f"and dtype {dtype}: the header is corrupted; re-download or re-save the checkpoint"
+                f"and dtype {dtype}: the header is corrupted; re-download or re-save the checkpoint",
+                path=path,
             )
         tensors[name] = info
 
@@ -194,17 +202,21 @@ def read_header(path: Path) -> ShardHeader:
         if info.start != expected:
             raise InvalidCheckpointError(
                 f"{path}: tensor {info.name!r} starts at byte {info.start}, expected {expected} (gap or overlap "
-                "in the data section): the file is corrupted; re-download or re-save the checkpoint"
+                "in the data section): the file is corrupted; re-download or re-save the checkpoint",
+                path=path,
             )
         expected = info.end
     if 8 + n + expected != size:
         what = "truncated" if 8 + n + expected > size else "longer than its header says"
         raise InvalidCheckpointError(
             f"{path} is {what} ({size} bytes on disk, {8 + n + expected} expected from its header): "
-            "re-download or re-save the checkpoint"
+            "re-download or re-save the checkpoint",
+            path=path,
         )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise InvalidCheckpointError(f"{path}: safetensors metadata must map strings to strings; re-save the file")
+        raise InvalidCheckpointError(
+            f"{path}: safetensors metadata must map strings to strings; re-save the file", path=path
+        )
     return ShardHeader(path=path, header_size=n, tensors=tensors, metadata=dict(metadata), file_size=size)
 
 
@@ -275,7 +287,8 @@ class Checkpoint:
         if not folder.is_dir():
             raise ModelNotFoundError(
                 f"model folder {folder} does not exist: pass a save_pretrained folder, a .gguf file, "
-                "a Hub id, or recipe:NAME"
+                "a Hub id, or recipe:NAME",
+                path=folder,
             )
         config_path = folder / "config.json"
         try:
@@ -283,13 +296,17 @@ class Checkpoint:
         except FileNotFoundError:
             raise ModelNotFoundError(
                 f"{folder} has no config.json: pass a transformers save_pretrained folder "
-                "(or a .gguf file with <<gguf_file>>)"
+                "(or a .gguf file with <<gguf_file>>)",
+                path=folder,
             ) from None
         except (OSError, ValueError) as e:
-            raise InvalidCheckpointError(f"cannot read {config_path}: {e}; fix or re-download config.json") from None
+            raise InvalidCheckpointError(
+                f"cannot read {config_path}: {e}; fix or re-download config.json", path=config_path
+            ) from None
         if not isinstance(config, dict):
             raise InvalidCheckpointError(
-                f"{config_path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json"
+                f"{config_path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json",
+                path=config_path,
             )
 
         index_path = folder / WEIGHTS_INDEX_NAME
@@ -300,19 +317,22 @@ class Checkpoint:
                 weight_map = dict(index["weight_map"])
             except (OSError, ValueError, KeyError, TypeError):
                 raise InvalidCheckpointError(
-                    f"{index_path} is not a valid safetensors index: re-download or re-save the checkpoint"
+                    f"{index_path} is not a valid safetensors index: re-download or re-save the checkpoint",
+                    path=index_path,
                 ) from None
             bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
             if bad is not None:
                 raise InvalidCheckpointError(
                     f"{index_path.name} maps tensor {bad[0]!r} to {bad[1]!r}, not to a shard file name: "
-                    "re-download or re-save the checkpoint"
+                    "re-download or re-save the checkpoint",
+                    path=index_path,
                 )
             escaping = next((v for v in weight_map.values() if Path(v).name != v), None)
             if escaping is not None:
                 raise InvalidCheckpointError(
                     f"{index_path.name} lists shard {escaping!r}, which is not a file name inside the model folder: "
-                    "re-download or re-save the checkpoint"
+                    "re-download or re-save the checkpoint",
+                    path=index_path,
                 )
             shard_names = sorted(set(weight_map.values()))
         elif (folder / SINGLE_WEIGHTS_NAME).exists():
@@ -326,14 +346,15 @@ class Checkpoint:
                 if others
                 else ""
             )
-            raise InvalidCheckpointError(f"{folder} has no safetensors weights{hint}")
+            raise InvalidCheckpointError(f"{folder} has no safetensors weights{hint}", path=folder)
 
         shards = []
         for name in shard_names:
             path = folder / name
             if not path.exists():
                 raise InvalidCheckpointError(
-                    f"{index_path.name} lists shard {name}, which is missing from {folder}: re-download the checkpoint"
+                    f"{index_path.name} lists shard {name}, which is missing from {folder}: re-download the checkpoint",
+                    path=path,
                 )
             shards.append(read_header(path))
         seen: dict[str, str] = {}
@@ -341,7 +362,8 @@ class Checkpoint:
             for tname in shard.tensors:
                 if tname in seen:
                     raise InvalidCheckpointError(
-                        f"tensor {tname!r} appears in both {seen[tname]} and {shard.path.name}: the checkpoint is corrupted"
+                        f"tensor {tname!r} appears in both {seen[tname]} and {shard.path.name}: the checkpoint is corrupted",
+                        path=shard.path,
                     )
                 seen[tname] = shard.path.name
         if index is not None and seen != weight_map:
@@ -351,11 +373,13 @@ class Checkpoint:
                 where = f"it is stored in {seen[name]}" if name in seen else f"{weight_map[name]} does not hold it"
                 raise InvalidCheckpointError(
                     f"{index_path.name} maps tensor {name!r} to {weight_map[name]}, but {where}"
-                    f"{f' ({len(wrong)} tensors wrong)' if len(wrong) > 1 else ''}: re-download or re-save the checkpoint"
+                    f"{f' ({len(wrong)} tensors wrong)' if len(wrong) > 1 else ''}: re-download or re-save the checkpoint",
+                    path=index_path,
                 )
             extra = sorted(set(seen) - set(weight_map))[:3]
             raise InvalidCheckpointError(
-                f"{index_path.name} does not list tensors its shards hold ({extra}): re-download or re-save the checkpoint"
+                f"{index_path.name} does not list tensors its shards hold ({extra}): re-download or re-save the checkpoint",
+                path=index_path,
             )
         return cls(folder=folder, config=config, shards=shards, index=index, weight_map=seen)
 
@@ -369,7 +393,8 @@ class Checkpoint:
         if width is not None:
             return width
         raise InvalidCheckpointError(
-            f"{self.folder}/config.json has no hidden_size: cannot tell the residual-stream width"
+            f"{self.folder}/config.json has no hidden_size: cannot tell the residual-stream width",
+            path=self.folder / "config.json",
         )
 
     def tensors(self) -> Iterator[tuple[ShardHeader, TensorInfo]]:
@@ -399,13 +424,15 @@ class Checkpoint:
         if qc and method not in _FULL_PRECISION_METHODS:
             raise QuantizedCheckpointError(
                 f"{self.folder} is a quantized checkpoint ({method or 'unknown method'}): weightedit edits "
-                "full-precision weights; use the unquantized model, or dequantize it and save_pretrained in bf16"
+                "full-precision weights; use the unquantized model, or dequantize it and save_pretrained in bf16",
+                path=self.folder,
             )
         for _, info in self.tensors():
             if info.name.endswith(_QUANTIZED_SUFFIXES):
                 raise QuantizedCheckpointError(
                     f"{self.folder} holds quantized tensors (e.g. {info.name!r}): weightedit edits "
-                    "full-precision weights; use the unquantized model, or dequantize it and save_pretrained in bf16"
+                    "full-precision weights; use the unquantized model, or dequantize it and save_pretrained in bf16",
+                    path=self.folder,
                 )
 
 
@@ -415,7 +442,7 @@ def read_tensor_bytes(
     """Read ``info`` (or rows ``[row_start, row_end)`` of its first axis) from disk into a new tensor."""
     dtype = info.torch_dtype
     if dtype is None:
-        raise InvalidCheckpointError(f"tensor {info.name!r} has non-float dtype {info.dtype}")
+        raise InvalidCheckpointError(f"tensor {info.name!r} has non-float dtype {info.dtype}", path=shard.path)
     rows = info.shape[0] if info.shape else 1
     row_end = rows if row_end is None else row_end
     row_bytes = info.nbytes // rows if rows else 0
@@ -431,5 +458,7 @@ def read_tensor_bytes(
             while got < length and (n := f.readinto(view[got:])):
                 got += n
         if got != length:
-            raise InvalidCheckpointError(f"{shard.path} is truncated while reading {info.name!r}: re-download it")
+            raise InvalidCheckpointError(
+                f"{shard.path} is truncated while reading {info.name!r}: re-download it", path=shard.path
+            )
     return raw.view(dtype).reshape(shape)

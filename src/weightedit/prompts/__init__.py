@@ -82,8 +82,10 @@ class Prompt:
     category: str | None = None
 
 
-def parse_languages(value: str | list[str] | tuple[str, ...], *, available: tuple[str, ...] = LANGUAGES) -> list[str]:
-    """``"all"`` / ``"en,zh"`` / a list -> validated language codes.
+def parse_languages(
+    value: str | list[str] | tuple[str, ...], *, available: tuple[str, ...] = LANGUAGES, option: str = "langs"
+) -> list[str]:
+    """``"all"`` / ``"en,zh"`` / a list -> validated language codes (``option`` names the option they were given in).
 
     Raises:
         PromptsError: an unknown code; the message lists the available ones.
@@ -96,7 +98,9 @@ def parse_languages(value: str | list[str] | tuple[str, ...], *, available: tupl
     if unknown or not codes:
         raise PromptsError(
             f"no prompts for language {', '.join(unknown) or '(none given)'}: available languages are "
-            f"{', '.join(available)} (or 'all')"
+            f"{', '.join(available)} (or 'all')",
+            option=option,
+            value=value,
         )
     return list(dict.fromkeys(codes))
 
@@ -108,8 +112,8 @@ def _builtin_root():
 def builtin_prompts(kind: Kind, lang: str, split: Split | None = None) -> list[Prompt]:
     """The built-in ``kind`` prompts of ``lang`` (all, or one split)."""
     if kind not in ("harmful", "harmless"):
-        raise PromptsError(f"prompt kind must be 'harmful' or 'harmless', got {kind!r}")
-    parse_languages([lang])
+        raise PromptsError(f"prompt kind must be 'harmful' or 'harmless', got {kind!r}", option="kind", value=kind)
+    parse_languages([lang], option="lang")
     path = _builtin_root() / kind / f"{lang}.jsonl"
     prompts = _read_jsonl(Path(str(path)), kind=kind, lang=lang)
     return [p for p in prompts if split is None or p.split == split]
@@ -130,7 +134,10 @@ def load_prompts(source: str | Path | None, kind: Kind, lang: str, split: Split 
         path = Path(text).expanduser()
     if not path.exists():
         raise PromptsError(
-            f"prompt source {path} does not exist: pass a JSONL/CSV file, a folder, or hf://datasets/ORG/NAME"
+            f"prompt source {path} does not exist: pass a JSONL/CSV file, a folder, or hf://datasets/ORG/NAME",
+            path=path,
+            option="prompts",
+            value=source,
         )
     if path.is_dir():
         prompts = _read_folder(path, kind=kind, lang=lang, split=split)
@@ -144,7 +151,8 @@ def load_prompts(source: str | Path | None, kind: Kind, lang: str, split: Split 
         raise PromptsError(
             f"{path} has no {kind} prompts for language {lang!r}"
             + (f" in split {split!r}" if split else "")
-            + ": check its lang/kind/split columns or folder layout"
+            + ": check its lang/kind/split columns or folder layout",
+            path=path,
         )
     return prompts
 
@@ -201,7 +209,9 @@ def prompt_roles(source: str | Path | None, kind: Kind, lang: str) -> dict[Role,
         if len(prompts) < 2:
             raise PromptsError(
                 f"{source or 'the built-in set'} has {len(prompts)} {kind} {lang} prompts in its {split} split, too "
-                "few to hold some out for selection: add prompts or a val split"
+                "few to hold some out for selection: add prompts or a val split",
+                option="prompts",
+                value=source,
             )
         cut = len(prompts) - max(1, len(prompts) // 5)
         return (
@@ -213,7 +223,9 @@ def prompt_roles(source: str | Path | None, kind: Kind, lang: str) -> dict[Role,
         if "train" not in splits:
             raise PromptsError(
                 f"{source or 'the built-in set'} has no train split of {kind} {lang} prompts: add one, or use a source "
-                "without splits"
+                "without splits",
+                option="prompts",
+                value=source,
             )
         if "test" in splits:
             judge = RolePrompts(splits["test"], "judge", "test", "")
@@ -232,7 +244,9 @@ def prompt_roles(source: str | Path | None, kind: Kind, lang: str) -> dict[Role,
         if len(everything) < 3:
             raise PromptsError(
                 f"{source} has {len(everything)} {kind} {lang} prompts, too few to split into fit/select/judge parts: "
-                "add prompts"
+                "add prompts",
+                option="prompts",
+                value=source,
             )
         a = (len(everything) * 3) // 5
         b = a + max(1, len(everything) // 5)
@@ -249,7 +263,7 @@ def role_prompts(source: str | Path | None, kind: Kind, lang: str, role: Role) -
         PromptsError: an unknown role, or the source has no such prompts or too few to split.
     """
     if role not in ROLES:
-        raise PromptsError(f"prompt role must be one of {', '.join(ROLES)}, got {role!r}")
+        raise PromptsError(f"prompt role must be one of {', '.join(ROLES)}, got {role!r}", option="role", value=role)
     return prompt_roles(source, kind, lang)[role]
 
 
@@ -264,7 +278,11 @@ def _download_dataset(repo_id: str) -> Path:
             snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.jsonl", "*.csv", "*.json", "*/*.jsonl"])
         )
     except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise PromptsError(f"cannot download dataset {repo_id} from the Hub: {str(e).splitlines()[0]}") from None
+        raise PromptsError(
+            f"cannot download dataset {repo_id} from the Hub: {str(e).splitlines()[0]}",
+            option="prompts",
+            value=f"hf://datasets/{repo_id}",
+        ) from None
 
 
 def _read_folder(folder: Path, *, kind: str, lang: str, split: str | None) -> list[Prompt]:
@@ -301,16 +319,16 @@ def _read_file(path: Path, *, kind: str | None, lang: str | None) -> list[Prompt
         return _read_csv(path, kind=kind, lang=lang)
     if path.suffix.lower() in (".jsonl", ".json"):
         return _read_jsonl(path, kind=kind, lang=lang)
-    raise PromptsError(f"prompt file {path} must be .jsonl or .csv")
+    raise PromptsError(f"prompt file {path} must be .jsonl or .csv", path=path)
 
 
-def _row_to_prompt(row: dict, *, where: str, index: int, kind: str | None, lang: str | None) -> Prompt:
+def _row_to_prompt(row: dict, *, path: Path, where: str, index: int, kind: str | None, lang: str | None) -> Prompt:
     text = next((row[c] for c in _TEXT_COLUMNS if isinstance(row.get(c), str)), None)
     if text is None:
-        raise PromptsError(f"{where}: no instruction column (expected one of {', '.join(_TEXT_COLUMNS)})")
+        raise PromptsError(f"{where}: no instruction column (expected one of {', '.join(_TEXT_COLUMNS)})", path=path)
     text = text.strip()
     if not text:
-        raise PromptsError(f"{where}: empty instruction")
+        raise PromptsError(f"{where}: empty instruction", path=path)
     row_kind = row.get("kind") or row.get("label") or kind or ""
     row_kind = _KIND_ALIASES.get(str(row_kind).lower(), str(row_kind).lower())
     return Prompt(
@@ -327,13 +345,16 @@ def _read_jsonl(path: Path, *, kind: str | None, lang: str | None) -> list[Promp
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise PromptsError(f"cannot read prompt file {path}: {e}") from None
+        raise PromptsError(f"cannot read prompt file {path}: {e}", path=path) from None
     if path.suffix.lower() == ".json" and lines and lines[0].lstrip().startswith("["):
         try:
             rows = json.loads("\n".join(lines))
         except ValueError as e:
-            raise PromptsError(f"{path}: invalid JSON ({e})") from None
-        return [_row_to_prompt(r, where=f"{path} item {i}", index=i, kind=kind, lang=lang) for i, r in enumerate(rows)]
+            raise PromptsError(f"{path}: invalid JSON ({e})", path=path) from None
+        return [
+            _row_to_prompt(r, path=path, where=f"{path} item {i}", index=i, kind=kind, lang=lang)
+            for i, r in enumerate(rows)
+        ]
     out = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -341,10 +362,14 @@ def _read_jsonl(path: Path, *, kind: str | None, lang: str | None) -> list[Promp
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise PromptsError(f"{path} line {number}: invalid JSON ({e.args[0] if e.args else e})") from None
+            raise PromptsError(
+                f"{path} line {number}: invalid JSON ({e.args[0] if e.args else e})", path=path
+            ) from None
         if not isinstance(row, dict):
-            raise PromptsError(f"{path} line {number}: expected a JSON object with an 'instruction' field")
-        out.append(_row_to_prompt(row, where=f"{path} line {number}", index=number - 1, kind=kind, lang=lang))
+            raise PromptsError(f"{path} line {number}: expected a JSON object with an 'instruction' field", path=path)
+        out.append(
+            _row_to_prompt(row, path=path, where=f"{path} line {number}", index=number - 1, kind=kind, lang=lang)
+        )
     return out
 
 
@@ -354,11 +379,12 @@ def _read_csv(path: Path, *, kind: str | None, lang: str | None) -> list[Prompt]
             reader = csv.DictReader(f)
             if not reader.fieldnames or not any(c in reader.fieldnames for c in _TEXT_COLUMNS):
                 raise PromptsError(
-                    f"{path} line 1: the CSV header needs an instruction column (one of {', '.join(_TEXT_COLUMNS)})"
+                    f"{path} line 1: the CSV header needs an instruction column (one of {', '.join(_TEXT_COLUMNS)})",
+                    path=path,
                 )
             return [
-                _row_to_prompt(row, where=f"{path} line {i + 2}", index=i, kind=kind, lang=lang)
+                _row_to_prompt(row, path=path, where=f"{path} line {i + 2}", index=i, kind=kind, lang=lang)
                 for i, row in enumerate(reader)
             ]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise PromptsError(f"cannot read prompt file {path}: {e}") from None
+        raise PromptsError(f"cannot read prompt file {path}: {e}", path=path) from None

@@ -93,7 +93,8 @@ class LoadedModel:
         width = residual_width(self.model.config)
         if width is None:
             raise InvalidCheckpointError(
-                f"{self.source.public_name}/config.json has no hidden_size: cannot tell the residual-stream width"
+                f"{self.source.public_name}/config.json has no hidden_size: cannot tell the residual-stream width",
+                path=Path(self.source.folder) / "config.json",
             )
         return width
 
@@ -137,12 +138,18 @@ def load_model(
     if options.chat_template is not None:
         path = Path(options.chat_template)
         if not path.is_file():
-            raise ChatTemplateError(f"<<chat_template>> {path} does not exist: pass a Jinja chat template file")
+            raise ChatTemplateError(
+                f"<<chat_template>> {path} does not exist: pass a Jinja chat template file",
+                path=path,
+                option="chat_template",
+                value=options.chat_template,
+            )
         template = path.read_text(encoding="utf-8")
     elif not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"{source.given} has no chat template (it may be a base model): use an instruction-tuned model, "
-            "or pass <<chat_template>> FILE with a Jinja template"
+            "or pass <<chat_template>> FILE with a Jinja template",
+            path=source.folder,
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -179,14 +186,16 @@ def _load_tokenizer(auto: Any, source: ModelSource, *, trust_remote_code: bool) 
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
         raise ModelNotFoundError(
             f"{source.public_name} has no tokenizer files (tokenizer.json or tokenizer_config.json): copy them "
-            "from the model it was made from into its folder"
+            "from the model it was made from into its folder",
+            path=folder,
         )
     try:
         return auto.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError, KeyError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelNotFoundError(
-            f"transformers cannot load the tokenizer of {source.public_name} ({first}): check its tokenizer files"
+            f"transformers cannot load the tokenizer of {source.public_name} ({first}): check its tokenizer files",
+            path=folder,
         ) from None
 
 

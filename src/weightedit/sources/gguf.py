@@ -42,7 +42,9 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise InvalidCheckpointError(f"{path} is not a GGUF file (it does not start with 'GGUF'): check the path")
+        raise InvalidCheckpointError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'): check the path", path=path
+        )
     with status(f"hashing {path.name}", enabled=progress):
         digest = cached_sha256(path)
     out = cache_dir() / "gguf" / f"{digest[:16]}-{dtype}"
@@ -50,7 +52,11 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
         return out, digest
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise WeighteditError(f"unknown dtype {dtype!r} for GGUF conversion: use bfloat16, float16 or float32")
+        raise WeighteditError(
+            f"unknown dtype {dtype!r} for GGUF conversion: use bfloat16, float16 or float32",
+            option="gguf_dtype",
+            value=dtype,
+        )
     with (
         atomic_output_dir(out, overwrite=True, record=False) as tmp,
         status(f"dequantizing {path.name} (once; cached)", enabled=progress),
@@ -69,14 +75,15 @@ def convert_gguf(path: Path, *, dtype: str = "bfloat16", progress: bool = True) 
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if isinstance(e, (struct.error, EOFError, IndexError)):
                 raise InvalidCheckpointError(
-                    f"{path.name} is truncated or corrupted inside its GGUF header ({first}): re-download it"
+                    f"{path.name} is truncated or corrupted inside its GGUF header ({first}): re-download it", path=path
                 ) from None
-            raise ModelNotFoundError(f"transformers cannot load {path.name}: {first}") from None
+            raise ModelNotFoundError(f"transformers cannot load {path.name}: {first}", path=path) from None
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
                 raise ModelNotFoundError(
                     f"{path.name} did not dequantize fully ({name} is {tensor.dtype}); convert it to "
-                    "safetensors with another tool first"
+                    "safetensors with another tool first",
+                    path=path,
                 )
         # Every weight is a plain tensor now: drop the marker that makes save_pretrained refuse.
         # nn.Module types attribute assignment for tensors and modules; transformers keeps its quantizer (or None)

@@ -62,14 +62,20 @@ def from_hub(
         folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_ALLOW_PATTERNS))
     except GatedRepoError:
         raise ModelNotFoundError(
-            f"{repo_id} is gated: accept its license on the Hub and pass <<token>> (or set HF_TOKEN)"
+            f"{repo_id} is gated: accept its license on the Hub and pass <<token>> (or set HF_TOKEN)",
+            option="model",
+            value=repo_id,
         ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(
-            f"Hub repo {repo_id} not found (or private): check the id, or pass <<token>> / set HF_TOKEN"
+            f"Hub repo {repo_id} not found (or private): check the id, or pass <<token>> / set HF_TOKEN",
+            option="model",
+            value=repo_id,
         ) from None
     except RevisionNotFoundError:
-        raise ModelNotFoundError(f"revision {revision!r} not found in {repo_id}: check <<revision>>") from None
+        raise ModelNotFoundError(
+            f"revision {revision!r} not found in {repo_id}: check <<revision>>", option="revision", value=revision
+        ) from None
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(
             f"cannot download {repo_id}: the Hub is unreachable and it is not in the cache "

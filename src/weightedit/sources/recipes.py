@@ -80,7 +80,7 @@ def _parse(path: Path) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}", path=path) from None
     try:
         mirror = None
         if data.get("mirror"):
@@ -110,7 +110,7 @@ def _parse(path: Path) -> Recipe:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise RecipeError(
-            f"recipe {path} is missing or has a malformed field ({e}); see 'Adding a recipe' in the README"
+            f"recipe {path} is missing or has a malformed field ({e}); see 'Adding a recipe' in the README", path=path
         ) from None
 
 

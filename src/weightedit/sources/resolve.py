@@ -60,7 +60,9 @@ def resolve_model(
     given = str(model)
     if not given.strip():
         raise ModelNotFoundError(
-            "<<model>> is empty: pass a save_pretrained folder, a .gguf file, a Hub id (org/name) or recipe:NAME"
+            "<<model>> is empty: pass a save_pretrained folder, a .gguf file, a Hub id (org/name) or recipe:NAME",
+            option="model",
+            value=given,
         )
     if given.startswith("recipe:"):
         return fetch_recipe(given.split(":", 1)[1], progress=progress)
@@ -70,24 +72,32 @@ def resolve_model(
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ModelNotFoundError(
-                    f"{path} is a file but not a .gguf: pass a save_pretrained folder, a .gguf file, or a Hub id"
+                    f"{path} is a file but not a .gguf: pass a save_pretrained folder, a .gguf file, or a Hub id",
+                    path=path,
                 )
             return from_gguf(path, given=given, dtype=gguf_dtype, progress=progress)
         if gguf_file:
             target = path / gguf_file
             if not target.is_file():
-                raise ModelNotFoundError(f"<<gguf_file>> {gguf_file} is not in {path}: check the file name")
+                raise ModelNotFoundError(
+                    f"<<gguf_file>> {gguf_file} is not in {path}: check the file name",
+                    path=target,
+                    option="gguf_file",
+                    value=gguf_file,
+                )
             return from_gguf(target, given=given, dtype=gguf_dtype, progress=progress)
         if not (path / "config.json").exists():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             if ggufs:
                 raise ModelNotFoundError(
                     f"{path} has no config.json but holds {ggufs[0]}: pass <<gguf_file>> {ggufs[0]} "
-                    "(or the .gguf path itself as <<model>>)"
+                    "(or the .gguf path itself as <<model>>)",
+                    path=path,
                 )
             raise ModelNotFoundError(
                 f"{path} is not a transformers checkpoint (no config.json): pass a save_pretrained folder, "
-                "a .gguf file, a Hub id or recipe:NAME"
+                "a .gguf file, a Hub id or recipe:NAME",
+                path=path,
             )
         _check_config(path / "config.json")
         return ModelSource(folder=path.resolve(), given=given, kind="local", inputs=(path.resolve(),))
@@ -96,7 +106,10 @@ def resolve_model(
     if looks_local or not is_hub_id(given):
         raise ModelNotFoundError(
             f"model path {given} does not exist: pass an existing save_pretrained folder, a .gguf file, "
-            "a Hub id (org/name) or recipe:NAME"
+            "a Hub id (org/name) or recipe:NAME",
+            path=path,
+            option="model",
+            value=given,
         )
     return from_hub(
         given, revision=revision, gguf_file=gguf_file, token=token, gguf_dtype=gguf_dtype, progress=progress
@@ -108,10 +121,10 @@ def _check_config(path: Path) -> None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise InvalidCheckpointError(f"cannot read {path}: {e}; fix or re-download config.json") from None
+        raise InvalidCheckpointError(f"cannot read {path}: {e}; fix or re-download config.json", path=path) from None
     if not isinstance(config, dict):
         raise InvalidCheckpointError(
-            f"{path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json"
+            f"{path} holds a JSON {type(config).__name__}, not an object: fix or re-download config.json", path=path
         )
 
 
