@@ -15,11 +15,13 @@ from weightedit.runtime.options import ModelLoadOptions
 from ._messages import cli_message
 from ._options import (
     EXIT_NEGATIVE,
+    MAX_NEW_TOKENS,
     BatchOpt,
     DirectionLangOpt,
     GgufFileOpt,
     JudgeOpt,
     LangsOpt,
+    MaxNewTokensOpt,
     ModelOpt,
     NTrainOpt,
     OutOpt,
@@ -104,7 +106,7 @@ def optimize(
     verify: Annotated[
         int, typer.Option("--verify", help="Pareto points re-measured with judged generations, lowest KL first.")
     ] = 3,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per judged completion.")] = 96,
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     judge: JudgeOpt = "substring",
     batch_size: BatchOpt = 16,
     work_dir: Annotated[
