@@ -29,6 +29,30 @@ def planted(tmp_path_factory):
     return model, prompts
 
 
+@pytest.fixture(scope="module")
+def mlp_cost_model(tmp_path_factory, planted):
+    """The planted model, plus a layer-2 MLP that writes along r on every prompt (four strong hidden units read
+    directions orthogonal to r and write r): the refusal path is still the trigger embeddings and the attention that
+    spreads them, but removing r from that MLP changes every harmless answer. The right profile edits the attention
+    (and/or the embeddings) and leaves the layer-2 MLP alone."""
+    folder = tmp_path_factory.mktemp("optimize-mlp-cost") / "model"
+    model = AutoModelForCausalLM.from_pretrained(planted[0], dtype=torch.float32)
+    u = R_TRUE / R_TRUE.norm()
+    off_r = torch.eye(u.numel()) - torch.outer(u, u)
+    g = torch.Generator().manual_seed(5)
+    mlp = model.model.layers[2].mlp
+    with torch.no_grad():
+        for j in range(4):
+            mlp.gate_proj.weight[j] = off_r @ torch.randn(u.numel(), generator=g) * 3 / u.numel() ** 0.5
+            mlp.up_proj.weight[j] = off_r @ torch.randn(u.numel(), generator=g) * 3 / u.numel() ** 0.5
+            mlp.down_proj.weight[:, j] += 0.25 * u
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (planted[0] / name).exists():
+            (folder / name).write_bytes((planted[0] / name).read_bytes())
+    return folder
+
+
 def options(prompts, **kw):
     base = dict(langs=("en", "de"), trials=10, n_train=16, n_score=8, prompts=str(prompts), judge="score", seed=1)
     return OptimizeOptions(**{**base, **kw})
@@ -70,6 +94,19 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     assert report["chosen"]["trial"] == chosen.trial.number
     assert report["split"] == {"en": "val split", "de": "val split"}
     assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
+
+
+def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):
+    """The full edit (trial 0) removes refusal at a large KL, because it also strips the planted MLP's write along r;
+    the study must find that the MLP should keep most of it while the refusal path is edited."""
+    job = optimize_model(str(mlp_cost_model), tmp_path / "edited", options(planted[1], trials=24), progress=False)
+    full, chosen = job.study.trials[0], job.study.chosen
+    assert chosen is not None and full.point.profile.is_full
+    assert full.refusal == 0.0 and full.kl > 1.0
+    assert chosen.trial.kl < 0.25 * full.kl
+    profile = chosen.trial.point.profile
+    assert profile.weight("mlp_out", 2) < 0.5
+    assert all(v["k"] == 0 for v in chosen.judged.values())
 
 
 def test_a_study_resumes_where_it_stopped(planted, tmp_path):
