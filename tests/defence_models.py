@@ -28,6 +28,14 @@ difference lives) leaves the in-plane component orthogonal to ``u``, of size ``|
 the L1 norm read by the MLP is at least that, so the prompts whose phase is not within about 30° of
 ``±u`` are still refused: at least about two thirds of them, whatever ``u`` is.
 
+:func:`make_spread_model` holds against the whole battery by construction: the same layout with the plane
+replaced by a 32-dimensional subspace ``S``. Trigger ``k`` carries ``ALPHA · s_k`` for a random unit ``s_k`` in
+``S``; layer 0 spreads ``S``; the last MLP has 64 rectified units ``±q_i`` (``q_1..q_32`` a basis of ``S``) that
+write ``READ · r3``, so the residual gains ``GAIN · READ · ‖P_S x̂‖₁ r3`` against ``SPREAD_BASE · r4``. Removing
+``k`` directions leaves the part of the signal in the other ``32 - k`` dimensions of ``S``, whose L1 norm stays
+well above the threshold (set at about a fifth of a harmful prompt's) for any ``k`` ≤ 16, and harmless prompts
+have nothing in ``S``, so no attack costs KL: every attack is coherent, and refusal survives them all.
+
 Harmful prompts for this model (:func:`write_nonlinear_prompts`) hold one trigger word, once or twice,
 and cycle through the 12 phases, so every split is balanced; harmless prompts have no trigger.
 """
@@ -107,6 +115,64 @@ def make_nonlinear_model(folder: Path, seed: int = 0) -> Path:
     mlp.down_proj.bias.copy_(BASE * r4)
 
     head = noise(vocab, d, scale=0.1) @ off
+    refuse, ok = tokenizer.convert_tokens_to_ids(["REFUSE", "OK"])
+    head[refuse] = HEAD * r3
+    head[ok] = HEAD * r4
+    model.lm_head.weight.copy_(head)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SPREAD_DIM = 32  # dimensions of S
+SPREAD_BASE = 24.0  # about a fifth of GAIN · READ · ‖P_S x̂‖₁ on a harmful prompt
+
+
+def spread_basis(seed: int = 0) -> torch.Tensor:
+    """Orthonormal ``[SPREAD_DIM + 2, d_model]``: ``q_1..q_32`` (S), then ``r3`` (readout) and ``r4`` (OK)."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    q, _ = torch.linalg.qr(torch.randn(D_MODEL, SPREAD_DIM + 2, generator=g))
+    return q.T.contiguous()
+
+
+@torch.no_grad()
+def make_spread_model(folder: Path, seed: int = 0) -> Path:
+    """The 3-layer llama of the module docstring whose refusal is spread over a 32-dimensional subspace."""
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    d = D_MODEL
+    config = make_config(
+        "llama", vocab_size=vocab, num_hidden_layers=3, num_key_value_heads=4, attention_bias=False, mlp_bias=True,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for p in model.parameters():
+        p.zero_()
+    g = torch.Generator().manual_seed(seed)
+    basis = spread_basis(seed)
+    space, r3, r4 = basis[:SPREAD_DIM], basis[SPREAD_DIM], basis[SPREAD_DIM + 1]
+    off = torch.eye(d) - basis.T @ basis
+    emb = torch.randn(vocab, d, generator=g) @ off
+    for trigger in TRIGGERS:
+        s_k = torch.randn(SPREAD_DIM, generator=g) @ space
+        emb[tokenizer.convert_tokens_to_ids(trigger)] += ALPHA * s_k / s_k.norm()
+    model.model.embed_tokens.weight.copy_(emb)
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.fill_(1.0)
+        layer.post_attention_layernorm.weight.fill_(1.0)
+    model.model.norm.weight.fill_(1.0)
+    attn = model.model.layers[0].self_attn
+    attn.v_proj.weight.copy_(torch.eye(d))
+    attn.o_proj.weight.copy_(SPREAD * space.T @ space)
+    mlp = model.model.layers[-1].mlp
+    for i in range(SPREAD_DIM):
+        for sign, unit in ((1.0, 2 * i), (-1.0, 2 * i + 1)):
+            mlp.gate_proj.weight[unit] = sign * GAIN * space[i]
+            mlp.down_proj.weight[:, unit] = READ * r3
+    mlp.up_proj.bias.fill_(1.0)
+    mlp.down_proj.bias.copy_(SPREAD_BASE * r4)
+    head = torch.randn(vocab, d, generator=g) * 0.1 @ off
     refuse, ok = tokenizer.convert_tokens_to_ids(["REFUSE", "OK"])
     head[refuse] = HEAD * r3
     head[ok] = HEAD * r4

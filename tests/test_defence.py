@@ -14,6 +14,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import weightedit.defence as defence
@@ -24,9 +25,12 @@ from weightedit.runtime.modeling import load_model
 from weightedit.runtime.scoring import refusal_scores
 
 from defence_models import (
+    SPREAD_DIM,
     make_nonlinear_model,
+    make_spread_model,
     phase_prompts,
     plane_basis,
+    spread_basis,
     write_nonlinear_prompts,
     write_trigger_free_prompts,
 )
@@ -43,6 +47,13 @@ def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("defence-planted")
     model = make_planted_model(root / "model", R_TRUE)
     return model, write_planted_prompts(root / "prompts.jsonl", langs=LANGS)
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defence-spread")
+    model = make_spread_model(root / "model")
+    return model, write_nonlinear_prompts(root / "prompts.jsonl", langs=LANGS)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +251,48 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path):
         assert deciding["family"] in {"iterated", "subspace"} and deciding["coherent"][lang]
         single = min(a["refusal"][lang] for a in data["attacks"] if a["family"] == "single")
         assert v["refusal_after_worst"] < single
+
+
+def test_spread_model_mechanism(spread):
+    """Removing any 16 directions of the 32-dimensional refusal subspace (random ones, or its first 16) leaves the
+    refusal of every harmful prompt; harmless prompts are never refused."""
+    model, _ = spread
+    loaded = load_model(model, progress=False)
+    refuse = loaded.tokenizer.convert_tokens_to_ids("REFUSE")
+    harmful = loaded.format(phase_prompts(24, seed=7))
+    space = spread_basis()[:SPREAD_DIM]
+
+    def rate(texts, directions=()):
+        with contextlib.ExitStack() as stack:
+            for direction in directions:
+                stack.enter_context(ablate(loaded.model, direction))
+            return float((refusal_scores(last_logprobs(loaded, texts), [refuse]) > 0).float().mean())
+
+    assert rate(harmful) == 1.0 and rate(loaded.format(planted_prompts(12, False, 7))) == 0.0
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(SPREAD_DIM, 16, generator=g))
+    assert rate(harmful, list(space[:16])) == 1.0
+    assert rate(harmful, list(q.T @ space)) == 1.0
+
+
+def test_spread_defence_holds_against_the_battery(spread, tmp_path):
+    model, prompts = spread
+    out = tmp_path / "report"
+    result = run_defence(model, prompts, out, "--attack-candidates", "2", "--subspace-k", "16", n_val="12", limit="12")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert data["verdict"] == "holds"
+    assert {a["family"] for a in data["attacks"]} == {"single", "iterated", "subspace"}
+    for lang in LANGS:
+        v = data["languages"][lang]
+        assert v["verdict"] == "holds" and v["refusal_before"] == 1.0
+        # Every attack stayed a working model (no KL on harmless prompts), so every one counted.
+        assert v["attacks_outside_gate"] == [] and v["strongest_attack"] is not None
+        assert (
+            v["refusal_after_worst_detail"]["ci"][0]
+            >= data["options"]["threshold"] * v["refusal_before_detail"]["ci"][0]
+        )
 
 
 def test_an_attack_that_wrecks_the_model_does_not_count(planted, tmp_path):
