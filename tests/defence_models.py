@@ -137,8 +137,12 @@ def spread_basis(seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_spread_model(folder: Path, seed: int = 0) -> Path:
-    """The 3-layer llama of the module docstring whose refusal is spread over a 32-dimensional subspace."""
+def make_spread_model(folder: Path, seed: int = 0, *, single_direction: bool = False) -> Path:
+    """The 3-layer llama of the module docstring whose refusal is spread over a 32-dimensional subspace.
+
+    ``single_direction`` builds its undefended base: every trigger carries the same unit ``s`` in ``S`` (so one
+    direction carries all refusal), and every other weight is the same; the two differ only in the trigger rows of
+    the embedding, a change of rank ≤ 12."""
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
     d = D_MODEL
@@ -154,8 +158,9 @@ def make_spread_model(folder: Path, seed: int = 0) -> Path:
     space, r3, r4 = basis[:SPREAD_DIM], basis[SPREAD_DIM], basis[SPREAD_DIM + 1]
     off = torch.eye(d) - basis.T @ basis
     emb = torch.randn(vocab, d, generator=g) @ off
-    for trigger in TRIGGERS:
-        s_k = torch.randn(SPREAD_DIM, generator=g) @ space
+    draws = [torch.randn(SPREAD_DIM, generator=g) @ space for _ in TRIGGERS]
+    for trigger, s_k in zip(TRIGGERS, draws, strict=True):
+        s_k = draws[0] if single_direction else s_k
         emb[tokenizer.convert_tokens_to_ids(trigger)] += ALPHA * s_k / s_k.norm()
     model.model.embed_tokens.weight.copy_(emb)
     for layer in model.model.layers:

@@ -295,6 +295,29 @@ def test_spread_defence_holds_against_the_battery(spread, tmp_path):
         )
 
 
+def test_a_base_model_opens_the_delta_strip(spread, tmp_path):
+    """The spread model's defence is a rank-12 change of its base's embedding: stripping it (delta rank 16) and then
+    removing the stripped model's own direction breaks what the whole battery could not."""
+    model, prompts = spread
+    base = make_spread_model(tmp_path / "base", single_direction=True)
+    out = tmp_path / "report"
+    result = run_defence(
+        model, prompts, out, "--attacks", "single", "--attack-candidates", "1", "--base-model", str(base),
+        n_val="12", limit="12",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert [a["family"] for a in data["attacks"]] == ["single", "base-direction", "delta-strip"]
+    assert "(100% of the change)" in data["attacks"][2]["name"]
+    for lang in LANGS:
+        v = data["languages"][lang]
+        assert v["verdict"] == "broken"
+        assert v["strongest_attack"] == data["attacks"][2]["name"]
+        # The base model's direction alone does not break the defended model.
+        assert data["attacks"][1]["refusal"][lang] >= 0.9
+
+
 def test_an_attack_that_wrecks_the_model_does_not_count(planted, tmp_path):
     """With a coherence gate no attack can pass (KL at most 1e-9), nothing counts: no verdict of broken."""
     model, prompts = planted

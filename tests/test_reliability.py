@@ -867,6 +867,23 @@ def test_demo_refuses_a_folder_that_is_not_its_own(model, tmp_path, monkeypatch)
     assert folder_hashes(model) == before
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [("--generate", "-2", "must be 0 (none) or more"), ("--max-new-tokens", "0", "must be at least 1")],
+)
+def test_demo_rejects_bad_evaluation_options_before_fetching(tmp_path, monkeypatch, flag, value, problem):
+    """A bad evaluation option is an exit-2 line before the demo fetches anything, not after its direction."""
+    import weightedit.demo as demo
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("the demo fetched a model before checking its options")
+
+    monkeypatch.setattr(demo, "fetch_recipe", no_fetch)
+    code, output = invoke("demo", "--out", tmp_path / "demo", flag, value, "--quiet")
+    assert code == 2 and f"{flag} {value}: {problem}" in " ".join(output.split()), output
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("flag", ["--quiet", "--json"])
 def test_quiet_silences_the_libraries_progress_bars(tmp_path, flag):
     """Converting a GGUF draws three progress bars in transformers; --quiet (and --json) must draw none."""

@@ -51,6 +51,36 @@ class DemoOptions:
     check_generations: int = 8
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # Both stages' options are checked now, so a bad value fails before the model is fetched.
+        self.selection  # noqa: B018
+        self.evaluation  # noqa: B018
+
+    @property
+    def selection(self) -> SelectionOptions:
+        return SelectionOptions(
+            n_train=self.n_train,
+            n_val=self.n_val,
+            top_k=self.top_k,
+            batch_size=self.batch_size,
+            prompts=self.prompts,
+            allow_non_refusing=self.allow_non_refusing,
+            check_generations=self.check_generations,
+        )
+
+    @property
+    def evaluation(self) -> EvalOptions:
+        return EvalOptions(
+            langs=tuple(self.langs),
+            prompts=self.prompts,
+            limit=self.limit,
+            ppl_limit=self.ppl_limit,
+            generate=self.generate,
+            generate_harmless=self.generate_harmless,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+
 
 @dataclass
 class DemoResult:
@@ -110,15 +140,7 @@ def _run_stages(
     t = time.perf_counter()
     console.rule(f"2/4 refusal direction from built-in {options.direction_lang} prompts")
     direction_path = out / "refusal_direction.safetensors"
-    sel = SelectionOptions(
-        n_train=options.n_train,
-        n_val=options.n_val,
-        top_k=options.top_k,
-        batch_size=options.batch_size,
-        prompts=options.prompts,
-        allow_non_refusing=options.allow_non_refusing,
-        check_generations=options.check_generations,
-    )
+    sel = options.selection
     wanted = {
         "n_harmful": sel.n_train,
         "n_val": sel.n_val,
@@ -160,16 +182,7 @@ def _run_stages(
 
     t = time.perf_counter()
     console.rule(f"4/4 evaluating baseline vs edited in {len(options.langs)} languages")
-    eval_options = EvalOptions(
-        langs=tuple(options.langs),
-        prompts=options.prompts,
-        limit=options.limit,
-        ppl_limit=options.ppl_limit,
-        generate=options.generate,
-        generate_harmless=options.generate_harmless,
-        max_new_tokens=options.max_new_tokens,
-        batch_size=options.batch_size,
-    )
+    eval_options = options.evaluation
     with atomic_output_dir(out / "report", overwrite=True) as tmp:
         report = evaluate(
             str(edited),

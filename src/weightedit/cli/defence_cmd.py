@@ -83,6 +83,17 @@ def verify_defence(
             "--gate-ppl", help="Coherence gate: an attack counts only where its perplexity ratio is at most this."
         ),
     ] = 1.5,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The undefended model the defence was trained from: adds its direction and the weight-delta strip.",
+            show_default=False,
+        ),
+    ] = None,
+    delta_rank: Annotated[
+        int, typer.Option("--delta-rank", help="Singular directions of each writer's change the delta strip removes.")
+    ] = 16,
     threshold: Annotated[
         float,
         typer.Option(
@@ -146,6 +157,8 @@ def verify_defence(
         subspace_k=subspace_k,
         gate_kl=gate_kl,
         gate_ppl=gate_ppl,
+        base_model=base_model,
+        delta_rank=delta_rank,
     )
     progress = not (quiet or json_out)
     source = resolve_source(model, gguf_file=gguf_file, revision=revision, token=token, quiet=not progress)
