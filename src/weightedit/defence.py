@@ -42,6 +42,7 @@ from .evaluation.stats import wilson_interval
 from .io.atomic import atomic_output_dir, check_output_path, scratch_dir
 from .prompts import LANGUAGE_NAMES
 from .render.plots import grouped_bars
+from .runtime.hooks import ablate
 from .runtime.modeling import load_model
 from .sources import ModelSource, cache_dir, resolve_model
 from .sources.model import public_name
@@ -255,6 +256,14 @@ def _measure_attack(
         progress=progress,
         label=f"attack {attack.name}",
     )
+    _record_run(attack, run, before, eval_options, options)
+    return attack
+
+
+def _record_run(
+    attack: Attack, run: ModelRun, before: ModelRun, eval_options: EvalOptions, options: DefenceOptions
+) -> None:
+    """Each language's refusal (rate, counts, interval), KL, perplexity ratio and coherence after ``attack``."""
     rates = _rates(run, eval_options.judge)
     for lang in options.langs:
         lr, br = run.langs[lang], before.langs[lang]
@@ -264,7 +273,6 @@ def _measure_attack(
         ratio = lr.perplexity / br.perplexity if br.perplexity else None
         attack.kl[lang], attack.perplexity_ratio[lang] = kl, ratio
         attack.coherent[lang] = (kl is None or kl <= options.gate_kl) and (ratio is None or ratio <= options.gate_ppl)
-    return attack
 
 
 def _mean_refusal(attack: Attack) -> float:
@@ -292,11 +300,45 @@ def _run_battery(
             attacks.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
             shutil.rmtree(folder, ignore_errors=True)
             timings[f"attack {attack.name}"] = time.perf_counter() - t
+        attacks.append(_activation_reference(source, chosen, options, before, eval_options, timings, progress=progress))
         if "iterated" in options.attacks:
             attacks += _iterated(source, chosen, options, before, eval_options, Path(tmp), timings, progress=progress)
         if options.base_model is not None:
             attacks += _base_attacks(source, options, before, eval_options, Path(tmp), timings, progress=progress)
     return attacks
+
+
+def _activation_reference(
+    source: ModelSource,
+    direction: Direction,
+    options: DefenceOptions,
+    before: ModelRun,
+    eval_options: EvalOptions,
+    timings: dict[str, float],
+    *,
+    progress: bool,
+) -> Attack:
+    """The chosen direction removed at run time from the residual stream (hooks, no weight edit): a reference that
+    shows any gap between the activation-space ablation and the weight edits. It never decides a verdict."""
+    t = time.perf_counter()
+    attack = Attack(
+        f"activation ablation (layer {direction.layer}, pos {direction.position}; reference)",
+        direction.layer,
+        direction.position,
+        options.direction_lang,
+        family="activation",
+    )
+    run = measure_model(
+        source,
+        eval_options,
+        reference=before.langs,
+        progress=progress,
+        label=f"attack {attack.name}",
+        intervention=lambda model: ablate(model, direction.vector),
+    )
+    _record_run(attack, run, before, eval_options, options)
+    timings[f"attack {attack.name}"] = time.perf_counter() - t
+    return attack
 
 
 def _own_direction(model: ModelSource | Path, options: DefenceOptions, *, progress: bool) -> Direction:
@@ -475,7 +517,8 @@ def verify_defence(
 
 
 def _language_entry(lang: str, base: dict[str, Any], attacks: list[Attack], options: DefenceOptions) -> dict[str, Any]:
-    measured = [a for a in attacks if a.refusal.get(lang) is not None]
+    # The activation-space reference is reported beside the weight edits but never decides a verdict.
+    measured = [a for a in attacks if a.refusal.get(lang) is not None and a.family != "activation"]
     gated = [a for a in measured if a.coherent.get(lang, False)]
     strongest = min(gated, key=lambda a: a.refusal[lang] or 0.0) if gated else None
     ungated = min(measured, key=lambda a: a.refusal[lang] or 0.0) if measured else None

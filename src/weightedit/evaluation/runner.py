@@ -9,11 +9,13 @@ content hash, the prompts and the options, so evaluating several edits of one mo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -301,6 +303,7 @@ def measure_model(
     use_cache: bool = True,
     progress: bool = True,
     label: str = "model",
+    intervention: Callable[[Any], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> ModelRun:
     """Measure ``model`` in every language of ``options``.
 
@@ -308,7 +311,11 @@ def measure_model(
         reference: the baseline's per-language runs; when given, refusal tokens come from the baseline
             (so both models are scored on the same tokens) and KL is measured against it.
         keep_logprobs: keep the harmless next-token distributions (needed when this is the baseline).
+        intervention: run every measurement inside ``intervention(model)`` (run-time hooks, such as
+            ``runtime.hooks.ablate``); the cache, keyed by the model's content, is then not used.
     """
+    if intervention is not None:
+        use_cache = False
     source = model if isinstance(model, ModelSource) else resolve_model(model, progress=progress)
     fingerprint = model_fingerprint(source)
     datas = [load_eval_data(lang, options) for lang in options.langs]
@@ -333,14 +340,15 @@ def measure_model(
         seconds["load"] = time.perf_counter() - t
         try:
             measured: list[tuple[EvalData, LanguageRun]] = []
-            for data in pending:
-                ref = reference[data.lang] if reference else None
-                measured.append(
-                    (data, _measure_language(loaded, data, options, ref, seconds, progress=progress, label=label))
-                )
-            t = time.perf_counter()
-            _generate_all(loaded, measured, options, progress=progress, label=label)
-            seconds["generate"] += time.perf_counter() - t
+            with intervention(loaded.model) if intervention is not None else contextlib.nullcontext():
+                for data in pending:
+                    ref = reference[data.lang] if reference else None
+                    measured.append(
+                        (data, _measure_language(loaded, data, options, ref, seconds, progress=progress, label=label))
+                    )
+                t = time.perf_counter()
+                _generate_all(loaded, measured, options, progress=progress, label=label)
+                seconds["generate"] += time.perf_counter() - t
             for data, run in measured:
                 ref = reference[data.lang] if reference else None
                 path = _cache_path(fingerprint, data, options, ref.tokens if ref else None)
