@@ -22,6 +22,8 @@ _EXPORTS = {
     "orthogonalize_checkpoint": "edit.rewrite",
     "orthogonalize_model_": "edit.in_memory",
     "plan_edit": "edit.plan",
+    "EditProfile": "edit.profile",
+    "LayerKernel": "edit.profile",
     "EditReport": "edit.rewrite",
     "Checkpoint": "io.checkpoint",
     "resolve_model": "sources",
@@ -33,6 +35,9 @@ _EXPORTS = {
     "SelectionOptions": "direction.selection",
     "compute_direction": "direction.selection",
     "direction_for_model": "workflows",
+    # optimisation of the edit's shape
+    "OptimizeOptions": "optimize.options",
+    "optimize_model": "workflows",
     # errors
     "WeighteditError": "errors",
 }
