@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
 
 def render_summary(report: dict) -> None:
-    from weightedit.evaluation.report import display_name, fmt_ci, fmt_rate
+    from weightedit.evaluation.report import bars_line, display_name, fmt_ci, fmt_rate
 
     has_base = report["models"]["baseline"] is not None
     table = Table(title=f"evaluation of {display_name(report['models']['edited']['id'])} (split {report.get('split')})")
@@ -90,6 +90,12 @@ def render_summary(report: dict) -> None:
     if method == "judge" and judge.get("accuracy") is not None:
         how += f" (held-out accuracy {judge['accuracy']:.2f}, n={judge['n']})"
     console.print(f"refusal: {how}; brackets: Wilson 95% (rates) and bootstrap 95% (KL, perplexity ratio)")
+    missed = bars_line(report)
+    if missed:
+        # The measurement itself succeeded (exit 0); what it found against the project's bars is said loudly.
+        console.print(f"[bold yellow]{missed}[/]", highlight=False)
+    elif has_base:
+        console.print("design bars met (refusal reduction, KL, perplexity ratio)")
 
 
 @handle_errors

@@ -323,6 +323,29 @@ def _pooled(languages: dict[str, Any], side: str) -> dict[str, Any] | None:
     return {"k": k, "n": n, "rate": k / n, "ci": [ci[0], ci[1]] if ci else None}
 
 
+def bars_line(report: dict[str, Any]) -> str | None:
+    """One line on the design bars a baseline comparison missed (``None`` when there is no baseline or all are met)."""
+    summary = report.get("summary") or {}
+    met = summary.get("bars_met")
+    if not met or summary.get("meets_design_bars"):
+        return None
+    misses = [
+        f"{lang} {100 * r['before']:.0f}% → {100 * r['after']:.0f}%"
+        for lang, r in (met.get("reduction_per_language") or {}).items()
+        if not r["met"]
+    ]
+    parts = []
+    if misses:
+        parts.append(f"refusal reduction < {BAR_REDUCTION:.0%} in {', '.join(misses)}")
+    if met.get("kl") is False:
+        parts.append(f"max KL {summary['kl_max']:.3f} > {BAR_KL}")
+    if met.get("perplexity_ratio") is False:
+        parts.append(f"max perplexity ratio {summary['perplexity_ratio_max']:.3f} > {BAR_PPL}")
+    if not parts:
+        parts.append("no language refuses at baseline, so the reduction bar was not measured")
+    return "design bars not met: " + "; ".join(parts)
+
+
 def _summary(languages: dict[str, Any], with_baseline: bool) -> dict[str, Any]:
     edited = [primary_refusal(v["edited"]) for v in languages.values()]
     out: dict[str, Any] = {
