@@ -44,7 +44,7 @@ from ..errors import ChatTemplateError, NotRefusingError, PromptsError
 from ..evaluation.judges import Judge, SubstringJudge
 from ..evaluation.metrics import generate
 from ..prompts import prompt_roles
-from ..runtime.activations import capture_means, last_logprobs
+from ..runtime.activations import CaptureResult, capture_means, last_logprobs
 from ..runtime.modeling import LoadedModel
 from ..runtime.scoring import RefusalTokens, derive_refusal_tokens, refusal_scores
 from ..sources.model import public_name
@@ -70,6 +70,7 @@ __all__ = [
     "language_data",
     "refusal_tokens_for",
     "capture_language",
+    "capture_fit_means",
     "check_refusal",
     "rank_correlation",
 ]
@@ -160,22 +161,30 @@ def capture_language(
 ) -> tuple[torch.Tensor, RefusalTokens]:
     """Candidates ``[n_layers, n_post, d_model]`` (harmful minus harmless means) and refusal tokens of ``data``,
     both from the fit prompts."""
+    harmful, harmless = capture_fit_means(loaded, data, options.batch_size, progress=progress)
+    tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=not options.allow_non_refusing)
+    return (harmful.means - harmless.means).float(), tokens
+
+
+def capture_fit_means(
+    loaded: LoadedModel, data: LanguageData, batch_size: int, *, progress: bool = False
+) -> tuple[CaptureResult, CaptureResult]:
+    """Mean residuals and first-token distributions over ``data``'s harmful and harmless fit prompts."""
     harmful = capture_means(
         loaded,
         data.harmful_train,
-        batch_size=options.batch_size,
+        batch_size=batch_size,
         progress=progress,
         description=f"activations {data.lang} harmful",
     )
     harmless = capture_means(
         loaded,
         data.harmless_train,
-        batch_size=options.batch_size,
+        batch_size=batch_size,
         progress=progress,
         description=f"activations {data.lang} harmless",
     )
-    tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=not options.allow_non_refusing)
-    return (harmful.means - harmless.means).float(), tokens
+    return harmful, harmless
 
 
 def check_refusal(

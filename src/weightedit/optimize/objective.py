@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from ..direction.options import SelectionOptions
-from ..direction.selection import language_data, refusal_tokens_for
+from ..direction.selection import capture_fit_means, language_data, refusal_tokens_for
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
 from ..errors import NotRefusingError
 from ..evaluation.judges import make_judge
 from ..evaluation.metrics import generate
 from ..evaluation.stats import wilson_interval
-from ..runtime.activations import capture_means, last_logprobs
+from ..runtime.activations import last_logprobs
 from ..runtime.modeling import LoadedModel
 from ..runtime.scoring import RefusalTokens, kl_divergence, mean_probs, refusal_scores
 from .options import OptimizeOptions
@@ -71,20 +71,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
         n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
     )
     data = language_data(loaded, options.direction_lang, sel)
-    harmful = capture_means(
-        loaded,
-        data.harmful_train,
-        batch_size=options.batch_size,
-        progress=progress,
-        description=f"activations {data.lang} harmful",
-    )
-    harmless = capture_means(
-        loaded,
-        data.harmless_train,
-        batch_size=options.batch_size,
-        progress=progress,
-        description=f"activations {data.lang} harmless",
-    )
+    harmful, harmless = capture_fit_means(loaded, data, options.batch_size, progress=progress)
     direction_tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=False)
     targets = []
     for lang in options.langs:
