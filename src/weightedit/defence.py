@@ -160,9 +160,7 @@ def _attack_directions(
     removes in turn, and the direction selection chose (where ``iterated`` starts)."""
     loaded = load_model(source, options.evaluation.load, progress=progress)
     try:
-        # An attack reports what a direction does even when it fails the selection filters or the model does
-        # not refuse in the attack language: the verdict, not selection, decides what counts.
-        selection = dataclasses.replace(options.selection, allow_failing_filters=True, allow_non_refusing=True)
+        selection = _attack_selection(options)
         result = compute_direction(loaded, [options.direction_lang], selection, progress=progress)
         candidates = result.direction.candidates
         assert candidates is not None
@@ -178,10 +176,7 @@ def _attack_directions(
                     [Direction(vector=u, languages=(options.direction_lang,)) for u in units],
                 )
             )
-        chosen = result.direction
-        return attacks, Direction(
-            vector=chosen.vector, layer=chosen.layer, position=chosen.position, languages=chosen.languages
-        )
+        return attacks, _bare(result.direction)
     finally:
         del loaded
         gc.collect()
@@ -260,6 +255,37 @@ def _measure_attack(
     return attack
 
 
+def _measure_and_discard(
+    attack: Attack,
+    folder: Path,
+    before: ModelRun,
+    eval_options: EvalOptions,
+    options: DefenceOptions,
+    timings: dict[str, float],
+    started: float,
+    *,
+    progress: bool,
+) -> Attack:
+    """:func:`_measure_attack`, then remove the attacked checkpoint and record the attack's time since ``started``."""
+    _measure_attack(attack, folder, before, eval_options, options, progress=progress)
+    shutil.rmtree(folder, ignore_errors=True)
+    timings[f"attack {attack.name}"] = time.perf_counter() - started
+    return attack
+
+
+def _attack_selection(options: DefenceOptions) -> SelectionOptions:
+    """Selection for an attack: it reports what a direction does even when the direction fails the selection
+    filters or the model does not refuse in the attack language; the verdict, not selection, decides what counts."""
+    return dataclasses.replace(options.selection, allow_failing_filters=True, allow_non_refusing=True)
+
+
+def _bare(direction: Direction) -> Direction:
+    """The vector and where it was read, without the selection record (an attack is applied whatever it says)."""
+    return Direction(
+        vector=direction.vector, layer=direction.layer, position=direction.position, languages=direction.languages
+    )
+
+
 def _record_run(
     attack: Attack, run: ModelRun, before: ModelRun, eval_options: EvalOptions, options: DefenceOptions
 ) -> None:
@@ -297,9 +323,9 @@ def _run_battery(
         for i, (attack, directions) in enumerate(plans):
             t = time.perf_counter()
             folder = _edit_chain(source, directions, Path(tmp), f"attack{i}")
-            attacks.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
-            shutil.rmtree(folder, ignore_errors=True)
-            timings[f"attack {attack.name}"] = time.perf_counter() - t
+            attacks.append(
+                _measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress)
+            )
         attacks.append(_activation_reference(source, chosen, options, before, eval_options, timings, progress=progress))
         if "iterated" in options.attacks:
             attacks += _iterated(source, chosen, options, before, eval_options, Path(tmp), timings, progress=progress)
@@ -343,7 +369,7 @@ def _activation_reference(
 
 def _own_direction(model: ModelSource | Path, options: DefenceOptions, *, progress: bool) -> Direction:
     """The direction selection chooses on ``model`` (filters may fail: an attack reports what it does)."""
-    selection = dataclasses.replace(options.selection, allow_failing_filters=True, allow_non_refusing=True)
+    selection = _attack_selection(options)
     loaded = load_model(
         model if isinstance(model, ModelSource) else str(model), options.evaluation.load, progress=progress
     )
@@ -352,7 +378,7 @@ def _own_direction(model: ModelSource | Path, options: DefenceOptions, *, progre
     finally:
         del loaded
         gc.collect()
-    return Direction(vector=chosen.vector, layer=chosen.layer, position=chosen.position, languages=chosen.languages)
+    return _bare(chosen)
 
 
 def _base_attacks(
@@ -379,9 +405,7 @@ def _base_attacks(
         options.direction_lang,
         family="base-direction",
     )
-    out.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
-    shutil.rmtree(folder, ignore_errors=True)
-    timings[f"attack {attack.name}"] = time.perf_counter() - t
+    out.append(_measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress))
     t = time.perf_counter()
     stripped = tmp / "delta-strip"
     removed = strip_delta(source.folder, base.folder, stripped, rank=options.delta_rank)
@@ -395,10 +419,8 @@ def _base_attacks(
         options.direction_lang,
         family="delta-strip",
     )
-    out.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
-    shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(stripped, ignore_errors=True)
-    timings[f"attack {attack.name}"] = time.perf_counter() - t
+    out.append(_measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress))
     return out
 
 
