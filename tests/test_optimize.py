@@ -166,3 +166,19 @@ def test_parameters_rebuild_the_same_point():
     assert point.profile.attention.floor == pytest.approx(0.6)  # the floor is a share of the peak
     assert point.profile.preserve_norm and point.layer == 3.4 and point.position == -2
     assert point_from_params(params, OptimizeOptions(preserve_norm=False)).profile.preserve_norm is False
+
+
+def test_a_model_that_refuses_nothing_is_a_one_line_error(planted, tmp_path):
+    """Trigger-free "harmful" prompts: the planted model refuses none of them, so there is nothing to optimise."""
+    from defence_models import write_trigger_free_prompts
+
+    model, _ = planted
+    prompts = write_trigger_free_prompts(tmp_path / "prompts.jsonl")
+    result = CliRunner().invoke(
+        app,
+        ["optimize", "--model", str(model), "--out", str(tmp_path / "o"), "--langs", "en", "--prompts", str(prompts),
+         "--trials", "1", "--n-train", "16", "--judge", "score", "--no-evaluate", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--langs en: the model refuses in none of them" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()

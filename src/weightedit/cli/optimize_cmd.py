@@ -32,6 +32,7 @@ from ._options import (
     TokenOpt,
     epilog,
     handle_errors,
+    quiet_libraries,
     with_load_options,
 )
 
@@ -135,6 +136,7 @@ def optimize(
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
 
+    quiet_libraries(quiet)
     codes = tuple(parse_languages(langs))
     options = OptimizeOptions(
         langs=codes,

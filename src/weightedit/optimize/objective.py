@@ -19,7 +19,7 @@ from ..direction.options import SelectionOptions
 from ..direction.selection import capture_fit_means, language_data, refusal_tokens_for
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
-from ..errors import NotRefusingError
+from ..errors import OptionsError
 from ..evaluation.judges import make_judge
 from ..evaluation.metrics import generate
 from ..evaluation.stats import wilson_interval
@@ -65,7 +65,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
     """Mean differences of ``options.direction_lang`` and the select-split baseline of every language.
 
     Raises:
-        NotRefusingError: no language of ``options.langs`` refuses (there is nothing to remove).
+        OptionsError: no language of ``options.langs`` refuses (there is nothing to remove).
     """
     sel = SelectionOptions(
         n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
@@ -112,9 +112,11 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
         diffs=(harmful.means - harmless.means).float(), harmless_means=harmless.means.float(), targets=targets
     )
     if not setup.refusing:
-        raise NotRefusingError(
-            lang=",".join(options.langs),
-            reason="no language has refusal tokens that qualify and a first-token refusal on its select prompts",
+        raise OptionsError(
+            "langs",
+            ",".join(options.langs),
+            "the model refuses in none of them (no language has refusal tokens that qualify and a first-token refusal "
+            "on its select prompts), so there is no refusal to remove: choose languages it refuses in",
         )
     return setup
 

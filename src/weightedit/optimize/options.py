@@ -40,7 +40,6 @@ class OptimizeOptions:
         verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
         max_new_tokens: tokens per judged completion.
         judge: the generation judge (``substring`` or ``model:PATH``).
-        allow_non_refusing: keep languages the model does not refuse in (their refusal is not an objective).
     """
 
     langs: tuple[str, ...] = ("en",)
@@ -60,7 +59,6 @@ class OptimizeOptions:
     verify: int = 3
     max_new_tokens: int = 96
     judge: str = "substring"
-    allow_non_refusing: bool = False
 
     def __post_init__(self) -> None:
         try:
