@@ -13,7 +13,8 @@ from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
-from weightedit.optimize import OptimizeOptions, point_from_params
+from weightedit.optimize.options import OptimizeOptions
+from weightedit.optimize.space import point_from_params
 from weightedit.workflows import optimize_model
 
 from tiny_models import make_planted_model, random_direction, write_planted_prompts

@@ -195,7 +195,10 @@ def optimize_model(
         OptimizeTargetError: no judged Pareto point meets the target; the study report is written, the model is not.
     """
     # Optuna loads only for this job, not with every command that imports the workflows.
-    from .optimize import OptimizeOptions, payload, prepare, run_study, write_study_report
+    from .optimize.objective import prepare
+    from .optimize.options import OptimizeOptions
+    from .optimize.report import payload, write_study_report
+    from .optimize.study import run_study
 
     options = options or OptimizeOptions()
     out = Path(out).expanduser()

@@ -132,7 +132,7 @@ def optimize(
     language; write the chosen point exactly, with its study report."""
     from weightedit.errors import OptimizeTargetError
     from weightedit.evaluation.runner import EvalOptions
-    from weightedit.optimize import OptimizeOptions
+    from weightedit.optimize.options import OptimizeOptions
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
 
