@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from .._progress import progress_bar
-from ..runtime.activations import _cache_keyword, _output_cache, _prefix_cache
+from ..runtime.activations import _cache_keyword, _output_cache, _prefix_cache, after_prefix
 from ..runtime.modeling import Batch, LoadedModel, batches
 
 __all__ = [
@@ -150,16 +149,7 @@ def _greedy(
 ) -> list[list[int]]:
     """New token ids of each row of ``batch`` (greedy), finished rows dropped from the cache as they end."""
     n = batch.input_ids.shape[0]
-    mask = batch.attention_mask
-    if prefix_cache is not None and batch.prefix is not None:
-        p = batch.prefix.numel()
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(n)
-        mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=mask.device), mask], 1)
-        positions = (p + batch.attention_mask.long().cumsum(-1) - 1).clamp(min=p)
-    else:
-        cache = None
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache, mask, positions = after_prefix(batch, prefix_cache)
     new: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens <= 0:
         return new

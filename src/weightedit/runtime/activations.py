@@ -48,37 +48,39 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def after_prefix(batch: Batch, prefix_cache: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The key/value cache, attention mask and position ids with which ``batch`` continues its shared prefix.
+
+    With ``prefix_cache`` (keys and values of ``batch.prefix``, from :func:`_prefix_cache`), the cache is a copy
+    repeated once per row, the mask covers the prefix and then each row (padding sits between the two and is
+    masked out), and positions continue after the prefix. Without it: no cache, the batch's own mask and
+    positions that skip the left padding.
+    """
+    mask = batch.attention_mask
+    if prefix_cache is None or batch.prefix is None:
+        return None, mask, _position_ids(mask)
+    n, p = batch.input_ids.shape[0], batch.prefix.numel()
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(n)
+    full = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=mask.device), mask], 1)
+    positions = (p + mask.long().cumsum(-1) - 1).clamp(min=p)
+    return cache, full, positions
+
+
 def _forward(loaded: LoadedModel, batch: Batch, prefix_cache: Any = None) -> torch.Tensor:
     """Log-probabilities of the next token after each prompt, ``[batch, vocab]`` float32.
 
     With ``prefix_cache`` (keys and values of ``batch.prefix``), only the rows after the shared prefix are
-    run: the padding sits between the prefix and each row and is masked out, and positions continue
-    after the prefix.
+    run (:func:`after_prefix`).
     """
-    if prefix_cache is None or batch.prefix is None:
-        out = loaded.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=_position_ids(batch.attention_mask),
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    n, p = batch.input_ids.shape[0], batch.prefix.numel()
-    cache = copy.deepcopy(prefix_cache)
-    cache.batch_repeat_interleave(n)
-    mask = torch.cat(
-        [torch.ones(n, p, dtype=batch.attention_mask.dtype, device=batch.attention_mask.device), batch.attention_mask],
-        1,
-    )
-    position_ids = (p + batch.attention_mask.long().cumsum(-1) - 1).clamp(min=p)
+    cache, mask, positions = after_prefix(batch, prefix_cache)
     out = loaded.model(
         input_ids=batch.input_ids,
         attention_mask=mask,
-        position_ids=position_ids,
+        position_ids=positions,
         logits_to_keep=1,
-        use_cache=True,
-        **{_cache_keyword(loaded.model): cache},
+        use_cache=cache is not None,
+        **({_cache_keyword(loaded.model): cache} if cache is not None else {}),
     )
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
