@@ -13,8 +13,9 @@ Steps, each skipped when its result is already in ``--work``:
    ``KAGGLE_KERNEL_RUN_TYPE`` variable it checks for notebooks): the first Pareto trial it lists (its fewest
    refusals), saved merged to ``--work/heretic-model``.
 2. ``weightedit optimize`` with the same trial budget on the same English prompts, written to
-   ``--work/weightedit-model`` (its own judged verification and choice rule; exit 1 = no point met the target,
-   recorded as such).
+   ``--work/weightedit-model`` (its own judged verification and choice rule, with ``--target-refusal`` the
+   larger of 3% and the refusal share heretic reported for its chosen trial on the same select prompts; exit 1
+   = no point met the target, recorded as such).
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
    ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
    KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -166,7 +168,13 @@ system_prompt = {toml_str(QWEN_DEFAULT_SYSTEM)}
     return result
 
 
-def run_weightedit(args: argparse.Namespace, model: str) -> dict[str, Any]:
+def heretic_refusal(heretic: dict[str, Any]) -> float | None:
+    """The refusal share heretic reached on the select prompts with the trial it chose (its own count)."""
+    match = re.search(r"Refusals:\s*(\d+)\s*/\s*(\d+)", heretic.get("chosen") or "")
+    return int(match.group(1)) / int(match.group(2)) if match else None
+
+
+def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[str, Any]:
     out = args.work / "weightedit-model"
     work = args.work / "weightedit-optimize"
     done = args.work / "weightedit.json"
@@ -178,11 +186,14 @@ def run_weightedit(args: argparse.Namespace, model: str) -> dict[str, Any]:
         "--work-dir", str(work), "--langs", args.weightedit_langs, "--direction-lang", "en",
         "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(args.n_score),
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
-        "--no-evaluate", "--quiet",
+        "--target-refusal", f"{target:.4f}", "--no-evaluate", "--quiet",
     ]  # fmt: skip
-    console.print(f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}")
+    console.print(
+        f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f}"
+    )
     work.mkdir(parents=True, exist_ok=True)
     result = run_timed(cmd, cwd=REPO, log=args.work / "weightedit-optimize.log")
+    result["target_refusal"] = target
     report = work / "optimize.json"
     result["optimize_report"] = str(report) if report.exists() else None
     result["saved"] = (out / "config.json").exists()
@@ -347,6 +358,12 @@ def main() -> None:
     parser.add_argument("--heretic-startup", type=int, default=5, help="heretic's random start-up trials (its 30%%)")
     parser.add_argument("--heretic-response-tokens", type=int, default=100, help="heretic's own default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target-refusal",
+        type=float,
+        default=0.03,
+        help="weightedit's target, raised to heretic's select-split refusal",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-langs", default="all")
     parser.add_argument("--eval-limit", type=int, default=8)
@@ -364,7 +381,12 @@ def main() -> None:
     model_dir = Path(source.folder)
     prompts = write_prompts(args.work, args.n_train, args.n_score)
     heretic = run_heretic(args, model_dir, prompts)
-    ours = run_weightedit(args, args.model)
+    # weightedit's choice rule gets heretic's result as its target: the lowest-KL point whose judged refusal on the
+    # same select prompts is at most 3%, or at most heretic's own share when heretic kept more (dominating heretic
+    # asks for no more refusal than it left, at lower KL).
+    peer_rate = heretic_refusal(heretic)
+    target = max(args.target_refusal, peer_rate) if peer_rate is not None else args.target_refusal
+    ours = run_weightedit(args, args.model, target)
     evals = {"heretic": evaluate(args, "heretic", heretic["model"], args.model)}
     if ours["model"]:
         evals["weightedit"] = evaluate(args, "weightedit", ours["model"], args.model)
