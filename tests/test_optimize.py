@@ -13,8 +13,11 @@ from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
+from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
 from weightedit.optimize.space import point_from_params
+from weightedit.runtime.modeling import load_model
+from weightedit.runtime.options import ModelLoadOptions
 from weightedit.workflows import optimize_model
 
 from tiny_models import make_planted_model, random_direction, write_planted_prompts
@@ -91,6 +94,10 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     assert provenance["options"]["edit_profile"] == chosen.trial.point.profile.to_json()
 
     report = json.loads(job.files["json"].read_text())
+    # ... along the candidate the first-order screen ranks best, which on this model carries the planted direction.
+    assert (first_point := study.trials[0].point).position == report["first_trial"]["position"]
+    assert first_point.layer == report["first_trial"]["layer"]
+    assert abs(float(study.direction(first_point) @ (R_TRUE / R_TRUE.norm()))) > 0.9
     assert report["schema"] == "weightedit-optimize/1"
     assert report["chosen"]["trial"] == chosen.trial.number
     assert report["split"] == {"en": "val split", "de": "val split"}
@@ -183,3 +190,20 @@ def test_a_model_that_refuses_nothing_is_a_one_line_error(planted, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--langs en: the model refuses in none of them" in " ".join(result.output.split())
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_the_first_order_anchor_picks_the_candidate_that_carries_refusal(planted):
+    """Among random candidate directions, the screen ranks the one that is the planted direction first (the
+    candidates are read below 80% of the depth: layers 0 and 1 of this 3-layer model)."""
+    model, prompts = planted
+    loaded = load_model(str(model), ModelLoadOptions(dtype="float32"), progress=False)
+    opts = options(prompts)
+    setup = prepare(loaded, opts, progress=False)
+    g = torch.Generator().manual_seed(3)
+    diffs = torch.randn(setup.diffs.shape, generator=g)
+    n_post = diffs.shape[1]
+    for layer, position in ((1, -1), (0, -n_post)):
+        candidates = diffs.clone()
+        candidates[layer, n_post + position] = 5 * R_TRUE / R_TRUE.norm()
+        target = setup.targets[0]
+        assert first_order_anchor(loaded, candidates, target.harmful, target.tokens, opts) == (layer, position)

@@ -23,12 +23,12 @@ from ..errors import OptionsError
 from ..evaluation.judges import make_judge
 from ..evaluation.metrics import generate
 from ..evaluation.stats import wilson_interval
-from ..runtime.activations import last_logprobs
+from ..runtime.activations import ablation_screen, last_logprobs
 from ..runtime.modeling import LoadedModel
 from ..runtime.scoring import RefusalTokens, kl_divergence, mean_probs, refusal_scores
 from .options import OptimizeOptions
 
-__all__ = ["LanguageTarget", "Setup", "prepare", "measure", "judged_refusal"]
+__all__ = ["LanguageTarget", "Setup", "prepare", "first_order_anchor", "measure", "judged_refusal"]
 
 # Fit prompts per kind that derive the refusal tokens of a language other than the direction's (cheaper than all).
 _TOKEN_PROMPTS = 16
@@ -55,6 +55,9 @@ class Setup:
     diffs: torch.Tensor  # [n_layers, n_post, d]: harmful minus harmless means of the direction language
     harmless_means: torch.Tensor  # [n_layers, n_post, d]
     targets: list[LanguageTarget]
+    # The candidate (layer, negative position) whose full edit the first-order screen predicts to remove most of
+    # the direction language's refusal: where the study's first trial, the full edit, reads its direction.
+    anchor: tuple[int, int] | None = None
 
     @property
     def refusing(self) -> list[LanguageTarget]:
@@ -111,6 +114,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
     setup = Setup(
         diffs=(harmful.means - harmless.means).float(), harmless_means=harmless.means.float(), targets=targets
     )
+    setup.anchor = first_order_anchor(loaded, setup.diffs, data.harmful_val, direction_tokens, options)
     if not setup.refusing:
         raise OptionsError(
             "langs",
@@ -119,6 +123,30 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
             "on its select prompts), so there is no refusal to remove: choose languages it refuses in",
         )
     return setup
+
+
+def first_order_anchor(
+    loaded: LoadedModel, diffs: torch.Tensor, harmful: list[str], tokens: RefusalTokens, options: OptimizeOptions
+) -> tuple[int, int] | None:
+    """The candidate direction (layer within ``options.max_layer_fraction``, negative position) whose ablation
+    removes most refusal score on ``harmful`` to first order: one forward and backward pass
+    (:func:`weightedit.runtime.activations.ablation_screen`, the screen ``direction --search fast`` ranks
+    candidates with) scores every candidate at once. ``None`` when no candidate has a direction."""
+    screen = ablation_screen(loaded, harmful, tokens.ids, batch_size=max(1, options.batch_size // 2))
+    n_layers, n_post = diffs.shape[:2]
+    highest = int(options.max_layer_fraction * (n_layers - 1))
+    best: tuple[float, int, int] | None = None
+    for layer in range(highest + 1):
+        for p in range(n_post):
+            v = diffs[layer, p].double()
+            norm = float(v.norm())
+            if norm == 0:
+                continue
+            u = v / norm
+            drop = float(u @ screen @ u)
+            if best is None or drop > best[0]:
+                best = (drop, layer, p - n_post)
+    return None if best is None else (best[1], best[2])
 
 
 def measure(loaded: LoadedModel, setup: Setup, options: OptimizeOptions) -> dict[str, dict[str, float]]:

@@ -46,6 +46,11 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             t.lang: {"harmful": len(t.harmful), "harmless": len(t.harmless)} for t in result.setup.targets
         },
         "refusing_languages": [t.lang for t in result.setup.refusing],
+        "first_trial": {
+            "what": "the full edit along the candidate the first-order screen ranks best (direction language, select split)",
+            "layer": None if result.setup.anchor is None else result.setup.anchor[0],
+            "position": None if result.setup.anchor is None else result.setup.anchor[1],
+        },
         "baseline": {
             t.lang: {
                 "refusal_estimate": t.base_refusal,

@@ -72,11 +72,14 @@ def point_from_params(params: dict[str, Any], options: OptimizeOptions) -> EditP
     return EditPoint(layer=float(params["direction_layer"]), position=int(params["position"]), profile=profile)
 
 
-def full_edit_params(n_layers: int, options: OptimizeOptions, *, layer: float | None = None) -> dict[str, Any]:
-    """Parameters of the plain full edit (λ = 1 everywhere) with the direction read at ``layer`` (default: 60% of
-    the way to the layer limit), position -1: the study's first trial, so the front always holds the full edit."""
+def full_edit_params(
+    n_layers: int, options: OptimizeOptions, *, layer: float | None = None, position: int = -1
+) -> dict[str, Any]:
+    """Parameters of the plain full edit (λ = 1 everywhere) with the direction read at ``layer`` (default: 75% of
+    the way to the layer limit) and ``position``: the study's first trial, so the front always holds the full
+    edit."""
     _, high = _layer_range(n_layers, options)
-    params: dict[str, Any] = {"direction_layer": high * 0.75 if layer is None else layer, "position": -1}
+    params: dict[str, Any] = {"direction_layer": high * 0.75 if layer is None else layer, "position": position}
     for part in ("attention", "mlp"):
         params.update({f"{part}_center": 0.0, f"{part}_peak": 1.0, f"{part}_width": float(max(n_layers, 2))})
         params[f"{part}_floor"] = 1.0

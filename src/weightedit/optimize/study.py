@@ -149,7 +149,11 @@ def _search(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: 
     """Run the trials the study still lacks; return how many it had already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
-        study.enqueue_trial(full_edit_params(loaded.n_layers, options))
+        # The first trial is the full edit along the direction the first-order screen ranks best.
+        layer, position = setup.anchor if setup.anchor is not None else (None, -1)
+        study.enqueue_trial(
+            full_edit_params(loaded.n_layers, options, layer=None if layer is None else float(layer), position=position)
+        )
     missing = options.trials - len(done)
     harmless = setup.harmless_means if options.orthogonal_to_harmless else None
 
