@@ -136,7 +136,7 @@ def run_heretic(args: argparse.Namespace, model_dir: Path, prompts: dict[str, Pa
 dtypes = ["float32"]
 device_map = "cpu"
 batch_size = {args.batch_size}
-max_response_length = {args.heretic_response_tokens}
+max_response_length = {args.search_tokens}
 n_trials = {args.trials}
 n_startup_trials = {args.heretic_startup}
 seed = {args.seed}
@@ -186,7 +186,7 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         "--work-dir", str(work), "--langs", args.weightedit_langs, "--direction-lang", "en",
         "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(args.n_score),
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
-        "--target-refusal", f"{target:.4f}", "--no-evaluate", "--quiet",
+        "--target-refusal", f"{target:.4f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
     ]  # fmt: skip
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f}"
@@ -353,10 +353,16 @@ def main() -> None:
     parser.add_argument("--model", default="recipe:qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-score", type=int, default=32)
+    parser.add_argument("--n-score", type=int, default=16)
     parser.add_argument("--weightedit-langs", default="en", help="languages of weightedit's objectives")
     parser.add_argument("--heretic-startup", type=int, default=5, help="heretic's random start-up trials (its 30%%)")
-    parser.add_argument("--heretic-response-tokens", type=int, default=100, help="heretic's own default")
+    parser.add_argument(
+        "--search-tokens",
+        type=int,
+        default=48,
+        help="tokens per completion while searching: heretic's refusal count, weightedit's judged verification "
+        "(heretic's default is 100; 48 keeps both within this CPU's budget)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--target-refusal",
