@@ -443,6 +443,11 @@ def main() -> None:
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / f"{stamp}.md").write_text(md + "\n")
     plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
+    if ours.get("optimize_report"):  # weightedit's own study report: its front (table and plot) and choice
+        work = Path(ours["optimize_report"]).parent
+        for name, suffix in (("optimize.md", "weightedit-optimize.md"), ("front.png", "weightedit-front.png")):
+            if (work / name).exists():
+                shutil.copyfile(work / name, RESULTS / f"{stamp}-{suffix}")
     console.print(f"results: {RESULTS / stamp}.{{json,md,png}}")
     if verdict is not None and not verdict["dominates"]:
         console.print("[bold yellow]weightedit's chosen point does not dominate heretic's on this run[/]")
