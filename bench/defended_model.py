@@ -19,10 +19,11 @@ rests on one direction. Steps:
    ablation hooks ``verify-defence``'s activation attack uses): a layer's direction, or a random mixture of
    several layers' directions with noise, so that no single direction carries the refusal any more. The
    loss is the cross-entropy of the target tokens.
-4. Output. The adapter is merged and the model saved in its checkpoint dtype as a ``save_pretrained``
-   folder (atomically), with ``defended.json`` (settings, losses, timings, directions' layers).
+4. Output. The adapter is merged, the weights rounded to the checkpoint's dtype, and the model saved in it as
+   a ``save_pretrained`` folder (atomically), with ``defended.json`` (settings, losses, timings, the check).
 5. A check on the *select* split (no prompt the attack or the evaluation judges on): judged refusal of the
-   harmful prompts with and without ablation of the strongest layer's direction, base and defended.
+   harmful prompts with and without ablation of the strongest probed layer's direction, base and defended (the
+   defended model with its weights already rounded to the saved dtype, so the check is of what is saved).
 
 The test split stays unseen, so ``verify-defence`` (which attacks with the select split and judges on test)
 measures the defence on prompts it was not trained on.
@@ -157,7 +158,13 @@ def ablated(model: Any, writers: Sequence[Any], direction: torch.Tensor) -> Iter
     architecture's parameter names no longer match.
     """
     r = direction / direction.norm()
-    handles = [w.register_forward_hook(lambda m, a, out: project_away(out, r)) for w in writers]
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # e.g. a mixture-of-experts block: (hidden, router logits)
+            return (project_away(output[0], r), *output[1:])
+        return project_away(output, r)
+
+    handles = [w.register_forward_hook(hook) for w in writers]
     try:
         with ablate(model, r, layers=range(len(decoder_layers(model)))):
             yield
@@ -343,6 +350,8 @@ def main() -> None:
         loaded, examples, directions, steps=args.steps, batch_size=args.batch_size, rank=args.rank, lr=args.lr,
         ablate_prob=args.ablate_prob, seed=args.seed, progress=show,
     )  # fmt: skip
+    # What is checked is what is saved: the merged weights rounded to the checkpoint's dtype (run in float32).
+    merged = merged.to(stored_dtype).to(torch.float32)
     loaded.model = merged
     after = {
         "plain": judged_refusal(loaded, check, is_refusal, direction=None, max_new_tokens=args.target_tokens, batch_size=args.batch_size),

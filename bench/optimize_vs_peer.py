@@ -4,7 +4,8 @@
     python bench/optimize_vs_peer.py --trials 32 --weightedit-langs en,zh,yo
     python bench/optimize_vs_peer.py --work /tmp/peer      # resumes: finished steps in --work are reused
 
-Steps, each skipped when its result is already in ``--work``:
+Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
+error: pass a new ``--work``):
 
 1. heretic (PyPI ``heretic-llm``, AGPL) is installed into its own virtual environment
    (``--work/heretic-venv``: ``torch==2.13.0`` first, so pip keeps the local CPU build) and run as an external
@@ -14,14 +15,18 @@ Steps, each skipped when its result is already in ``--work``:
    refusals), saved merged to ``--work/heretic-model``.
 2. ``weightedit optimize`` with the same trial budget on the same English prompts, written to
    ``--work/weightedit-model`` (its own judged verification and choice rule, with ``--target-refusal`` the
-   larger of 3% and the refusal share heretic reported for its chosen trial on the same select prompts; exit 1
-   = no point met the target, recorded as such).
+   larger of 3% and the refusal share heretic reported for its chosen trial on the same select prompts, so
+   that weightedit does not stop at a point that leaves more refusal than heretic did; heretic counts with its
+   own refusal markers, weightedit judges with its substring judge, so the two shares are alike, not the same;
+   exit 1 = no point met the target, recorded as such).
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
    ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
    KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
    is cached by the evaluator, so the second evaluation reuses it.
 
-Same inputs for both tools: the model in float32 on the CPU, the built-in English prompts in the same roles
+Same inputs for both tools: the model in float32 on the CPU (heretic saves its merged model in float32, the dtype
+it ran in; weightedit writes the checkpoint's own bf16, so its edit carries bf16 rounding; both are evaluated in
+float32), the built-in English prompts in the same roles
 (fit: the first ``--n-train`` harmful and harmless *train* prompts, for the direction; select: the first
 ``--n-score`` *val* prompts, which both tools score trials on), the model's own default system prompt
 (heretic is given the text Qwen's template inserts when there is none), the same number of trials. The
@@ -29,7 +34,8 @@ test split that judges both is seen by neither.
 
 Printed: a table per language (refusal before, after heretic, after weightedit, with intervals; KL; perplexity
 ratio), the averages, XSTest, wall times, and whether weightedit's point dominates heretic's (refusal no
-higher and KL no higher in every language, and lower on average) and meets the project's bars. JSON, a
+higher and KL no higher in every language, and lower on average: point estimates on 8 prompts a language, so
+one prompt can flip a language; the intervals are in the table) and meets the project's bars. JSON, a
 Markdown table and a PNG go to ``bench/results/optimize-vs-peer/``.
 """
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -105,6 +112,23 @@ def write_prompts(work: Path, n_train: int, n_score: int) -> dict[str, Path]:
     return files
 
 
+SEARCH_SETTINGS = ("model", "trials", "n_train", "n_score", "search_tokens", "seed", "batch_size")
+EVAL_SETTINGS = ("eval_langs", "eval_limit", "max_new_tokens", "ppl_limit", "batch_size")
+
+
+def reusable(done: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished step's record in ``--work`` when it was made with these settings; a mismatch is an error (a
+    result measured with other settings must not be reported under these)."""
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    if record.get("settings") != settings:
+        raise SystemExit(
+            f"{done} was made with other settings ({record.get('settings')}, not {settings}): pass a new --work"
+        )
+    return record
+
+
 def heretic_venv(work: Path) -> Path:
     venv = work / "heretic-venv"
     exe = venv / "bin" / "heretic"
@@ -126,8 +150,9 @@ def run_heretic(args: argparse.Namespace, model_dir: Path, prompts: dict[str, Pa
     work = args.work / "heretic"
     out = args.work / "heretic-model"
     done = args.work / "heretic.json"
-    if done.exists() and (out / "config.json").exists():
-        return json.loads(done.read_text())
+    settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, "heretic_startup")}
+    if (record := reusable(done, settings)) is not None and (out / "config.json").exists():
+        return record
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True)
@@ -164,6 +189,7 @@ system_prompt = {toml_str(QWEN_DEFAULT_SYSTEM)}
     if not result["saved"]:
         raise SystemExit(f"heretic wrote no model to {out} (exit {result['exit_status']}); see {work / 'heretic.log'}")
     result["model"] = str(out)
+    result["settings"] = settings
     done.write_text(json.dumps(result, indent=2))
     return result
 
@@ -178,15 +204,16 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     out = args.work / "weightedit-model"
     work = args.work / "weightedit-optimize"
     done = args.work / "weightedit.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, "weightedit_langs")} | {"target_refusal": target}
+    if (record := reusable(done, settings)) is not None:
+        return record
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
         "--work-dir", str(work), "--langs", args.weightedit_langs, "--direction-lang", "en",
         "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(args.n_score),
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
-        "--target-refusal", f"{target:.4f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
+        "--target-refusal", f"{math.ceil(target * 1e6) / 1e6:.6f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
     ]  # fmt: skip
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f}"
@@ -200,14 +227,18 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     result["model"] = str(out) if result["saved"] else None
     if result["exit_status"] not in (0, 1):
         raise SystemExit(f"weightedit optimize failed (exit {result['exit_status']}); see {result['log']}")
+    result["settings"] = settings
     done.write_text(json.dumps(result, indent=2))
     return result
 
 
 def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> dict[str, Any]:
     out = args.work / f"eval-{name}"
-    if (out / "report.json").exists():
-        return {"report": str(out / "report.json"), "reused": True}
+    done = args.work / f"eval-{name}.json"
+    # The evaluation belongs to the model it measured: the model step's settings are part of its own.
+    settings = {k: getattr(args, k) for k in EVAL_SETTINGS} | {"model": model, "model_written": model_stamp(model)}
+    if (record := reusable(done, settings)) is not None and (out / "report.json").exists():
+        return record
     shutil.rmtree(out, ignore_errors=True)
     data = args.shared / "data"
     cmd = [
@@ -224,7 +255,15 @@ def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> 
     if result["exit_status"] != 0 or not (out / "report.json").exists():
         raise SystemExit(f"evaluate {name} failed (exit {result['exit_status']}); see {result['log']}")
     result["report"] = str(out / "report.json")
+    result["settings"] = settings
+    done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def model_stamp(model: str) -> float | None:
+    """When a written model folder was made (its config's modification time): a rebuilt model is a new model."""
+    config = Path(model) / "config.json"
+    return config.stat().st_mtime if config.exists() else None
 
 
 def per_language(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -251,6 +290,8 @@ def per_language(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def compare(ours: dict[str, dict[str, Any]], peer: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether our point dominates the peer's, language by language, and the bars of issue 16."""
     langs = sorted(set(ours) & set(peer))
+    if not langs:
+        raise SystemExit("the two evaluations share no language")
     refusal_ok = all(ours[x]["after"]["rate"] <= peer[x]["after"]["rate"] for x in langs)
     kl_ok = all(ours[x]["kl"] <= peer[x]["kl"] for x in langs)
     mean = lambda rows, f: sum(f(rows[x]) for x in langs) / len(langs)  # noqa: E731
@@ -261,7 +302,10 @@ def compare(ours: dict[str, dict[str, Any]], peer: dict[str, dict[str, Any]]) ->
     bars = {
         "refusal": {x: ours[x]["after"]["rate"] <= BARS["refusal"] for x in refusing},
         "kl": {x: ours[x]["kl"] <= BARS["kl"] for x in langs},
-        "perplexity_ratio": {x: (ours[x]["perplexity_ratio"] or 0) <= BARS["perplexity_ratio"] for x in langs},
+        "perplexity_ratio": {
+            x: ours[x]["perplexity_ratio"] is not None and ours[x]["perplexity_ratio"] <= BARS["perplexity_ratio"]
+            for x in langs
+        },
     }
     return {
         "languages": langs,
@@ -328,7 +372,7 @@ def plot(ours: dict | None, peer: dict, path: Path) -> None:
         lo = [rows[lang][key]["rate"] - rows[lang][key]["ci"][0] for lang in langs]
         hi = [rows[lang][key]["ci"][1] - rows[lang][key]["rate"] for lang in langs]
         ax1.bar([j + i * width for j in x], rates, width, yerr=[lo, hi], label=label, color=color, capsize=2)
-    ax1.set_xticks([j + width for j in x], langs)
+    ax1.set_xticks([j + width * (len(series) - 1) / 2 for j in x], langs)
     ax1.set_ylabel("judged refusal (test split)")
     ax1.legend()
     for label, rows, color in [("heretic", peer, "tab:orange")] + ([("weightedit", ours, "tab:blue")] if ours else []):

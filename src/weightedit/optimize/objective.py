@@ -10,7 +10,7 @@ or chosen is re-measured with greedy generations judged per language (:func:`jud
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,9 +55,10 @@ class Setup:
     diffs: torch.Tensor  # [n_layers, n_post, d]: harmful minus harmless means of the direction language
     harmless_means: torch.Tensor  # [n_layers, n_post, d]
     targets: list[LanguageTarget]
-    # The candidate (layer, negative position) whose full edit the first-order screen predicts to remove most of
-    # the direction language's refusal: where the study's first trial, the full edit, reads its direction.
-    anchor: tuple[int, int] | None = None
+    # The direction language's harmful select prompts and refusal tokens: what the first-order screen that places
+    # the study's first trial (:func:`first_order_anchor`) is computed on.
+    direction_harmful: list[str] = field(default_factory=list)
+    direction_tokens: RefusalTokens | None = None
 
     @property
     def refusing(self) -> list[LanguageTarget]:
@@ -112,9 +113,12 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
             )
         )
     setup = Setup(
-        diffs=(harmful.means - harmless.means).float(), harmless_means=harmless.means.float(), targets=targets
+        diffs=(harmful.means - harmless.means).float(),
+        harmless_means=harmless.means.float(),
+        targets=targets,
+        direction_harmful=data.harmful_val,
+        direction_tokens=direction_tokens,
     )
-    setup.anchor = first_order_anchor(loaded, setup.diffs, data.harmful_val, direction_tokens, options)
     if not setup.refusing:
         raise OptionsError(
             "langs",
@@ -126,23 +130,39 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
 
 
 def first_order_anchor(
-    loaded: LoadedModel, diffs: torch.Tensor, harmful: list[str], tokens: RefusalTokens, options: OptimizeOptions
+    loaded: LoadedModel,
+    diffs: torch.Tensor,
+    harmful: list[str],
+    tokens: RefusalTokens | None,
+    options: OptimizeOptions,
+    *,
+    harmless_means: torch.Tensor | None = None,
 ) -> tuple[int, int] | None:
     """The candidate direction (layer within ``options.max_layer_fraction``, negative position) whose ablation
     removes most refusal score on ``harmful`` to first order: one forward and backward pass
-    (:func:`weightedit.runtime.activations.ablation_screen`, the screen ``direction --search fast`` ranks
-    candidates with) scores every candidate at once. ``None`` when no candidate has a direction."""
+    (:func:`weightedit.runtime.activations.ablation_screen`, the screen ``direction --search fast`` records) scores
+    every candidate at once. With ``harmless_means`` each candidate is first made orthogonal to the harmless mean,
+    as the trial will use it. Candidates whose mean difference is below 1e-4 of the largest (no real difference)
+    are skipped, as the direction search does. ``None`` when the refusal tokens do not qualify (the screen would
+    rank an arbitrary token) or no candidate is left."""
+    if tokens is None or not tokens.qualified or not harmful:
+        return None
     screen = ablation_screen(loaded, harmful, tokens.ids, batch_size=max(1, options.batch_size // 2))
     n_layers, n_post = diffs.shape[:2]
     highest = int(options.max_layer_fraction * (n_layers - 1))
+    norms = diffs[: highest + 1].double().norm(dim=-1)
+    floor = 1e-4 * float(norms.max()) if norms.numel() else 0.0
     best: tuple[float, int, int] | None = None
     for layer in range(highest + 1):
         for p in range(n_post):
-            v = diffs[layer, p].double()
-            norm = float(v.norm())
-            if norm == 0:
+            if float(norms[layer, p]) <= floor:
                 continue
-            u = v / norm
+            v = diffs[layer, p].double()
+            if harmless_means is not None:
+                h = harmless_means[layer, p].double()
+                h = h / h.norm()
+                v = v - (v @ h) * h
+            u = v / v.norm()
             drop = float(u @ screen @ u)
             if best is None or drop > best[0]:
                 best = (drop, layer, p - n_post)

@@ -47,9 +47,10 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
         },
         "refusing_languages": [t.lang for t in result.setup.refusing],
         "first_trial": {
-            "what": "the full edit along the candidate the first-order screen ranks best (direction language, select split)",
-            "layer": None if result.setup.anchor is None else result.setup.anchor[0],
-            "position": None if result.setup.anchor is None else result.setup.anchor[1],
+            "what": "the full edit along the candidate the first-order screen ranks best (direction language, select "
+            "split; 75% of the layer limit and the last position when the screen has no usable refusal tokens)",
+            "layer": result.trials[0].point.layer if result.trials else None,
+            "position": result.trials[0].point.position if result.trials else None,
         },
         "baseline": {
             t.lang: {

@@ -30,7 +30,7 @@ from .._progress import console, progress_bar
 from ..edit.in_memory import temporarily_edited
 from ..errors import OptionsError
 from ..runtime.modeling import LoadedModel
-from .objective import Setup, judged_refusal, measure, objectives
+from .objective import Setup, first_order_anchor, judged_refusal, measure, objectives
 from .options import OptimizeOptions, Sampler
 from .space import EditPoint, direction_vector, full_edit_params, point_from_params, suggest
 
@@ -148,14 +148,15 @@ def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions) -> TrialR
 def _search(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: optuna.Study, *, progress: bool) -> int:
     """Run the trials the study still lacks; return how many it had already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    harmless = setup.harmless_means if options.orthogonal_to_harmless else None
     if not study.trials:
         # The first trial is the full edit along the direction the first-order screen ranks best.
-        layer, position = setup.anchor if setup.anchor is not None else (None, -1)
-        study.enqueue_trial(
-            full_edit_params(loaded.n_layers, options, layer=None if layer is None else float(layer), position=position)
+        anchor = first_order_anchor(
+            loaded, setup.diffs, setup.direction_harmful, setup.direction_tokens, options, harmless_means=harmless
         )
+        layer, position = (None, -1) if anchor is None else (float(anchor[0]), anchor[1])
+        study.enqueue_trial(full_edit_params(loaded.n_layers, options, layer=layer, position=position))
     missing = options.trials - len(done)
-    harmless = setup.harmless_means if options.orthogonal_to_harmless else None
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         point = suggest(trial, loaded.n_layers, loaded.n_post, options)
