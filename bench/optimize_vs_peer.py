@@ -2,6 +2,7 @@
 
     python bench/optimize_vs_peer.py                       # demo model, 16 trials each, 14-language evaluation
     python bench/optimize_vs_peer.py --trials 32 --weightedit-langs en,zh,yo
+    python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-n-score 8 --work /tmp/peer-all
     python bench/optimize_vs_peer.py --work /tmp/peer      # resumes: finished steps in --work are reused
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
@@ -204,14 +205,17 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     out = args.work / "weightedit-model"
     work = args.work / "weightedit-optimize"
     done = args.work / "weightedit.json"
+    n_score = args.weightedit_n_score or args.n_score
     settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, "weightedit_langs")} | {"target_refusal": target}
+    if n_score != args.n_score:
+        settings["weightedit_n_score"] = n_score
     if (record := reusable(done, settings)) is not None:
         return record
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
         "--work-dir", str(work), "--langs", args.weightedit_langs, "--direction-lang", "en",
-        "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(args.n_score),
+        "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(n_score),
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
         "--target-refusal", f"{math.ceil(target * 1e6) / 1e6:.6f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
     ]  # fmt: skip
@@ -399,6 +403,13 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-score", type=int, default=16)
     parser.add_argument("--weightedit-langs", default="en", help="languages of weightedit's objectives")
+    parser.add_argument(
+        "--weightedit-n-score",
+        type=int,
+        default=None,
+        help="select prompts per language for weightedit's objectives (default --n-score; fewer keeps a "
+        "many-language search affordable: its first n of each language, English included)",
+    )
     parser.add_argument("--heretic-startup", type=int, default=5, help="heretic's random start-up trials (its 30%%)")
     parser.add_argument(
         "--search-tokens",

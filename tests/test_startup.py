@@ -31,7 +31,62 @@ def test_cli_start_up_imports_no_heavy_library() -> None:
     assert _loaded_after("import weightedit.cli.main", HEAVY) == []
 
 
+def test_streaming_edit_plans_without_torch() -> None:
+    """The rewrite, the direction file's metadata and the planner load no torch: the copy starts before it."""
+    statement = (
+        "import weightedit.edit.rewrite, weightedit.edit.direction_file, weightedit.edit.output, "
+        "weightedit.edit.verify, weightedit.edit.spans"
+    )
+    assert _loaded_after(statement, HEAVY) == []
+    assert _loaded_after(statement, MODEL_RUNNING) == []
+
+
 def test_streaming_edit_loads_torch_but_no_model_runtime() -> None:
-    statement = "import weightedit.edit.rewrite, weightedit.edit.direction_file"
+    statement = "import weightedit.edit.writer"
     assert _loaded_after(statement, HEAVY) == ["torch"]
     assert _loaded_after(statement, MODEL_RUNNING) == []
+
+
+def test_quiet_libraries_imports_nothing_and_still_silences_them() -> None:
+    """--quiet sets what transformers and huggingface_hub read when they are imported later."""
+    statement = "from weightedit.cli._options import quiet_libraries; quiet_libraries(True)"
+    assert _loaded_after(statement, HEAVY) == []
+    code = (
+        f"{statement}\nimport logging, json\nimport huggingface_hub.utils as hub\n"
+        "import transformers.utils.logging as tl\n"
+        "print(json.dumps([hub.are_progress_bars_disabled(), tl.is_progress_bar_enabled(), "
+        "logging.getLogger('transformers').getEffectiveLevel(), "
+        "logging.getLogger('huggingface_hub').getEffectiveLevel()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, False, 40, 40]
+
+
+def test_the_console_entry_point_exits_with_the_command_status(tmp_path) -> None:
+    """main() leaves without the interpreter teardown: output flushed, exit codes kept."""
+    run = [sys.executable, "-c", "from weightedit.cli.main import main; main()"]
+    ok = subprocess.run([*run, "--version"], capture_output=True, text=True)
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"weightedit {_version()}")
+    bad = subprocess.run(
+        [
+            *run,
+            "orthogonalize",
+            "--model",
+            str(tmp_path / "missing"),
+            "--direction-lang",
+            "en",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "does not exist" in bad.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _version() -> str:
+    import weightedit
+
+    return weightedit.__version__

@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import weightedit.edit.rewrite as ortho
+import weightedit.edit.spans as spans
 import weightedit.edit.writer as writer
+import weightedit.io.hashing as hashing
 from weightedit.edit.direction_file import Direction, save_direction
 from weightedit.edit.projection import (
     noise_floor,
@@ -70,7 +72,7 @@ def test_short_writes_are_continued(reference, tmp_path, monkeypatch):
         calls.append(len(data))
         return real(fd, memoryview(data)[: max(1, len(data) // 3)], offset)
 
-    monkeypatch.setattr(writer, "_os_pwrite", short_write)
+    monkeypatch.setattr(spans, "_os_pwrite", short_write)
     out = orthogonalize_checkpoint(src, tmp_path / "out", random_direction(), progress=False, block_bytes=SMALL_BLOCK)
     assert len(calls) > 20
     assert _shard_bytes(out.out) == expected
@@ -87,9 +89,9 @@ def test_copy_fallbacks_give_the_same_output(fallback, reference, tmp_path, monk
     def no_sendfile(*args):
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
-    monkeypatch.setattr(writer, "_os_copy_file_range", no_copy_file_range)
+    monkeypatch.setattr(spans, "_os_copy_file_range", no_copy_file_range)
     if fallback == "pread":
-        monkeypatch.setattr(writer, "_os_sendfile", no_sendfile)
+        monkeypatch.setattr(spans, "_os_sendfile", no_sendfile)
     out = orthogonalize_checkpoint(src, tmp_path / "out", random_direction(), progress=False)
     assert _shard_bytes(out.out) == expected
 
@@ -112,7 +114,7 @@ def test_write_failure_in_the_pipeline_leaves_no_output(nth_data_write, tiny_che
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(writer, "_os_pwrite", failing_write)
+    monkeypatch.setattr(spans, "_os_pwrite", failing_write)
     out = tmp_path / "out"
     with pytest.raises(WriteFailedError, match="not enough disk space"):
         orthogonalize_checkpoint(src, out, random_direction(), progress=False, block_bytes=SMALL_BLOCK)
@@ -135,7 +137,7 @@ def test_failure_in_the_edit_lane_leaves_no_output(tiny_checkpoints, tmp_path, m
 
 
 def test_write_that_makes_no_progress_is_a_full_disk(tiny_checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(writer, "_os_pwrite", lambda fd, data, offset: 0)
+    monkeypatch.setattr(spans, "_os_pwrite", lambda fd, data, offset: 0)
     out = tmp_path / "out"
     with pytest.raises(WriteFailedError, match="not enough disk space"):
         orthogonalize_checkpoint(tiny_checkpoints("llama"), out, random_direction(), progress=False)
@@ -258,7 +260,7 @@ def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
 
     src = tmp_path / "model"  # a new path: its hashes are not known yet
     shutil.copytree(tiny_checkpoints("llama"), src)
-    monkeypatch.setattr(writer, "sha256_file", unreadable)
+    monkeypatch.setattr(hashing, "sha256_file", unreadable)
     out = tmp_path / "out"
     with pytest.raises(InvalidCheckpointError, match="cannot read .* SHA-256"):
         orthogonalize_checkpoint(src, out, random_direction(), progress=False)
@@ -268,14 +270,14 @@ def test_hashing_error_is_reported(tiny_checkpoints, tmp_path, monkeypatch):
 def test_input_hashes_are_reused_until_the_file_changes(tiny_checkpoints, tmp_path, monkeypatch):
     src = tmp_path / "model"
     shutil.copytree(tiny_checkpoints("llama", shards=False), src)
-    real = writer.sha256_file
+    real = hashing.sha256_file
     hashed = []
 
     def counting(path, *, stop):
         hashed.append(path.name)
         return real(path, stop=stop)
 
-    monkeypatch.setattr(writer, "sha256_file", counting)
+    monkeypatch.setattr(hashing, "sha256_file", counting)
     first = orthogonalize_checkpoint(src, tmp_path / "a", random_direction(), progress=False)
     second = orthogonalize_checkpoint(src, tmp_path / "b", random_direction(), progress=False)
     assert hashed == ["model.safetensors"]
@@ -352,14 +354,14 @@ def test_streamed_columns_match_the_in_memory_edit_including_a_second_pass():
 
 def test_second_pass_in_the_writer_reads_back_what_it_wrote(tmp_path, monkeypatch):
     """End to end: writers almost parallel to the direction come out as the in-memory edit makes them."""
-    real_read = writer.read_into
+    real_read = spans.read_into
     read_from: list[str] = []
 
     def recording_read(fd, view, offset, path):
         read_from.append(path.parent.name)
         return real_read(fd, view, offset, path)
 
-    monkeypatch.setattr(writer, "read_into", recording_read)
+    monkeypatch.setattr(spans, "read_into", recording_read)
     src = tmp_path / "model"
     src.mkdir()
     d, ff, vocab = 64, 128, 256
@@ -404,7 +406,7 @@ def test_output_that_comes_out_short_is_an_error(tmp_path, monkeypatch):
         real(src_fd, dst_fd, count - 1, offset_src, offset_dst)
         return count  # claims the last byte too
 
-    monkeypatch.setattr(writer, "_os_copy_file_range", lossy)
+    monkeypatch.setattr(spans, "_os_copy_file_range", lossy)
     out = tmp_path / "out"
     with pytest.raises(WriteFailedError, match="produced .* bytes instead of .*: the output filesystem lost data"):
         orthogonalize_checkpoint(src, out, torch.randn(64), progress=False)

@@ -7,6 +7,11 @@ the 2-core development machine).
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import threading
+
 import typer
 
 from weightedit import __version__
@@ -67,7 +72,39 @@ for module in (
 
 
 def main() -> None:
-    app()
+    """The console entry point: run the command, then leave without tearing the interpreter down.
+
+    Freeing every module and object that torch and transformers created takes 0.4-0.8 s at exit (measured on
+    the 2-core development machine: ``import torch`` alone exits in 1.9 s, 1.45 s without the teardown), paid
+    after the work is done, e.g. a third of the time over a plain copy that the streaming edit is allowed.
+    The exit handlers still run and the output streams are flushed; only when another non-daemon thread is
+    still alive does the exit take the normal path, which waits for it.
+    """
+    try:
+        app()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    _leave(code)
+
+
+def _leave(code: object) -> None:
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit("message") would print
+        code = 1
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (weightedit ... | head) or a closed stream
+            if code == 0:
+                code = 1 if stream is sys.stdout else code
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

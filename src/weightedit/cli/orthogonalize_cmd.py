@@ -78,7 +78,6 @@ def orthogonalize(
     push_to: Annotated[str | None, typer.Option("--push-to", hidden=True)] = None,  # the old spelling of --repo-id
 ) -> None:
     """Project the refusal direction out of every matrix that writes to the residual stream."""
-    from weightedit.edit.direction_file import load_direction
     from weightedit.edit.rewrite import orthogonalize as run
     from weightedit.errors import InvalidDirectionError
 
@@ -113,12 +112,10 @@ def orthogonalize(
         )
     else:
         assert direction is not None
-        d = load_direction(direction)
-        d.meta.setdefault("file", direction.name)
         report = run(
             model,
             out,
-            d,
+            direction,  # a path: checked from its metadata, loaded while the copy runs
             tied_embeddings=tied_embeddings,
             overwrite=overwrite,
             revision=revision,

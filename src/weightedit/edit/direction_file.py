@@ -12,24 +12,24 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..errors import FilterFailedDirectionError, InvalidDirectionError, OptionsError
+from ..errors import FilterFailedDirectionError, InvalidCheckpointError, InvalidDirectionError, OptionsError
 from ..io.atomic import atomic_file
-from ..io.checkpoint import residual_width
+from ..io.checkpoint import read_header, residual_width
 from ..sources.model import public_name
 from .profile import EditProfile
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "Direction",
+    "DirectionHeader",
     "save_direction",
     "load_direction",
+    "peek_direction",
     "config_fingerprint",
     "combine_directions",
     "check_selection",
@@ -89,6 +89,8 @@ class Direction:
 
     def sha256(self) -> str:
         """Hash of the vector's float32 bytes (what the edit depends on)."""
+        import torch
+
         return hashlib.sha256(self.vector.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
     def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
@@ -98,28 +100,52 @@ class Direction:
             InvalidDirectionError: d_model differs (always), or the config fingerprint differs (unless
                 ``allow_mismatch``).
         """
-        d_model = residual_width(config)
-        if d_model is not None and d_model != self.d_model:
-            raise InvalidDirectionError(
-                f"{source} has d_model={self.d_model} but the model has hidden size {d_model}: use a direction "
-                "computed on this model (weightedit direction --model ...)"
-            )
-        if self.config_hash and not allow_mismatch and self.config_hash != config_fingerprint(config):
-            raise InvalidDirectionError(
-                f"{source} was computed on {self.model or 'another model'} (config {self.config_hash}), not on this "
-                f"one (config {config_fingerprint(config)}): recompute it on this model, or pass "
-                "<<allow_model_mismatch>> if both share a residual basis (e.g. a fine-tune)"
-            )
+        _check_model(self, config, allow_mismatch=allow_mismatch, source=source)
 
 
-def selection_failed_kl(direction: Direction) -> bool:
+@dataclass(frozen=True)
+class DirectionHeader:
+    """What a direction file says about itself, read without torch (:func:`peek_direction`): enough to check
+    it against a model and its selection record before the vector is loaded."""
+
+    path: Path
+    d_model: int
+    model: str | None
+    config_hash: str | None
+    meta: dict[str, Any]
+    profile: EditProfile | None
+
+    def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
+        """:meth:`Direction.check_model` on the file's metadata."""
+        _check_model(self, config, allow_mismatch=allow_mismatch, source=source)
+
+
+def _check_model(
+    direction: Direction | DirectionHeader, config: dict[str, Any], *, allow_mismatch: bool, source: str
+) -> None:
+    """Refuse a direction (or a file's metadata) computed on a different model (see :meth:`Direction.check_model`)."""
+    d_model = residual_width(config)
+    if d_model is not None and d_model != direction.d_model:
+        raise InvalidDirectionError(
+            f"{source} has d_model={direction.d_model} but the model has hidden size {d_model}: use a direction "
+            "computed on this model (weightedit direction --model ...)"
+        )
+    if direction.config_hash and not allow_mismatch and direction.config_hash != config_fingerprint(config):
+        raise InvalidDirectionError(
+            f"{source} was computed on {direction.model or 'another model'} (config {direction.config_hash}), not on this "
+            f"one (config {config_fingerprint(config)}): recompute it on this model, or pass "
+            "<<allow_model_mismatch>> if both share a residual basis (e.g. a fine-tune)"
+        )
+
+
+def selection_failed_kl(direction: Direction | DirectionHeader) -> bool:
     """Whether the direction's own selection recorded that it failed the KL filter (files without a record pass)."""
     selection = direction.meta.get("selection") if isinstance(direction.meta, dict) else None
     return isinstance(selection, dict) and selection.get("kl_filter_passed") is False
 
 
 def check_selection(
-    direction: Direction, *, allow_failing_filters: bool = False, source: str = "the direction"
+    direction: Direction | DirectionHeader, *, allow_failing_filters: bool = False, source: str = "the direction"
 ) -> None:
     """Refuse a direction whose selection failed the KL filter, unless the caller accepts it.
 
@@ -135,6 +161,9 @@ def check_selection(
 
 def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
     """Write ``direction`` as a safetensors file (atomically: temp file, then rename)."""
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     tensors = {"direction": direction.vector.detach().to("cpu", torch.float32).contiguous()}
     if direction.candidates is not None:
@@ -163,6 +192,10 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
     Raises:
         InvalidDirectionError: the file is missing, unreadable, or holds no single vector.
     """
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.exists():
         raise InvalidDirectionError(
@@ -229,6 +262,27 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         raise InvalidDirectionError(
             f"{path}: its metadata is not string-to-string: re-save the direction file", path=path
         )
+    extra, profile = _parsed_meta(meta, path)
+
+    def _int(key: str) -> int | None:
+        value = meta.get(key, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    return Direction(
+        vector=vector,
+        layer=_int("layer"),
+        position=_int("position"),
+        languages=tuple(x for x in meta.get("languages", "").split(",") if x),
+        model=meta.get("model") or None,
+        config_hash=meta.get("config_hash") or None,
+        candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
+        meta=extra,
+        profile=profile,
+    )
+
+
+def _parsed_meta(meta: dict[str, str], path: Path) -> tuple[dict[str, Any], EditProfile | None]:
+    """The JSON-encoded parts of a direction file's metadata: its ``meta`` record and its edit profile."""
     extra: Any = {}
     if meta.get("meta"):
         try:
@@ -252,18 +306,39 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
                 f"{path}: its edit profile is not valid ({e}): re-save the direction file", path=path
             ) from None
 
-    def _int(key: str) -> int | None:
-        value = meta.get(key, "")
-        return int(value) if value.lstrip("-").isdigit() else None
+    return extra, profile
 
-    return Direction(
-        vector=vector,
-        layer=_int("layer"),
-        position=_int("position"),
-        languages=tuple(x for x in meta.get("languages", "").split(",") if x),
+
+def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
+    """The metadata of a safetensors direction file, read without torch; ``None`` for any file
+    :func:`load_direction` should judge itself (other formats, or anything unusual: it then names the problem).
+    """
+    path = Path(path)
+    if path.suffix in {".npy", ".pt", ".pth"} or not path.is_file():
+        return None
+    try:
+        header = read_header(path)
+    except (InvalidCheckpointError, OSError):
+        return None
+    tensors = header.tensors
+    info = tensors.get("direction") or (next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if info is None or not info.is_float:
+        return None
+    shape = info.shape[1:] if len(info.shape) == 2 and info.shape[0] == 1 else info.shape
+    if len(shape) != 1:
+        return None
+    meta = header.metadata
+    if meta and not all(isinstance(v, str) for v in meta.values()):
+        return None
+    try:
+        extra, profile = _parsed_meta(meta, path)
+    except InvalidDirectionError:
+        return None
+    return DirectionHeader(
+        path=path,
+        d_model=shape[0],
         model=meta.get("model") or None,
         config_hash=meta.get("config_hash") or None,
-        candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
         meta=extra,
         profile=profile,
     )
@@ -271,6 +346,8 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
 
 def combine_directions(directions: list[Direction]) -> torch.Tensor:
     """Mean of unit directions, renormalized (``--direction-lang en,zh,ar``)."""
+    import torch
+
     if not directions:
         raise InvalidDirectionError("no directions to combine")
     units = [d.vector / d.vector.norm() for d in directions]

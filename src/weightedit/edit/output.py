@@ -7,15 +7,13 @@ import errno
 import json
 import math
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import InvalidCheckpointError
 from ..io.checkpoint import WEIGHTS_INDEX_NAME, Checkpoint, ShardHeader, TensorInfo, encode_header, read_header
-from .projection import noise_floor
-from .writer import CopySpan, EditSpan, ShardJob
+from .spans import CopySpan, EditSpan, ShardJob, noise_floor_for
 
 __all__ = ["BLOCK_BYTES", "shard_jobs", "write_index", "config_ties", "copy_side_files"]
 
@@ -30,7 +28,7 @@ def shard_jobs(
     checkpoint: Checkpoint,
     tmp: Path,
     *,
-    targets: dict[str, torch.Tensor],
+    edited: Collection[str],
     axes: dict[str, int],
     lm_head: tuple[str, str] | None,
     metadata: dict[str, str],
@@ -38,7 +36,8 @@ def shard_jobs(
     scales: dict[str, float] | None = None,
     preserve_norm: bool = False,
 ) -> list[ShardJob]:
-    """Describe each output shard: same tensors at the same offsets, writers edited, the LM head appended.
+    """Describe each output shard: same tensors at the same offsets, the ``edited`` writers edited, the LM
+    head appended. Needs the headers only (no torch): the vectors come with the editor.
 
     ``scales`` gives the share of the component each writer loses (1 where missing: the full edit), and
     ``preserve_norm`` whether edited vectors keep their length (:mod:`weightedit.edit.profile`).
@@ -66,13 +65,9 @@ def shard_jobs(
                 spans.append(CopySpan(offset, length))
 
         for info in ordered:
-            if info.name in targets:
+            if info.name in edited:
                 scale = 1.0 if scales is None else scales.get(info.name, 1.0)
-                spans.extend(
-                    _edit_spans(
-                        shard, info, targets[info.name], axes[info.name], block_bytes, scale=scale, keep=preserve_norm
-                    )
-                )
+                spans.extend(_edit_spans(shard, info, axes[info.name], block_bytes, scale=scale, keep=preserve_norm))
             elif info.nbytes:
                 copy(shard.data_start + info.start, info.nbytes)
         for info in extras:
@@ -85,7 +80,6 @@ def shard_jobs(
 def _edit_spans(
     shard: ShardHeader,
     info: TensorInfo,
-    u: torch.Tensor,
     axis: int,
     block_bytes: int,
     *,
@@ -98,10 +92,10 @@ def _edit_spans(
     tensors whose residual axis comes earlier (``nn.Linear`` ``[d, d_in]``, expert stacks ``[E, d, d_in]``)
     become one span per ``[d, d_in]`` matrix, streamed in blocks of rows; anything else (biases) is one span.
     """
-    dtype = info.torch_dtype
-    assert dtype is not None  # plan_edit refuses writers of other dtypes
+    assert info.is_float  # plan_edit refuses writers of other dtypes
+    dtype = info.dtype
     d = info.shape[axis]
-    floor = noise_floor(dtype, d)
+    floor = noise_floor_for(dtype, d)
     axis = axis % len(info.shape)
     start = shard.data_start + info.start
     inner = math.prod(info.shape[axis + 1 :])
@@ -116,7 +110,6 @@ def _edit_spans(
                 (min(rows, r0 + step) - r0) * row_bytes,
                 dtype,
                 (min(rows, r0 + step) - r0, *info.shape[1:]),
-                u,
                 axis,
                 floor,
                 mode="rows",
@@ -135,7 +128,6 @@ def _edit_spans(
                 size,
                 dtype,
                 (d, inner),
-                u,
                 0,
                 floor,
                 mode="columns",
@@ -151,7 +143,6 @@ def _edit_spans(
             info.nbytes,
             dtype,
             info.shape,
-            u,
             axis,
             floor,
             mode="whole",

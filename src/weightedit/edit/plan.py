@@ -1,16 +1,20 @@
-"""What an edit will do, decided from the checkpoint's headers alone (used by ``inspect`` and the rewrite)."""
+"""What an edit will do, decided from the checkpoint's headers alone (used by ``inspect`` and the rewrite).
+
+Planning imports no torch (only :func:`writer_targets` needs it), so that the rewrite can start copying
+before torch has finished importing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidCheckpointError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from .arch import ArchSpec, WriterMatch, spec_for_config
 from .options import TiedEmbeddings
-from .projection import effective_direction
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets"]
 
@@ -60,7 +64,7 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
         if m is None:
             continue
         _, info = checkpoint.find(name)
-        if info.torch_dtype is None:
+        if not info.is_float:
             raise InvalidCheckpointError(
                 f"writer {name!r} has dtype {info.dtype}: weightedit edits float tensors; use an unquantized checkpoint",
                 path=checkpoint.folder,
@@ -90,6 +94,8 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
 def writer_targets(checkpoint: Checkpoint, plan: EditPlan, r: torch.Tensor) -> dict[str, torch.Tensor]:
     """The unit vector each writer is projected against: ``r``, or for post-norm writers the normalized
     ``γ ⊙ r`` of the norm that follows them (one per norm tensor, read once)."""
+    from .projection import effective_direction
+
     norm_cache: dict[str, torch.Tensor] = {}
     targets: dict[str, torch.Tensor] = {}
     for name, m in plan.writers.items():

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidDirectionError
+from .spans import NOISE_FACTOR
 
 __all__ = [
     "unit_direction",
@@ -42,8 +43,9 @@ __all__ = [
     "BlockStats",
 ]
 
-# How many rounding-noise standard deviations a component must exceed to count as "present".
-_NOISE_FACTOR = 8.0
+# How many rounding-noise standard deviations a component must exceed to count as "present" (one constant with
+# the torch-free planner's :func:`~weightedit.edit.spans.noise_floor_for`).
+_NOISE_FACTOR = NOISE_FACTOR
 
 
 def unit_direction(direction: torch.Tensor, d_model: int, *, name: str = "direction") -> torch.Tensor:

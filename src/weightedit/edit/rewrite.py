@@ -2,42 +2,48 @@
 
 The rewriter reads one tensor (or one block of rows) at a time: writer tensors are edited
 (:mod:`weightedit.edit.projection`), every other tensor is copied as raw bytes inside the kernel, and each output
-shard keeps the input's name, tensor order and byte offsets (:mod:`weightedit.edit.output`). Reading and editing
-the next block overlaps with writing the current one (:mod:`weightedit.edit.writer`); peak memory is a few
-blocks, whatever the model size. The output is built in a temporary sibling folder, every file of it is
+shard keeps the input's name, tensor order and byte offsets (:mod:`weightedit.edit.output`). Planning needs the
+headers only, so the copy starts before torch is imported (:mod:`weightedit.edit.spans`); two lanes then edit
+and copy side by side (:mod:`weightedit.edit.writer`); peak memory is a few blocks, whatever the model size. The output is built in a temporary sibling folder, every file of it is
 flushed to disk, and it is renamed into place only after it is verified (:mod:`weightedit.edit.verify`); the
 input is never opened for writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._progress import progress_bar
 from ..io.atomic import atomic_output_dir, check_output_path, ensure_free_space, fsync_path
 from ..io.checkpoint import Checkpoint
-from ..io.hashing import known_sha256, remember_sha256
+from ..io.hashing import InputHasher, known_sha256, remember_sha256
 from ..sources import resolve_model
 from ..sources.model import ModelSource
-from .direction_file import Direction, check_selection
+from .direction_file import Direction, DirectionHeader, check_selection, load_direction, peek_direction
 from .options import TiedEmbeddings, tied_embeddings_option
 from .output import BLOCK_BYTES, config_ties, copy_side_files, shard_jobs, write_index
 from .plan import EditPlan, plan_edit, writer_targets
 from .profile import FULL_EDIT, EditProfile
-from .projection import BlockStats, unit_direction
 from .provenance import PROVENANCE_FILE, edit_provenance
+from .spans import Pipeline, ShardJob
 from .verify import verify_output
-from .writer import EditSpan, InputHasher, Sample, ShardJob, write_shards
+
+if TYPE_CHECKING:
+    import torch
+
+# A placeholder of the direction's SHA-256 in the output headers until the vector is loaded: same length, so the
+# data offsets computed with it hold for the final headers.
+_PENDING_SHA256 = "0" * 64
 
 __all__ = ["EditReport", "orthogonalize", "orthogonalize_checkpoint"]
 
@@ -63,7 +69,7 @@ class EditReport:
 def orthogonalize(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    direction: Direction | torch.Tensor,
+    direction: Direction | torch.Tensor | str | os.PathLike[str],
     *,
     tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
@@ -101,15 +107,10 @@ def orthogonalize(
     )
 
 
-def _direction_name(direction: Direction) -> str:
-    file = direction.meta.get("file") if isinstance(direction.meta, dict) else None
-    return f"direction {file}" if file else "the direction"
-
-
 def orthogonalize_checkpoint(
     source: ModelSource | str | os.PathLike[str],
     out: str | os.PathLike[str],
-    direction: Direction | torch.Tensor,
+    direction: Direction | torch.Tensor | str | os.PathLike[str],
     *,
     tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
@@ -126,7 +127,9 @@ def orthogonalize_checkpoint(
     Args:
         source: a resolved :class:`ModelSource` or a local ``save_pretrained`` folder.
         out: output folder; must not exist (unless ``overwrite``) and must not overlap the input.
-        direction: a :class:`Direction` (checked against the model) or a ``[d_model]`` tensor.
+        direction: a :class:`Direction` (checked against the model), a ``[d_model]`` tensor, or the path of a
+            direction file. A safetensors file is checked from its metadata and loaded while the untouched
+            bytes are already being copied (torch imports meanwhile).
         tied_embeddings: for models whose LM head shares the embedding matrix: ``"untie"`` (default)
             keeps the original matrix as ``lm_head.weight`` so the edit is exact; ``"edit-both"`` edits the
             shared matrix and keeps the checkpoint tied (smaller, not exact).
@@ -151,15 +154,19 @@ def orthogonalize_checkpoint(
     tied = tied_embeddings_option(tied_embeddings)
     out = check_output_path(Path(out), inputs=(source.folder, *source.inputs), overwrite=overwrite)
 
+    # Everything up to the start of the copy reads headers and metadata only: no torch yet (see spans.Pipeline).
     checkpoint = Checkpoint.open(source.folder)
     plan = plan_edit(checkpoint)
-    direction, r = _checked_direction(
-        direction, checkpoint, allow_model_mismatch=allow_model_mismatch, allow_failing_filters=allow_failing_filters
-    )
+    known = _known_direction(direction)
+    checks = {"allow_model_mismatch": allow_model_mismatch, "allow_failing_filters": allow_failing_filters}
+    if isinstance(known, (Direction, DirectionHeader)):
+        _check_direction(known, checkpoint, **checks)
+        if profile is None:
+            profile = known.profile
     if profile is None:
-        profile = direction.profile or FULL_EDIT
+        profile = FULL_EDIT
     scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
-    targets = {name: u for name, u in writer_targets(checkpoint, plan, r).items() if scales[name] > 0}
+    edited = {name for name in plan.writers if scales[name] > 0}
     untie = plan.tied and tied is TiedEmbeddings.UNTIE
     extra_bytes = checkpoint.find(plan.embedding)[1].nbytes if untie and plan.embedding else 0
     ensure_free_space(_existing_ancestor(out), checkpoint.total_bytes + extra_bytes, out)
@@ -167,29 +174,46 @@ def orthogonalize_checkpoint(
     hasher = InputHasher([s.path for s in checkpoint.shards], known=known_sha256, remember=remember_sha256)
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            jobs = shard_jobs(
-                checkpoint,
-                tmp,
-                targets=targets,
-                axes={n: m.rule.axis for n, m in plan.writers.items()},
-                scales=None if profile.is_full else scales,
-                preserve_norm=profile.preserve_norm,
-                lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
-                metadata={
-                    "weightedit_version": __version__,
-                    "weightedit_direction_sha256": direction.sha256(),
-                    "weightedit_source": source.public_name,
-                },
-                block_bytes=block_bytes,
-            )
-            stats, samples = _write_shards(jobs, f"editing {source.given}", progress=progress)
+
+            def jobs_with(direction_sha256: str) -> list[ShardJob]:
+                return shard_jobs(
+                    checkpoint,
+                    tmp,
+                    edited=edited,
+                    axes={n: m.rule.axis for n, m in plan.writers.items()},
+                    scales=None if profile.is_full else scales,
+                    preserve_norm=profile.preserve_norm,
+                    lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
+                    metadata={
+                        "weightedit_version": __version__,
+                        "weightedit_direction_sha256": direction_sha256,
+                        "weightedit_source": source.public_name,
+                    },
+                    block_bytes=block_bytes,
+                )
+
+            jobs = jobs_with(_PENDING_SHA256)
+            with _started(jobs, f"editing {source.given}", progress=progress) as pipeline:
+                # The copy runs while torch imports and the direction loads.
+                import torch
+
+                from .writer import editor_factory
+
+                loaded, r = _checked_direction(_loaded(known), checkpoint, **checks)
+                targets = {name: u for name, u in writer_targets(checkpoint, plan, r).items() if name in edited}
+                headers = [job.header for job in jobs_with(loaded.sha256())]
+                threads = torch.get_num_threads()
+                try:
+                    stats, samples = pipeline.finish(headers, editor_factory(jobs, targets))
+                finally:
+                    torch.set_num_threads(threads)
             _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
             verification = verify_output(checkpoint, tmp, plan, stats, samples, untie=untie)
             provenance = edit_provenance(
                 source,
                 checkpoint,
                 plan,
-                direction,
+                loaded,
                 input_hashes=hasher.result(),
                 verification=verification,
                 options={
@@ -205,14 +229,14 @@ def orthogonalize_checkpoint(
     finally:
         hasher.stop()
 
-    edited = sum(1 for s in stats.values() if s.changed)
+    edited_count = sum(1 for s in stats.values() if s.changed)
     return EditReport(
         out=out,
         model_type=plan.spec.model_type,
         d_model=checkpoint.d_model,
         groups=plan.groups(),
-        tensors_edited=edited,
-        tensors_already_orthogonal=len(stats) - edited,
+        tensors_edited=edited_count,
+        tensors_already_orthogonal=len(stats) - edited_count,
         tensors_copied=sum(len(s.tensors) for s in checkpoint.shards) - len(stats),
         bytes_written=sum(j.size for j in jobs),
         max_relative_residual=verification["max_relative_residual"],
@@ -220,6 +244,45 @@ def orthogonalize_checkpoint(
         seconds=time.perf_counter() - started,
         provenance=provenance,
     )
+
+
+def _known_direction(
+    direction: Direction | torch.Tensor | str | os.PathLike[str],
+) -> Direction | DirectionHeader | torch.Tensor:
+    """A direction object or tensor as it is; a file's metadata when it can be read without torch, else the file."""
+    if not isinstance(direction, (str, os.PathLike)):
+        return direction
+    path = Path(direction)
+    header = peek_direction(path)
+    if header is None:
+        return _loaded(path)  # another format, or a file load_direction has to judge (it names the problem)
+    header.meta.setdefault("file", path.name)
+    return header
+
+
+def _loaded(known: Direction | DirectionHeader | torch.Tensor | Path) -> Direction | torch.Tensor:
+    if isinstance(known, (DirectionHeader, Path)):
+        path = known.path if isinstance(known, DirectionHeader) else known
+        loaded = load_direction(path)
+        loaded.meta.setdefault("file", path.name)
+        return loaded
+    return known
+
+
+def _direction_name(direction: Direction | DirectionHeader) -> str:
+    file = direction.meta.get("file") if isinstance(direction.meta, dict) else None
+    return f"direction {file}" if file else "the direction"
+
+
+def _check_direction(
+    direction: Direction | DirectionHeader,
+    checkpoint: Checkpoint,
+    *,
+    allow_model_mismatch: bool,
+    allow_failing_filters: bool,
+) -> None:
+    direction.check_model(checkpoint.config, allow_mismatch=allow_model_mismatch)
+    check_selection(direction, allow_failing_filters=allow_failing_filters, source=_direction_name(direction))
 
 
 def _checked_direction(
@@ -230,34 +293,42 @@ def _checked_direction(
     allow_failing_filters: bool,
 ) -> tuple[Direction, torch.Tensor]:
     """The direction (a file is checked against the model and its selection record) and its unit vector."""
+    from .projection import unit_direction
+
     if isinstance(direction, Direction):
-        direction.check_model(checkpoint.config, allow_mismatch=allow_model_mismatch)
-        check_selection(direction, allow_failing_filters=allow_failing_filters, source=_direction_name(direction))
+        _check_direction(
+            direction,
+            checkpoint,
+            allow_model_mismatch=allow_model_mismatch,
+            allow_failing_filters=allow_failing_filters,
+        )
         return direction, unit_direction(direction.vector, checkpoint.d_model)
     r = unit_direction(direction, checkpoint.d_model)
     return Direction(vector=r), r
 
 
-def _write_shards(
-    jobs: list[ShardJob], description: str, *, progress: bool
-) -> tuple[dict[str, BlockStats], list[Sample]]:
-    """Write every shard with progress; each finished shard is flushed to disk while the next one is written."""
-    slab = max((sp.length for j in jobs for sp in j.spans if isinstance(sp, EditSpan)), default=0)
+@contextlib.contextmanager
+def _started(jobs: list[ShardJob], description: str, *, progress: bool) -> Iterator[Pipeline]:
+    """A started :class:`Pipeline` with progress, each finished shard flushed to disk in the background; on
+    any failure (or Ctrl-C) both lanes are stopped before the output folder is removed."""
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightedit-fsync")
     pending: list[Future[None]] = []
     try:
         with progress_bar(description, sum(j.size for j in jobs), enabled=progress, unit="bytes") as bar:
-            result = write_shards(
+            pipeline = Pipeline(
                 jobs,
-                slab_bytes=slab,
                 advance=bar.advance,
                 on_shard_written=lambda path: pending.append(syncer.submit(fsync_path, path)),
-            )
+            ).start()
+            try:
+                yield pipeline
+            except BaseException:
+                pipeline.cancel()
+                raise
             for fut in pending:
                 fut.result()  # re-raises a failed flush (e.g. the disk filled up)
     finally:
         syncer.shutdown(wait=True, cancel_futures=True)
-    return result
 
 
 def _write_side_files(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidCheckpointError, InvalidDirectionError
 from ..io.checkpoint import Checkpoint, read_header
 from .plan import EditPlan
-from .projection import BlockStats, noise_floor
-from .writer import Sample, check_samples
+from .spans import Sample, check_samples, noise_floor_for
+
+if TYPE_CHECKING:
+    from .projection import BlockStats
 
 __all__ = ["verify_output"]
 
@@ -44,9 +46,8 @@ def verify_output(
     worst = 0.0
     for name, s in stats.items():
         info = checkpoint.find(name)[1]
-        dtype = info.torch_dtype
-        assert dtype is not None  # plan_edit refuses writers of other dtypes
-        floor = noise_floor(dtype, info.shape[plan.writers[name].rule.axis])
+        assert info.is_float  # plan_edit refuses writers of other dtypes
+        floor = noise_floor_for(info.dtype, info.shape[plan.writers[name].rule.axis])
         if s.relative_residual > floor:
             raise InvalidDirectionError(
                 f"verification failed: {name} keeps a relative component {s.relative_residual:.2e} along the "

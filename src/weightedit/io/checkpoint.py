@@ -14,9 +14,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidCheckpointError, ModelNotFoundError, QuantizedCheckpointError
 
@@ -37,12 +35,16 @@ SINGLE_WEIGHTS_NAME = "model.safetensors"
 # A header larger than this is certainly corrupt (the format itself caps it at 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype code -> (torch dtype or None when weightedit cannot do float math on it, bytes per item)
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (name of the torch dtype, or None when weightedit cannot do float math on it, bytes
+# per item). Names, not torch objects: reading headers and planning an edit must not wait for torch to import.
+DTYPES: dict[str, tuple[str | None, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
     "I64": (None, 8),
     "I32": (None, 4),
     "I16": (None, 2),
@@ -97,8 +99,19 @@ class TensorInfo:
         return n
 
     @property
+    def is_float(self) -> bool:
+        """Whether weightedit can do float math on this tensor (F64, F32, F16, BF16)."""
+        return DTYPES[self.dtype][0] is not None
+
+    @property
     def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype][0]
+        """The torch dtype of a float tensor (imports torch), None for any other dtype."""
+        name = DTYPES[self.dtype][0]
+        if name is None:
+            return None
+        import torch
+
+        return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -449,6 +462,8 @@ def read_tensor_bytes(
     start = shard.data_start + info.start + row_start * row_bytes
     length = (row_end - row_start) * row_bytes
     shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
+    import torch
+
     raw = torch.empty(length, dtype=torch.uint8)  # not zero-filled, unlike bytearray
     if length:
         with open(shard.path, "rb", buffering=0) as f:

@@ -6,16 +6,20 @@ Digests are remembered in weightedit's cache by (path, size, modification time),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import overload
 
+from ..errors import InvalidCheckpointError
 from .atomic import write_text_atomic
 from .cache import cache_dir
 
-__all__ = ["sha256_file", "known_sha256", "cached_sha256", "remember_sha256"]
+__all__ = ["sha256_file", "known_sha256", "cached_sha256", "remember_sha256", "InputHasher"]
 
 _CHUNK = 8 << 20  # bytes read per call; hashlib releases the GIL on updates this large
 
@@ -75,3 +79,69 @@ def remember_sha256(path: Path, digest: str) -> None:
     index = _read_index()
     index[_stat_key(path)] = digest
     write_text_atomic(_index_path(), json.dumps(index, indent=0), record=False)
+
+
+class InputHasher:
+    """SHA-256 of the input shards on a background thread, for provenance.
+
+    A digest is not computed again when it is already known: files inside a Hub cache are named by it, and
+    digests computed earlier are remembered by (path, size, mtime) in weightedit's cache
+    (:func:`known_sha256`). A file that cannot be read is an error of the edit.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        known: Callable[[Path], str | None] = lambda p: None,
+        remember: Callable[[Path, str], object] = lambda p, d: None,
+    ) -> None:
+        self._paths = list(paths)
+        self._known = known
+        self._remember = remember
+        self._hashes: dict[str, str] = {}
+        self._computed: list[tuple[Path, str]] = []
+        self._error: tuple[Path, OSError] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="weightedit-hash")
+        self._thread.start()
+
+    def _run(self) -> None:
+        for path in self._paths:
+            try:
+                real = path.resolve()
+                if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+                    self._hashes[path.name] = real.name
+                    continue
+                digest = self._known(path)
+                if digest is None:
+                    digest = sha256_file(path, stop=self._stop)
+                    if digest is None:
+                        return
+                    self._computed.append((path, digest))
+            except OSError as e:
+                self._error = (path, e)
+                return
+            self._hashes[path.name] = digest
+
+    def result(self) -> dict[str, str]:
+        """The digest of every input file by name.
+
+        Raises:
+            InvalidCheckpointError: an input file could not be read.
+        """
+        self._thread.join()
+        if self._error is not None:
+            path, e = self._error
+            raise InvalidCheckpointError(
+                f"cannot read {path} to record its SHA-256: {e.strerror or e}; check the file and its permissions",
+                path=path,
+            )
+        for path, digest in self._computed:
+            with contextlib.suppress(OSError):  # a read-only cache only costs hashing again next time
+                self._remember(path, digest)
+        return {p.name: self._hashes[p.name] for p in self._paths}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
