@@ -77,7 +77,7 @@ print(json.dumps({{"lanes": seen.get("lane"), "edited": report.tensors_edited}})
     assert result["edited"] > 0
 
 
-def test_a_direction_that_failed_its_filter_is_refused_before_anything_is_written(tiny_checkpoints, tmp_path):
+def test_a_direction_that_failed_its_filter_is_refused_and_nothing_is_left(tiny_checkpoints, tmp_path):
     src = tiny_checkpoints("llama")
     failed = Direction(vector=random_direction(), meta={"selection": {"kl_filter_passed": False, "kl": 0.9}})
     path = save_direction(failed, tmp_path / "failed.safetensors")
@@ -138,3 +138,152 @@ def test_the_planner_floor_is_the_projection_floor():
         for d in (7, 64, 4096):
             assert noise_floor_for(code, d) == noise_floor(dtype, d)
     assert NOISE_FACTOR == 8.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ordering: what is checked before the copy starts, and the Pipeline's own guarantees
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def no_copy(monkeypatch):
+    """Make starting the copy an error: a refusal that comes from the metadata must come before it."""
+    import weightedit.edit.spans as spans
+
+    def refuse(self):
+        raise AssertionError("the copy started before the direction was refused")
+
+    monkeypatch.setattr(spans.Pipeline, "start", refuse)
+
+
+def test_metadata_refusals_come_before_the_copy(tiny_checkpoints, tmp_path, no_copy):
+    src = tiny_checkpoints("llama")
+    failed = Direction(vector=random_direction(), meta={"selection": {"kl_filter_passed": False, "kl": 0.9}})
+    with pytest.raises(FilterFailedDirectionError):
+        orthogonalize_checkpoint(
+            src, tmp_path / "a", save_direction(failed, tmp_path / "f.safetensors"), progress=False
+        )
+    narrow = save_direction(Direction(vector=random_direction(d=7)), tmp_path / "n.safetensors")
+    with pytest.raises(InvalidDirectionError, match="d_model=7"):
+        orthogonalize_checkpoint(src, tmp_path / "b", narrow, progress=False)
+    with pytest.raises(InvalidDirectionError, match="zero norm"):  # a tensor in hand is checked whole, first
+        orthogonalize_checkpoint(src, tmp_path / "c", torch.zeros(random_direction().numel()), progress=False)
+    _no_leftovers(tmp_path / "a")
+
+
+def test_a_bad_direction_file_is_reported_before_the_model_is_resolved(tmp_path, monkeypatch):
+    import weightedit.edit.rewrite as rewrite
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the model was resolved (downloaded, converted) before the direction was checked")
+
+    monkeypatch.setattr(rewrite, "resolve_model", no_download)
+    with pytest.raises(InvalidDirectionError, match="does not exist"):
+        rewrite.orthogonalize("org/some-model", tmp_path / "out", tmp_path / "missing.safetensors", progress=False)
+
+
+def test_a_copy_lane_failure_is_what_the_user_sees(tiny_checkpoints, tmp_path, monkeypatch):
+    """A disk error in the copy lane while the vector loads wins over what it causes later (here a zero vector)."""
+    import errno
+
+    from safetensors.torch import save_file
+
+    import weightedit.edit.spans as spans
+
+    def eio(*args):
+        raise OSError(errno.EIO, "injected I/O error")
+
+    monkeypatch.setattr(spans, "_os_copy_file_range", eio)
+    path = tmp_path / "zero.safetensors"
+    save_file({"direction": torch.zeros(random_direction().numel())}, str(path))
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="injected I/O error"):
+        orthogonalize_checkpoint(tiny_checkpoints("llama"), out, path, progress=False)
+    _no_leftovers(out)
+
+
+def _pipeline_jobs(tmp_path: Path, n: int = 3):
+    from weightedit.edit.spans import CopySpan, EditSpan, ShardJob
+
+    jobs = []
+    for i in range(n):
+        src = tmp_path / f"in{i}"
+        src.write_bytes(bytes(range(256)) * 64)
+        spans = [
+            CopySpan(0, 4096),
+            EditSpan(f"t{i}", 4096, 4096, "F32", (32, 32), 0, 0.0, "whole"),
+            CopySpan(8192, 8192),
+        ]
+        jobs.append(ShardJob(src=src, dest=tmp_path / f"out{i}", header=b"H" * 8, spans=spans))
+    return jobs
+
+
+class _FakeEditor:
+    """Writes the span's input bytes reversed (so the output shows who wrote it)."""
+
+    def __call__(self, src_fd, dst_fd, pos, job, span, samples):
+        data = os.pread(src_fd, span.length, span.offset)[::-1]
+        os.pwrite(dst_fd, data, pos)
+        return _Stats()
+
+
+class _Stats:
+    def merge(self, other):
+        pass
+
+
+def test_each_shard_is_reported_once_and_only_with_its_header(tmp_path):
+    from weightedit.edit.spans import Pipeline
+
+    jobs = _pipeline_jobs(tmp_path)
+    seen: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+
+    def written(path):
+        with lock:
+            seen.append((path.name, path.read_bytes()[:8]))
+
+    pipeline = Pipeline(jobs, on_shard_written=written).start()
+    # Let the first lane finish every copy before the headers exist: those shards complete from finish().
+    deadline = 200
+    while deadline and any(job.dest.stat().st_size < job.size for job in jobs):
+        threading.Event().wait(0.01)
+        deadline -= 1
+    assert seen == []  # no shard is complete without its header, whatever its data
+    pipeline.finish([b"F" * 8] * len(jobs), lambda: _FakeEditor())
+    assert sorted(name for name, _ in seen) == [job.dest.name for job in jobs]
+    assert all(head == b"F" * 8 for _, head in seen)
+    for job in jobs:
+        data = job.dest.read_bytes()
+        src = job.src.read_bytes()
+        assert data == b"F" * 8 + src[:4096] + src[4096:8192][::-1] + src[8192:16384]
+    assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
+
+
+def test_finish_raises_what_stopped_the_first_lane(tmp_path, monkeypatch):
+    import errno
+
+    import weightedit.edit.spans as spans
+
+    def enospc(*args):
+        raise OSError(errno.ENOSPC, "no space")
+
+    monkeypatch.setattr(spans, "_os_copy_file_range", enospc)
+    pipeline = spans.Pipeline(_pipeline_jobs(tmp_path)).start()
+    while pipeline.failure is None and [t for t in threading.enumerate() if t.name == "weightedit-edit"]:
+        threading.Event().wait(0.01)
+    with pytest.raises(OSError, match="no space"):
+        pipeline.finish([b"F" * 8] * 3, lambda: _FakeEditor())
+    assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
+
+
+def test_an_editor_that_cannot_be_made_stops_both_lanes(tmp_path):
+    from weightedit.edit.spans import Pipeline
+
+    def broken():
+        raise RuntimeError("no editor")
+
+    pipeline = Pipeline(_pipeline_jobs(tmp_path)).start()
+    with pytest.raises(RuntimeError, match="no editor"):
+        pipeline.finish([b"F" * 8] * 3, broken)
+    assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]

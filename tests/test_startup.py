@@ -90,3 +90,19 @@ def _version() -> str:
     import weightedit
 
     return weightedit.__version__
+
+
+def test_a_command_that_loads_torch_still_prints_all_its_output(tiny_checkpoints, tmp_path) -> None:
+    """The fast exit flushes what the command printed after torch was loaded (stdout a pipe, as in scripts)."""
+    from weightedit.edit.direction_file import Direction, save_direction
+
+    from tiny_models import random_direction
+
+    path = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
+    run = [sys.executable, "-c", "from weightedit.cli.main import main; main()"]
+    args = ["orthogonalize", "--model", str(tiny_checkpoints("llama")), "--direction", str(path)]
+    done = subprocess.run([*run, *args, "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["tensors_edited"] > 0
+    assert (tmp_path / "out" / "weightedit.json").exists()

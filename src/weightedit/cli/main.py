@@ -8,6 +8,8 @@ the 2-core development machine).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import sys
 import threading
@@ -77,8 +79,9 @@ def main() -> None:
     Freeing every module and object that torch and transformers created takes 0.4-0.8 s at exit (measured on
     the 2-core development machine: ``import torch`` alone exits in 1.9 s, 1.45 s without the teardown), paid
     after the work is done, e.g. a third of the time over a plain copy that the streaming edit is allowed.
-    The exit handlers still run and the output streams are flushed; only when another non-daemon thread is
-    still alive does the exit take the normal path, which waits for it.
+    The exit handlers still run and the Python and C output streams are flushed; only when another non-daemon
+    thread is still alive does the exit take the normal path, which waits for it. This ends the process: to
+    run a command inside another program, call ``app`` (a typer app) instead.
     """
     try:
         app()
@@ -99,11 +102,15 @@ def _leave(code: object) -> None:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (weightedit ... | head) or a closed stream
-            if code == 0:
-                code = 1 if stream is sys.stdout else code
+            if stream is sys.stdout and code == 0:
+                code = 120  # what Python exits with when it cannot flush stdout at exit
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)  # what C extensions printed: os._exit skips libc's exit()
     os._exit(code)
 
 

@@ -65,7 +65,7 @@ def shard_jobs(
                 spans.append(CopySpan(offset, length))
 
         for info in ordered:
-            if info.name in edited:
+            if info.name in edited and info.nbytes:
                 scale = 1.0 if scales is None else scales.get(info.name, 1.0)
                 spans.extend(_edit_spans(shard, info, axes[info.name], block_bytes, scale=scale, keep=preserve_norm))
             elif info.nbytes:

@@ -12,6 +12,7 @@ input is never opened for writing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -91,11 +92,12 @@ def orthogonalize(
     local = Path(str(model)).expanduser()
     early_inputs = (local,) if str(model) and local.exists() else ()
     check_output_path(out_path, inputs=early_inputs, overwrite=overwrite)
+    known = _known_direction(direction)  # a bad direction file is reported before a download, not after
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     return orthogonalize_checkpoint(
         source,
         out_path,
-        direction,
+        known,
         tied_embeddings=tied_embeddings,
         overwrite=overwrite,
         allow_model_mismatch=allow_model_mismatch,
@@ -110,7 +112,7 @@ def orthogonalize(
 def orthogonalize_checkpoint(
     source: ModelSource | str | os.PathLike[str],
     out: str | os.PathLike[str],
-    direction: Direction | torch.Tensor | str | os.PathLike[str],
+    direction: Direction | DirectionHeader | torch.Tensor | str | os.PathLike[str],
     *,
     tied_embeddings: TiedEmbeddings | str = TiedEmbeddings.UNTIE,
     overwrite: bool = False,
@@ -159,10 +161,13 @@ def orthogonalize_checkpoint(
     plan = plan_edit(checkpoint)
     known = _known_direction(direction)
     checks = {"allow_model_mismatch": allow_model_mismatch, "allow_failing_filters": allow_failing_filters}
-    if isinstance(known, (Direction, DirectionHeader)):
+    checked: tuple[Direction, torch.Tensor] | None = None
+    if isinstance(known, DirectionHeader):  # a file: checked from its metadata now, its vector loaded later
         _check_direction(known, checkpoint, **checks)
-        if profile is None:
-            profile = known.profile
+    else:  # a vector in hand (torch is imported already): every check before anything is written
+        checked = _checked_direction(known, checkpoint, **checks)
+    if profile is None:
+        profile = known.profile if isinstance(known, DirectionHeader) else checked[0].profile if checked else None
     if profile is None:
         profile = FULL_EDIT
     scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
@@ -195,11 +200,12 @@ def orthogonalize_checkpoint(
             jobs = jobs_with(_PENDING_SHA256)
             with _started(jobs, f"editing {source.given}", progress=progress) as pipeline:
                 # The copy runs while torch imports and the direction loads.
-                import torch
+                with _no_gc():  # torch's import allocates ~170k objects: collecting them meanwhile is 10% of it
+                    import torch
 
-                from .writer import editor_factory
+                    from .writer import editor_factory
 
-                loaded, r = _checked_direction(_loaded(known), checkpoint, **checks)
+                loaded, r = checked or _checked_direction(_loaded(known), checkpoint, **checks)
                 targets = {name: u for name, u in writer_targets(checkpoint, plan, r).items() if name in edited}
                 headers = [job.header for job in jobs_with(loaded.sha256())]
                 threads = torch.get_num_threads()
@@ -247,9 +253,10 @@ def orthogonalize_checkpoint(
 
 
 def _known_direction(
-    direction: Direction | torch.Tensor | str | os.PathLike[str],
+    direction: Direction | DirectionHeader | torch.Tensor | str | os.PathLike[str],
 ) -> Direction | DirectionHeader | torch.Tensor:
-    """A direction object or tensor as it is; a file's metadata when it can be read without torch, else the file."""
+    """A direction object, file header or tensor as it is; a file's metadata when it can be read without torch,
+    else the loaded file."""
     if not isinstance(direction, (str, os.PathLike)):
         return direction
     path = Path(direction)
@@ -308,6 +315,17 @@ def _checked_direction(
 
 
 @contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
 def _started(jobs: list[ShardJob], description: str, *, progress: bool) -> Iterator[Pipeline]:
     """A started :class:`Pipeline` with progress, each finished shard flushed to disk in the background; on
     any failure (or Ctrl-C) both lanes are stopped before the output folder is removed."""
@@ -319,9 +337,16 @@ def _started(jobs: list[ShardJob], description: str, *, progress: bool) -> Itera
                 jobs,
                 advance=bar.advance,
                 on_shard_written=lambda path: pending.append(syncer.submit(fsync_path, path)),
-            ).start()
+            )
             try:
+                pipeline.start()
                 yield pipeline
+            except Exception as e:
+                pipeline.cancel()
+                lane = pipeline.failure
+                if lane is not None and lane is not e:  # a disk error in the copy lane comes before its consequences
+                    raise lane from e
+                raise
             except BaseException:
                 pipeline.cancel()
                 raise

@@ -16,6 +16,7 @@ from the front, so the two lanes mostly write different files and do not wait on
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import InvalidCheckpointError, WriteFailedError
+from ..io.atomic import deferred_signals
 
 __all__ = [
     "CopySpan",
@@ -46,11 +48,69 @@ _SAMPLE_BYTES = 64  # bytes kept per sample point for the check before the renam
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _FALLBACK_CHUNK = 8 << 20
+_COPY_CHUNK = 256 << 20  # bytes per kernel copy call: a cancelled edit stops within one of these
 
 # Indirections so that tests can inject short writes and failures into exactly these calls.
 _os_pwrite = os.pwrite
 _os_copy_file_range = getattr(os, "copy_file_range", None)
 _os_sendfile = os.sendfile
+
+
+def _libc_sync_file_range() -> Any:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux (or no such call): the per-shard fsync does all the flushing
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_fallocate() -> Any:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return call
+
+
+_fallocate = _libc_fallocate()
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def reserve(fd: int, length: int) -> None:
+    """Allocate the disk blocks of a file's first ``length`` bytes now, keeping its size (``fallocate`` with
+    ``FALLOC_FL_KEEP_SIZE``): the lanes then write into blocks that exist, instead of the filesystem allocating
+    them while it writes back what the lanes wrote, and a disk that cannot hold the file says so before anything
+    is written. Advisory like :func:`start_writeback`: a filesystem without it allocates as it goes.
+
+    Raises:
+        OSError: ``ENOSPC`` (or ``EDQUOT``) when the disk cannot hold the file.
+    """
+    if _fallocate is None or length <= 0:
+        return
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, length) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, os.strerror(code))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now, without waiting.
+
+    Advisory (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no durability, no metadata): the disk works while
+    the lanes go on, so the ``fsync`` of a finished shard has little left to do. Without it a single-file
+    checkpoint is flushed all at once after the last byte is written, as ``cp`` + ``sync`` does (measured on
+    the demo model: ``docs/architecture.md``, "The streaming edit"). Failures are ignored: the fsync before
+    the rename is what makes the output durable.
+    """
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
 
 # Machine epsilon of the float dtypes a writer can have (safetensors codes), and the margin over rounding noise
 # below which a component counts as removed (see :func:`weightedit.edit.projection.noise_floor`).
@@ -169,12 +229,24 @@ class _Copier:
     def __init__(self) -> None:
         self._buffer: bytearray | None = None
 
-    def copy(self, src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int, src: Path) -> None:
-        """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at ``dst_offset``."""
+    def copy(
+        self,
+        src_fd: int,
+        dst_fd: int,
+        offset: int,
+        length: int,
+        dst_offset: int,
+        src: Path,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at ``dst_offset`` (stopping early,
+        incomplete, once ``cancel`` is set)."""
         mode = "copy_file_range" if _os_copy_file_range is not None else "sendfile"
         done = 0
         while done < length:
-            want = length - done
+            if cancel is not None and cancel.is_set():
+                return
+            want = min(length - done, _COPY_CHUNK)
             if mode == "copy_file_range":
                 assert _os_copy_file_range is not None  # the mode starts here only where the call exists
                 try:
@@ -314,7 +386,7 @@ class _Queue:
     def wrote(self, job: ShardJob, n: int) -> None:
         with self._lock:
             self._left[id(job)] -= n
-            done = self._left[id(job)] == 0 and id(job) in self._headed
+            done = n > 0 and self._left[id(job)] == 0 and id(job) in self._headed
         self._advance(n)
         if done:
             self.on_done(job)
@@ -371,7 +443,9 @@ class _Lane:
         src_fd = self._fd(job.src, os.O_RDONLY)
         if isinstance(span, CopySpan):
             dst_fd = self._fd(job.dest, os.O_WRONLY)
-            self._copier.copy(src_fd, dst_fd, span.offset, span.length, pos, job.src)
+            self._copier.copy(src_fd, dst_fd, span.offset, span.length, pos, job.src, self._queue.cancel)
+            if self._queue.cancel.is_set():
+                return
             for k in samples_for(span.length):
                 n = min(_SAMPLE_BYTES, span.length - k)
                 self.samples.append(Sample(job.dest, pos + k, n, src=job.src, src_offset=span.offset + k))
@@ -379,6 +453,7 @@ class _Lane:
             assert self.editor is not None  # edits are taken only by a lane that has an editor
             dst_fd = self._fd(job.dest, os.O_RDWR)
             self._queue.merge(span.name, self.editor(src_fd, dst_fd, pos, job, span, self.samples))
+        start_writeback(dst_fd, pos, span.length)
         self._queue.wrote(job, span.length)
 
 
@@ -420,10 +495,20 @@ class Pipeline:
             )
         self._on_shard_written(job.dest)
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What stopped the first lane, if anything did."""
+        return self._failure[0] if self._failure else None
+
     def start(self) -> Pipeline:
-        """Create every output file and start the first lane on the copy spans."""
+        """Create every output file and start the first lane on the copy spans (call :meth:`cancel` on any
+        failure after this, even one raised by this call)."""
         for job in self.jobs:
-            os.close(os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                reserve(fd, job.size)
+            finally:
+                os.close(fd)
 
         def first_lane() -> None:
             try:
@@ -454,10 +539,12 @@ class Pipeline:
             WriteFailedError: a shard came out with another size than its header says.
             InvalidCheckpointError: an input file ended early.
         """
-        assert self._thread is not None, "start() first"
-        if len(headers) != len(self.jobs):
-            raise ValueError(f"{len(headers)} headers for {len(self.jobs)} shards")
         try:
+            assert self._thread is not None, "start() first"
+            if self._failure:  # the first lane failed while the caller was getting ready: that error first
+                raise self._failure[0]
+            if len(headers) != len(self.jobs):
+                raise ValueError(f"{len(headers)} headers for {len(self.jobs)} shards")
             for job, header in zip(self.jobs, headers, strict=True):
                 if len(header) != len(job.header):
                     raise ValueError(f"the final header of {job.dest.name} changed length")
@@ -485,8 +572,13 @@ class Pipeline:
         return self._queue.stats, self._lanes[0].samples + self._lanes[1].samples
 
     def cancel(self) -> None:
-        """Stop both lanes and wait for the first (on any failure, before the output folder is removed)."""
+        """Stop both lanes and wait for the first (on any failure, before the output folder is removed).
+
+        The first lane stops within one kernel copy call (256 MiB); a second Ctrl-C meanwhile does not cut the
+        wait short, so nothing writes into the output folder once it is being removed.
+        """
         self._queue.cancel.set()
         self._queue.editing.set()
         if self._thread is not None:
-            self._thread.join()
+            with deferred_signals(deliver=False):
+                self._thread.join()

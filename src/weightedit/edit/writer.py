@@ -2,8 +2,8 @@
 
 The spans, the checked I/O and the two lanes that take spans from a shared list live in
 :mod:`weightedit.edit.spans`, which needs no torch, so copying can start before torch is imported. This module
-is the part that needs it: the :class:`SpanEditor` each lane gets once torch is ready, and
-:func:`write_shards`, which runs a whole :class:`~weightedit.edit.spans.Pipeline` in one call.
+is the part that needs it: the :class:`SpanEditor` each lane gets once torch is ready
+(:meth:`~weightedit.edit.spans.Pipeline.finish` with :func:`editor_factory`).
 
 An edit span is read into the lane's own small buffers, the direction is projected out, and the blocks are
 written back at their offsets; a sample of the written bytes is kept so that the caller can compare the file
@@ -17,15 +17,14 @@ from more threads, and on a busy machine its idle threads spin and burn CPU time
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
 from . import spans
 from .projection import BlockStats, column_block_rows, project_columns_streamed, project_out_, project_rows_
-from .spans import EditSpan, Pipeline, Sample, ShardJob, samples_for
+from .spans import EditSpan, Sample, ShardJob, samples_for
 
-__all__ = ["SpanEditor", "editor_factory", "buffer_sizes", "write_shards"]
+__all__ = ["SpanEditor", "editor_factory", "buffer_sizes"]
 
 _SAMPLE_BYTES = spans._SAMPLE_BYTES
 
@@ -144,30 +143,3 @@ def editor_factory(jobs: Sequence[ShardJob], targets: Mapping[str, torch.Tensor]
     """What :meth:`Pipeline.finish` calls in each lane: a :class:`SpanEditor` with buffers sized for ``jobs``."""
     slab, columns = buffer_sizes(jobs)
     return lambda: SpanEditor(targets, slab, columns)
-
-
-def write_shards(
-    jobs: Sequence[ShardJob],
-    targets: Mapping[str, torch.Tensor],
-    *,
-    advance: Callable[[int], object] = lambda n: None,
-    on_shard_written: Callable[[Path], object] = lambda p: None,
-) -> tuple[dict[str, BlockStats], list[Sample]]:
-    """Write every job's shard with two lanes (this thread and a worker): the whole pipeline in one call.
-
-    Args:
-        jobs: the shards to write; each ``dest`` must not exist yet.
-        targets: the unit vector each edited tensor is projected against, by tensor name.
-        advance: called with each span's byte count once it is written (progress; from either lane).
-        on_shard_written: called with each complete shard's path (e.g. to flush it in the background).
-
-    Returns:
-        The edit statistics of each writer tensor, and the samples to check with
-        :func:`~weightedit.edit.spans.check_samples`.
-    """
-    threads = torch.get_num_threads()
-    pipeline = Pipeline(jobs, advance=advance, on_shard_written=on_shard_written).start()
-    try:
-        return pipeline.finish([j.header for j in jobs], editor_factory(jobs, targets))
-    finally:
-        torch.set_num_threads(threads)
