@@ -287,3 +287,50 @@ def test_an_editor_that_cannot_be_made_stops_both_lanes(tmp_path):
     with pytest.raises(RuntimeError, match="no editor"):
         pipeline.finish([b"F" * 8] * 3, broken)
     assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
+
+
+def test_a_disk_that_cannot_hold_a_shard_says_so_before_any_data(tiny_checkpoints, tmp_path, monkeypatch):
+    """The blocks of each shard are reserved when it is created: a full disk fails there, nothing is left."""
+    import ctypes
+    import errno
+
+    import weightedit.edit.spans as spans
+    from weightedit.errors import WriteFailedError
+
+    copies = []
+
+    def full(fd, mode, offset, length):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    def no_copy(*args):
+        copies.append(args)
+        raise AssertionError("data was copied into a shard the disk cannot hold")
+
+    monkeypatch.setattr(spans, "_fallocate", full)
+    monkeypatch.setattr(spans, "_os_copy_file_range", no_copy)
+    out = tmp_path / "out"
+    with pytest.raises(WriteFailedError, match="not enough disk space"):
+        orthogonalize_checkpoint(tiny_checkpoints("llama"), out, random_direction(), progress=False)
+    assert copies == []
+    _no_leftovers(out)
+
+
+def test_reserving_keeps_the_size_and_a_filesystem_without_it_still_works(tmp_path, monkeypatch):
+    import weightedit.edit.spans as spans
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        spans.reserve(fd, 1 << 20)
+        assert os.fstat(fd).st_size == 0  # the size check of a finished shard still sees only what was written
+        monkeypatch.setattr(spans, "_fallocate", lambda *a: (ctypes_errno(95), -1)[1])  # EOPNOTSUPP: ignored
+        spans.reserve(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+def ctypes_errno(code: int) -> None:
+    import ctypes
+
+    ctypes.set_errno(code)

@@ -8,7 +8,7 @@ the spans can be written in any order, by any lane, with positional writes.
 :class:`Pipeline` runs the lanes. It starts before torch is imported: the output files are created and a
 first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the calling thread
 imports torch and loads the direction, which takes about as long as copying a 1.5 B model's untouched
-tensors (measured: ``docs/architecture.md``, "The streaming edit"). :meth:`Pipeline.finish` then writes
+tensors (measured: the README's "Benchmarks"). :meth:`Pipeline.finish` then writes
 the headers and hands both lanes an editor (:mod:`weightedit.edit.writer`, which needs torch): the calling
 thread takes edit spans from the last one backwards, the first lane carries on with whatever is left
 from the front, so the two lanes mostly write different files and do not wait on each other's file locks.
@@ -104,8 +104,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
     Advisory (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no durability, no metadata): the disk works while
     the lanes go on, so the ``fsync`` of a finished shard has little left to do. Without it a single-file
-    checkpoint is flushed all at once after the last byte is written, as ``cp`` + ``sync`` does (measured on
-    the demo model: ``docs/architecture.md``, "The streaming edit"). Failures are ignored: the fsync before
+    checkpoint is flushed all at once after the last byte is written, as ``cp`` + ``sync`` does (0.5-1 s on the
+    demo model: the README's "Benchmarks"). Failures are ignored: the fsync before
     the rename is what makes the output durable.
     """
     if _sync_file_range is not None and length > 0:
