@@ -53,10 +53,27 @@ def test_a_direction_file_gives_the_same_checkpoint_as_the_loaded_direction(tiny
     assert provenance["direction"]["file"] == "r.safetensors"
 
 
-def test_copying_starts_before_torch_is_imported(tiny_checkpoints, tmp_path):
-    """In a fresh interpreter: when torch is first imported, the lane that copies is already running."""
+@pytest.mark.parametrize("entry", ["library", "command"])
+def test_copying_starts_before_torch_is_imported(tiny_checkpoints, tmp_path, entry):
+    """In a fresh interpreter: when torch is first imported, the lane that copies is already running, both
+    from the library call and from `weightedit orthogonalize --direction FILE` (nothing on the way imports it)."""
     src = tiny_checkpoints("llama")
     path = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
+    out_dir = tmp_path / "out"
+    if entry == "library":
+        run = (
+            "from weightedit.edit.rewrite import orthogonalize_checkpoint\n"
+            f"report = orthogonalize_checkpoint({str(src)!r}, {str(out_dir)!r}, {str(path)!r}, progress=False)\n"
+            "edited = report.tensors_edited"
+        )
+    else:
+        argv = ["weightedit", "orthogonalize", "--model", str(src), "--direction", str(path), "--out", str(out_dir)]
+        run = (
+            f"sys.argv = {argv!r}\nfrom weightedit.cli.main import app\n"
+            "try:\n    app(sys.argv[1:] + ['--quiet'])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            f"edited = json.load(open({str(out_dir / 'weightedit.json')!r}))['verification']['writers_edited']"
+        )
     code = f"""
 import importlib.abc, json, sys, threading
 seen = {{}}
@@ -66,9 +83,8 @@ class Watch(importlib.abc.MetaPathFinder):
             seen["lane"] = [t.name for t in threading.enumerate()]
         return None
 sys.meta_path.insert(0, Watch())
-from weightedit.edit.rewrite import orthogonalize_checkpoint
-report = orthogonalize_checkpoint({str(src)!r}, {str(tmp_path / "out")!r}, {str(path)!r}, progress=False)
-print(json.dumps({{"lanes": seen.get("lane"), "edited": report.tensors_edited}}))
+{run}
+print(json.dumps({{"lanes": seen.get("lane"), "edited": edited}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     result = json.loads(out.stdout.strip().splitlines()[-1])
