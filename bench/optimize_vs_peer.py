@@ -4,6 +4,8 @@
     python bench/optimize_vs_peer.py --trials 32 --weightedit-langs en,zh,yo
     python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-n-score 8 --work /tmp/peer-all
     python bench/optimize_vs_peer.py --work /tmp/peer      # resumes: finished steps in --work are reused
+    python bench/optimize_vs_peer.py --weightedit-langs all --peer-result bench/results/optimize-vs-peer/X.json
+                                                           # heretic's run and evaluation from an earlier result
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
 error: pass a new ``--work``):
@@ -264,6 +266,28 @@ def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> 
     return result
 
 
+def peer_result(args: argparse.Namespace) -> dict[str, Any]:
+    """heretic's record, evaluation, rows and summary from an earlier results JSON, when that run searched and
+    evaluated with these settings (anything else would compare measurements made differently)."""
+    prior = json.loads(args.peer_result.read_text())
+    keys = (*SEARCH_SETTINGS, "heretic_startup", *EVAL_SETTINGS)
+    theirs = {k: prior.get("settings", {}).get(k) for k in keys}
+    ours = {k: getattr(args, k) for k in keys}
+    if theirs != ours:
+        differ = {k: (theirs[k], ours[k]) for k in keys if theirs[k] != ours[k]}
+        raise SystemExit(f"--peer-result {args.peer_result} was made with other settings {differ}: rerun heretic")
+    for part in ("heretic", "evaluations", "per_language", "summary"):
+        if part != "heretic" and "heretic" not in prior.get(part, {}):
+            raise SystemExit(f"--peer-result {args.peer_result} has no heretic {part}: rerun heretic")
+    console.print(f"heretic: reusing its run and evaluation from {args.peer_result} ({prior['started']})")
+    return {
+        "heretic": prior["heretic"],
+        "evaluations": prior["evaluations"],
+        "per_language": prior["per_language"],
+        "summary": prior["summary"],
+    }
+
+
 def model_stamp(model: str) -> float | None:
     """When a written model folder was made (its config's modification time): a rebuilt model is a new model."""
     config = Path(model) / "config.json"
@@ -432,6 +456,13 @@ def main() -> None:
     parser.add_argument("--ppl-limit", type=int, default=12)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--work", type=Path, default=Path("/tmp/weightedit-peer-bench"))
+    parser.add_argument(
+        "--peer-result",
+        type=Path,
+        default=None,
+        help="reuse heretic's run and evaluation from an earlier results JSON of this script (its search and "
+        "evaluation settings must equal these; heretic is then neither run nor re-evaluated)",
+    )
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -441,25 +472,33 @@ def main() -> None:
     source = resolve_model(args.model)
     model_dir = Path(source.folder)
     prompts = write_prompts(args.work, args.n_train, args.n_score)
-    heretic = run_heretic(args, model_dir, prompts)
+    prior = peer_result(args) if args.peer_result else None
+    heretic = prior["heretic"] if prior else run_heretic(args, model_dir, prompts)
     # weightedit's choice rule gets heretic's result as its target: the lowest-KL point whose judged refusal on the
     # same select prompts is at most 3%, or at most heretic's own share when heretic kept more (dominating heretic
     # asks for no more refusal than it left, at lower KL).
     peer_rate = heretic_refusal(heretic)
     target = max(args.target_refusal, peer_rate) if peer_rate is not None else args.target_refusal
     ours = run_weightedit(args, args.model, target)
-    evals = {"heretic": evaluate(args, "heretic", heretic["model"], args.model)}
+    if prior:
+        evals = {"heretic": prior["evaluations"]["heretic"]}
+        summaries = {"heretic": prior["summary"]["heretic"]}
+        rows = {"heretic": prior["per_language"]["heretic"]}
+    else:
+        evals = {"heretic": evaluate(args, "heretic", heretic["model"], args.model)}
+        summaries, rows = {}, {}
     if ours["model"]:
         evals["weightedit"] = evaluate(args, "weightedit", ours["model"], args.model)
-    reports = {name: json.loads(Path(e["report"]).read_text()) for name, e in evals.items()}
-    rows = {name: per_language(r) for name, r in reports.items()}
+    for name, e in evals.items():
+        if name not in rows:
+            report = json.loads(Path(e["report"]).read_text())
+            summaries[name], rows[name] = report["summary"], per_language(report)
     peer_rows, our_rows = rows["heretic"], rows.get("weightedit")
     verdict = compare(our_rows, peer_rows) if our_rows else None
 
     t, md = table(our_rows, peer_rows)
     console.print(t)
-    for name, r in reports.items():
-        s = r["summary"]
+    for name, s in summaries.items():
         console.print(
             f"{name}: pooled refusal {s['refusal_edited_pooled']['k']}/{s['refusal_edited_pooled']['n']} "
             f"(baseline {s['refusal_baseline_pooled']['k']}/{s['refusal_baseline_pooled']['n']}), mean KL "
@@ -489,7 +528,8 @@ def main() -> None:
         "weightedit": ours,
         "evaluations": evals,
         "per_language": rows,
-        "summary": {name: r["summary"] for name, r in reports.items()},
+        "summary": summaries,
+        "peer_result": str(args.peer_result) if args.peer_result else None,
         "comparison": verdict,
         "weightedit_front": front.get("front") if front else None,
         "weightedit_chosen": front.get("chosen") if front else None,
