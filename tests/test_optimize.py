@@ -207,3 +207,36 @@ def test_the_first_order_anchor_picks_the_candidate_that_carries_refusal(planted
         candidates[layer, n_post + position] = 5 * R_TRUE / R_TRUE.norm()
         target = setup.targets[0]
         assert first_order_anchor(loaded, candidates, target.harmful, target.tokens, opts) == (layer, position)
+
+
+def test_points_are_judged_when_every_refusing_language_is_near_the_target(monkeypatch):
+    """A low mean estimate can hide one language far above the per-language target: such a point is not judged
+    before one whose worst refusing language is near it (the budget of judged points goes where it can pass)."""
+    from types import SimpleNamespace
+
+    from weightedit.optimize import study
+
+    def trial(number: int, kl: float, en: float, zh: float, de: float) -> study.TrialRecord:
+        per_lang = {"en": {"refusal": en}, "zh": {"refusal": zh}, "de": {"refusal": de}}
+        point = SimpleNamespace(profile=None)
+        return study.TrialRecord(number, point, (en + zh) / 2, kl, per_lang)  # type: ignore[arg-type]
+
+    # de does not refuse at baseline: its estimate must not matter.
+    front = [trial(1, 0.001, 0.25, 0.0, 0.0), trial(2, 0.01, 0.125, 0.125, 0.9), trial(3, 0.02, 0.0, 0.0, 0.0)]
+    # The mean alone (0.125, within target + slack) would judge trial 1 first, at the lowest KL.
+    assert front[0].refusal <= 0.03 + study._ESTIMATE_SLACK < 0.25
+    setup = SimpleNamespace(refusing=[SimpleNamespace(lang="en"), SimpleNamespace(lang="zh")])
+    judged_order: list[str] = []
+
+    def judged(loaded, setup, options, edit, *, progress, label):
+        judged_order.append(label)
+        return {"en": {"k": 0, "n": 8, "rate": 0.0}, "zh": {"k": 0, "n": 8, "rate": 0.0}}
+
+    monkeypatch.setattr(study, "judged_refusal", judged)
+    base = {"en": {"k": 5, "n": 8}, "zh": {"k": 6, "n": 8}}
+    options = OptimizeOptions(target_refusal=0.03, verify=3)
+    verified = study._verify(None, setup, options, front, base, lambda point: None, progress=False)  # type: ignore[arg-type]
+    assert judged_order == ["judging trial 2"]
+    assert [v.trial.number for v in verified] == [2] and verified[0].meets_target
+    assert study.worst_estimate(front[0], ["en", "zh"]) == 0.25
+    assert study.worst_estimate(front[1], []) == front[1].refusal  # no per-language values: the mean

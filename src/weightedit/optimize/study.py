@@ -38,7 +38,8 @@ __all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "STUDY_FI
 
 STUDY_FILE = "study.journal"
 _STUDY_NAME = "weightedit-optimize"
-# A front point is worth judging when its first-token refusal estimate is within this of the target.
+# A front point is worth judging when its first-token refusal estimate in every refusing language is within this
+# of the target (the target is per language, so a low mean can hide a language far above it).
 _ESTIMATE_SLACK = 0.1
 
 
@@ -192,6 +193,12 @@ def _misses(
     return out
 
 
+def worst_estimate(trial: TrialRecord, refusing: list[str]) -> float:
+    """The highest first-token refusal estimate among the refusing languages (the mean where a trial stored none)."""
+    shares = [trial.per_lang[lang]["refusal"] for lang in refusing if "refusal" in trial.per_lang.get(lang, {})]
+    return max(shares) if len(shares) == len(refusing) and shares else trial.refusal
+
+
 def _verify(
     loaded: LoadedModel,
     setup: Setup,
@@ -202,9 +209,11 @@ def _verify(
     *,
     progress: bool,
 ) -> list[VerifiedPoint]:
-    """Judge front points, lowest KL first (those whose estimate is near the target), until one meets it."""
-    hopeful = [t for t in front if t.refusal <= options.target_refusal + _ESTIMATE_SLACK]
-    order = hopeful or sorted(front, key=lambda t: t.refusal)
+    """Judge front points, lowest KL first (those whose estimate is near the target in every refusing language),
+    until one meets it; with none near, the points of lowest worst-language estimate first."""
+    refusing = [t.lang for t in setup.refusing]
+    hopeful = [t for t in front if worst_estimate(t, refusing) <= options.target_refusal + _ESTIMATE_SLACK]
+    order = hopeful or sorted(front, key=lambda t: (worst_estimate(t, refusing), t.refusal))
     verified: list[VerifiedPoint] = []
     for t in order[: options.verify]:
         judged = judged_refusal(
