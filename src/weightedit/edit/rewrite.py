@@ -164,12 +164,12 @@ def orthogonalize_checkpoint(
     checked: tuple[Direction, torch.Tensor] | None = None
     if isinstance(known, DirectionHeader):  # a file: checked from its metadata now, its vector loaded later
         _check_direction(known, checkpoint, **checks)
+        recorded = known.profile
     else:  # a vector in hand (torch is imported already): every check before anything is written
         checked = _checked_direction(known, checkpoint, **checks)
+        recorded = checked[0].profile
     if profile is None:
-        profile = known.profile if isinstance(known, DirectionHeader) else checked[0].profile if checked else None
-    if profile is None:
-        profile = FULL_EDIT
+        profile = recorded if recorded is not None else FULL_EDIT
     scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
     edited = {name for name in plan.writers if scales[name] > 0}
     untie = plan.tied and tied is TiedEmbeddings.UNTIE

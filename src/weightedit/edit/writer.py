@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..io.checkpoint import torch_dtype_of
 from . import spans
 from .projection import BlockStats, column_block_rows, project_columns_streamed, project_out_, project_rows_
 from .spans import EditSpan, Sample, ShardJob, samples_for
@@ -132,11 +133,9 @@ class SpanEditor:
 
 
 def _dtype(code: str) -> torch.dtype:
-    from ..io.checkpoint import DTYPES
-
-    name = DTYPES[code][0]
-    assert name is not None  # plan_edit refuses writers of other dtypes
-    return getattr(torch, name)
+    dtype = torch_dtype_of(code)
+    assert dtype is not None  # plan_edit refuses writers of other dtypes
+    return dtype
 
 
 def editor_factory(jobs: Sequence[ShardJob], targets: Mapping[str, torch.Tensor]) -> Callable[[], SpanEditor]:

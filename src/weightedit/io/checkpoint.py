@@ -25,6 +25,7 @@ __all__ = [
     "read_header",
     "encode_header",
     "DTYPES",
+    "torch_dtype_of",
     "WEIGHTS_INDEX_NAME",
     "SINGLE_WEIGHTS_NAME",
     "residual_width",
@@ -106,12 +107,17 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The torch dtype of a float tensor (imports torch), None for any other dtype."""
-        name = DTYPES[self.dtype][0]
-        if name is None:
-            return None
-        import torch
+        return torch_dtype_of(self.dtype)
 
-        return getattr(torch, name)
+
+def torch_dtype_of(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype code (imports torch), None when weightedit does no float math on it."""
+    name = DTYPES[code][0]
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
