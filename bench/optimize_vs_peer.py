@@ -56,7 +56,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -266,26 +266,35 @@ def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> 
     return result
 
 
+def bad_input(message: str) -> NoReturn:
+    """One line on standard error and exit 2: a bad option value, found before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def peer_result(args: argparse.Namespace) -> dict[str, Any]:
     """heretic's record, evaluation, rows and summary from an earlier results JSON, when that run searched and
     evaluated with these settings (anything else would compare measurements made differently)."""
-    prior = json.loads(args.peer_result.read_text())
+    try:
+        prior = json.loads(args.peer_result.read_text())
+    except (OSError, ValueError) as e:
+        bad_input(f"--peer-result {args.peer_result}: not a readable results JSON ({e}); pass one this script wrote")
+    if not isinstance(prior, dict) or not isinstance(prior.get("settings"), dict):
+        bad_input(
+            f"--peer-result {args.peer_result}: not a results JSON of this script (no settings); pass one it wrote"
+        )
     keys = (*SEARCH_SETTINGS, "heretic_startup", *EVAL_SETTINGS)
-    theirs = {k: prior.get("settings", {}).get(k) for k in keys}
+    theirs = {k: prior["settings"].get(k) for k in keys}
     ours = {k: getattr(args, k) for k in keys}
     if theirs != ours:
         differ = {k: (theirs[k], ours[k]) for k in keys if theirs[k] != ours[k]}
-        raise SystemExit(f"--peer-result {args.peer_result} was made with other settings {differ}: rerun heretic")
-    for part in ("heretic", "evaluations", "per_language", "summary"):
-        if part != "heretic" and "heretic" not in prior.get(part, {}):
-            raise SystemExit(f"--peer-result {args.peer_result} has no heretic {part}: rerun heretic")
+        bad_input(f"--peer-result {args.peer_result} was made with other settings {differ}: rerun heretic")
+    parts = ("heretic", "evaluations", "per_language", "summary")
+    missing = [p for p in parts if p not in prior or (p != "heretic" and "heretic" not in prior[p])]
+    if missing:
+        bad_input(f"--peer-result {args.peer_result} has no heretic {', '.join(missing)}: rerun heretic")
     console.print(f"heretic: reusing its run and evaluation from {args.peer_result} ({prior['started']})")
-    return {
-        "heretic": prior["heretic"],
-        "evaluations": prior["evaluations"],
-        "per_language": prior["per_language"],
-        "summary": prior["summary"],
-    }
+    return {p: prior[p] for p in parts}
 
 
 def model_stamp(model: str) -> float | None:
@@ -465,6 +474,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.work = args.work.resolve()
+    prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
@@ -472,7 +482,6 @@ def main() -> None:
     source = resolve_model(args.model)
     model_dir = Path(source.folder)
     prompts = write_prompts(args.work, args.n_train, args.n_score)
-    prior = peer_result(args) if args.peer_result else None
     heretic = prior["heretic"] if prior else run_heretic(args, model_dir, prompts)
     # weightedit's choice rule gets heretic's result as its target: the lowest-KL point whose judged refusal on the
     # same select prompts is at most 3%, or at most heretic's own share when heretic kept more (dominating heretic
