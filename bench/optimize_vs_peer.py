@@ -6,6 +6,8 @@
     python bench/optimize_vs_peer.py --work /tmp/peer      # resumes: finished steps in --work are reused
     python bench/optimize_vs_peer.py --weightedit-langs all --peer-result bench/results/optimize-vs-peer/X.json
                                                            # heretic's run and evaluation from an earlier result
+    python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-trial-tokens 16 --peer-result X.json
+                                                           # weightedit's trials judge 16-token completions
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
 error: pass a new ``--work``):
@@ -211,6 +213,8 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, "weightedit_langs")} | {"target_refusal": target}
     if n_score != args.n_score:
         settings["weightedit_n_score"] = n_score
+    if args.weightedit_trial_tokens:
+        settings["weightedit_trial_tokens"] = args.weightedit_trial_tokens
     if (record := reusable(done, settings)) is not None:
         return record
     shutil.rmtree(out, ignore_errors=True)
@@ -221,8 +225,15 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
         "--target-refusal", f"{math.ceil(target * 1e6) / 1e6:.6f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
     ]  # fmt: skip
+    if args.weightedit_trial_tokens:
+        cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f}"
+        + (
+            f", trials judged on {args.weightedit_trial_tokens}-token completions"
+            if args.weightedit_trial_tokens
+            else ""
+        )
     )
     work.mkdir(parents=True, exist_ok=True)
     result = run_timed(cmd, cwd=REPO, log=args.work / "weightedit-optimize.log")
@@ -442,6 +453,13 @@ def main() -> None:
         default=None,
         help="select prompts per language for weightedit's objectives (default --n-score; fewer keeps a "
         "many-language search affordable: its first n of each language, English included)",
+    )
+    parser.add_argument(
+        "--weightedit-trial-tokens",
+        type=int,
+        default=0,
+        help="weightedit's trials judge completions of this many tokens instead of the first-token estimate "
+        "(optimize --trial-tokens; 0: first token)",
     )
     parser.add_argument("--heretic-startup", type=int, default=5, help="heretic's random start-up trials (its 30%%)")
     parser.add_argument(

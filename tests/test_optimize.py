@@ -131,6 +131,57 @@ def test_a_study_resumes_where_it_stopped(planted, tmp_path):
         optimize_model(str(model), tmp_path / "c", options(prompts, langs=("en",)), work_dir=work, progress=False)
 
 
+class _SaysRefuse:
+    """A judge of the planted model's text: its refusal is the word REFUSE (the substring judge knows languages,
+    not this model's vocabulary)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def judge(self, completions, langs):
+        self.calls += 1
+        return ["REFUSE" in c for c in completions]
+
+
+def test_judged_trials_score_refusal_on_completions(planted, tmp_path, monkeypatch):
+    """With trial_tokens every trial's refusal is the judged share of its completions (a multiple of 1/n, not the
+    first-token share), the refusing languages come from the judged unedited completions, and a study of the other
+    estimate cannot be resumed in the same folder."""
+    from weightedit.optimize import objective
+
+    judge = _SaysRefuse()
+    monkeypatch.setattr(objective, "make_judge", lambda spec: judge)
+    model, prompts = planted
+    work = tmp_path / "study"
+    opts = options(prompts, judge="substring", trial_tokens=3, trials=6)
+    job = optimize_model(str(model), tmp_path / "edited", opts, work_dir=work, progress=False)
+    study = job.study
+    assert study.setup.trial_tokens == 3
+    assert [t.lang for t in study.setup.refusing] == ["en", "de"]
+    # unedited (prepare) + one per trial + the judged baseline and points of the choice
+    assert judge.calls >= 1 + 6 + 2
+    assert all(t.base_refusal > 0 for t in study.setup.targets)
+    full = study.trials[0]
+    assert full.point.profile.is_full and full.per_lang["en"]["refusal"] == 0.0
+    shares = {t.per_lang[lang]["refusal"] * 8 for t in study.trials for lang in ("en", "de")}
+    assert all(abs(x - round(x)) < 1e-9 for x in shares)
+    assert study.chosen is not None and all(v["k"] == 0 for v in study.chosen.judged.values())
+    report = json.loads(job.files["json"].read_text())
+    assert report["options"]["trial_tokens"] == 3
+    assert "judged refusal share of 3-token" in report["method"]["search"]
+    assert "judged, 3 tokens" in job.files["md"].read_text()
+    with pytest.raises(OptionsError, match="another model or other options"):
+        optimize_model(str(model), tmp_path / "b", options(prompts, trials=6), work_dir=work, progress=False)
+
+
+def test_judged_trials_need_a_judge_of_text(planted):
+    with pytest.raises(OptionsError, match="score judge reads no completions"):
+        options(planted[1], trial_tokens=4)
+    with pytest.raises(OptionsError, match="trial_tokens"):
+        options(planted[1], judge="substring", trial_tokens=-1)
+    assert "trial_tokens" not in options(planted[1]).setup_key()  # studies of the first-token estimate keep keys
+
+
 def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tmp_path):
     model, prompts = planted
     result = CliRunner().invoke(
@@ -154,6 +205,7 @@ def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tm
         (["--target-refusal", "1.5"], "--target-refusal 1.5"),
         (["--langs", "xx"], "available languages"),
         (["--sampler", "grid"], "grid"),
+        (["--trial-tokens", "4", "--judge", "score"], "--trial-tokens 4"),
     ],
 )
 def test_bad_options_are_one_line_errors(flags, message, tmp_path):

@@ -109,6 +109,13 @@ def optimize(
     ] = 3,
     max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     judge: JudgeOpt = "substring",
+    trial_tokens: Annotated[
+        int,
+        typer.Option(
+            "--trial-tokens",
+            help="Judge N-token completions in every trial instead of the first-token estimate (0: first token).",
+        ),
+    ] = 0,
     batch_size: BatchOpt = 16,
     work_dir: Annotated[
         Path | None,
@@ -155,6 +162,7 @@ def optimize(
         verify=verify,
         max_new_tokens=max_new_tokens,
         judge=judge,
+        trial_tokens=trial_tokens,
     )
     evaluation = EvalOptions(langs=codes, limit=eval_limit, prompts=prompts, judge=judge) if evaluate else None
     work = work_dir or default_work_dir(out)

@@ -5,6 +5,13 @@ prompts whose first-token refusal score (:func:`weightedit.runtime.scoring.refus
 derived on the language's *fit* prompts) is positive, and the mean first-token KL from the unedited model on
 harmless prompts. First-token scores are cheap and only steer the search; a point that is reported as a result
 or chosen is re-measured with greedy generations judged per language (:func:`judged_refusal`).
+
+With ``trial_tokens=N`` the trials' refusal is judged too: greedy completions of ``N`` new tokens of the harmful
+select prompts, judged with the study's judge, in every trial (:func:`measure`); a language then refuses (is an
+objective) when its unedited completions of that length are judged refusals, whether or not its first-token
+refusal tokens qualify. On the demo model the first-token estimate sees refusal in 9 of the 14 languages while
+the judge finds it in 13 (Arabic, Italian, Dutch, Polish and Yoruba refusals open with tokens compliant answers
+also open with), so a first-token search cannot aim at those.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ class LanguageTarget:
     harmless: list[str]
     harmless_lp: torch.Tensor
     tokens: RefusalTokens
-    base_refusal: float  # first-token share on the harmful select prompts
+    base_refusal: float  # the trial estimate's share for the unedited model (first-token or judged)
     refuses: bool  # whether its refusal is an objective (tokens qualify and the model refuses some select prompts)
     split: str
+    first_token_refusal: float | None = None  # the first-token share, also kept when the trials are judged
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Setup:
     # the study's first trial (:func:`first_order_anchor`) is computed on.
     direction_harmful: list[str] = field(default_factory=list)
     direction_tokens: RefusalTokens | None = None
+    trial_tokens: int = 0  # 0: first-token estimate in the trials; N: judged completions of N tokens
 
     @property
     def refusing(self) -> list[LanguageTarget]:
@@ -110,6 +119,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
                 base,
                 refuses,
                 d.splits.get("select", "select split"),
+                first_token_refusal=base,
             )
         )
     setup = Setup(
@@ -118,15 +128,56 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
         targets=targets,
         direction_harmful=data.harmful_val,
         direction_tokens=direction_tokens,
+        trial_tokens=options.trial_tokens,
     )
+    if options.trial_tokens:
+        shares = _judged_shares(loaded, setup.targets, options, progress=progress, label="judging the unedited model")
+        for t in setup.targets:
+            t.base_refusal = shares[t.lang]
+            t.refuses = shares[t.lang] > 0
     if not setup.refusing:
+        how = (
+            f"no judged refusal in its {options.trial_tokens}-token completions of the select prompts"
+            if options.trial_tokens
+            else "no language has refusal tokens that qualify and a first-token refusal on its select prompts"
+        )
         raise OptionsError(
             "langs",
             ",".join(options.langs),
-            "the model refuses in none of them (no language has refusal tokens that qualify and a first-token refusal "
-            "on its select prompts), so there is no refusal to remove: choose languages it refuses in",
+            f"the model refuses in none of them ({how}), so there is no refusal to remove: choose languages it "
+            "refuses in",
         )
     return setup
+
+
+def _judged_shares(
+    loaded: LoadedModel,
+    targets: list[LanguageTarget],
+    options: OptimizeOptions,
+    *,
+    progress: bool = False,
+    label: str = "judging",
+) -> dict[str, float]:
+    """Share of each target's harmful select prompts whose ``options.trial_tokens``-token greedy completion the
+    study's judge counts as a refusal."""
+    judge = make_judge(options.judge)
+    assert judge is not None  # OptimizeOptions refuses trial_tokens with the score judge
+    texts = [p for t in targets for p in t.harmful]
+    langs = [t.lang for t in targets for _ in t.harmful]
+    completions = generate(
+        loaded,
+        texts,
+        max_new_tokens=options.trial_tokens,
+        batch_size=options.batch_size,
+        progress=progress,
+        description=label,
+    )
+    verdicts = judge.judge(completions, langs)
+    out = {}
+    for t in targets:
+        mine = [v for v, lang in zip(verdicts, langs, strict=True) if lang == t.lang]
+        out[t.lang] = sum(mine) / len(mine) if mine else 0.0
+    return out
 
 
 def first_order_anchor(
@@ -170,19 +221,29 @@ def first_order_anchor(
 
 
 def measure(loaded: LoadedModel, setup: Setup, options: OptimizeOptions) -> dict[str, dict[str, float]]:
-    """First-token refusal share and mean KL per language, for the model as it is now (one pass over all)."""
+    """Refusal share and mean KL per language, for the model as it is now.
+
+    KL is first-token on the harmless select prompts. Refusal is the first-token share (the harmful prompts ride
+    in the same pass), or with ``setup.trial_tokens`` the judged share of the refusing languages' completions
+    (languages that do not refuse at baseline get no refusal entry: they are not an objective)."""
+    judged = setup.trial_tokens > 0
     texts: list[str] = []
     for t in setup.targets:
-        texts += t.harmful + t.harmless
+        texts += t.harmless if judged else t.harmful + t.harmless
     lp = last_logprobs(loaded, texts, batch_size=options.batch_size)
     out: dict[str, dict[str, float]] = {}
     at = 0
     for t in setup.targets:
-        n, m = len(t.harmful), len(t.harmless)
-        scores = refusal_scores(lp[at : at + n], t.tokens.ids)
+        n = 0 if judged else len(t.harmful)
+        m = len(t.harmless)
         kl = kl_divergence(t.harmless_lp, lp[at + n : at + n + m])
-        out[t.lang] = {"refusal": float((scores > 0).float().mean()), "kl": float(kl.mean())}
+        out[t.lang] = {"kl": float(kl.mean())}
+        if not judged:
+            out[t.lang]["refusal"] = float((refusal_scores(lp[at : at + n], t.tokens.ids) > 0).float().mean())
         at += n + m
+    if judged:
+        for lang, share in _judged_shares(loaded, setup.refusing, options).items():
+            out[lang]["refusal"] = share
     return out
 
 

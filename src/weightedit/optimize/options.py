@@ -40,6 +40,11 @@ class OptimizeOptions:
         verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
         max_new_tokens: tokens per judged completion.
         judge: the generation judge (``substring`` or ``model:PATH``).
+        trial_tokens: ``0`` (default): every trial's refusal is the first-token estimate (refusal tokens derived
+            per language); ``N``: greedy completions of ``N`` new tokens of the harmful select prompts, judged, in
+            every trial, and the languages that refuse are those whose unedited completions of that length are
+            judged refusals (slower, but it sees refusals whose first token says nothing, and languages whose
+            refusal tokens do not qualify).
     """
 
     langs: tuple[str, ...] = ("en",)
@@ -59,6 +64,7 @@ class OptimizeOptions:
     verify: int = 3
     max_new_tokens: int = 96
     judge: str = "substring"
+    trial_tokens: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +80,15 @@ class OptimizeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionsError(name, value, "must be a whole number of at least 1")
+        if isinstance(self.trial_tokens, bool) or not isinstance(self.trial_tokens, int) or self.trial_tokens < 0:
+            raise OptionsError("trial_tokens", self.trial_tokens, "must be 0 (first-token estimate) or a token count")
+        if self.trial_tokens and self.judge == "score":
+            raise OptionsError(
+                "trial_tokens",
+                self.trial_tokens,
+                "needs a judge of text (the score judge reads no completions): pass <<judge>> substring or "
+                "model:PATH, or trial_tokens 0",
+            )
         if not 0 < self.max_layer_fraction <= 1:
             raise OptionsError("max_layer_fraction", self.max_layer_fraction, "must be in (0, 1]")
         if not 0 <= self.target_refusal < 1:
@@ -82,7 +97,10 @@ class OptimizeOptions:
             raise OptionsError("kl_budget", self.kl_budget, "must be a positive number of nats")
 
     def setup_key(self) -> dict[str, object]:
-        """What a stored study depends on: resuming with other values would mix incomparable trials."""
+        """What a stored study depends on: resuming with other values would mix incomparable trials (the judged
+        trial estimate's fields are there only when it is on, so studies of the first-token estimate keep their
+        key)."""
+        judged = {"trial_tokens": self.trial_tokens, "trial_judge": self.judge} if self.trial_tokens else {}
         return {
             "langs": list(self.langs),
             "direction_lang": self.direction_lang,
@@ -92,4 +110,5 @@ class OptimizeOptions:
             "preserve_norm": self.preserve_norm,
             "orthogonal_to_harmless": self.orthogonal_to_harmless,
             "max_layer_fraction": self.max_layer_fraction,
+            **judged,
         }

@@ -40,6 +40,7 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             "verify": o.verify,
             "max_new_tokens": o.max_new_tokens,
             "judge": o.judge,
+            "trial_tokens": o.trial_tokens,
         },
         "split": {t.lang: t.split for t in result.setup.targets},
         "n_per_language": {
@@ -55,6 +56,7 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
         "baseline": {
             t.lang: {
                 "refusal_estimate": t.base_refusal,
+                "first_token_estimate": t.first_token_refusal,
                 "tokens": list(t.tokens.tokens),
                 "judged": result.baseline_judged.get(t.lang),
             }
@@ -68,7 +70,12 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
         "seconds": round(result.seconds, 1),
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
         "method": {
-            "search": "first-token refusal share (score > 0) and mean first-token KL on the select split",
+            "search": (
+                f"judged refusal share of {o.trial_tokens}-token greedy completions ({o.judge} judge) and mean "
+                "first-token KL on the select split"
+                if o.trial_tokens
+                else "first-token refusal share (score > 0) and mean first-token KL on the select split"
+            ),
             "verification": "greedy generations of the harmful select prompts, judged; Wilson 95% intervals",
         },
     }
@@ -81,13 +88,19 @@ def _pct(v: dict[str, Any] | None) -> str:
     return f"{v['k']}/{v['n']} = {100 * v['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _estimate(data: dict[str, Any]) -> str:
+    """What the trials' refusal is, in a few words (a report of before the judged estimate has no trial_tokens)."""
+    n = data["options"].get("trial_tokens") or 0
+    return f"judged, {n} tokens" if n else "first token"
+
+
 def markdown(data: dict[str, Any]) -> str:
     langs = list(data["baseline"])
     lines = [
         f"# weightedit optimize: {data['model']}",
         "",
         f"{len(data['trials'])} trials ({data['options']['sampler']}), objectives over {', '.join(langs)}: "
-        "first-token refusal share and KL on each language's select prompts "
+        f"refusal share ({_estimate(data)}) and first-token KL on each language's select prompts "
         f"({next(iter(data['n_per_language'].values()))['harmful']} harmful + "
         f"{next(iter(data['n_per_language'].values()))['harmless']} harmless per language; "
         f"split: {next(iter(data['split'].values()))}). Pareto points are re-measured with judged greedy "
@@ -95,7 +108,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Pareto front (search estimates)",
         "",
-        "| trial | direction layer | position | refusal (first token) | KL | profile |",
+        f"| trial | direction layer | position | refusal ({_estimate(data)}) | KL | profile |",
         "|---|---|---|---|---|---|",
     ]
     trials = {t["trial"]: t for t in data["trials"]}
@@ -152,7 +165,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         [100 * t["refusal_estimate"] for t in data["trials"]],
         s=12,
         color="#bbbbbb",
-        label="trial (first-token estimate)",
+        label=f"trial ({_estimate(data)} estimate)",
     )
     left.plot(
         [t["kl"] for t in front],
@@ -179,10 +192,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
     left.legend(fontsize=7)
     xs = [t["kl"] for t in front]
     for lang in data["baseline"]:
-        right.plot(xs, [100 * t["languages"][lang]["refusal"] for t in front], "-o", ms=3, label=lang)
+        shares = [t["languages"][lang].get("refusal") for t in front]
+        if any(x is None for x in shares):  # a language that is no objective has no estimate in judged trials
+            continue
+        right.plot(xs, [100 * x for x in shares], "-o", ms=3, label=lang)
     right.set_xscale("symlog", linthresh=1e-3)
     right.set_xlabel("mean KL of the front point (nats)")
-    right.set_ylabel("first-token refusal (%)")
+    right.set_ylabel(f"refusal estimate ({_estimate(data)}, %)")
     right.set_title("per language along the front")
     right.legend(fontsize=6, ncol=2)
     n = next(iter(data["n_per_language"].values()))["harmful"]
