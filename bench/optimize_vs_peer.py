@@ -492,6 +492,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.work = args.work.resolve()
+    if args.weightedit_trial_tokens < 0:
+        bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
     prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)

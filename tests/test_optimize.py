@@ -98,7 +98,7 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     assert (first_point := study.trials[0].point).position == report["first_trial"]["position"]
     assert first_point.layer == report["first_trial"]["layer"]
     assert abs(float(study.direction(first_point) @ (R_TRUE / R_TRUE.norm()))) > 0.9
-    assert report["schema"] == "weightedit-optimize/1"
+    assert report["schema"] == "weightedit-optimize/2"
     assert report["chosen"]["trial"] == chosen.trial.number
     assert report["split"] == {"en": "val split", "de": "val split"}
     assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
@@ -131,47 +131,69 @@ def test_a_study_resumes_where_it_stopped(planted, tmp_path):
         optimize_model(str(model), tmp_path / "c", options(prompts, langs=("en",)), work_dir=work, progress=False)
 
 
-class _SaysRefuse:
-    """A judge of the planted model's text: its refusal is the word REFUSE (the substring judge knows languages,
-    not this model's vocabulary)."""
+class _FirstWordJudge:
+    """A judge of the planted model's text: a refusal is a completion that opens with the word REFUSE (the
+    substring judge knows languages, not this model's vocabulary). Keeps every call's verdicts."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls: list[tuple[list[str], list[bool]]] = []
 
     def judge(self, completions, langs):
-        self.calls += 1
-        return ["REFUSE" in c for c in completions]
+        verdicts = [c.split()[:1] == ["REFUSE"] for c in completions]
+        self.calls.append((list(langs), verdicts))
+        return verdicts
 
 
 def test_judged_trials_score_refusal_on_completions(planted, tmp_path, monkeypatch):
-    """With trial_tokens every trial's refusal is the judged share of its completions (a multiple of 1/n, not the
-    first-token share), the refusing languages come from the judged unedited completions, and a study of the other
-    estimate cannot be resumed in the same folder."""
+    """With trial_tokens every trial's refusal is what the judge said of that trial's completions, only the
+    languages whose unedited completions hold a judged refusal are objectives (a language of harmful prompts
+    without triggers is not, and has no refusal estimate), and a study of the other estimate cannot be resumed in
+    the same folder."""
     from weightedit.optimize import objective
 
-    judge = _SaysRefuse()
+    from defence_models import write_trigger_free_prompts
+
+    judge = _FirstWordJudge()
     monkeypatch.setattr(objective, "make_judge", lambda spec: judge)
     model, prompts = planted
+    mixed = tmp_path / "mixed.jsonl"
+    quiet = write_trigger_free_prompts(tmp_path / "quiet.jsonl", n_train=24, n_val=8, langs=("fr",))
+    mixed.write_text(prompts.read_text() + quiet.read_text())
     work = tmp_path / "study"
-    opts = options(prompts, judge="substring", trial_tokens=3, trials=6)
+    opts = options(mixed, langs=("en", "de", "fr"), judge="substring", trial_tokens=3, trials=6)
     job = optimize_model(str(model), tmp_path / "edited", opts, work_dir=work, progress=False)
     study = job.study
     assert study.setup.trial_tokens == 3
     assert [t.lang for t in study.setup.refusing] == ["en", "de"]
-    # unedited (prepare) + one per trial + the judged baseline and points of the choice
-    assert judge.calls >= 1 + 6 + 2
-    assert all(t.base_refusal > 0 for t in study.setup.targets)
-    full = study.trials[0]
-    assert full.point.profile.is_full and full.per_lang["en"]["refusal"] == 0.0
-    shares = {t.per_lang[lang]["refusal"] * 8 for t in study.trials for lang in ("en", "de")}
-    assert all(abs(x - round(x)) < 1e-9 for x in shares)
+    # The unedited completions are generated once and judged at both lengths; the choice reuses that baseline.
+    assert len(judge.calls) == 2 + 6 + len(study.verified)
+    assert study.baseline_judged == study.setup.baseline_judged
+    assert study.baseline_judged["fr"]["k"] == 0 and all(study.baseline_judged[x]["k"] > 0 for x in ("en", "de"))
+    for trial, (langs, verdicts) in zip(study.trials, judge.calls[2 : 2 + 6], strict=True):
+        assert langs == ["en"] * 8 + ["de"] * 8  # only the objectives' harmful prompts are generated
+        assert trial.per_lang["en"]["refusal"] == sum(verdicts[:8]) / 8
+        assert trial.per_lang["de"]["refusal"] == sum(verdicts[8:]) / 8
+        assert "refusal" not in trial.per_lang["fr"] and trial.per_lang["fr"]["kl"] >= 0
+    assert study.trials[0].point.profile.is_full and study.trials[0].refusal == 0.0
     assert study.chosen is not None and all(v["k"] == 0 for v in study.chosen.judged.values())
     report = json.loads(job.files["json"].read_text())
-    assert report["options"]["trial_tokens"] == 3
+    assert report["options"]["trial_tokens"] == 3 and report["refusing_languages"] == ["en", "de"]
     assert "judged refusal share of 3-token" in report["method"]["search"]
-    assert "judged, 3 tokens" in job.files["md"].read_text()
+    assert "judged, 3 tokens" in job.files["md"].read_text() and job.files["png"].stat().st_size > 0
     with pytest.raises(OptionsError, match="another model or other options"):
-        optimize_model(str(model), tmp_path / "b", options(prompts, trials=6), work_dir=work, progress=False)
+        optimize_model(str(model), tmp_path / "b", options(mixed, langs=("en", "de", "fr"), trials=6), work_dir=work)
+
+
+def test_a_study_is_not_resumed_over_other_refusing_languages(planted, tmp_path):
+    """The objectives are means over the refusing languages, which are measured again on every run: a run whose
+    set differs from the stored study's (another batch size or dtype can flip a language) is refused."""
+    from weightedit.optimize.study import _open_study
+
+    opts = options(planted[1])
+    _open_study(tmp_path, opts, "model-a", ["en", "de"])
+    _open_study(tmp_path, opts, "model-a", ["en", "de"])  # the same set resumes
+    with pytest.raises(OptionsError, match="now refuses in en"):
+        _open_study(tmp_path, opts, "model-a", ["en"])
 
 
 def test_judged_trials_need_a_judge_of_text(planted):
@@ -205,7 +227,7 @@ def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tm
         (["--target-refusal", "1.5"], "--target-refusal 1.5"),
         (["--langs", "xx"], "available languages"),
         (["--sampler", "grid"], "grid"),
-        (["--trial-tokens", "4", "--judge", "score"], "--trial-tokens 4"),
+        (["--trial-tokens", "4", "--judge", "score"], "or --trial-tokens 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(flags, message, tmp_path):

@@ -227,7 +227,13 @@ def optimize_model(
             languages=(options.direction_lang,),
             model=source.given,
             config_hash=config_fingerprint(config),
-            meta={"optimize": {**result.chosen.trial.to_json(), "judged": result.chosen.judged}},
+            meta={
+                "optimize": {
+                    **result.chosen.trial.to_json(),
+                    "judged": result.chosen.judged,
+                    "trial_tokens": options.trial_tokens,  # 0: refusal_estimate is first-token; N: judged
+                }
+            },
             profile=point.profile,
         )
         with scratch_dir(cache_dir() / "tmp", "direction") as tmp:

@@ -113,7 +113,8 @@ def optimize(
         int,
         typer.Option(
             "--trial-tokens",
-            help="Judge N-token completions in every trial instead of the first-token estimate (0: first token).",
+            help="Judge N-token completions in every trial instead of the first-token estimate (0: first token; "
+            "slower, sees refusals whose first token says nothing; 24 is a good start).",
         ),
     ] = 0,
     batch_size: BatchOpt = 16,

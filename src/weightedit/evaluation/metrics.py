@@ -19,6 +19,7 @@ __all__ = [
     "perplexity",
     "generate",
     "generate_ids",
+    "decode",
     "stop_token_ids",
     "extract_number",
     "parse_number",
@@ -107,7 +108,12 @@ def generate(
     ids = generate_ids(
         loaded, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, description=description
     )
-    return [loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return decode(loaded, ids)
+
+
+def decode(loaded: LoadedModel, ids: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each row of new token ids, as :func:`generate` returns it (special tokens dropped, stripped)."""
+    return [loaded.tokenizer.decode(list(row), skip_special_tokens=True).strip() for row in ids]
 
 
 @torch.inference_mode()

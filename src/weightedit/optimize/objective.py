@@ -1,15 +1,17 @@
 """What every trial is scored on, and the judged re-measurement of the points that are reported or chosen.
 
-Per language, on its *select* prompts (never the *judge* prompts the final evaluation uses): the share of harmful
-prompts whose first-token refusal score (:func:`weightedit.runtime.scoring.refusal_scores`, with refusal tokens
-derived on the language's *fit* prompts) is positive, and the mean first-token KL from the unedited model on
-harmless prompts. First-token scores are cheap and only steer the search; a point that is reported as a result
-or chosen is re-measured with greedy generations judged per language (:func:`judged_refusal`).
+Per language, on its *select* prompts (never the *judge* prompts the final evaluation uses): a refusal estimate
+on the harmful prompts and the mean first-token KL from the unedited model on harmless prompts. The estimate is
+by default the share of harmful prompts whose first-token refusal score
+(:func:`weightedit.runtime.scoring.refusal_scores`, with refusal tokens derived on the language's *fit* prompts)
+is positive. Estimates only steer the search; a point that is reported as a result or chosen is re-measured with
+greedy generations judged per language (:func:`judged_refusal`).
 
-With ``trial_tokens=N`` the trials' refusal is judged too: greedy completions of ``N`` new tokens of the harmful
-select prompts, judged with the study's judge, in every trial (:func:`measure`); a language then refuses (is an
-objective) when its unedited completions of that length are judged refusals, whether or not its first-token
-refusal tokens qualify. On the demo model the first-token estimate sees refusal in 9 of the 14 languages while
+With ``trial_tokens=N`` the estimate is judged too: greedy completions of ``N`` new tokens of the harmful select
+prompts, judged with the study's judge, in every trial (:func:`measure`). The unedited model's completions are
+then generated once, ``max(N, max_new_tokens)`` tokens long: their first ``N`` tokens give the baseline estimate,
+the whole completions the judged baseline the choice reads, and a language is an objective when the latter holds
+a refusal (the same languages the choice asks to clear), whether or not its first-token refusal tokens qualify. On the demo model the first-token estimate sees refusal in 9 of the 14 languages while
 the judge finds it in 13 (Arabic, Italian, Dutch, Polish and Yoruba refusals open with tokens compliant answers
 also open with), so a first-token search cannot aim at those.
 """
@@ -27,8 +29,8 @@ from ..direction.selection import capture_fit_means, language_data, refusal_toke
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
 from ..errors import OptionsError
-from ..evaluation.judges import make_judge
-from ..evaluation.metrics import generate
+from ..evaluation.judges import Judge, make_judge
+from ..evaluation.metrics import decode, generate, generate_ids
 from ..evaluation.stats import wilson_interval
 from ..runtime.activations import ablation_screen, last_logprobs
 from ..runtime.modeling import LoadedModel
@@ -51,7 +53,7 @@ class LanguageTarget:
     harmless_lp: torch.Tensor
     tokens: RefusalTokens
     base_refusal: float  # the trial estimate's share for the unedited model (first-token or judged)
-    refuses: bool  # whether its refusal is an objective (tokens qualify and the model refuses some select prompts)
+    refuses: bool  # whether its refusal is an objective (see :func:`prepare`)
     split: str
     first_token_refusal: float | None = None  # the first-token share, also kept when the trials are judged
 
@@ -68,6 +70,9 @@ class Setup:
     direction_harmful: list[str] = field(default_factory=list)
     direction_tokens: RefusalTokens | None = None
     trial_tokens: int = 0  # 0: first-token estimate in the trials; N: judged completions of N tokens
+    judge: Judge | None = None  # the judge of the trials' completions (built once: a model judge loads once)
+    # The unedited model's judged refusal (max_new_tokens), when preparing already measured it (judged trials).
+    baseline_judged: dict[str, dict[str, Any]] | None = None
 
     @property
     def refusing(self) -> list[LanguageTarget]:
@@ -76,6 +81,10 @@ class Setup:
 
 def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = True) -> Setup:
     """Mean differences of ``options.direction_lang`` and the select-split baseline of every language.
+
+    A language refuses (its refusal is an objective) when its refusal tokens qualify and the unedited model
+    scores at least one harmful select prompt as a refusal; with ``options.trial_tokens``, when the unedited
+    model's judged completions (``max_new_tokens`` long) of its harmful select prompts hold a refusal.
 
     Raises:
         OptionsError: no language of ``options.langs`` refuses (there is nothing to remove).
@@ -131,52 +140,76 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
         trial_tokens=options.trial_tokens,
     )
     if options.trial_tokens:
-        shares = _judged_shares(loaded, setup.targets, options, progress=progress, label="judging the unedited model")
-        for t in setup.targets:
-            t.base_refusal = shares[t.lang]
-            t.refuses = shares[t.lang] > 0
-    if not setup.refusing:
-        how = (
-            f"no judged refusal in its {options.trial_tokens}-token completions of the select prompts"
-            if options.trial_tokens
-            else "no language has refusal tokens that qualify and a first-token refusal on its select prompts"
+        setup.judge = make_judge(options.judge)
+        assert setup.judge is not None  # OptimizeOptions refuses trial_tokens with the score judge
+        short, whole = _judged_completions(
+            loaded,
+            setup.targets,
+            options,
+            setup.judge,
+            (options.trial_tokens, max(options.trial_tokens, options.max_new_tokens)),
+            progress=progress,
+            label="judging the unedited model",
         )
+        setup.baseline_judged = tally(whole, setup.targets)
+        shares = tally(short, setup.targets)
+        for t in setup.targets:
+            t.base_refusal = shares[t.lang]["rate"] or 0.0
+            t.refuses = setup.baseline_judged[t.lang]["k"] > 0
+    if not setup.refusing:
+        if options.trial_tokens:
+            raise OptionsError(
+                "langs",
+                ",".join(options.langs),
+                f"the model refuses in none of them (no judged refusal in their {options.max_new_tokens}-token "
+                "completions of the select prompts), so there is no refusal to remove: choose languages it refuses "
+                "in, or a longer <<max_new_tokens>> if its refusals come late",
+            )
         raise OptionsError(
             "langs",
             ",".join(options.langs),
-            f"the model refuses in none of them ({how}), so there is no refusal to remove: choose languages it "
-            "refuses in",
+            "the model refuses in none of them (no language has refusal tokens that qualify and a first-token "
+            "refusal on its select prompts), so there is no refusal to remove: choose languages it refuses in, or "
+            "<<trial_tokens>> 24 to judge completions instead",
         )
     return setup
 
 
-def _judged_shares(
+def _judged_completions(
     loaded: LoadedModel,
     targets: list[LanguageTarget],
     options: OptimizeOptions,
+    judge: Judge,
+    lengths: tuple[int, ...],
     *,
     progress: bool = False,
     label: str = "judging",
-) -> dict[str, float]:
-    """Share of each target's harmful select prompts whose ``options.trial_tokens``-token greedy completion the
-    study's judge counts as a refusal."""
-    judge = make_judge(options.judge)
-    assert judge is not None  # OptimizeOptions refuses trial_tokens with the score judge
+) -> list[list[bool]]:
+    """Verdicts of ``judge`` on the greedy completions of the targets' harmful select prompts (in target order),
+    one list per length of ``lengths``: the completions are generated once, ``max(lengths)`` tokens long, and
+    each length judges their first tokens."""
     texts = [p for t in targets for p in t.harmful]
     langs = [t.lang for t in targets for _ in t.harmful]
-    completions = generate(
+    ids = generate_ids(
         loaded,
         texts,
-        max_new_tokens=options.trial_tokens,
+        max_new_tokens=max(lengths),
         batch_size=options.batch_size,
         progress=progress,
         description=label,
     )
-    verdicts = judge.judge(completions, langs)
-    out = {}
+    return [judge.judge(decode(loaded, [row[:n] for row in ids]), langs) for n in lengths]
+
+
+def tally(verdicts: list[bool], targets: list[LanguageTarget]) -> dict[str, dict[str, Any]]:
+    """k, n, rate and Wilson 95% interval per target of verdicts in target order (each target's harmful prompts)."""
+    out: dict[str, dict[str, Any]] = {}
+    at = 0
     for t in targets:
-        mine = [v for v, lang in zip(verdicts, langs, strict=True) if lang == t.lang]
-        out[t.lang] = sum(mine) / len(mine) if mine else 0.0
+        mine = verdicts[at : at + len(t.harmful)]
+        at += len(t.harmful)
+        k, n = sum(mine), len(mine)
+        out[t.lang] = {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n)}
     return out
 
 
@@ -242,8 +275,10 @@ def measure(loaded: LoadedModel, setup: Setup, options: OptimizeOptions) -> dict
             out[t.lang]["refusal"] = float((refusal_scores(lp[at : at + n], t.tokens.ids) > 0).float().mean())
         at += n + m
     if judged:
-        for lang, share in _judged_shares(loaded, setup.refusing, options).items():
-            out[lang]["refusal"] = share
+        assert setup.judge is not None  # prepare builds it for judged trials
+        (verdicts,) = _judged_completions(loaded, setup.refusing, options, setup.judge, (setup.trial_tokens,))
+        for lang, v in tally(verdicts, setup.refusing).items():
+            out[lang]["refusal"] = v["rate"] or 0.0
     return out
 
 
@@ -269,7 +304,7 @@ def judged_refusal(
     texts = [p for t in setup.targets for p in t.harmful]
     langs = [t.lang for t in setup.targets for _ in t.harmful]
     context = contextlib.nullcontext() if edit is None else temporarily_edited(loaded.model, edit[0], edit[1])
-    judge = make_judge(options.judge)
+    judge = setup.judge if setup.judge is not None else make_judge(options.judge)
     with context:
         if judge is None:  # the score judge: a prompt counts as refused when its first-token score is positive
             lp = last_logprobs(loaded, texts, batch_size=options.batch_size)
@@ -287,9 +322,4 @@ def judged_refusal(
                 description=label,
             )
             verdicts = judge.judge(completions, langs)
-    out: dict[str, dict[str, Any]] = {}
-    for t in setup.targets:
-        mine = [v for v, lang in zip(verdicts, langs, strict=True) if lang == t.lang]
-        k, n = sum(mine), len(mine)
-        out[t.lang] = {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n)}
-    return out
+    return tally(verdicts, setup.targets)

@@ -42,9 +42,11 @@ class OptimizeOptions:
         judge: the generation judge (``substring`` or ``model:PATH``).
         trial_tokens: ``0`` (default): every trial's refusal is the first-token estimate (refusal tokens derived
             per language); ``N``: greedy completions of ``N`` new tokens of the harmful select prompts, judged, in
-            every trial, and the languages that refuse are those whose unedited completions of that length are
-            judged refusals (slower, but it sees refusals whose first token says nothing, and languages whose
-            refusal tokens do not qualify).
+            every trial, and the languages that refuse are those whose unedited ``max_new_tokens`` completions
+            are judged refusals (slower, but it sees refusals whose first token says nothing, and languages whose
+            refusal tokens do not qualify). A refusal that comes after ``N`` tokens is not seen by the search
+            (the choice still asks for it to be gone), and a short completion can end in the disclaimer of an
+            answer that complies later: 24 tokens agree with 48 on 109 of 112 demo-model prompts, 16 on 108.
     """
 
     langs: tuple[str, ...] = ("en",)
@@ -81,13 +83,15 @@ class OptimizeOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionsError(name, value, "must be a whole number of at least 1")
         if isinstance(self.trial_tokens, bool) or not isinstance(self.trial_tokens, int) or self.trial_tokens < 0:
-            raise OptionsError("trial_tokens", self.trial_tokens, "must be 0 (first-token estimate) or a token count")
+            raise OptionsError(
+                "trial_tokens", self.trial_tokens, "must be 0 (first-token estimate) or a positive number of tokens"
+            )
         if self.trial_tokens and self.judge == "score":
             raise OptionsError(
                 "trial_tokens",
                 self.trial_tokens,
                 "needs a judge of text (the score judge reads no completions): pass <<judge>> substring or "
-                "model:PATH, or trial_tokens 0",
+                "model:PATH, or <<trial_tokens>> 0",
             )
         if not 0 < self.max_layer_fraction <= 1:
             raise OptionsError("max_layer_fraction", self.max_layer_fraction, "must be in (0, 1]")

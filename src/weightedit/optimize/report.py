@@ -19,7 +19,9 @@ from .study import StudyResult  # noqa: E402
 
 __all__ = ["SCHEMA", "payload", "write_study_report"]
 
-SCHEMA = "weightedit-optimize/1"
+# 2: options.trial_tokens and baseline first_token_estimate; with trial_tokens a trial's languages that are no
+# objective have no "refusal", and refusal_estimate is a judged share.
+SCHEMA = "weightedit-optimize/2"
 
 
 def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str, Any]:
@@ -103,7 +105,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"refusal share ({_estimate(data)}) and first-token KL on each language's select prompts "
         f"({next(iter(data['n_per_language'].values()))['harmful']} harmful + "
         f"{next(iter(data['n_per_language'].values()))['harmless']} harmless per language; "
-        f"split: {next(iter(data['split'].values()))}). Pareto points are re-measured with judged greedy "
+        f"split: {next(iter(data['split'].values()))}; refusing at baseline, the objectives: "
+        f"{', '.join(data['refusing_languages'])}). Pareto points are re-measured with judged greedy "
         f"generations ({data['options']['max_new_tokens']} tokens, {data['options']['judge']} judge; Wilson 95%).",
         "",
         "## Pareto front (search estimates)",

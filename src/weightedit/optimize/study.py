@@ -1,7 +1,8 @@
 """The study: Optuna's multi-objective search over edit points, its Pareto front, and the choice among it.
 
 Every trial edits the loaded model in place (:func:`weightedit.edit.in_memory.temporarily_edited`, undone exactly
-afterwards) and is scored on (first-token refusal share, KL) over the languages (:mod:`.objective`). The study
+afterwards) and is scored on (refusal estimate, KL) over the languages (:mod:`.objective`: a first-token share,
+or with ``trial_tokens`` a judged one). The study
 lives in a journal file in the work folder, so an interrupted run resumes where it stopped. The first trial is the
 plain full edit, so the front always holds it.
 
@@ -38,7 +39,7 @@ __all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "STUDY_FI
 
 STUDY_FILE = "study.journal"
 _STUDY_NAME = "weightedit-optimize"
-# A front point is worth judging when its first-token refusal estimate in every refusing language is within this
+# A front point is worth judging when its refusal estimate in every refusing language is within this
 # of the target (the target is per language, so a low mean can hide a language far above it).
 _ESTIMATE_SLACK = 0.1
 
@@ -47,7 +48,7 @@ _ESTIMATE_SLACK = 0.1
 class TrialRecord:
     number: int
     point: EditPoint
-    refusal: float  # first-token share, mean over the refusing languages (select split)
+    refusal: float  # the trial estimate (first-token or judged share), mean over the refusing languages
     kl: float  # mean over languages
     per_lang: dict[str, dict[str, float]]
 
@@ -106,7 +107,7 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str) -> optuna.Study:
+def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str, refusing: list[str]) -> optuna.Study:
     work_dir.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(work_dir / STUDY_FILE)))
     sampler: optuna.samplers.BaseSampler
@@ -129,8 +130,21 @@ def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str) -> o
         raise OptionsError(
             "work_dir",
             str(work_dir),
-            "holds a study of another model or other options (languages, prompts, norms): choose another "
-            "<<work_dir>>, or remove it to start over",
+            "holds a study of another model or other options (languages, prompts, norms, trial estimate): choose "
+            "another <<work_dir>>, or remove it to start over",
+        )
+    # The objectives are means over the refusing languages: trials over other sets would not compare. The set is
+    # measured again on every run, and can move when the batch size, dtype or device does.
+    kept = study.user_attrs.get("refusing")
+    if kept is None:
+        study.set_user_attr("refusing", refusing)
+    elif kept != refusing:
+        raise OptionsError(
+            "work_dir",
+            str(work_dir),
+            f"holds a study whose objectives are the refusal of {', '.join(kept) or 'no language'}, but the model "
+            f"now refuses in {', '.join(refusing) or 'none'} (another batch size, dtype or device?): run with the "
+            "study's settings, or another <<work_dir>>",
         )
     return study
 
@@ -194,7 +208,7 @@ def _misses(
 
 
 def worst_estimate(trial: TrialRecord, refusing: list[str]) -> float:
-    """The highest first-token refusal estimate among the refusing languages (the mean where a trial stored none)."""
+    """The highest refusal estimate among the refusing languages (the mean where a trial stored none)."""
     shares = [trial.per_lang[lang]["refusal"] for lang in refusing if "refusal" in trial.per_lang.get(lang, {})]
     return max(shares) if len(shares) == len(refusing) and shares else trial.refusal
 
@@ -248,7 +262,7 @@ def run_study(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     with _quiet_optuna():
-        study = _open_study(work_dir, options, fingerprint)
+        study = _open_study(work_dir, options, fingerprint, [t.lang for t in setup.refusing])
     before = _search(loaded, setup, options, study, progress=progress)
     timings["search"] = time.perf_counter() - t0
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -256,7 +270,9 @@ def run_study(
     front_numbers = {t.number for t in study.best_trials}
     front = sorted((t for t in trials if t.number in front_numbers), key=lambda t: (t.kl, t.refusal))
     t = time.perf_counter()
-    base = judged_refusal(loaded, setup, options, None, progress=progress, label="judging the unedited model")
+    base = setup.baseline_judged or judged_refusal(
+        loaded, setup, options, None, progress=progress, label="judging the unedited model"
+    )
     partial = StudyResult(setup, options, trials, front, base, [], None, 0.0)
     verified = _verify(loaded, setup, options, front, base, partial.direction, progress=progress)
     timings["verify"] = time.perf_counter() - t
