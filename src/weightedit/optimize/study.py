@@ -123,30 +123,36 @@ def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str, refu
         directions=["minimize", "minimize"],
     )
     setup = json.dumps({"model": fingerprint, **options.setup_key()}, sort_keys=True)
-    stored = study.user_attrs.get("setup")
-    if stored is None:
-        study.set_user_attr("setup", setup)
-    elif stored != setup:
-        raise OptionsError(
-            "work_dir",
-            str(work_dir),
-            "holds a study of another model or other options (languages, prompts, norms, trial estimate): choose "
-            "another <<work_dir>>, or remove it to start over",
-        )
+    _keep(
+        study,
+        work_dir,
+        "setup",
+        setup,
+        "holds a study of another model or other options (languages, prompts, norms, trial estimate): choose "
+        "another <<work_dir>>, or remove it to start over",
+    )
     # The objectives are means over the refusing languages: trials over other sets would not compare. The set is
     # measured again on every run, and can move when the batch size, dtype or device does.
     kept = study.user_attrs.get("refusing")
-    if kept is None:
-        study.set_user_attr("refusing", refusing)
-    elif kept != refusing:
-        raise OptionsError(
-            "work_dir",
-            str(work_dir),
-            f"holds a study whose objectives are the refusal of {', '.join(kept) or 'no language'}, but the model "
-            f"now refuses in {', '.join(refusing) or 'none'} (another batch size, dtype or device?): run with the "
-            "study's settings, or another <<work_dir>>",
-        )
+    _keep(
+        study,
+        work_dir,
+        "refusing",
+        refusing,
+        f"holds a study whose objectives are the refusal of {', '.join(kept or []) or 'no language'}, but the model "
+        f"now refuses in {', '.join(refusing) or 'none'} (another batch size, dtype or device?): run with the "
+        "study's settings, or another <<work_dir>>",
+    )
     return study
+
+
+def _keep(study: optuna.Study, work_dir: Path, name: str, value: Any, mismatch: str) -> None:
+    """Store ``value`` as the study's attribute ``name``, or check that the stored one equals it."""
+    stored = study.user_attrs.get(name)
+    if stored is None:
+        study.set_user_attr(name, value)
+    elif stored != value:
+        raise OptionsError("work_dir", str(work_dir), mismatch)
 
 
 def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions) -> TrialRecord:
