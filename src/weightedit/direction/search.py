@@ -256,6 +256,17 @@ def screen_agreement(ctx: SearchContext) -> dict[str, Any]:
     }
 
 
+def live_candidates(diffs: torch.Tensor, n_layers: int) -> list[tuple[int, int]]:
+    """(layer, position index) of the mean differences ``diffs`` (``[layers, positions, d]``) in the first
+    ``n_layers`` layers that carry a difference: a norm above 1e-4 of the largest there. A (near) zero one carries
+    no signal (e.g. the embedding of the template's tokens at layer 0)."""
+    norms = diffs[:n_layers].double().norm(dim=-1)
+    if not norms.numel():
+        return []
+    floor = 1e-4 * float(norms.max())
+    return [(layer, p) for layer in range(norms.shape[0]) for p in range(norms.shape[1]) if norms[layer, p] > floor]
+
+
 def candidate_grid(candidates: torch.Tensor, n_layers: int, options: SelectionOptions) -> list[tuple[int, int]]:
     n_post = candidates.shape[1]
     max_layer = max(1, math.floor(options.max_layer_fraction * n_layers))
@@ -269,14 +280,7 @@ def candidate_grid(candidates: torch.Tensor, n_layers: int, options: SelectionOp
                 f"out of range: layers 0..{n_layers - 1}, positions -{n_post}..-1",
             )
         return [(layer, pos)]
-    norms = candidates.norm(dim=-1)
-    # Candidates with (near) zero norm carry no signal (e.g. the embedding of template tokens at layer 0).
-    grid = [
-        (layer, p)
-        for layer in range(min(max_layer, n_layers))
-        for p in range(n_post)
-        if norms[layer, p] > 1e-4 * float(norms.max())
-    ]
+    grid = live_candidates(candidates, min(max_layer, n_layers))
     if not grid:
         raise OptionsError(
             "max_layer_fraction",

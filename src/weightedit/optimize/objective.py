@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..direction.options import SelectionOptions
+from ..direction.search import live_candidates
 from ..direction.selection import capture_fit_means, language_data, refusal_tokens_for
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
@@ -234,22 +235,17 @@ def first_order_anchor(
     screen = ablation_screen(loaded, harmful, tokens.ids, batch_size=max(1, options.batch_size // 2))
     n_layers, n_post = diffs.shape[:2]
     highest = int(options.max_layer_fraction * (n_layers - 1))
-    norms = diffs[: highest + 1].double().norm(dim=-1)
-    floor = 1e-4 * float(norms.max()) if norms.numel() else 0.0
     best: tuple[float, int, int] | None = None
-    for layer in range(highest + 1):
-        for p in range(n_post):
-            if float(norms[layer, p]) <= floor:
-                continue
-            v = diffs[layer, p].double()
-            if harmless_means is not None:
-                h = harmless_means[layer, p].double()
-                h = h / h.norm()
-                v = v - (v @ h) * h
-            u = v / v.norm()
-            drop = float(u @ screen @ u)
-            if best is None or drop > best[0]:
-                best = (drop, layer, p - n_post)
+    for layer, p in live_candidates(diffs, highest + 1):
+        v = diffs[layer, p].double()
+        if harmless_means is not None:
+            h = harmless_means[layer, p].double()
+            h = h / h.norm()
+            v = v - (v @ h) * h
+        u = v / v.norm()
+        drop = float(u @ screen @ u)
+        if best is None or drop > best[0]:
+            best = (drop, layer, p - n_post)
     return None if best is None else (best[1], best[2])
 
 
