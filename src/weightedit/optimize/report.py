@@ -194,11 +194,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
     left.set_title("trials and front")
     left.legend(fontsize=7)
     xs = [t["kl"] for t in front]
-    for lang in data["baseline"]:
+    tab20 = plt.get_cmap("tab20")  # 14 languages: the default cycle of 10 would repeat colours
+    colours = [tab20(i / 19) for i in range(20)]
+    for i, lang in enumerate(data["baseline"]):
         shares = [t["languages"][lang].get("refusal") for t in front]
         if any(x is None for x in shares):  # a language that is no objective has no estimate in judged trials
             continue
-        right.plot(xs, [100 * x for x in shares], "-o", ms=3, label=lang)
+        right.plot(xs, [100 * x for x in shares], "-o", ms=3, label=lang, color=colours[i % len(colours)])
     right.set_xscale("symlog", linthresh=1e-3)
     right.set_xlabel("mean KL of the front point (nats)")
     right.set_ylabel(f"refusal estimate ({_estimate(data)}, %)")
