@@ -23,7 +23,8 @@ Each run is its own process and ends with ``sync``:
 Reported per layout: the median of each, the median of the pairwise ratios edit/copy (pairs are adjacent
 in time, so a load change on this shared machine hits both members of a pair), each command's own peak RSS
 (GNU ``/usr/bin/time``; ``wait4`` where it is missing, which counts this process's RSS at fork), user/system CPU
-seconds (``wait4``), the load average around the runs, and the copy speed. The table is printed; JSON and a PNG plot go to ``bench/results/edit-throughput/``.
+seconds (``wait4``), the load average around the runs, and the copy speed. The table is printed; JSON and a
+PNG plot go to ``bench/results/edit-throughput/``.
 """
 
 from __future__ import annotations

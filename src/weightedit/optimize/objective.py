@@ -31,7 +31,7 @@ from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
 from ..errors import OptionsError
 from ..evaluation.judges import Judge, make_judge
-from ..evaluation.metrics import decode, generate, generate_ids
+from ..evaluation.metrics import decode, generate_ids
 from ..evaluation.stats import wilson_interval
 from ..runtime.activations import ablation_screen, last_logprobs
 from ..runtime.modeling import LoadedModel
@@ -297,25 +297,18 @@ def judged_refusal(
     """Judged refusal on each language's harmful select prompts, for the unedited model (``edit=None``) or the
     model edited with ``(direction, profile)``: k, n, rate and Wilson 95% interval per language. The ``score``
     judge (for models without text, such as the test suite's) counts a positive first-token score instead."""
-    texts = [p for t in setup.targets for p in t.harmful]
-    langs = [t.lang for t in setup.targets for _ in t.harmful]
     context = contextlib.nullcontext() if edit is None else temporarily_edited(loaded.model, edit[0], edit[1])
     judge = setup.judge if setup.judge is not None else make_judge(options.judge)
     with context:
         if judge is None:  # the score judge: a prompt counts as refused when its first-token score is positive
+            texts = [p for t in setup.targets for p in t.harmful]
             lp = last_logprobs(loaded, texts, batch_size=options.batch_size)
             verdicts, at = [], 0
             for t in setup.targets:
                 verdicts += (refusal_scores(lp[at : at + len(t.harmful)], t.tokens.ids) > 0).tolist()
                 at += len(t.harmful)
         else:
-            completions = generate(
-                loaded,
-                texts,
-                max_new_tokens=options.max_new_tokens,
-                batch_size=options.batch_size,
-                progress=progress,
-                description=label,
+            (verdicts,) = _judged_completions(
+                loaded, setup.targets, options, judge, (options.max_new_tokens,), progress=progress, label=label
             )
-            verdicts = judge.judge(completions, langs)
     return tally(verdicts, setup.targets)

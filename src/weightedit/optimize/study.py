@@ -2,9 +2,8 @@
 
 Every trial edits the loaded model in place (:func:`weightedit.edit.in_memory.temporarily_edited`, undone exactly
 afterwards) and is scored on (refusal estimate, KL) over the languages (:mod:`.objective`: a first-token share,
-or with ``trial_tokens`` a judged one). The study
-lives in a journal file in the work folder, so an interrupted run resumes where it stopped. The first trial is the
-plain full edit, so the front always holds it.
+or with ``trial_tokens`` a judged one). The study lives in a journal file in the work folder, so an interrupted
+run resumes where it stopped. The first trial is the plain full edit, so the front always holds it.
 
 The choice: Pareto points are re-measured with judged generations on the select prompts, lowest KL first, until
 one keeps judged refusal at or below the target in every language that refuses at baseline (and KL within
