@@ -258,13 +258,14 @@ def screen_agreement(ctx: SearchContext) -> dict[str, Any]:
 
 def live_candidates(diffs: torch.Tensor, n_layers: int) -> list[tuple[int, int]]:
     """(layer, position index) of the mean differences ``diffs`` (``[layers, positions, d]``) in the first
-    ``n_layers`` layers that carry a difference: a norm above 1e-4 of the largest there. A (near) zero one carries
-    no signal (e.g. the embedding of the template's tokens at layer 0)."""
-    norms = diffs[:n_layers].double().norm(dim=-1)
+    ``n_layers`` layers that carry a difference: a norm above 1e-4 of the largest in ``diffs``. A (near) zero one
+    carries no signal (e.g. the embedding of the template's tokens at layer 0)."""
+    norms = diffs.double().norm(dim=-1)
     if not norms.numel():
         return []
     floor = 1e-4 * float(norms.max())
-    return [(layer, p) for layer in range(norms.shape[0]) for p in range(norms.shape[1]) if norms[layer, p] > floor]
+    layers = min(n_layers, norms.shape[0])
+    return [(layer, p) for layer in range(layers) for p in range(norms.shape[1]) if norms[layer, p] > floor]
 
 
 def candidate_grid(candidates: torch.Tensor, n_layers: int, options: SelectionOptions) -> list[tuple[int, int]]:

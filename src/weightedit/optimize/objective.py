@@ -236,7 +236,7 @@ def first_order_anchor(
     n_layers, n_post = diffs.shape[:2]
     highest = int(options.max_layer_fraction * (n_layers - 1))
     best: tuple[float, int, int] | None = None
-    for layer, p in live_candidates(diffs, highest + 1):
+    for layer, p in live_candidates(diffs[: highest + 1], highest + 1):  # the floor from the allowed layers
         v = diffs[layer, p].double()
         if harmless_means is not None:
             h = harmless_means[layer, p].double()
