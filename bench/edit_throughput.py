@@ -3,6 +3,7 @@
     python bench/edit_throughput.py                                   # demo model (1 file, 8 shards) + synthetic 7B
     python bench/edit_throughput.py --layouts demo-1file,demo-8shards --runs 5
     python bench/edit_throughput.py --model ./some/checkpoint --layouts demo-8shards
+    git worktree add /tmp/before HEAD~3 && python bench/edit_throughput.py --baseline-src /tmp/before
 
 Layouts:
 
@@ -19,6 +20,11 @@ Each run is its own process and ends with ``sync``:
 - edit: ``weightedit orthogonalize --model SRC --direction r.safetensors --out OUT --quiet --json`` (the
   whole command, Python start-up and imports included), then ``sync``;
 - copy: ``cp -r SRC OUT``, then ``sync``.
+
+With ``--baseline-src DIR`` (another checkout of weightedit, e.g. a ``git worktree`` of an earlier commit) each
+round also runs that checkout's edit (``PYTHONPATH=DIR/src``, same direction, same flags) between the two:
+edit, baseline edit, copy. Its median and the median of the pairwise ratios edit / baseline edit are reported
+beside the copy's, so a change to the edit is measured against the code before it in the same run.
 
 Reported per layout: the median of each, the median of the pairwise ratios edit/copy (pairs are adjacent
 in time, so a load change on this shared machine hits both members of a pair), each command's own peak RSS
@@ -241,7 +247,9 @@ def _warm(src: Path) -> None:
                 pass
 
 
-def bench_layout(name: str, src: Path, work: Path, runs: int, env: dict[str, str]) -> dict[str, Any]:
+def bench_layout(
+    name: str, src: Path, work: Path, runs: int, env: dict[str, str], baseline_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     import torch
 
     from weightedit.edit.direction_file import Direction, save_direction
@@ -256,8 +264,8 @@ def bench_layout(name: str, src: Path, work: Path, runs: int, env: dict[str, str
     edit_cmd += ["--direction", str(direction), "--quiet", "--json", "--out"]
     out = work / f"out-{name}"
 
-    def edit() -> dict[str, Any]:
-        r = _run([*edit_cmd, str(out)], env)
+    def edit(run_env: dict[str, str] = env) -> dict[str, Any]:
+        r = _run([*edit_cmd, str(out)], run_env)
         r["in_process_s"] = json.loads(r.pop("stdout"))["seconds"]
         shutil.rmtree(out)
         return r
@@ -271,13 +279,18 @@ def bench_layout(name: str, src: Path, work: Path, runs: int, env: dict[str, str
     _warm(src)
     print(f"[{name}] warm-up", file=sys.stderr)
     first_edit, first_copy = edit(), copy()
-    edits, copies = [], []
+    if baseline_env is not None:
+        edit(baseline_env)  # its warm-up
+    edits, copies, baselines = [], [], []
     for i in range(runs):
         edits.append(edit())
+        if baseline_env is not None:
+            baselines.append(edit(baseline_env))
         copies.append(copy())
+        before = f", baseline edit {baselines[-1]['seconds']:.2f} s" if baselines else ""
         print(
-            f"[{name}] pair {i + 1}/{runs}: edit {edits[-1]['seconds']:.2f} s, copy {copies[-1]['seconds']:.2f} s, "
-            f"load {edits[-1]['load_1min']:.2f}",
+            f"[{name}] round {i + 1}/{runs}: edit {edits[-1]['seconds']:.2f} s{before}, "
+            f"copy {copies[-1]['seconds']:.2f} s, load {edits[-1]['load_1min']:.2f}",
             file=sys.stderr,
         )
     ratios = [e["seconds"] / c["seconds"] for e, c in zip(edits, copies, strict=True)]
@@ -285,7 +298,22 @@ def bench_layout(name: str, src: Path, work: Path, runs: int, env: dict[str, str
     in_process = [e["in_process_s"] / c["seconds"] for e, c in zip(edits, copies, strict=True)]
     med = statistics.median
     nbytes = sum(f.stat().st_size for f in src.iterdir())
+    baseline: dict[str, Any] | None = None
+    if baselines:
+        vs = [e["seconds"] / b["seconds"] for e, b in zip(edits, baselines, strict=True)]
+        baseline = {
+            "source": baseline_env["PYTHONPATH"] if baseline_env else None,
+            "edit_s": [b["seconds"] for b in baselines],
+            "median_edit_s": med(b["seconds"] for b in baselines),
+            "median_ratio_to_copy": med(b["seconds"] / c["seconds"] for b, c in zip(baselines, copies, strict=True)),
+            "edit_over_baseline": vs,
+            "median_edit_over_baseline": med(vs),
+            "peak_rss": max(b["peak_rss"] for b in baselines),
+            "user_s": med(b["user_s"] for b in baselines),
+            "system_s": med(b["system_s"] for b in baselines),
+        }
     return {
+        "baseline": baseline,
         "layout": name,
         "source": str(src),
         "bytes": nbytes,
@@ -340,6 +368,21 @@ def print_table(results: list[dict[str, Any]]) -> str:
             f"| {r['edit_user_s']:.1f} / {r['edit_system_s']:.1f} | {r['copy_user_s']:.1f} / {r['copy_system_s']:.1f} "
             f"| {r['edit_peak_rss'] / GIB:.2f} GiB | {min(loads):.1f}–{max(loads):.1f} |"
         )
+    with_baseline = [r for r in results if r.get("baseline")]
+    if with_baseline:
+        lines += [
+            "",
+            "| layout | edit (s) | baseline edit (s) | edit / baseline (median of rounds) | baseline / copy "
+            "| baseline CPU user / sys (s) | baseline peak RSS |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in with_baseline:
+            b = r["baseline"]
+            lines.append(
+                f"| {r['layout']} | {r['median_edit_s']:.2f} | {b['median_edit_s']:.2f} "
+                f"| **{b['median_edit_over_baseline']:.2f}×** | {b['median_ratio_to_copy']:.2f}× "
+                f"| {b['user_s']:.1f} / {b['system_s']:.1f} | {b['peak_rss'] / GIB:.2f} GiB |"
+            )
     table = "\n".join(lines)
     print(table)
     print()
@@ -388,11 +431,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed pairs per layout, after one warm-up pair")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: the system temp folder)")
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or plot")
+    parser.add_argument(
+        "--baseline-src", type=Path, default=None, help="another weightedit checkout whose edit runs in every round too"
+    )
     args = parser.parse_args()
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     unknown = set(layouts) - {"demo-1file", "demo-8shards", "synth-7b"}
     if unknown or args.runs < 1:
         parser.error(f"unknown layouts {sorted(unknown)} (or --runs < 1)")
+    if args.baseline_src is not None and not (args.baseline_src / "src" / "weightedit").is_dir():
+        parser.error(f"--baseline-src {args.baseline_src}: no src/weightedit inside; pass a weightedit checkout")
 
     import torch
 
@@ -402,6 +450,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="weightedit-bench-", dir=args.workdir))
     # Hashes recorded by the edits of these temporary folders stay in a temporary cache.
     env = {**os.environ, "WEIGHTEDIT_CACHE": str(work / "cache")}
+    baseline_env = None
+    if args.baseline_src is not None:
+        baseline_env = {**env, "PYTHONPATH": str((args.baseline_src / "src").resolve())}
     results = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_before = os.getloadavg()
@@ -415,7 +466,7 @@ def main() -> None:
             else:
                 assert demo is not None
                 relayout(demo, src, 1 if name == "demo-1file" else 8)
-            results.append(bench_layout(name, src, work, args.runs, env))
+            results.append(bench_layout(name, src, work, args.runs, env, baseline_env))
             shutil.rmtree(src)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 Importing the command line (every command registered, as `weightedit --help` does) must not import torch,
 transformers, Optuna, SciPy, matplotlib, accelerate or huggingface_hub (each command imports the library inside
-its function), and the streaming edit (`weightedit orthogonalize --direction FILE`) loads torch but neither
-those libraries nor weightedit's model-running packages. Each check runs in a fresh interpreter, so modules
+its function), and the streaming edit (`weightedit orthogonalize --direction FILE`) loads none of them either,
+torch included, nor weightedit's model-running packages. Each check runs in a fresh interpreter, so modules
 imported by other tests do not count.
 """
 
@@ -32,7 +32,7 @@ def test_cli_start_up_imports_no_heavy_library() -> None:
 
 
 def test_streaming_edit_plans_without_torch() -> None:
-    """The rewrite, the direction file's metadata and the planner load no torch: the copy starts before it."""
+    """The rewrite, the direction file's metadata and the planner load no torch: the copy starts at once."""
     statement = (
         "import weightedit.edit.rewrite, weightedit.edit.direction_file, weightedit.edit.output, "
         "weightedit.edit.verify, weightedit.edit.spans"
@@ -41,9 +41,10 @@ def test_streaming_edit_plans_without_torch() -> None:
     assert _loaded_after(statement, MODEL_RUNNING) == []
 
 
-def test_streaming_edit_loads_torch_but_no_model_runtime() -> None:
-    statement = "import weightedit.edit.writer"
-    assert _loaded_after(statement, HEAVY) == ["torch"]
+def test_streaming_edit_lanes_load_no_torch_and_no_model_runtime() -> None:
+    """The edit lanes compute in NumPy (weightedit.edit.kernels), with their BLAS limit (threadpoolctl)."""
+    statement = "import weightedit.edit.writer; weightedit.edit.writer.single_threaded_blas().__enter__()"
+    assert _loaded_after(statement, HEAVY) == []
     assert _loaded_after(statement, MODEL_RUNNING) == []
 
 

@@ -23,6 +23,7 @@ from .profile import EditProfile
 
 if TYPE_CHECKING:
     import torch
+    from numpy.typing import NDArray
 
 __all__ = [
     "Direction",
@@ -34,6 +35,8 @@ __all__ = [
     "combine_directions",
     "check_selection",
     "selection_failed_kl",
+    "checked_vector",
+    "vector_sha256",
 ]
 
 # Config keys that do not change the residual stream's basis (and untying changes the tie flag).
@@ -91,7 +94,7 @@ class Direction:
         """Hash of the vector's float32 bytes (what the edit depends on)."""
         import torch
 
-        return hashlib.sha256(self.vector.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+        return vector_sha256(self.vector.detach().to("cpu", torch.float32).contiguous().numpy())
 
     def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
         """Refuse a direction computed on a different model.
@@ -106,18 +109,65 @@ class Direction:
 @dataclass(frozen=True)
 class DirectionHeader:
     """What a direction file says about itself, read without torch (:func:`peek_direction`): enough to check
-    it against a model and its selection record before the vector is loaded."""
+    it against a model and its selection record before the vector is read (:meth:`load_vector`, no torch
+    either), and to record where it came from."""
 
     path: Path
+    tensor: str  # the name of the vector in the file
     d_model: int
     model: str | None
     config_hash: str | None
     meta: dict[str, Any]
     profile: EditProfile | None
+    layer: int | None = None
+    position: int | None = None
+    languages: tuple[str, ...] = ()
 
     def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
         """:meth:`Direction.check_model` on the file's metadata."""
         _check_model(self, config, allow_mismatch=allow_mismatch, source=source)
+
+    def load_vector(self) -> NDArray:
+        """The vector as :func:`load_direction` reads it (float32, the same checks), with NumPy.
+
+        Raises:
+            InvalidDirectionError: the file changed since its header was read, or cannot be read.
+        """
+        from ..io.checkpoint import read_array
+
+        try:
+            header = read_header(self.path)
+            wide = read_array(header, header.tensors[self.tensor]).astype("float64")
+        except (InvalidCheckpointError, KeyError, OSError) as e:
+            raise InvalidDirectionError(
+                f"cannot read direction file {self.path}: {e}; re-save the direction file", path=self.path
+            ) from None
+        return checked_vector(wide, self.path)
+
+
+def vector_sha256(vector: NDArray) -> str:
+    """Hash of a direction's float32 bytes (what the edit depends on; :meth:`Direction.sha256`)."""
+    return hashlib.sha256(vector.astype("float32").tobytes()).hexdigest()
+
+
+def checked_vector(wide: NDArray, path: Path) -> NDArray:
+    """A direction read from ``path`` (float64 values) as a float32 vector: ``[1, d]`` is flattened, a vector
+    whose values overflow float32 is scaled into range first (only its direction matters).
+
+    Raises:
+        InvalidDirectionError: it is not a vector.
+    """
+    import numpy as np
+
+    if wide.ndim == 2 and wide.shape[0] == 1:
+        wide = wide.reshape(-1)
+    if wide.ndim != 1:
+        raise InvalidDirectionError(f"{path}: the direction must be a vector, got shape {list(wide.shape)}", path=path)
+    with np.errstate(over="ignore"):
+        vector = wide.astype(np.float32)
+    if bool(np.isfinite(wide).all()) and not bool(np.isfinite(vector).all()):
+        vector = (wide / np.abs(wide).max()).astype(np.float32)
+    return vector
 
 
 def _check_model(
@@ -246,39 +296,33 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
             "floating-point vector (float32, float16, bfloat16 or float64)",
             path=path,
         )
-    if vector.dim() == 2 and vector.shape[0] == 1:
-        vector = vector.reshape(-1)
-    if vector.dim() != 1:
-        raise InvalidDirectionError(
-            f"{path}: the direction must be a vector, got shape {list(vector.shape)}", path=path
-        )
-    wide = vector.double()
-    vector = vector.to(torch.float32)
-    if bool(torch.isfinite(wide).all()) and not bool(torch.isfinite(vector).all()):
-        # Only the direction matters: scale a vector whose values overflow float32 into range first.
-        peak = float(wide.abs().max())
-        vector = (wide / peak).to(torch.float32)
+    vector = torch.from_numpy(checked_vector(vector.double().numpy(), path))
     if meta and not all(isinstance(v, str) for v in meta.values()):
         raise InvalidDirectionError(
             f"{path}: its metadata is not string-to-string: re-save the direction file", path=path
         )
     extra, profile = _parsed_meta(meta, path)
 
-    def _int(key: str) -> int | None:
-        value = meta.get(key, "")
-        return int(value) if value.lstrip("-").isdigit() else None
-
     return Direction(
         vector=vector,
-        layer=_int("layer"),
-        position=_int("position"),
-        languages=tuple(x for x in meta.get("languages", "").split(",") if x),
+        layer=_meta_int(meta, "layer"),
+        position=_meta_int(meta, "position"),
+        languages=_meta_languages(meta),
         model=meta.get("model") or None,
         config_hash=meta.get("config_hash") or None,
         candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
         meta=extra,
         profile=profile,
     )
+
+
+def _meta_int(meta: dict[str, str], key: str) -> int | None:
+    value = meta.get(key, "")
+    return int(value) if value.lstrip("-").isdigit() else None
+
+
+def _meta_languages(meta: dict[str, str]) -> tuple[str, ...]:
+    return tuple(x for x in meta.get("languages", "").split(",") if x)
 
 
 def _parsed_meta(meta: dict[str, str], path: Path) -> tuple[dict[str, Any], EditProfile | None]:
@@ -336,11 +380,15 @@ def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
         return None
     return DirectionHeader(
         path=path,
+        tensor=info.name,
         d_model=shape[0],
         model=meta.get("model") or None,
         config_hash=meta.get("config_hash") or None,
         meta=extra,
         profile=profile,
+        layer=_meta_int(meta, "layer"),
+        position=_meta_int(meta, "position"),
+        languages=_meta_languages(meta),
     )
 
 

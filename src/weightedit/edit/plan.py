@@ -1,7 +1,7 @@
 """What an edit will do, decided from the checkpoint's headers alone (used by ``inspect`` and the rewrite).
 
-Planning imports no torch (only :func:`writer_targets` needs it), so that the rewrite can start copying
-before torch has finished importing."""
+Nothing here imports torch (:func:`writer_targets` reads norm weights with NumPy), so the rewrite plans,
+copies and edits without it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .arch import ArchSpec, WriterMatch, spec_for_config
 from .options import TiedEmbeddings
 
 if TYPE_CHECKING:
-    import torch
+    from numpy.typing import NDArray
 
 __all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets"]
 
@@ -91,18 +91,18 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
     return EditPlan(checkpoint=checkpoint, spec=spec, writers=writers, tied=tied, embedding=embedding)
 
 
-def writer_targets(checkpoint: Checkpoint, plan: EditPlan, r: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The unit vector each writer is projected against: ``r``, or for post-norm writers the normalized
-    ``γ ⊙ r`` of the norm that follows them (one per norm tensor, read once)."""
-    from .projection import effective_direction
+def writer_targets(checkpoint: Checkpoint, plan: EditPlan, r: NDArray) -> dict[str, NDArray]:
+    """The unit vector each writer is projected against: ``r`` (a unit float32 vector), or for post-norm writers
+    the normalized ``γ ⊙ r`` of the norm that follows them (one per norm tensor, read once)."""
+    from .kernels import effective_vector
 
-    norm_cache: dict[str, torch.Tensor] = {}
-    targets: dict[str, torch.Tensor] = {}
+    norm_cache: dict[str, NDArray] = {}
+    targets: dict[str, NDArray] = {}
     for name, m in plan.writers.items():
         if m.norm_name is None:
             targets[name] = r
             continue
         if m.norm_name not in norm_cache:
-            norm_cache[m.norm_name] = effective_direction(r, checkpoint.read_tensor(m.norm_name), plan.spec.norm_offset)
+            norm_cache[m.norm_name] = effective_vector(r, checkpoint.read_array(m.norm_name), plan.spec.norm_offset)
         targets[name] = norm_cache[m.norm_name]
     return targets

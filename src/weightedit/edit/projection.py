@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidDirectionError
+from .kernels import CACHE_BLOCK as _CACHE_BLOCK
+from .kernels import BlockStats, column_block_rows, unit_vector
 from .spans import NOISE_FACTOR
 
 __all__ = [
@@ -56,21 +57,7 @@ def unit_direction(direction: torch.Tensor, d_model: int, *, name: str = "direct
     """
     if not isinstance(direction, torch.Tensor):
         direction = torch.as_tensor(direction)
-    r = direction.detach().to("cpu", torch.float64)
-    if r.dim() == 2 and r.shape[0] == 1:
-        r = r[0]
-    if r.dim() != 1 or r.numel() != d_model:
-        raise InvalidDirectionError(
-            f"{name} has shape {list(direction.shape)} but the model's residual stream has d_model={d_model}: "
-            "compute the direction on this model (weightedit direction --model ...)"
-        )
-    if not torch.isfinite(r).all():
-        bad = int((~torch.isfinite(r)).sum())
-        raise InvalidDirectionError(f"{name} has {bad} non-finite values (NaN/inf): recompute the direction")
-    norm = float(r.norm())
-    if norm < 1e-8:
-        raise InvalidDirectionError(f"{name} has zero norm ({norm:.3g}): recompute the direction")
-    return (r / norm).to(torch.float32)
+    return torch.from_numpy(unit_vector(direction.detach().to("cpu", torch.float64).numpy(), d_model, name=name))
 
 
 def noise_floor(dtype: torch.dtype, d_model: int) -> float:
@@ -101,32 +88,6 @@ def effective_direction(r: torch.Tensor, norm_weight: torch.Tensor | None, norm_
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@dataclass
-class BlockStats:
-    """Running statistics of an edit, accumulated block by block."""
-
-    changed: int = 0  # rows/columns modified
-    total: int = 0  # rows/columns seen
-    residual_sq: float = 0.0  # Σ (component along u after the edit - the component it aims at)²
-    norm_sq: float = 0.0  # Σ ‖row‖² before the edit (rounding errors scale with it)
-
-    def merge(self, other: BlockStats) -> None:
-        self.changed += other.changed
-        self.total += other.total
-        self.residual_sq += other.residual_sq
-        self.norm_sq += other.norm_sq
-
-    @property
-    def relative_residual(self) -> float:
-        """``‖uᵀW'‖ / ‖W‖``: what the edit left along ``u``, relative to the tensor before it (0 if all zero)."""
-        return math.sqrt(self.residual_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
-
-
-# Elements per block: small enough that the float32 copy of a block stays in the CPU cache while several
-# passes run over it, large enough that per-call overhead does not matter.
-_CACHE_BLOCK = 1 << 19
 
 
 def _norm_factors(norm_sq: torch.Tensor, comp: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
@@ -226,11 +187,6 @@ def project_columns_(
         preserve_norm=preserve_norm,
         block_elems=block_elems,
     )
-
-
-def column_block_rows(m: int, *, block_elems: int = _CACHE_BLOCK) -> int:
-    """Rows per block that :func:`project_columns_streamed` reads and writes for a matrix of ``m`` columns."""
-    return max(1, block_elems // max(m, 1))
 
 
 def project_columns_streamed(

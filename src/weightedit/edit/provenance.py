@@ -13,7 +13,7 @@ from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..sources import card_front_matter
 from ..sources.model import ModelSource, public_name
-from .direction_file import Direction
+from .direction_file import Direction, DirectionHeader
 from .plan import EditPlan
 
 __all__ = ["PROVENANCE_FILE", "edit_provenance"]
@@ -27,14 +27,18 @@ def edit_provenance(
     source: ModelSource,
     checkpoint: Checkpoint,
     plan: EditPlan,
-    direction: Direction,
+    direction: Direction | DirectionHeader,
     *,
+    direction_sha256: str,
     input_hashes: dict[str, str],
     verification: dict[str, Any],
     options: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record written beside the edited weights; the input's own record, if it has one, becomes ``parent``."""
+    """The record written beside the edited weights; the input's own record, if it has one, becomes ``parent``.
+
+    ``direction`` is the direction or its file's header (the facts recorded), ``direction_sha256`` the hash of
+    the vector the edit used."""
     card = card_front_matter(checkpoint.folder)
     provenance: dict[str, Any] = {
         "weightedit_version": __version__,
@@ -48,7 +52,7 @@ def edit_provenance(
         "model_type": plan.spec.model_type,
         "d_model": checkpoint.d_model,
         "direction": {
-            "sha256": direction.sha256(),
+            "sha256": direction_sha256,
             "layer": direction.layer,
             "position": direction.position,
             "languages": list(direction.languages),

@@ -3,16 +3,16 @@
 The rewriter reads one tensor (or one block of rows) at a time: writer tensors are edited
 (:mod:`weightedit.edit.projection`), every other tensor is copied as raw bytes inside the kernel, and each output
 shard keeps the input's name, tensor order and byte offsets (:mod:`weightedit.edit.output`). Planning needs the
-headers only, so the copy starts before torch is imported (:mod:`weightedit.edit.spans`); two lanes then edit
-and copy side by side (:mod:`weightedit.edit.writer`); peak memory is a few blocks, whatever the model size. The output is built in a temporary sibling folder, every file of it is
-flushed to disk, and it is renamed into place only after it is verified (:mod:`weightedit.edit.verify`); the
-input is never opened for writing.
+headers only, so the copy starts at once (:mod:`weightedit.edit.spans`); two lanes then edit and copy side by
+side (:mod:`weightedit.edit.writer`), in NumPy, so the edit of a direction file never imports torch. Peak
+memory is a few blocks, whatever the model size. The output is built in a temporary sibling folder, every file
+of it is flushed to disk, and it is renamed into place only after it is verified (:mod:`weightedit.edit.verify`);
+the input is never opened for writing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -30,7 +30,15 @@ from ..io.checkpoint import Checkpoint
 from ..io.hashing import InputHasher, known_sha256, remember_sha256
 from ..sources import resolve_model
 from ..sources.model import ModelSource
-from .direction_file import Direction, DirectionHeader, check_selection, load_direction, peek_direction
+from .direction_file import (
+    Direction,
+    DirectionHeader,
+    check_selection,
+    load_direction,
+    peek_direction,
+    vector_sha256,
+)
+from .kernels import unit_vector
 from .options import TiedEmbeddings, tied_embeddings_option
 from .output import BLOCK_BYTES, config_ties, copy_side_files, shard_jobs, write_index
 from .plan import EditPlan, plan_edit, writer_targets
@@ -41,6 +49,7 @@ from .verify import verify_output
 
 if TYPE_CHECKING:
     import torch
+    from numpy.typing import NDArray
 
 # A placeholder of the direction's SHA-256 in the output headers until the vector is loaded: same length, so the
 # data offsets computed with it hold for the final headers.
@@ -130,8 +139,8 @@ def orthogonalize_checkpoint(
         source: a resolved :class:`ModelSource` or a local ``save_pretrained`` folder.
         out: output folder; must not exist (unless ``overwrite``) and must not overlap the input.
         direction: a :class:`Direction` (checked against the model), a ``[d_model]`` tensor, or the path of a
-            direction file. A safetensors file is checked from its metadata and loaded while the untouched
-            bytes are already being copied (torch imports meanwhile).
+            direction file. A safetensors file is checked from its metadata and its vector read while the
+            untouched bytes are already being copied; the edit then needs no torch.
         tied_embeddings: for models whose LM head shares the embedding matrix: ``"untie"`` (default)
             keeps the original matrix as ``lm_head.weight`` so the edit is exact; ``"edit-both"`` edits the
             shared matrix and keeps the checkpoint tied (smaller, not exact).
@@ -156,18 +165,18 @@ def orthogonalize_checkpoint(
     tied = tied_embeddings_option(tied_embeddings)
     out = check_output_path(Path(out), inputs=(source.folder, *source.inputs), overwrite=overwrite)
 
-    # Everything up to the start of the copy reads headers and metadata only: no torch yet (see spans.Pipeline).
+    # Everything up to the start of the copy reads headers and metadata only (see spans.Pipeline).
     checkpoint = Checkpoint.open(source.folder)
     plan = plan_edit(checkpoint)
     known = _known_direction(direction)
     checks = {"allow_model_mismatch": allow_model_mismatch, "allow_failing_filters": allow_failing_filters}
-    checked: tuple[Direction, torch.Tensor] | None = None
-    if isinstance(known, DirectionHeader):  # a file: checked from its metadata now, its vector loaded later
+    in_hand: _Vector | None = None
+    if isinstance(known, DirectionHeader):  # a file: checked from its metadata now, its vector read later
         _check_direction(known, checkpoint, **checks)
         recorded = known.profile
-    else:  # a vector in hand (torch is imported already): every check before anything is written
-        checked = _checked_direction(known, checkpoint, **checks)
-        recorded = checked[0].profile
+    else:  # a vector in hand: every check before anything is written
+        in_hand = _checked_direction(known, checkpoint, **checks)
+        recorded = in_hand.record.profile
     if profile is None:
         profile = recorded if recorded is not None else FULL_EDIT
     scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
@@ -199,27 +208,22 @@ def orthogonalize_checkpoint(
 
             jobs = jobs_with(_PENDING_SHA256)
             with _started(jobs, f"editing {source.given}", progress=progress) as pipeline:
-                # The copy runs while torch imports and the direction loads.
-                with _no_gc():  # torch's import allocates ~170k objects: collecting them meanwhile is 10% of it
-                    import torch
+                # The copy runs while the direction's vector is read and the targets are computed.
+                from .writer import editor_factory, single_threaded_blas
 
-                    from .writer import editor_factory
-
-                loaded, r = checked or _checked_direction(_loaded(known), checkpoint, **checks)
-                targets = {name: u for name, u in writer_targets(checkpoint, plan, r).items() if name in edited}
-                headers = [job.header for job in jobs_with(loaded.sha256())]
-                threads = torch.get_num_threads()
-                try:
+                vector = in_hand if in_hand is not None else _vector_from_file(known, checkpoint)
+                targets = {n: u for n, u in writer_targets(checkpoint, plan, vector.unit).items() if n in edited}
+                headers = [job.header for job in jobs_with(vector.sha256)]
+                with single_threaded_blas():
                     stats, samples = pipeline.finish(headers, editor_factory(jobs, targets))
-                finally:
-                    torch.set_num_threads(threads)
             _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
             verification = verify_output(checkpoint, tmp, plan, stats, samples, untie=untie)
             provenance = edit_provenance(
                 source,
                 checkpoint,
                 plan,
-                loaded,
+                vector.record,
+                direction_sha256=vector.sha256,
                 input_hashes=hasher.result(),
                 verification=verification,
                 options={
@@ -261,19 +265,12 @@ def _known_direction(
         return direction
     path = Path(direction)
     header = peek_direction(path)
-    if header is None:
-        return _loaded(path)  # another format, or a file load_direction has to judge (it names the problem)
-    header.meta.setdefault("file", path.name)
-    return header
-
-
-def _loaded(known: Direction | DirectionHeader | torch.Tensor | Path) -> Direction | torch.Tensor:
-    if isinstance(known, (DirectionHeader, Path)):
-        path = known.path if isinstance(known, DirectionHeader) else known
+    if header is None:  # another format, or a file load_direction has to judge (it names the problem)
         loaded = load_direction(path)
         loaded.meta.setdefault("file", path.name)
         return loaded
-    return known
+    header.meta.setdefault("file", path.name)
+    return header
 
 
 def _direction_name(direction: Direction | DirectionHeader) -> str:
@@ -292,14 +289,23 @@ def _check_direction(
     check_selection(direction, allow_failing_filters=allow_failing_filters, source=_direction_name(direction))
 
 
+@dataclass(frozen=True)
+class _Vector:
+    """The direction as the edit uses it: what the record says of it, the hash of its vector, its unit vector."""
+
+    record: Direction | DirectionHeader
+    sha256: str
+    unit: NDArray
+
+
 def _checked_direction(
     direction: Direction | torch.Tensor,
     checkpoint: Checkpoint,
     *,
     allow_model_mismatch: bool,
     allow_failing_filters: bool,
-) -> tuple[Direction, torch.Tensor]:
-    """The direction (a file is checked against the model and its selection record) and its unit vector."""
+) -> _Vector:
+    """A direction in hand (checked against the model and its selection record) and its unit vector."""
     from .projection import unit_direction
 
     if isinstance(direction, Direction):
@@ -309,20 +315,19 @@ def _checked_direction(
             allow_model_mismatch=allow_model_mismatch,
             allow_failing_filters=allow_failing_filters,
         )
-        return direction, unit_direction(direction.vector, checkpoint.d_model)
+        unit = unit_direction(direction.vector, checkpoint.d_model)
+        return _Vector(direction, direction.sha256(), unit.numpy())
     r = unit_direction(direction, checkpoint.d_model)
-    return Direction(vector=r), r
+    record = Direction(vector=r)
+    return _Vector(record, record.sha256(), r.numpy())
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+def _vector_from_file(header: Direction | DirectionHeader | torch.Tensor, checkpoint: Checkpoint) -> _Vector:
+    """The vector of a direction file whose metadata was checked already, read without torch."""
+    assert isinstance(header, DirectionHeader)  # a direction in hand was checked whole before the copy
+    vector = header.load_vector()
+    unit = unit_vector(vector, checkpoint.d_model, name=_direction_name(header))
+    return _Vector(header, vector_sha256(vector), unit)
 
 
 @contextlib.contextmanager

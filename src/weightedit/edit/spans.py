@@ -5,13 +5,12 @@ the input that are copied unchanged (:class:`CopySpan`) or edited (:class:`EditS
 ``[d, m]`` matrix, or a small whole tensor). Every span's place in the output is known from the header, so
 the spans can be written in any order, by any lane, with positional writes.
 
-:class:`Pipeline` runs the lanes. It starts before torch is imported: the output files are created and a
-first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the calling thread
-imports torch and loads the direction, which takes about as long as copying a 1.5 B model's untouched
-tensors (measured: the README's "Benchmarks"). :meth:`Pipeline.finish` then writes
-the headers and hands both lanes an editor (:mod:`weightedit.edit.writer`, which needs torch): the calling
-thread takes edit spans from the last one backwards, the first lane carries on with whatever is left
-from the front, so the two lanes mostly write different files and do not wait on each other's file locks.
+:class:`Pipeline` runs the lanes. It starts as soon as the headers are planned: the output files are created
+and a first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the calling thread
+reads the direction's vector. :meth:`Pipeline.finish` then writes the headers and hands both lanes an editor
+(:mod:`weightedit.edit.writer`): the calling thread takes edit spans from the last one backwards, the first lane
+carries on with whatever is left from the front, so the two lanes mostly write different files and do not wait
+on each other's file locks. Nothing here or in the editor imports torch.
 """
 
 from __future__ import annotations
@@ -325,7 +324,7 @@ def check_samples(samples: Sequence[Sample]) -> int:
 
 class Editor(Protocol):
     """Edits one span: reads it from ``src_fd``, projects, writes it to ``dst_fd`` at ``pos``; returns its
-    statistics (a :class:`~weightedit.edit.projection.BlockStats`) and appends samples of what it wrote."""
+    statistics (a :class:`~weightedit.edit.kernels.BlockStats`) and appends samples of what it wrote."""
 
     def __call__(
         self, src_fd: int, dst_fd: int, pos: int, job: ShardJob, span: EditSpan, samples: list[Sample]

@@ -1,31 +1,34 @@
 """The edit lanes of the streaming writer: each span read in cache-sized blocks, projected, written back.
 
 The spans, the checked I/O and the two lanes that take spans from a shared list live in
-:mod:`weightedit.edit.spans`, which needs no torch, so copying can start before torch is imported. This module
-is the part that needs it: the :class:`SpanEditor` each lane gets once torch is ready
-(:meth:`~weightedit.edit.spans.Pipeline.finish` with :func:`editor_factory`).
+:mod:`weightedit.edit.spans`; this module is the :class:`SpanEditor` each lane gets
+(:meth:`~weightedit.edit.spans.Pipeline.finish` with :func:`editor_factory`). Neither imports torch: the
+arithmetic is :mod:`weightedit.edit.kernels` (NumPy), so a lane starts editing as soon as the direction's
+vector is read, a fraction of a second after the command starts.
 
 An edit span is read into the lane's own small buffers, the direction is projected out, and the blocks are
 written back at their offsets; a sample of the written bytes is kept so that the caller can compare the file
 against what was computed before the output is renamed into place. Memory is two small buffers per lane
 whatever the model size.
-
-PyTorch runs single-threaded in both lanes: its operations on cache-sized blocks are too small to gain
-from more threads, and on a busy machine its idle threads spin and burn CPU time the lanes need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from ..io.checkpoint import torch_dtype_of
+from ..io.floats import as_stored
 from . import spans
-from .projection import BlockStats, column_block_rows, project_columns_streamed, project_out_, project_rows_
+from .kernels import BlockStats, column_block_rows, project_along, project_columns_streamed, project_rows
 from .spans import EditSpan, Sample, ShardJob, samples_for
 
-__all__ = ["SpanEditor", "editor_factory", "buffer_sizes"]
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+__all__ = ["SpanEditor", "editor_factory", "buffer_sizes", "single_threaded_blas"]
 
 _SAMPLE_BYTES = spans._SAMPLE_BYTES
 
@@ -42,14 +45,23 @@ def buffer_sizes(jobs: Sequence[ShardJob]) -> tuple[int, int]:
     return slab, columns
 
 
-class SpanEditor:
-    """Edits spans against ``targets`` (tensor name -> unit vector) with this lane's own buffers."""
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """NumPy's BLAS limited to one thread meanwhile: each lane is one thread already, and the BLAS library's
+    own threads would only compete with the other lane for the cores (and spin while they wait)."""
+    from threadpoolctl import threadpool_limits
 
-    def __init__(self, targets: Mapping[str, torch.Tensor], slab_bytes: int, column_bytes: int) -> None:
-        torch.set_num_threads(1)  # per thread: PyTorch's own threads would only spin on these small blocks
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+class SpanEditor:
+    """Edits spans against ``targets`` (tensor name -> unit float32 vector) with this lane's own buffers."""
+
+    def __init__(self, targets: Mapping[str, NDArray], slab_bytes: int, column_bytes: int) -> None:
         self._targets = targets
-        self._slab = torch.empty(slab_bytes, dtype=torch.uint8) if slab_bytes else None
-        self._columns = torch.empty(column_bytes, dtype=torch.uint8) if column_bytes else None
+        self._slab = np.empty(slab_bytes, dtype=np.uint8) if slab_bytes else None
+        self._columns = np.empty(column_bytes, dtype=np.uint8) if column_bytes else None
 
     def __call__(
         self, src_fd: int, dst_fd: int, pos: int, job: ShardJob, span: EditSpan, samples: list[Sample]
@@ -63,17 +75,22 @@ class SpanEditor:
     ) -> BlockStats:
         assert self._slab is not None
         raw = self._slab[: span.length]
-        view = raw.numpy().data
+        view = raw.data
         spans.read_into(src_fd, view, span.offset, job.src)
-        tensor = raw.view(_dtype(span.dtype)).view(span.shape)
+        tensor = as_stored(raw, span.dtype, span.shape)
         u = self._targets[span.name]
         if span.mode == "rows":
-            block_stats = project_rows_(
-                tensor.view(-1, span.shape[-1]), u, span.floor, scale=span.scale, preserve_norm=span.preserve_norm
+            block_stats = project_rows(
+                tensor.reshape(-1, span.shape[-1]),
+                span.dtype,
+                u,
+                span.floor,
+                scale=span.scale,
+                preserve_norm=span.preserve_norm,
             )
         else:
-            block_stats = project_out_(
-                tensor, u, span.axis, floor=span.floor, scale=span.scale, preserve_norm=span.preserve_norm
+            block_stats = project_along(
+                tensor, span.dtype, u, span.axis, span.floor, scale=span.scale, preserve_norm=span.preserve_norm
             )
         for k in samples_for(span.length):
             n = min(_SAMPLE_BYTES, span.length - k)
@@ -87,20 +104,19 @@ class SpanEditor:
         buffer = self._columns
         assert buffer is not None
         d, m = span.shape
-        dtype = _dtype(span.dtype)
         row_bytes = span.length // d
         written: dict[int, Sample] = {}
 
-        def read(i0: int, i1: int, updated: bool) -> torch.Tensor:
+        def read(i0: int, i1: int, updated: bool) -> NDArray:
             raw = buffer[: (i1 - i0) * row_bytes]
             if updated:  # a second update pass starts from what the first one wrote
-                spans.read_into(dst_fd, raw.numpy().data, pos + i0 * row_bytes, job.dest)
+                spans.read_into(dst_fd, raw.data, pos + i0 * row_bytes, job.dest)
             else:
-                spans.read_into(src_fd, raw.numpy().data, span.offset + i0 * row_bytes, job.src)
-            return raw.view(dtype).view(i1 - i0, m)
+                spans.read_into(src_fd, raw.data, span.offset + i0 * row_bytes, job.src)
+            return as_stored(raw, span.dtype, (i1 - i0, m))
 
-        def write(i0: int, rows: torch.Tensor) -> None:
-            view = rows.view(torch.uint8).numpy().data.cast("B")
+        def write(i0: int, rows: NDArray) -> None:
+            view = rows.reshape(-1).view(np.uint8).data
             at = pos + i0 * row_bytes
             spans.pwrite_all(dst_fd, view, at)
             n = min(_SAMPLE_BYTES, len(view))
@@ -112,7 +128,7 @@ class SpanEditor:
         block_stats = project_columns_streamed(
             d,
             m,
-            dtype,
+            span.dtype,
             self._targets[span.name],
             span.floor,
             read=read,
@@ -125,20 +141,14 @@ class SpanEditor:
             done = 0
             while done < span.length:
                 n = min(len(raw), span.length - done)
-                spans.read_into(src_fd, raw.numpy().data[:n], span.offset + done, job.src)
-                write(done // row_bytes, raw[:n].view(dtype).view(n // row_bytes, m))
+                spans.read_into(src_fd, raw[:n].data, span.offset + done, job.src)
+                write(done // row_bytes, as_stored(raw[:n], span.dtype, (n // row_bytes, m)))
                 done += n
         samples.extend(written.values())
         return block_stats
 
 
-def _dtype(code: str) -> torch.dtype:
-    dtype = torch_dtype_of(code)
-    assert dtype is not None  # plan_edit refuses writers of other dtypes
-    return dtype
-
-
-def editor_factory(jobs: Sequence[ShardJob], targets: Mapping[str, torch.Tensor]) -> Callable[[], SpanEditor]:
+def editor_factory(jobs: Sequence[ShardJob], targets: Mapping[str, NDArray]) -> Callable[[], SpanEditor]:
     """What :meth:`Pipeline.finish` calls in each lane: a :class:`SpanEditor` with buffers sized for ``jobs``."""
     slab, columns = buffer_sizes(jobs)
     return lambda: SpanEditor(targets, slab, columns)

@@ -26,6 +26,8 @@ __all__ = [
     "encode_header",
     "DTYPES",
     "torch_dtype_of",
+    "read_raw",
+    "read_array",
     "WEIGHTS_INDEX_NAME",
     "SINGLE_WEIGHTS_NAME",
     "residual_width",
@@ -37,6 +39,7 @@ SINGLE_WEIGHTS_NAME = "model.safetensors"
 _MAX_HEADER_BYTES = 100_000_000
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # safetensors dtype code -> (name of the torch dtype, or None when weightedit cannot do float math on it, bytes
@@ -427,6 +430,11 @@ class Checkpoint:
                 return shard, shard.tensors[name]
         raise KeyError(name)
 
+    def read_array(self, name: str) -> np.ndarray:
+        """A float tensor's values as a NumPy array in its compute dtype, without torch (:func:`read_array`)."""
+        shard, info = self.find(name)
+        return read_array(shard, info)
+
     def read_tensor(self, name: str) -> torch.Tensor:
         """Read one (small) tensor fully into memory."""
         shard, info = self.find(name)
@@ -455,31 +463,53 @@ class Checkpoint:
                 )
 
 
-def read_tensor_bytes(
-    shard: ShardHeader, info: TensorInfo, row_start: int = 0, row_end: int | None = None
-) -> torch.Tensor:
-    """Read ``info`` (or rows ``[row_start, row_end)`` of its first axis) from disk into a new tensor."""
-    dtype = info.torch_dtype
-    if dtype is None:
-        raise InvalidCheckpointError(f"tensor {info.name!r} has non-float dtype {info.dtype}", path=shard.path)
+def read_raw(shard: ShardHeader, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> np.ndarray:
+    """The bytes of ``info`` (or of rows ``[row_start, row_end)`` of its first axis) in a new ``uint8`` array."""
+    import numpy as np
+
     rows = info.shape[0] if info.shape else 1
     row_end = rows if row_end is None else row_end
     row_bytes = info.nbytes // rows if rows else 0
     start = shard.data_start + info.start + row_start * row_bytes
     length = (row_end - row_start) * row_bytes
-    shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
-    import torch
-
-    raw = torch.empty(length, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    raw = np.empty(length, dtype=np.uint8)  # not zero-filled, unlike bytearray
+    got = 0
     if length:
         with open(shard.path, "rb", buffering=0) as f:
             f.seek(start)
-            view = raw.numpy().data
-            got = 0
+            view = raw.data
             while got < length and (n := f.readinto(view[got:])):
                 got += n
-        if got != length:
-            raise InvalidCheckpointError(
-                f"{shard.path} is truncated while reading {info.name!r}: re-download it", path=shard.path
-            )
-    return raw.view(dtype).reshape(shape)
+    if got != length:
+        raise InvalidCheckpointError(
+            f"{shard.path} is truncated while reading {info.name!r}: re-download it", path=shard.path
+        )
+    return raw
+
+
+def _float_info(shard: ShardHeader, info: TensorInfo) -> None:
+    if not info.is_float:
+        raise InvalidCheckpointError(f"tensor {info.name!r} has non-float dtype {info.dtype}", path=shard.path)
+
+
+def read_array(shard: ShardHeader, info: TensorInfo) -> np.ndarray:
+    """A float tensor's values as a NumPy array in its compute dtype (float32, float64 for F64), without torch."""
+    from .floats import widened
+
+    _float_info(shard, info)
+    return widened(read_raw(shard, info), info.dtype, info.shape)
+
+
+def read_tensor_bytes(
+    shard: ShardHeader, info: TensorInfo, row_start: int = 0, row_end: int | None = None
+) -> torch.Tensor:
+    """Read ``info`` (or rows ``[row_start, row_end)`` of its first axis) from disk into a new tensor."""
+    _float_info(shard, info)
+    dtype = info.torch_dtype
+    assert dtype is not None  # a float tensor
+    rows = info.shape[0] if info.shape else 1
+    row_end = rows if row_end is None else row_end
+    shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
+    import torch
+
+    return torch.from_numpy(read_raw(shard, info, row_start, row_end)).view(dtype).reshape(shape)
