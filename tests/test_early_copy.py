@@ -1,10 +1,9 @@
-"""The streaming edit starts copying before torch is imported, and gives the same checkpoint as it did before.
+"""The streaming edit of a direction file: no torch, the same checkpoint as before, nothing left on a failure.
 
-Given a direction *file*, the rewrite checks the file's metadata without torch, creates the output shards and
-starts a lane on the untouched bytes; torch imports and the vector loads meanwhile, and the final headers (with
-the direction's hash) are written before any edit. These tests pin down that this changes nothing a user sees:
-same bytes, same refusals of bad directions before anything is written, nothing left behind on a failure.
-"""
+Given a direction *file*, the rewrite checks the file's metadata and reads its vector with NumPy, creates the
+output shards and starts a lane on the untouched bytes while the writers' targets are computed; both lanes then
+edit. These tests pin down that this changes nothing a user sees: same bytes, same refusals of bad directions
+before anything is written, nothing left behind on a failure."""
 
 from __future__ import annotations
 
@@ -112,8 +111,8 @@ def test_a_wrong_width_is_refused_from_the_metadata(tiny_checkpoints, tmp_path):
     _no_leftovers(out)
 
 
-def test_a_vector_that_fails_to_load_after_the_copy_started_leaves_nothing(tiny_checkpoints, tmp_path):
-    """Metadata fine, vector all zeros: found once the vector is loaded (the copy is running then)."""
+def test_a_vector_that_fails_its_checks_leaves_nothing(tiny_checkpoints, tmp_path):
+    """Metadata fine, vector all zeros: found when the vector is read, before anything is written."""
     src = tiny_checkpoints("llama")
     from safetensors.torch import save_file
 
@@ -198,19 +197,24 @@ def test_a_bad_direction_file_is_reported_before_the_model_is_resolved(tmp_path,
 
 
 def test_a_copy_lane_failure_is_what_the_user_sees(tiny_checkpoints, tmp_path, monkeypatch):
-    """A disk error in the copy lane while the vector loads wins over what it causes later (here a zero vector)."""
+    """A disk error in the copy lane wins over a failure the calling thread meets after it (here while it
+    computes the writers' targets)."""
     import errno
+    import time
 
-    from safetensors.torch import save_file
-
+    import weightedit.edit.rewrite as rewrite
     import weightedit.edit.spans as spans
 
     def eio(*args):
         raise OSError(errno.EIO, "injected I/O error")
 
+    def later(*args):
+        time.sleep(0.5)  # the copy lane has failed by then
+        raise RuntimeError("a consequence")
+
     monkeypatch.setattr(spans, "_os_copy_file_range", eio)
-    path = tmp_path / "zero.safetensors"
-    save_file({"direction": torch.zeros(random_direction().numel())}, str(path))
+    monkeypatch.setattr(rewrite, "writer_targets", later)
+    path = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
     out = tmp_path / "out"
     with pytest.raises(OSError, match="injected I/O error"):
         orthogonalize_checkpoint(tiny_checkpoints("llama"), out, path, progress=False)
@@ -349,3 +353,40 @@ def ctypes_errno(code: int) -> None:
     import ctypes
 
     ctypes.set_errno(code)
+
+
+def test_a_writer_with_nan_values_fails_verification_and_leaves_nothing(tiny_checkpoints, tmp_path):
+    """NaN in a writer makes its statistics NaN: verification must refuse it, not pass it as already orthogonal."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from weightedit.errors import InvalidCheckpointError
+
+    from helpers import load_tensors
+
+    src = tmp_path / "nan-model"
+    shutil.copytree(tiny_checkpoints("llama"), src)
+    tensors = load_tensors(src)
+    name = next(n for n in tensors if n.endswith("o_proj.weight"))
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = float("nan")
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(src / "model.safetensors"))
+    path = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(InvalidCheckpointError, match=f"{name} holds NaN or infinite values"):
+        orthogonalize_checkpoint(src, out, path, progress=False)
+    _no_leftovers(out)
+
+
+def test_a_direction_file_cut_short_is_one_clear_error(tiny_checkpoints, tmp_path):
+    path = save_direction(Direction(vector=random_direction()), tmp_path / "r.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])  # the header intact, the vector's last bytes gone
+    out = tmp_path / "out"
+    with pytest.raises(InvalidDirectionError, match="not a complete safetensors file .* save the direction again"):
+        orthogonalize_checkpoint(tiny_checkpoints("llama"), out, path, progress=False)
+    _no_leftovers(out)

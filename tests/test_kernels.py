@@ -84,16 +84,26 @@ def _unit(d: int, seed: int) -> torch.Tensor:
     return (u / u.norm()).to(torch.float32)
 
 
-def _writer(shape: tuple[int, ...], u: torch.Tensor, axis: int, seed: int) -> torch.Tensor:
-    """A random float64 writer with a strong component along ``u`` on ``axis``, except its first two vectors,
-    which have none (they live in the first four coordinates)."""
+QUIET = 3  # the first vectors of every test writer: nothing, or less than the floor, along u
+
+
+def _writer(shape: tuple[int, ...], u: torch.Tensor, axis: int, seed: int, floor: float = 0.0) -> torch.Tensor:
+    """A random float64 writer whose vectors along ``axis`` have a strong component along ``u`` (2 to 5 times
+    ``u``), except the first :data:`QUIET`: two with none (they live in the first four coordinates, one holding
+    ``-0.0`` entries) and one with half of ``floor`` (relative to its norm)."""
     g = torch.Generator().manual_seed(seed)
     d = shape[axis]
     moved = [s for i, s in enumerate(shape) if i != axis] + [d]
+    ud = u.double()
     w = torch.randn(*moved, generator=g, dtype=torch.float64)
-    w = w + 3.0 * torch.randn(*moved[:-1], 1, generator=g, dtype=torch.float64) * u.double()
+    w = w - (w @ ud)[..., None] * ud
+    sign = torch.randint(0, 2, (*moved[:-1], 1), generator=g).double() * 2 - 1
+    w = w + sign * (2 + 3 * torch.rand(*moved[:-1], 1, generator=g, dtype=torch.float64)) * ud
     flat = w.view(-1, d)
     flat[:2, 4:] = 0
+    flat[1, 4:] = -0.0
+    quiet = flat[2] - (flat[2] @ ud) * ud
+    flat[2] = quiet + 0.5 * floor * quiet.norm() * ud
     return w.movedim(-1, axis).contiguous()
 
 
@@ -105,6 +115,7 @@ CASES = [
     ("BF16", (64, 48), 0),  # an nn.Linear: columns
     ("F16", (64, 48), 0),
     ("F32", (64, 48), 0),
+    ("F64", (64, 48), 0),
     ("BF16", (3, 64, 5), 1),  # a stack: columns of each slice
 ]
 
@@ -124,13 +135,23 @@ def test_numpy_kernels_agree_with_torch_within_a_rounding_step(code, shape, axis
     got = torch.from_numpy(floats.decode(stored, code)).double()
     want = in_torch.double()
     step = torch.finfo(TORCH[code]).eps * w.double().abs().amax()  # one rounding step of the largest entry
-    assert float((got - want).abs().max()) <= 2 * float(step)
+    assert float((got - want).abs().max()) <= 4 * float(step)
     assert np_stats.changed == torch_stats.changed
     assert np_stats.total == torch_stats.total
     assert np_stats.relative_residual <= floor
-    # the formula in float64, as the stored dtype can hold it (the direction itself is float32, so no closer than that)
+    # the statistics describe the bytes as stored (what verification trusts): recomputed from them in float64
     wd = w.double().movedim(axis, -1)
     c = wd @ u.double()
+    n_sq = wd.square().sum(-1)
+    kept = (n_sq / (n_sq - (2 * scale - scale**2) * c.square())).sqrt() if keep else torch.ones_like(c)
+    changed = c.square() > floor**2 * wd.square().sum(-1)
+    target = torch.where(changed, (1 - scale) * c * kept, c)
+    after = got.movedim(axis, -1) @ u.double()
+    residual = float(((after - target).square().sum() / wd.square().sum()).sqrt())
+    if code in ("BF16", "F16"):  # where rounding to the stored dtype dominates what is left
+        # within a factor of two (the kernel's own dot products round too), and never blind to the stored rounding
+        assert 0.5 * residual <= np_stats.relative_residual <= 2 * residual
+    # the formula in float64, as the stored dtype can hold it (the direction itself is float32, so no closer than that)
     exact = wd - scale * c[..., None] * u.double()
     if keep:
         exact = exact * (wd.norm(dim=-1) / exact.norm(dim=-1)).nan_to_num(1.0)[..., None]
@@ -141,16 +162,22 @@ def test_numpy_kernels_agree_with_torch_within_a_rounding_step(code, shape, axis
 @pytest.mark.parametrize("code,shape,axis", CASES)
 def test_vectors_below_the_floor_keep_their_bits_and_a_second_edit_changes_nothing(code, shape, axis):
     u = _unit(shape[axis], seed=5)
-    w = _writer(shape, u, axis, seed=3).to(TORCH[code])
     floor = noise_floor(TORCH[code], shape[axis])
+    w = _writer(shape, u, axis, seed=3, floor=floor).to(TORCH[code])
     stored = _stored(w, code)
     before = stored.copy()
     stats = kernels.project_along(stored, code, u.numpy(), axis, floor)
-    assert 0 < stats.changed < stats.total
-    as_vectors = np.moveaxis(stored, axis, -1).reshape(-1, shape[axis])
-    before_vectors = np.moveaxis(before, axis, -1).reshape(-1, shape[axis])
-    untouched = (as_vectors == before_vectors).all(axis=1)
-    assert untouched[:2].all(), "the vectors already orthogonal to u were rewritten"
+    # in float64 the floor is at the level of the rounding that built the half-floor vector: only two are quiet
+    quiet = 2 if code == "F64" else QUIET
+    assert stats.changed == stats.total - quiet
+    as_vectors = np.ascontiguousarray(np.moveaxis(stored, axis, -1)).reshape(-1, shape[axis])
+    before_vectors = np.ascontiguousarray(np.moveaxis(before, axis, -1)).reshape(-1, shape[axis])
+    same_bits = (
+        as_vectors.view(np.uint8).reshape(len(as_vectors), -1)
+        == before_vectors.view(np.uint8).reshape(len(as_vectors), -1)
+    ).all(axis=1)
+    assert same_bits[:quiet].all(), "a vector below the floor was rewritten (-0.0 entries included)"
+    assert not same_bits[QUIET:].any()
     once = stored.copy()
     again = kernels.project_along(stored, code, u.numpy(), axis, floor)
     assert again.changed == 0

@@ -48,6 +48,21 @@ def test_streaming_edit_lanes_load_no_torch_and_no_model_runtime() -> None:
     assert _loaded_after(statement, MODEL_RUNNING) == []
 
 
+def test_the_blas_limit_takes_effect() -> None:
+    """threadpoolctl finds NumPy's BLAS (releases before 3.5 do not see the OpenBLAS NumPy 2 ships, and then the
+    limit silently does nothing) and holds it to one thread while the lanes run."""
+    code = (
+        "import json, numpy\nfrom threadpoolctl import threadpool_info\n"
+        "from weightedit.edit.writer import single_threaded_blas\n"
+        "with single_threaded_blas():\n    inside = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+        "print(json.dumps(inside))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    inside = json.loads(out.stdout.strip().splitlines()[-1])
+    assert inside, "threadpoolctl finds no BLAS library behind NumPy"
+    assert set(inside) == {1}
+
+
 def test_quiet_libraries_imports_nothing_and_still_silences_them() -> None:
     """--quiet sets what transformers and huggingface_hub read when they are imported later."""
     statement = "from weightedit.cli._options import quiet_libraries; quiet_libraries(True)"

@@ -138,9 +138,11 @@ class DirectionHeader:
         try:
             header = read_header(self.path)
             wide = read_array(header, header.tensors[self.tensor]).astype("float64")
-        except (InvalidCheckpointError, KeyError, OSError) as e:
+        except (InvalidCheckpointError, KeyError, OSError):
             raise InvalidDirectionError(
-                f"cannot read direction file {self.path}: {e}; re-save the direction file", path=self.path
+                f"direction file {self.path} changed or became unreadable while it was read: save the direction "
+                "again (weightedit direction ... --out FILE)",
+                path=self.path,
             ) from None
         return checked_vector(wide, self.path)
 
@@ -162,7 +164,11 @@ def checked_vector(wide: NDArray, path: Path) -> NDArray:
     if wide.ndim == 2 and wide.shape[0] == 1:
         wide = wide.reshape(-1)
     if wide.ndim != 1:
-        raise InvalidDirectionError(f"{path}: the direction must be a vector, got shape {list(wide.shape)}", path=path)
+        raise InvalidDirectionError(
+            f"{path}: the direction must be a vector, got shape {list(wide.shape)}; save one [d_model] vector as "
+            "'direction'",
+            path=path,
+        )
     with np.errstate(over="ignore"):
         vector = wide.astype(np.float32)
     if bool(np.isfinite(wide).all()) and not bool(np.isfinite(vector).all()):
@@ -356,14 +362,23 @@ def _parsed_meta(meta: dict[str, str], path: Path) -> tuple[dict[str, Any], Edit
 def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
     """The metadata of a safetensors direction file, read without torch; ``None`` for any file
     :func:`load_direction` should judge itself (other formats, or anything unusual: it then names the problem).
+
+    Raises:
+        InvalidDirectionError: the file is a damaged or cut-short safetensors file.
     """
     path = Path(path)
     if path.suffix in {".npy", ".pt", ".pth"} or not path.is_file():
         return None
     try:
         header = read_header(path)
-    except (InvalidCheckpointError, OSError):
+    except OSError:
         return None
+    except InvalidCheckpointError:
+        raise InvalidDirectionError(
+            f"direction file {path} is not a complete safetensors file (damaged or cut short): save the direction "
+            "again (weightedit direction ... --out FILE)",
+            path=path,
+        ) from None
     tensors = header.tensors
     info = tensors.get("direction") or (next(iter(tensors.values())) if len(tensors) == 1 else None)
     if info is None or not info.is_float:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidDirectionError
-from ..io.floats import compute_dtype, decode, encode
+from ..io.floats import compute_dtype, decode, encode, storage_dtype
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -61,8 +61,11 @@ class BlockStats:
 
     @property
     def relative_residual(self) -> float:
-        """``‖uᵀW'‖ / ‖W‖``: what the edit left along ``u``, relative to the tensor before it (0 if all zero)."""
-        return math.sqrt(self.residual_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
+        """``‖uᵀW'‖ / ‖W‖``: what the edit left along ``u``, relative to the tensor before it (0 if all zero; NaN
+        when the tensor holds NaN or inf, so that no check passes on it)."""
+        if self.norm_sq == 0:
+            return 0.0
+        return math.sqrt(self.residual_sq / self.norm_sq) if self.residual_sq >= 0 else math.nan
 
 
 def column_block_rows(m: int, *, block_elems: int = CACHE_BLOCK) -> int:
@@ -130,6 +133,7 @@ class _Blocks:
         self.code = code
         self.values = np.empty((rows, width), dtype=cdt)
         self.update = np.empty((rows, width), dtype=cdt)
+        self.rounded = np.empty((rows, width), dtype=storage_dtype(code))
         self.bits = np.empty((rows, width), dtype=np.uint32) if code == "BF16" else None
         self.widens = code not in ("F32", "F64")  # whether rounding to the stored dtype can change a value
 
@@ -138,11 +142,20 @@ class _Blocks:
         decode(stored, self.code, out=x)
         return x
 
-    def store(self, x: NDArray, stored: NDArray) -> None:
-        """Round ``x`` into ``stored`` and, where rounding changes values, read back what was stored."""
-        encode(x, self.code, out=stored, scratch=None if self.bits is None else self.bits[: x.shape[0]])
-        if self.widens:
-            decode(stored, self.code, out=x)
+    def store(self, x: NDArray, stored: NDArray, edited: NDArray) -> None:
+        """Round ``x`` into ``stored`` where ``edited`` (a mask that broadcasts to it) is set, and read back what
+        was stored. The other vectors keep their bits: ``x - 0`` would still turn ``-0.0`` into ``+0.0``, and
+        rounding would make every NaN the same NaN."""
+        rows = x.shape[0]
+        bits = None if self.bits is None else self.bits[:rows]
+        if edited.all():
+            encode(x, self.code, out=stored, scratch=bits)
+            if not self.widens:
+                return
+        else:
+            rounded = encode(x, self.code, out=self.rounded[:rows], scratch=bits)
+            np.copyto(stored, rounded, where=edited)
+        decode(stored, self.code, out=x)
 
 
 def project_rows(
@@ -164,6 +177,7 @@ def project_rows(
     """
     n, d = stored.shape
     uc = u.astype(compute_dtype(code))
+    scale = float(scale)  # a NumPy scalar would change the arithmetic's dtype under NumPy 2's promotion rules
     step = max(1, min(n, block_elems // max(d, 1)))
     blocks = _Blocks(step, d, code)
     stats = BlockStats(total=n)
@@ -182,8 +196,9 @@ def project_rows(
             if factor is not None:
                 target = target * factor
             aim = np.where(mask, target, comp)
-            # Masked rows get a zero update and keep their exact bits. A second pass ("twice is enough")
-            # cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
+            edited = mask[:, None]
+            # Rows below the floor are never stored: they keep their exact bits. A second pass ("twice is
+            # enough") cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
             # size of the removed component.
             update = comp * mask * scale
             for attempt in range(2):
@@ -191,7 +206,7 @@ def project_rows(
                 x -= outer
                 if factor is not None and attempt == 0:
                     x *= factor[:, None]
-                blocks.store(x, part)
+                blocks.store(x, part, edited)
                 comp = x @ uc
                 deviation = comp - aim
                 mask = np.square(deviation) > floor_sq * norm_sq
@@ -229,6 +244,7 @@ def project_columns_streamed(
     """
     cdt = compute_dtype(code)
     uc = u.astype(cdt)
+    scale = float(scale)  # as in project_rows
     step = min(d, column_block_rows(m, block_elems=block_elems))
     blocks = _Blocks(step, m, code)
     ones = np.ones(step, dtype=cdt)
@@ -253,6 +269,7 @@ def project_columns_streamed(
     aim = np.where(mask, target, comp)
     update = (comp * mask * scale).astype(cdt)
     scaling = factor.astype(cdt) if factor is not None else None
+    edited = mask[None, :]  # columns below the floor are never stored: they keep their exact bits
     after = comp
     for attempt in range(2):
         after = np.zeros(m, dtype=np.float64)
@@ -263,7 +280,7 @@ def project_columns_streamed(
             x -= np.multiply.outer(uc[i0 : i0 + rows], update, out=blocks.update[:rows])
             if scaling is not None and attempt == 0:
                 x *= scaling
-            blocks.store(x, part)
+            blocks.store(x, part, edited)
             write(i0, part)
             after += uc[i0 : i0 + rows] @ x
         deviation = after - aim

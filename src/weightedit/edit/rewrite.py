@@ -1,7 +1,7 @@
 """Streaming orthogonalization of a safetensors checkpoint.
 
 The rewriter reads one tensor (or one block of rows) at a time: writer tensors are edited
-(:mod:`weightedit.edit.projection`), every other tensor is copied as raw bytes inside the kernel, and each output
+(:mod:`weightedit.edit.kernels`), every other tensor is copied as raw bytes inside the kernel, and each output
 shard keeps the input's name, tensor order and byte offsets (:mod:`weightedit.edit.output`). Planning needs the
 headers only, so the copy starts at once (:mod:`weightedit.edit.spans`); two lanes then edit and copy side by
 side (:mod:`weightedit.edit.writer`), in NumPy, so the edit of a direction file never imports torch. Peak
@@ -50,10 +50,6 @@ from .verify import verify_output
 if TYPE_CHECKING:
     import torch
     from numpy.typing import NDArray
-
-# A placeholder of the direction's SHA-256 in the output headers until the vector is loaded: same length, so the
-# data offsets computed with it hold for the final headers.
-_PENDING_SHA256 = "0" * 64
 
 __all__ = ["EditReport", "orthogonalize", "orthogonalize_checkpoint"]
 
@@ -139,8 +135,8 @@ def orthogonalize_checkpoint(
         source: a resolved :class:`ModelSource` or a local ``save_pretrained`` folder.
         out: output folder; must not exist (unless ``overwrite``) and must not overlap the input.
         direction: a :class:`Direction` (checked against the model), a ``[d_model]`` tensor, or the path of a
-            direction file. A safetensors file is checked from its metadata and its vector read while the
-            untouched bytes are already being copied; the edit then needs no torch.
+            direction file. A safetensors file is checked from its metadata and its vector read with NumPy:
+            the edit then needs no torch.
         tied_embeddings: for models whose LM head shares the embedding matrix: ``"untie"`` (default)
             keeps the original matrix as ``lm_head.weight`` so the edit is exact; ``"edit-both"`` edits the
             shared matrix and keeps the checkpoint tied (smaller, not exact).
@@ -165,19 +161,20 @@ def orthogonalize_checkpoint(
     tied = tied_embeddings_option(tied_embeddings)
     out = check_output_path(Path(out), inputs=(source.folder, *source.inputs), overwrite=overwrite)
 
-    # Everything up to the start of the copy reads headers and metadata only (see spans.Pipeline).
+    # Everything up to the start of the copy reads headers, metadata and the direction only (see spans.Pipeline).
     checkpoint = Checkpoint.open(source.folder)
     plan = plan_edit(checkpoint)
     known = _known_direction(direction)
     checks = {"allow_model_mismatch": allow_model_mismatch, "allow_failing_filters": allow_failing_filters}
-    in_hand: _Vector | None = None
-    if isinstance(known, DirectionHeader):  # a file: checked from its metadata now, its vector read later
+    # Every check of the direction comes before anything is written: a file's metadata, then its vector (read
+    # with NumPy: milliseconds), or a vector in hand.
+    if isinstance(known, DirectionHeader):
         _check_direction(known, checkpoint, **checks)
-        recorded = known.profile
-    else:  # a vector in hand: every check before anything is written
-        in_hand = _checked_direction(known, checkpoint, **checks)
-        recorded = in_hand.record.profile
+        vector = _vector_from_file(known, checkpoint)
+    else:
+        vector = _checked_direction(known, checkpoint, **checks)
     if profile is None:
+        recorded = vector.record.profile
         profile = recorded if recorded is not None else FULL_EDIT
     scales = {name: profile.weight(m.rule.group, m.layer) for name, m in plan.writers.items()}
     edited = {name for name in plan.writers if scales[name] > 0}
@@ -188,34 +185,28 @@ def orthogonalize_checkpoint(
     hasher = InputHasher([s.path for s in checkpoint.shards], known=known_sha256, remember=remember_sha256)
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-
-            def jobs_with(direction_sha256: str) -> list[ShardJob]:
-                return shard_jobs(
-                    checkpoint,
-                    tmp,
-                    edited=edited,
-                    axes={n: m.rule.axis for n, m in plan.writers.items()},
-                    scales=None if profile.is_full else scales,
-                    preserve_norm=profile.preserve_norm,
-                    lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
-                    metadata={
-                        "weightedit_version": __version__,
-                        "weightedit_direction_sha256": direction_sha256,
-                        "weightedit_source": source.public_name,
-                    },
-                    block_bytes=block_bytes,
-                )
-
-            jobs = jobs_with(_PENDING_SHA256)
+            jobs = shard_jobs(
+                checkpoint,
+                tmp,
+                edited=edited,
+                axes={n: m.rule.axis for n, m in plan.writers.items()},
+                scales=None if profile.is_full else scales,
+                preserve_norm=profile.preserve_norm,
+                lm_head=(plan.spec.lm_head, plan.embedding) if untie and plan.embedding else None,
+                metadata={
+                    "weightedit_version": __version__,
+                    "weightedit_direction_sha256": vector.sha256,
+                    "weightedit_source": source.public_name,
+                },
+                block_bytes=block_bytes,
+            )
             with _started(jobs, f"editing {source.given}", progress=progress) as pipeline:
-                # The copy runs while the direction's vector is read and the targets are computed.
+                # The copy runs while the writers' targets are computed (post-norm writers read their norms).
                 from .writer import editor_factory, single_threaded_blas
 
-                vector = in_hand if in_hand is not None else _vector_from_file(known, checkpoint)
                 targets = {n: u for n, u in writer_targets(checkpoint, plan, vector.unit).items() if n in edited}
-                headers = [job.header for job in jobs_with(vector.sha256)]
                 with single_threaded_blas():
-                    stats, samples = pipeline.finish(headers, editor_factory(jobs, targets))
+                    stats, samples = pipeline.finish([job.header for job in jobs], editor_factory(jobs, targets))
             _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
             verification = verify_output(checkpoint, tmp, plan, stats, samples, untie=untie)
             provenance = edit_provenance(
@@ -322,9 +313,8 @@ def _checked_direction(
     return _Vector(record, record.sha256(), r.numpy())
 
 
-def _vector_from_file(header: Direction | DirectionHeader | torch.Tensor, checkpoint: Checkpoint) -> _Vector:
+def _vector_from_file(header: DirectionHeader, checkpoint: Checkpoint) -> _Vector:
     """The vector of a direction file whose metadata was checked already, read without torch."""
-    assert isinstance(header, DirectionHeader)  # a direction in hand was checked whole before the copy
     vector = header.load_vector()
     unit = unit_vector(vector, checkpoint.d_model, name=_direction_name(header))
     return _Vector(header, vector_sha256(vector), unit)

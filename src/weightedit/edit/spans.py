@@ -136,9 +136,9 @@ class EditSpan:
 
     ``dtype`` is the tensor's safetensors code (``"BF16"``...). ``mode`` says how it is edited: ``"rows"``, a
     block of rows of a row-local tensor (embedding, Conv1D) read whole into the buffer
-    (:func:`~weightedit.edit.projection.project_rows_`); ``"columns"``, one ``[d, m]`` matrix whose columns
+    (:func:`~weightedit.edit.kernels.project_rows`); ``"columns"``, one ``[d, m]`` matrix whose columns
     are edited (``nn.Linear``, one expert of a stack), streamed in cache-sized blocks of rows in two passes
-    (:func:`~weightedit.edit.projection.project_columns_streamed`); ``"whole"``, a small tensor edited along
+    (:func:`~weightedit.edit.kernels.project_columns_streamed`); ``"whole"``, a small tensor edited along
     ``axis`` in the buffer (biases). ``scale`` and ``preserve_norm`` shape the edit
     (:mod:`weightedit.edit.profile`). The vector it is projected against is the editor's, by ``name``.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from .plan import EditPlan
 from .spans import Sample, check_samples, noise_floor_for
 
 if TYPE_CHECKING:
-    from .projection import BlockStats
+    from .kernels import BlockStats
 
 __all__ = ["verify_output"]
 
@@ -48,6 +49,12 @@ def verify_output(
         info = checkpoint.find(name)[1]
         assert info.is_float  # plan_edit refuses writers of other dtypes
         floor = noise_floor_for(info.dtype, info.shape[plan.writers[name].rule.axis])
+        if not math.isfinite(s.relative_residual):
+            raise InvalidCheckpointError(
+                f"{name} holds NaN or infinite values, so its edit cannot be checked: the input checkpoint is "
+                "damaged; re-download or re-save it",
+                path=checkpoint.find(name)[0].path,
+            )
         if s.relative_residual > floor:
             raise InvalidDirectionError(
                 f"verification failed: {name} keeps a relative component {s.relative_residual:.2e} along the "
