@@ -406,16 +406,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, r in enumerate(results):
-        for j, (key, color, label) in enumerate((("copy_s", "#888888", "cp -r + sync"), ("edit_s", "#1f77b4", "edit"))):
-            x = i + (j - 0.5) * 0.36
-            med = statistics.median(r[key])
-            ax.bar(x, med, width=0.34, color=color, label=label if i == 0 else None)
-            ax.scatter([x] * len(r[key]), r[key], color="black", s=10, zorder=3)
+        series = [("copy_s", "#888888", "cp -r + sync", r["copy_s"]), ("edit_s", "#1f77b4", "edit", r["edit_s"])]
+        if r.get("baseline"):
+            series.append(("baseline", "#ff7f0e", "baseline edit (--baseline-src)", r["baseline"]["edit_s"]))
+        width = 0.72 / len(series)
+        for j, (_, color, label, values) in enumerate(series):
+            x = i + (j - (len(series) - 1) / 2) * width
+            med = statistics.median(values)
+            ax.bar(x, med, width=width * 0.95, color=color, label=label if i == 0 else None)
+            ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
             ax.text(x, med, f"{med:.1f}", ha="center", va="bottom", fontsize=8)
-        ax.text(i, max(max(r["edit_s"]), max(r["copy_s"])) * 1.08, f"{r['median_ratio']:.2f}×", ha="center", fontsize=9)
+        top_i = max(max(values) for *_, values in series)
+        ax.text(i, top_i * 1.08, f"{r['median_ratio']:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(range(len(results)), [f"{r['layout']}\n{r['bytes'] / 1e9:.1f} GB" for r in results])
     ax.set_ylabel("seconds (median, dots: runs)")
-    top = max(max(max(r["edit_s"]), max(r["copy_s"])) for r in results)
+    top = max(max(*r["edit_s"], *r["copy_s"], *(r["baseline"]["edit_s"] if r.get("baseline") else [])) for r in results)
     ax.set_ylim(0, top * 1.25)
     ax.set_title("Streaming edit vs cp -r, interleaved pairs (ratio: median of pairs)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
