@@ -141,7 +141,7 @@ class DirectionHeader:
         except (InvalidCheckpointError, KeyError, OSError):
             raise InvalidDirectionError(
                 f"direction file {self.path} changed or became unreadable while it was read: save the direction "
-                "again (weightedit direction ... --out FILE)",
+                "again with `weightedit direction`",
                 path=self.path,
             ) from None
         return checked_vector(wide, self.path)
@@ -376,7 +376,7 @@ def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
     except InvalidCheckpointError:
         raise InvalidDirectionError(
             f"direction file {path} is not a complete safetensors file (damaged or cut short): save the direction "
-            "again (weightedit direction ... --out FILE)",
+            "again with `weightedit direction`",
             path=path,
         ) from None
     tensors = header.tensors
