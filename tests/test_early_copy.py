@@ -45,7 +45,7 @@ def test_a_direction_file_gives_the_same_checkpoint_as_the_loaded_direction(tiny
     from_object = orthogonalize_checkpoint(src, tmp_path / "object", loaded, progress=False)
     assert _shards(from_file.out) == _shards(from_object.out)
     assert from_file.tensors_edited == from_object.tensors_edited > 0
-    # The headers carry the loaded vector's hash, not the placeholder they were laid out with.
+    # The headers carry the hash of the vector the edit used.
     for shard in from_file.out.glob("*.safetensors"):
         assert read_header(shard).metadata["weightedit_direction_sha256"] == loaded.sha256()
     provenance = json.loads((from_file.out / "weightedit.json").read_text())

@@ -7,7 +7,7 @@ the spans can be written in any order, by any lane, with positional writes.
 
 :class:`Pipeline` runs the lanes. It starts as soon as the headers are planned: the output files are created
 and a first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the calling thread
-reads the direction's vector. :meth:`Pipeline.finish` then writes the headers and hands both lanes an editor
+computes each writer's target (post-norm writers read their norm weights). :meth:`Pipeline.finish` then writes the headers and hands both lanes an editor
 (:mod:`weightedit.edit.writer`): the calling thread takes edit spans from the last one backwards, the first lane
 carries on with whatever is left from the front, so the two lanes mostly write different files and do not wait
 on each other's file locks. Nothing here or in the editor imports torch.
@@ -460,9 +460,8 @@ class Pipeline:
     """Writes the shards of ``jobs``: :meth:`start` copies in the background, :meth:`finish` edits and joins.
 
     Args:
-        jobs: the shards to write; each ``dest`` must not exist yet. Their headers may still change (e.g. a
-            hash that is known only once the direction is loaded): :meth:`finish` writes the final ones,
-            which must have the same lengths.
+        jobs: the shards to write; each ``dest`` must not exist yet. :meth:`finish` writes the final headers,
+            which must keep the lengths of the ones the jobs were laid out with.
         advance: called with each span's byte count once it is written (progress; from either lane).
         on_shard_written: called with each complete shard's path, header included (e.g. to flush it).
     """
