@@ -101,7 +101,8 @@ def unit_vector(direction: NDArray, d_model: int, *, name: str = "direction") ->
 
 def effective_vector(r: NDArray, norm_weight: NDArray | None, norm_offset: float = 0.0) -> NDArray:
     """The vector to project a writer against: ``r``, or for a writer followed by an RMSNorm with gain
-    ``γ = norm_offset + weight`` the normalized ``γ ⊙ r`` (see :func:`weightedit.edit.projection.effective_direction`)."""
+    ``γ = norm_offset + weight`` the normalized ``γ ⊙ r``, zero where the norm zeroes the direction already
+    (:func:`weightedit.edit.projection.effective_direction` gives torch tensors the same vector)."""
     if norm_weight is None:
         return r
     gamma = norm_weight.astype(np.float32).reshape(-1) + np.float32(norm_offset)

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InvalidDirectionError
 from .kernels import CACHE_BLOCK as _CACHE_BLOCK
-from .kernels import BlockStats, column_block_rows, unit_vector
+from .kernels import BlockStats, column_block_rows, effective_vector, unit_vector
 from .spans import NOISE_FACTOR
 
 __all__ = [
@@ -77,13 +77,11 @@ def effective_direction(r: torch.Tensor, norm_weight: torch.Tensor | None, norm_
     """
     if norm_weight is None:
         return r
-    gamma = norm_weight.to(torch.float32).reshape(-1) + norm_offset
-    u = gamma * r
-    n = float(u.norm())
-    if n < 1e-12:
-        # The norm zeroes the direction already: nothing reaches the residual stream along r.
-        return torch.zeros_like(r)
-    return u / n
+    # One computation for every path: the streaming rewrite (NumPy), the in-memory edit and run-time ablation.
+    u = effective_vector(
+        r.detach().to("cpu", torch.float32).numpy(), norm_weight.detach().to("cpu", torch.float32).numpy(), norm_offset
+    )
+    return torch.from_numpy(u).to(r.device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
