@@ -8,6 +8,8 @@ the same direction changes nothing, the residual stays under the floor) must hol
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,24 @@ def test_rounding_to_the_stored_dtype_is_torchs(code):
     assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
     assert nan.any()
     assert np.isnan(floats.decode(got[nan], code)).all()
+
+
+def test_rounding_values_known_finite_skips_the_nan_scan_and_leaves_the_rounded_bits():
+    """``nan_free=True`` (no NaN scan) rounds every non-NaN pattern as torch does, and the scratch it leaves holds
+    the rounded 16 bits, so that shifting them back is the stored value widened."""
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    values = values[~values.isnan()]
+    extremes = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), 1.0 + 2**-8, 3.3895e38, 1e-40], dtype=torch.float32
+    )
+    values = torch.cat([values, extremes, values * 2**-100]).numpy()
+    want = _stored(torch.from_numpy(values).to(torch.bfloat16), "BF16")
+    scratch = np.empty(values.shape, dtype=np.uint32)
+    got = floats.encode(values, "BF16", out=np.empty(values.shape, dtype=np.uint16), scratch=scratch, nan_free=True)
+    assert np.array_equal(got, want)
+    assert np.array_equal((scratch << 16).view(np.float32), floats.decode(want, "BF16"))
 
 
 @pytest.mark.parametrize("code", ["BF16", "F16", "F32", "F64"])
@@ -182,6 +202,34 @@ def test_vectors_below_the_floor_keep_their_bits_and_a_second_edit_changes_nothi
     again = kernels.project_along(stored, code, u.numpy(), axis, floor)
     assert again.changed == 0
     assert np.array_equal(stored.view(np.uint8), once.view(np.uint8))
+
+
+@pytest.mark.parametrize("code", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("shape,axis", [((40, 64), 1), ((64, 48), 0)])
+def test_a_nan_leaves_its_vector_alone_and_the_statistics_nan(code, shape, axis):
+    """A vector holding a NaN is never stored (its bits, payload included, stay), the other vectors are edited
+    as if it were not there, and the statistics come out NaN so that verification refuses the tensor."""
+    u = _unit(shape[axis], seed=9)
+    floor = noise_floor(TORCH[code], shape[axis])
+    clean = _stored(_writer(shape, u, axis, seed=4).to(TORCH[code]), code)
+    poisoned = clean.copy()
+    vectors = np.moveaxis(poisoned, axis, -1)  # a view: vectors[i] is the i-th vector the edit sees
+    payload = {"BF16": np.uint16(0x7FA1), "F16": np.uint16(0x7E01), "F32": np.uint32(0x7FC00ABC)}[code]
+    vectors.view(payload.dtype)[5, 7] = payload
+    before = vectors[5].copy()
+    reference = clean.copy()
+    kernels.project_along(reference, code, u.numpy(), axis, floor)
+    stats = kernels.project_along(poisoned, code, u.numpy(), axis, floor)
+
+    def bits(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a).view(np.uint8)
+
+    assert np.array_equal(bits(vectors[5]), bits(before))
+    others = np.ones(vectors.shape[0], dtype=bool)
+    others[5] = False
+    edited = np.moveaxis(reference, axis, -1)
+    assert np.array_equal(bits(vectors[others]), bits(edited[others]))
+    assert math.isnan(stats.relative_residual)
 
 
 def test_streamed_columns_match_the_matrix_held_whole_including_a_second_pass():

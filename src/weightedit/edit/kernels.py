@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidDirectionError
-from ..io.floats import compute_dtype, decode, encode, storage_dtype
+from ..io.floats import compute_dtype, decode, encode
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -134,7 +134,6 @@ class _Blocks:
         self.code = code
         self.values = np.empty((rows, width), dtype=cdt)
         self.update = np.empty((rows, width), dtype=cdt)
-        self.rounded = np.empty((rows, width), dtype=storage_dtype(code))
         self.bits = np.empty((rows, width), dtype=np.uint32) if code == "BF16" else None
         self.widens = code not in ("F32", "F64")  # whether rounding to the stored dtype can change a value
 
@@ -143,22 +142,46 @@ class _Blocks:
         decode(stored, self.code, out=x)
         return x
 
-    def store(self, x: NDArray, stored: NDArray, edited: NDArray) -> None:
-        """Round ``x`` into ``stored`` where ``edited`` (a mask that broadcasts to it) is set, and read back what
-        was stored. The other vectors keep their bits: ``x - 0`` would still turn ``-0.0`` into ``+0.0``, and
-        rounding would make every NaN the same NaN."""
+    def store(self, x: NDArray, stored: NDArray, kept: NDArray, *, axis: int, nan_free: bool) -> None:
+        """Round ``x`` into ``stored``, except the vectors ``kept`` (indices along ``axis``: 0 for rows, 1 for
+        columns), and make ``x`` the values stored.
+
+        The kept vectors keep their bits: ``x - 0`` would still turn ``-0.0`` into ``+0.0``, and rounding would
+        make every NaN the same NaN. They are saved and put back around the rounding (a gather and a scatter of
+        the few kept vectors, against a masked copy of the whole block). ``nan_free`` says that ``x`` holds no
+        NaN (see :func:`~weightedit.io.floats.encode`): BF16 values are then widened back from the rounding's
+        scratch instead of from ``stored``. Either way ``x`` ends up holding the stored values (a kept vector's
+        up to the sign of its zeros, which no statistic sees)."""
         rows = x.shape[0]
         bits = None if self.bits is None else self.bits[:rows]
-        if edited.all():
-            encode(x, self.code, out=stored, scratch=bits)
-            if not self.widens:
-                return
+        saved = np.take(stored, kept, axis=axis) if kept.size else None
+        encode(x, self.code, out=stored, scratch=bits, nan_free=nan_free)
+        if saved is not None:
+            if axis == 0:
+                stored[kept] = saved
+            else:
+                stored[:, kept] = saved
+        if not self.widens:
+            return
+        if bits is not None and nan_free:
+            np.left_shift(bits, 16, out=x.view(np.uint32))
         else:
-            rounded = encode(x, self.code, out=self.rounded[:rows], scratch=bits)
-            np.copyto(stored, rounded, where=edited)
-        decode(stored, self.code, out=x)
+            decode(stored, self.code, out=x)
 
 
+def _finite(*arrays: NDArray) -> bool:
+    """Whether every value is finite. Applied to the components along ``u``, it tells whether the vectors are:
+    a NaN or an infinity in a vector makes its component NaN or infinite (``0 · inf`` is NaN)."""
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+# A NaN in a stored vector is expected input, not a fault here: its vector is kept as it is and its statistics
+# come out NaN, which verification reports as an error naming the tensor. NumPy's warnings would only repeat it.
+# (As a decorator, NumPy 2's errstate sets the state per call, so the two lanes may share it.)
+_NAN_IS_REPORTED = np.errstate(invalid="ignore")
+
+
+@_NAN_IS_REPORTED
 def project_rows(
     stored: NDArray,
     code: str,
@@ -197,17 +220,18 @@ def project_rows(
             if factor is not None:
                 target = target * factor
             aim = np.where(mask, target, comp)
-            edited = mask[:, None]
+            kept = np.flatnonzero(~mask)
             # Rows below the floor are never stored: they keep their exact bits. A second pass ("twice is
             # enough") cleans up rows that were almost parallel to u, where one pass leaves rounding error of the
             # size of the removed component.
             update = comp * mask * scale
             for attempt in range(2):
                 outer = np.multiply.outer(update, uc, out=blocks.update[: x.shape[0]])
+                nan_free = _finite(comp, update)  # then x is finite, and x - outer holds no NaN (inf at worst)
                 x -= outer
                 if factor is not None and attempt == 0:
                     x *= factor[:, None]
-                blocks.store(x, part, edited)
+                blocks.store(x, part, kept, axis=0, nan_free=nan_free)
                 comp = x @ uc
                 deviation = comp - aim
                 mask = np.square(deviation) > floor_sq * norm_sq
@@ -219,6 +243,7 @@ def project_rows(
     return stats
 
 
+@_NAN_IS_REPORTED
 def project_columns_streamed(
     d: int,
     m: int,
@@ -270,9 +295,10 @@ def project_columns_streamed(
     aim = np.where(mask, target, comp)
     update = (comp * mask * scale).astype(cdt)
     scaling = factor.astype(cdt) if factor is not None else None
-    edited = mask[None, :]  # columns below the floor are never stored: they keep their exact bits
+    kept = np.flatnonzero(~mask)  # columns below the floor are never stored: they keep their exact bits
     after = comp
     for attempt in range(2):
+        nan_free = _finite(after, update)  # as in project_rows: then the update makes no NaN
         after = np.zeros(m, dtype=np.float64)
         for i0 in range(0, d, step):
             part = read(i0, min(d, i0 + step), attempt > 0)
@@ -281,7 +307,7 @@ def project_columns_streamed(
             x -= np.multiply.outer(uc[i0 : i0 + rows], update, out=blocks.update[:rows])
             if scaling is not None and attempt == 0:
                 x *= scaling
-            blocks.store(x, part, edited)
+            blocks.store(x, part, kept, axis=1, nan_free=nan_free)
             write(i0, part)
             after += uc[i0 : i0 + rows] @ x
         deviation = after - aim

@@ -54,9 +54,16 @@ def decode(stored: NDArray, code: str, out: NDArray | None = None) -> NDArray:
     return out
 
 
-def encode(values: NDArray, code: str, out: NDArray, scratch: NDArray | None = None) -> NDArray:
+def encode(
+    values: NDArray, code: str, out: NDArray, scratch: NDArray | None = None, *, nan_free: bool = False
+) -> NDArray:
     """Round ``values`` (float32, or float64 for F64) to the stored dtype, into ``out`` (held as
     :func:`storage_dtype`); ``scratch`` is a ``uint32`` array of the same shape for BF16 (allocated if missing).
+
+    For BF16, ``scratch`` is left holding each rounded value's 16 bits (so ``scratch << 16`` is the stored value
+    widened back) except where ``values`` holds a NaN. ``nan_free=True`` says that ``values`` holds no NaN (the
+    caller knows: e.g. every vector's component along a finite direction is finite), which skips the scan for
+    one; a NaN passed anyway would be stored as whatever its bits round to.
     """
     if code != "BF16":
         with np.errstate(over="ignore"):  # beyond the dtype's range is inf, as in torch
@@ -71,10 +78,11 @@ def encode(values: NDArray, code: str, out: NDArray, scratch: NDArray | None = N
     scratch += 0x7FFF
     scratch += bits
     scratch >>= 16
-    out[...] = scratch
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = _BF16_NAN
+    np.copyto(out, scratch, casting="unsafe")  # the high bits are zero: a plain narrowing
+    if not nan_free:
+        nan = np.isnan(values)
+        if nan.any():
+            out[nan] = _BF16_NAN
     return out
 
 
