@@ -251,7 +251,7 @@ class _Stats:
         pass
 
 
-def test_each_shard_is_reported_once_and_only_with_its_header(tmp_path):
+def test_each_shard_is_reported_once_and_only_when_its_last_span_is_written(tmp_path):
     from weightedit.edit.spans import Pipeline
 
     jobs = _pipeline_jobs(tmp_path)
@@ -263,19 +263,19 @@ def test_each_shard_is_reported_once_and_only_with_its_header(tmp_path):
             seen.append((path.name, path.read_bytes()[:8]))
 
     pipeline = Pipeline(jobs, on_shard_written=written).start()
-    # Let the first lane finish every copy before the headers exist: those shards complete from finish().
+    # Let the first lane finish every copy before there is an editor: the shards complete from finish().
     deadline = 200
     while deadline and any(job.dest.stat().st_size < job.size for job in jobs):
         threading.Event().wait(0.01)
         deadline -= 1
-    assert seen == []  # no shard is complete without its header, whatever its data
-    pipeline.finish([b"F" * 8] * len(jobs), lambda: _FakeEditor())
+    assert seen == []  # no shard is complete while its edit span is still to do
+    pipeline.finish(lambda: _FakeEditor())
     assert sorted(name for name, _ in seen) == [job.dest.name for job in jobs]
-    assert all(head == b"F" * 8 for _, head in seen)
+    assert all(head == b"H" * 8 for _, head in seen)
     for job in jobs:
         data = job.dest.read_bytes()
         src = job.src.read_bytes()
-        assert data == b"F" * 8 + src[:4096] + src[4096:8192][::-1] + src[8192:16384]
+        assert data == b"H" * 8 + src[:4096] + src[4096:8192][::-1] + src[8192:16384]
     assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
 
 
@@ -292,7 +292,7 @@ def test_finish_raises_what_stopped_the_first_lane(tmp_path, monkeypatch):
     while pipeline.failure is None and [t for t in threading.enumerate() if t.name == "weightedit-edit"]:
         threading.Event().wait(0.01)
     with pytest.raises(OSError, match="no space"):
-        pipeline.finish([b"F" * 8] * 3, lambda: _FakeEditor())
+        pipeline.finish(lambda: _FakeEditor())
     assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
 
 
@@ -304,7 +304,7 @@ def test_an_editor_that_cannot_be_made_stops_both_lanes(tmp_path):
 
     pipeline = Pipeline(_pipeline_jobs(tmp_path)).start()
     with pytest.raises(RuntimeError, match="no editor"):
-        pipeline.finish([b"F" * 8] * 3, broken)
+        pipeline.finish(broken)
     assert not [t for t in threading.enumerate() if t.name == "weightedit-edit"]
 
 
@@ -390,3 +390,15 @@ def test_a_direction_file_cut_short_is_one_clear_error(tiny_checkpoints, tmp_pat
     with pytest.raises(InvalidDirectionError, match="not a complete safetensors file .* save the direction again"):
         orthogonalize_checkpoint(tiny_checkpoints("llama"), out, path, progress=False)
     _no_leftovers(out)
+
+
+def test_a_shard_with_nothing_but_its_header_is_complete_from_the_start(tmp_path):
+    from weightedit.edit.spans import Pipeline, ShardJob
+
+    seen = []
+    job = ShardJob(src=tmp_path / "unused", dest=tmp_path / "empty", header=b"H" * 8, spans=[])
+    pipeline = Pipeline([job], on_shard_written=seen.append).start()
+    assert seen == [job.dest]
+    pipeline.finish(lambda: _FakeEditor())
+    assert seen == [job.dest]
+    assert job.dest.read_bytes() == b"H" * 8

@@ -206,7 +206,7 @@ def orthogonalize_checkpoint(
 
                 targets = {n: u for n, u in writer_targets(checkpoint, plan, vector.unit).items() if n in edited}
                 with single_threaded_blas():
-                    stats, samples = pipeline.finish([job.header for job in jobs], editor_factory(jobs, targets))
+                    stats, samples = pipeline.finish(editor_factory(jobs, targets))
             _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
             verification = verify_output(checkpoint, tmp, plan, stats, samples, untie=untie)
             provenance = edit_provenance(

@@ -6,8 +6,9 @@ the input that are copied unchanged (:class:`CopySpan`) or edited (:class:`EditS
 the spans can be written in any order, by any lane, with positional writes.
 
 :class:`Pipeline` runs the lanes. It starts as soon as the headers are planned: the output files are created
-and a first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the calling thread
-computes each writer's target (post-norm writers read their norm weights). :meth:`Pipeline.finish` then writes the headers and hands both lanes an editor
+with their headers and a first lane copies the untouched bytes (``copy_file_range`` inside the kernel) while the
+calling thread computes each writer's target (post-norm writers read their norm weights). :meth:`Pipeline.finish`
+then hands both lanes an editor
 (:mod:`weightedit.edit.writer`): the calling thread takes edit spans from the last one backwards, the first lane
 carries on with whatever is left from the front, so the two lanes mostly write different files and do not wait
 on each other's file locks. Nothing here or in the editor imports torch.
@@ -336,7 +337,7 @@ _Item = tuple[ShardJob, int, "CopySpan | EditSpan"]
 
 class _Queue:
     """What the lanes share: the spans still to do (copies from the front; edits from either end), the
-    per-shard byte counts, the statistics, and whether the headers are written."""
+    per-shard byte counts and the statistics."""
 
     def __init__(self, jobs: Sequence[ShardJob], advance: Callable[[int], object]):
         self.copies: list[_Item] = []
@@ -350,7 +351,6 @@ class _Queue:
         self._edit_front = 0
         self._edit_back = len(self.edits)
         self._left = {id(j): j.size - len(j.header) for j in jobs}
-        self._headed: set[int] = set()
         self._lock = threading.Lock()
         self._advance = advance
         self.stats: dict[str, Any] = {}
@@ -385,15 +385,8 @@ class _Queue:
     def wrote(self, job: ShardJob, n: int) -> None:
         with self._lock:
             self._left[id(job)] -= n
-            done = n > 0 and self._left[id(job)] == 0 and id(job) in self._headed
+            done = n > 0 and self._left[id(job)] == 0
         self._advance(n)
-        if done:
-            self.on_done(job)
-
-    def headed(self, job: ShardJob) -> None:
-        with self._lock:
-            self._headed.add(id(job))
-            done = self._left[id(job)] == 0
         if done:
             self.on_done(job)
 
@@ -460,8 +453,7 @@ class Pipeline:
     """Writes the shards of ``jobs``: :meth:`start` copies in the background, :meth:`finish` edits and joins.
 
     Args:
-        jobs: the shards to write; each ``dest`` must not exist yet. :meth:`finish` writes the final headers,
-            which must keep the lengths of the ones the jobs were laid out with.
+        jobs: the shards to write; each ``dest`` must not exist yet. :meth:`start` creates it with its header.
         advance: called with each span's byte count once it is written (progress; from either lane).
         on_shard_written: called with each complete shard's path, header included (e.g. to flush it).
     """
@@ -499,14 +491,17 @@ class Pipeline:
         return self._failure[0] if self._failure else None
 
     def start(self) -> Pipeline:
-        """Create every output file and start the first lane on the copy spans (call :meth:`cancel` on any
-        failure after this, even one raised by this call)."""
+        """Create every output file with its header and start the first lane on the copy spans (call
+        :meth:`cancel` on any failure after this, even one raised by this call)."""
         for job in self.jobs:
             fd = os.open(job.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 reserve(fd, job.size)
+                pwrite_all(fd, job.header, 0)
             finally:
                 os.close(fd)
+            if job.size == len(job.header):  # nothing but a header: complete now
+                self._shard_done(job)
 
         def first_lane() -> None:
             try:
@@ -521,10 +516,8 @@ class Pipeline:
         self._thread.start()
         return self
 
-    def finish(
-        self, headers: Sequence[bytes], make_editor: Callable[[], Editor | None]
-    ) -> tuple[dict[str, Any], list[Sample]]:
-        """Write the final ``headers`` (one per job), edit with both lanes, wait for all spans.
+    def finish(self, make_editor: Callable[[], Editor | None]) -> tuple[dict[str, Any], list[Sample]]:
+        """Edit with both lanes and wait for all spans.
 
         ``make_editor`` is called once in each lane's thread (editors keep per-thread buffers).
 
@@ -541,18 +534,6 @@ class Pipeline:
             assert self._thread is not None, "start() first"
             if self._failure:  # the first lane failed while the caller was getting ready: that error first
                 raise self._failure[0]
-            if len(headers) != len(self.jobs):
-                raise ValueError(f"{len(headers)} headers for {len(self.jobs)} shards")
-            for job, header in zip(self.jobs, headers, strict=True):
-                if len(header) != len(job.header):
-                    raise ValueError(f"the final header of {job.dest.name} changed length")
-                job.header = header
-                fd = os.open(job.dest, os.O_WRONLY)
-                try:
-                    pwrite_all(fd, header, 0)
-                finally:
-                    os.close(fd)
-                self._queue.headed(job)
             self._make_editor = make_editor
             self._queue.editing.set()
             lane = self._lanes[1]
