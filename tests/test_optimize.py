@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -15,7 +19,8 @@ from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
-from weightedit.optimize.space import point_from_params
+from weightedit.optimize.space import Anchor, point_from_params
+from weightedit.optimize.study import STUDY_FILE
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
 from weightedit.workflows import optimize_model
@@ -62,6 +67,13 @@ def options(prompts, **kw):
     return OptimizeOptions(**{**base, **kw})
 
 
+def stored_study(work: Path) -> optuna.Study:
+    """The study as its journal holds it (what a resumed run reads)."""
+    return optuna.load_study(
+        study_name="weightedit-optimize", storage=JournalStorage(JournalFileBackend(str(work / STUDY_FILE)))
+    )
+
+
 def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(planted, tmp_path):
     model, prompts = planted
     out = tmp_path / "edited"
@@ -97,10 +109,13 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     # ... along the candidate the first-order screen ranks best, which on this model carries the planted direction.
     assert (first_point := study.trials[0].point).position == report["first_trial"]["position"]
     assert first_point.layer == report["first_trial"]["layer"]
+    assert study.anchor == Anchor(first_point.layer, first_point.position, screened=True)
     assert abs(float(study.direction(first_point) @ (R_TRUE / R_TRUE.norm()))) > 0.9
-    assert report["schema"] == "weightedit-optimize/2"
+    assert report["schema"] == "weightedit-optimize/3"
     assert report["chosen"]["trial"] == chosen.trial.number
     assert report["split"] == {"en": "val split", "de": "val split"}
+    # The direction file records where the chosen point read the direction (the anchored search's fixed position).
+    assert direction.position == chosen.trial.point.position == study.anchor.position
     assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
 
 
@@ -314,3 +329,140 @@ def test_points_are_judged_when_every_refusing_language_is_near_the_target(monke
     assert [v.trial.number for v in verified] == [2] and verified[0].meets_target
     assert study.worst_estimate(front[0], ["en", "zh"]) == 0.25
     assert study.worst_estimate(front[1], []) == front[1].refusal  # no per-language values: the mean
+
+
+# The anchored search.
+
+
+def test_the_anchored_search_reads_the_direction_only_near_the_anchor(planted, tmp_path):
+    """Every trial reads the direction at the anchor's position (not a parameter of the stored trials) and at a
+    layer within the window; the same seeds with the free search leave both, so the check can fail."""
+    model, prompts = planted
+    work = tmp_path / "anchored"
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, layer_window=0.5), work_dir=work, progress=False)
+    anchor = job.study.anchor
+    assert anchor is not None and anchor.screened and anchor.position == -2  # this model has 2 positions
+    low, high = max(0.0, anchor.layer - 0.5), min(0.8 * 2, anchor.layer + 0.5)
+    assert [t.point.position for t in job.study.trials] == [anchor.position] * 10
+    assert all(low <= t.point.layer <= high for t in job.study.trials)
+    assert len({t.point.layer for t in job.study.trials}) > 5  # the layer is still searched
+    stored = stored_study(work)
+    assert all("position" not in t.params for t in stored.trials)
+    assert stored.user_attrs["anchor"] == anchor.to_json()
+    report = json.loads(job.files["json"].read_text())
+    assert {t["position"] for t in report["trials"]} == {anchor.position}
+    assert report["search"] == {
+        "space": "anchored",
+        "anchor": {**anchor.to_json(), "what": report["search"]["anchor"]["what"]},
+        "layer_window": 0.5,
+        "direction_layers": [low, high],
+        "position": anchor.position,
+    }
+    assert "Search space: anchored at direction layer" in job.files["md"].read_text()
+
+    free = optimize_model(str(model), tmp_path / "f", options(prompts, search_space="free"), progress=False)
+    assert {t.point.position for t in free.study.trials} == {-1, -2}
+    assert any(not low <= t.point.layer <= high for t in free.study.trials)
+
+
+def test_a_layer_window_of_zero_fixes_the_layer_too(planted, tmp_path):
+    model, prompts = planted
+    work = tmp_path / "study"
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, trials=3, layer_window=0), work_dir=work)
+    anchor = job.study.anchor
+    assert anchor is not None
+    assert {(t.point.layer, t.point.position) for t in job.study.trials} == {(anchor.layer, anchor.position)}
+    assert all(not {"position", "direction_layer"} & set(t.params) for t in stored_study(work).trials)
+
+
+def test_a_resumed_anchored_study_searches_around_its_stored_anchor(planted, tmp_path):
+    """The anchor is stored with the study and read back on resume, not screened again: here the journal's anchor
+    is moved (as if the screen had ranked another candidate when the study began), and the resumed trials, and
+    the points rebuilt from the stored ones, follow it."""
+    model, prompts = planted
+    work = tmp_path / "study"
+    first = optimize_model(str(model), tmp_path / "a", options(prompts, trials=3, layer_window=0.25), work_dir=work)
+    assert first.study.anchor is not None and first.study.anchor.position == -2
+    moved = Anchor(layer=0.3, position=-1, screened=True)
+    stored_study(work).set_user_attr("anchor", moved.to_json())
+    opts = options(prompts, trials=6, layer_window=0.25)
+    second = optimize_model(str(model), tmp_path / "b", opts, work_dir=work, progress=False)
+    assert second.study.resumed_trials == 3 and second.study.anchor == moved
+    assert [t.point.position for t in second.study.trials] == [-1] * 6
+    assert all(0.05 <= t.point.layer <= 0.55 for t in second.study.trials[3:])
+    report = json.loads(second.files["json"].read_text())
+    assert report["search"]["anchor"]["layer"] == 0.3 and {t["position"] for t in report["trials"]} == {-1}
+
+
+def test_a_study_of_the_other_search_space_is_not_resumed(planted):
+    """The mode and the window are part of the study's key; a free study keeps the key studies had before the
+    anchored search existed, so those resume with search_space free (and the message says so)."""
+    from weightedit.cli._messages import cli_message
+    from weightedit.optimize.study import _open_study
+
+    prompts = planted[1]
+    anchored, free = options(prompts), options(prompts, search_space="free")
+    before = {"langs", "direction_lang", "n_train", "n_score", "prompts", "preserve_norm", "orthogonal_to_harmless"}
+    assert set(free.setup_key()) == before | {"max_layer_fraction"}
+    assert anchored.setup_key() == {**free.setup_key(), "search_space": "anchored", "layer_window": 1.5}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old, new = Path(tmp) / "old", Path(tmp) / "new"
+        _open_study(old, free, "model-a", ["en", "de"])
+        _open_study(old, free, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"differs in layer_window, search_space\): resume it with") as e:
+            _open_study(old, anchored, "model-a", ["en", "de"])
+        assert "resume it with --search-space free" in cli_message(e.value)
+        _open_study(new, anchored, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"\(it differs in layer_window, search_space\): choose another"):
+            _open_study(new, free, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"\(it differs in layer_window\)"):
+            _open_study(new, options(prompts, layer_window=2), "model-a", ["en", "de"])
+
+
+def test_without_a_screened_anchor_the_search_is_anchored_at_the_default_point(planted, tmp_path, monkeypatch):
+    """When the screen has no refusal tokens that qualify (first_order_anchor gives None), the study is anchored
+    where the free search's first trial was placed before (75% of the layer limit, last position), and the report
+    says so."""
+    from weightedit.optimize import study
+
+    monkeypatch.setattr(study, "first_order_anchor", lambda *args, **kwargs: None)
+    model, prompts = planted
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, trials=4), progress=False)
+    assert job.study.anchor == Anchor(layer=0.75 * 0.8 * 2, position=-1, screened=False)
+    assert {t.point.position for t in job.study.trials} == {-1}
+    report = json.loads(job.files["json"].read_text())
+    assert report["search"]["anchor"]["screened"] is False and "no refusal tokens" in report["search"]["anchor"]["what"]
+    assert "**the default point**" in job.files["md"].read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"layer_window": -0.5}, "layer_window"),
+        ({"layer_window": float("nan")}, "layer_window"),
+        ({"layer_window": float("inf")}, "layer_window"),
+        ({"layer_window": True}, "layer_window"),
+        ({"layer_window": "1"}, "layer_window"),
+        ({"search_space": "wide"}, "search_space"),
+    ],
+)
+def test_search_options_are_checked(kwargs, option):
+    with pytest.raises(OptionsError) as raised:
+        OptimizeOptions(**kwargs)
+    assert raised.value.option == option
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--layer-window", "-1"], "--layer-window -1.0: must be a number of layers, 0 or more"),
+        (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
+    ],
+)
+def test_bad_search_flags_are_one_line_errors(flags, message, tmp_path):
+    result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[0] == f"error: {message}"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()

@@ -232,6 +232,7 @@ def optimize_model(
                     **result.chosen.trial.to_json(),
                     "judged": result.chosen.judged,
                     "trial_tokens": options.trial_tokens,  # 0: refusal_estimate is first-token; N: judged
+                    "search_space": options.search_space.value,
                 }
             },
             profile=point.profile,

@@ -85,6 +85,22 @@ def optimize(
     prompts: PromptsOpt = None,
     sampler: Annotated[Sampler, typer.Option("--sampler", help="Optuna sampler: tpe or nsga2.")] = Sampler.TPE,
     seed: Annotated[int, typer.Option("--seed", help="The sampler's seed.")] = 0,
+    search_space: Annotated[
+        str,
+        typer.Option(
+            "--search-space",
+            metavar="[anchored|free]",
+            help="anchored: read the direction at the first-order screen's best candidate (its position, its layer "
+            "within --layer-window) and search the writers' weights; free: any layer and position.",
+        ),
+    ] = "anchored",
+    layer_window: Annotated[
+        float,
+        typer.Option(
+            "--layer-window",
+            help="Anchored search: how far (in layers) the direction layer may move from the anchor's.",
+        ),
+    ] = 1.5,
     preserve_norm: Annotated[
         bool | None,
         typer.Option(
@@ -156,6 +172,8 @@ def optimize(
         prompts=prompts,
         sampler=sampler,
         seed=seed,
+        search_space=search_space,
+        layer_window=layer_window,
         preserve_norm=preserve_norm,
         orthogonal_to_harmless=orthogonal_to_harmless,
         target_refusal=target_refusal,

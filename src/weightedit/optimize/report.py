@@ -14,14 +14,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .. import __version__  # noqa: E402
 from ..io.atomic import atomic_file, write_text_atomic  # noqa: E402
 from ..render.plots import language_label  # noqa: E402
-from .options import Sampler  # noqa: E402
+from .options import Sampler, SearchSpace  # noqa: E402
+from .space import layer_bounds  # noqa: E402
 from .study import StudyResult  # noqa: E402
 
 __all__ = ["SCHEMA", "payload", "write_study_report"]
 
 # 2: options.trial_tokens and baseline first_token_estimate; with trial_tokens a trial's languages that are no
 # objective have no "refusal", and refusal_estimate is a judged share.
-SCHEMA = "weightedit-optimize/2"
+# 3: options.search_space and layer_window; "search" (the anchor and the searched layers and position).
+SCHEMA = "weightedit-optimize/3"
+
+
+def _search_section(result: StudyResult) -> dict[str, Any]:
+    o = result.options
+    anchor = result.anchor
+    n_layers = int(result.setup.diffs.shape[0])
+    anchored = SearchSpace(o.search_space) is SearchSpace.ANCHORED
+    low, high = layer_bounds(n_layers, o, anchor)
+    if anchor is None:
+        where = "not stored (a free study made before the anchor was stored: see first_trial)"
+    elif anchor.screened:
+        where = "the candidate the first-order screen ranks best (direction language, select split)"
+    else:
+        where = (
+            "the default point, 75% of the way to the layer limit at the last position: the first-order screen had "
+            "no refusal tokens that qualify"
+        )
+    return {
+        "space": SearchSpace(o.search_space).value,
+        "anchor": None if anchor is None else {**anchor.to_json(), "what": where},
+        "layer_window": o.layer_window if anchored else None,
+        "direction_layers": [low, high],
+        "position": anchor.position if anchored and anchor is not None else None,  # None: searched
+    }
 
 
 def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str, Any]:
@@ -37,6 +63,8 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             "trials": o.trials,
             "sampler": Sampler(o.sampler).value,
             "seed": o.seed,
+            "search_space": SearchSpace(o.search_space).value,
+            "layer_window": o.layer_window,
             "target_refusal": o.target_refusal,
             "kl_budget": o.kl_budget,
             "verify": o.verify,
@@ -49,9 +77,9 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             t.lang: {"harmful": len(t.harmful), "harmless": len(t.harmless)} for t in result.setup.targets
         },
         "refusing_languages": [t.lang for t in result.setup.refusing],
+        "search": _search_section(result),
         "first_trial": {
-            "what": "the full edit along the candidate the first-order screen ranks best (direction language, select "
-            "split; 75% of the layer limit and the last position when the screen has no usable refusal tokens)",
+            "what": "the full edit along the study's anchor (see search.anchor)",
             "layer": result.trials[0].point.layer if result.trials else None,
             "position": result.trials[0].point.position if result.trials else None,
         },
@@ -90,6 +118,24 @@ def _pct(v: dict[str, Any] | None) -> str:
     return f"{v['k']}/{v['n']} = {100 * v['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _search_text(data: dict[str, Any]) -> str:
+    search = data["search"]
+    low, high = search["direction_layers"]
+    if search["space"] == SearchSpace.FREE.value:
+        return f"Search space: free (direction layer {low:.2f}–{high:.2f}, every post-instruction position)."
+    anchor = search["anchor"]
+    source = (
+        "the first-order screen's best candidate"
+        if anchor["screened"]
+        else "**the default point**: the first-order screen had no refusal tokens that qualify"
+    )
+    return (
+        f"Search space: anchored at direction layer {anchor['layer']:.2f}, position {anchor['position']} ({source}); "
+        f"the direction layer searched within {search['layer_window']:g} layers of it ({low:.2f}–{high:.2f}), the "
+        "position fixed, the trials spent on the writers' weights."
+    )
+
+
 def _estimate(data: dict[str, Any]) -> str:
     """What the trials' refusal is, in a few words (a report of before the judged estimate has no trial_tokens)."""
     n = data["options"].get("trial_tokens") or 0
@@ -108,6 +154,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"split: {next(iter(data['split'].values()))}; refusing at baseline, the objectives: "
         f"{', '.join(data['refusing_languages'])}). Pareto points are re-measured with judged greedy "
         f"generations ({data['options']['max_new_tokens']} tokens, {data['options']['judge']} judge; Wilson 95%).",
+        "",
+        _search_text(data),
         "",
         "## Pareto front (search estimates)",
         "",
@@ -142,8 +190,9 @@ def markdown(data: dict[str, Any]) -> str:
         )
     else:
         lines.append(
-            f"**Chosen: trial {chosen['trial']}** (KL {chosen['kl']:.3f}; "
-            f"{_profile_text(chosen['profile'])}); written to {data['written'] or '(not written)'}."
+            f"**Chosen: trial {chosen['trial']}** (KL {chosen['kl']:.3f}; direction layer "
+            f"{chosen['direction_layer']:.2f}, position {chosen['position']}; {_profile_text(chosen['profile'])}); "
+            f"written to {data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
 
