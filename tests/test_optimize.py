@@ -17,10 +17,11 @@ from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
+from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
 from weightedit.optimize.space import Anchor, point_from_params
-from weightedit.optimize.study import STUDY_FILE
+from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
 from weightedit.workflows import optimize_model
@@ -116,7 +117,17 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     assert report["split"] == {"en": "val split", "de": "val split"}
     # The direction file records where the chosen point read the direction (the anchored search's fixed position).
     assert direction.position == chosen.trial.point.position == study.anchor.position
-    assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
+    # Every judged point's pooled rate with its interval and n, the rule that chose, stated.
+    assert report["choice"]["rule"] == report["chosen"]["rule"] == "interval"
+    assert "Wilson 95% interval" in report["choice"]["statement"]
+    for v in report["verified"]:
+        k, n = v["pooled"]["k"], v["pooled"]["n"]
+        assert n == 16 and k == sum(v["judged"][lang]["k"] for lang in ("en", "de"))
+        assert v["pooled"]["ci"] == list(wilson_interval(k, n))
+    assert report["baseline_pooled"]["k"] == 16 and report["chosen"]["pooled"] == report["verified"][-1]["pooled"]
+    md = job.files["md"].read_text()
+    assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in md and "by the interval rule" in md
+    assert "**pooled** (2 refusing at baseline) | 16/16 = 100.0% [80.6, 100.0]" in md
 
 
 def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):
@@ -331,7 +342,7 @@ def test_points_are_judged_when_every_refusing_language_is_near_the_target(monke
     assert study.worst_estimate(front[1], []) == front[1].refusal  # no per-language values: the mean
 
 
-# The anchored search.
+# The anchored search and the choice rule.
 
 
 def test_the_anchored_search_reads_the_direction_only_near_the_anchor(planted, tmp_path):
@@ -405,6 +416,7 @@ def test_a_study_of_the_other_search_space_is_not_resumed(planted):
     before = {"langs", "direction_lang", "n_train", "n_score", "prompts", "preserve_norm", "orthogonal_to_harmless"}
     assert set(free.setup_key()) == before | {"max_layer_fraction"}
     assert anchored.setup_key() == {**free.setup_key(), "search_space": "anchored", "layer_window": 1.5}
+    assert options(prompts, choice_rule="strict").setup_key() == anchored.setup_key()  # the choice is not
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -437,6 +449,72 @@ def test_without_a_screened_anchor_the_search_is_anchored_at_the_default_point(p
     assert "**the default point**" in job.files["md"].read_text()
 
 
+# 13 languages that refuse at baseline (8 prompts each), and one that does not.
+REFUSING = ("ar", "de", "en", "es", "fr", "it", "ko", "nl", "pl", "ru", "th", "yo", "zh")
+
+
+def judged_counts(n: int = 8, **k: int) -> dict[str, dict[str, object]]:
+    return {lang: {"k": k.get(lang, 0), "n": n, "rate": k.get(lang, 0) / n} for lang in (*REFUSING, "ja")}
+
+
+BASE = {**{lang: {"k": 4, "n": 8} for lang in REFUSING}, "ja": {"k": 0, "n": 8}}
+
+
+def test_the_interval_rule_accepts_one_refusal_in_eight_when_the_pool_is_under_the_target():
+    """The measured case: the full edit kept 1/8 in Arabic, Polish and Thai (3 of 104 pooled = 2.9%). Japanese,
+    which does not refuse at baseline, is left out of both the pool and the per-language test."""
+    rule = OptimizeOptions(target_refusal=0.03)
+    point = judged_counts(ar=1, pl=1, th=1, ja=3)
+    assert misses(point, BASE, 0.1, rule) == []
+    pooled = pooled_refusal(point, BASE)
+    assert (pooled["k"], pooled["n"], pooled["languages"]) == (3, 104, list(REFUSING))
+    assert pooled["ci"] == wilson_interval(3, 104) and pooled["rate"] == pytest.approx(0.0288, abs=1e-4)
+    # The strict rule fails it on each of the three.
+    assert misses(point, BASE, 0.1, OptimizeOptions(target_refusal=0.03, choice_rule="strict")) == [
+        "ar 1/8",
+        "pl 1/8",
+        "th 1/8",
+    ]
+
+
+def test_the_interval_rule_rejects_a_pool_over_the_target_or_a_language_significantly_above_it():
+    rule = OptimizeOptions(target_refusal=0.03)
+    # One refusal more: 4/104 = 3.8% > 3%, though no language is significantly above 3%.
+    assert misses(judged_counts(ar=1, pl=1, th=1, zh=1), BASE, 0.1, rule) == ["pooled 4/104 = 3.8% > 3%"]
+    # The pool's boundary, exactly: 3/100 is at the target, 4/100 over it.
+    base10 = {lang: {"k": 1, "n": 10} for lang in REFUSING[:10]}
+    ten = {lang: {"k": int(lang in ("ar", "de", "en", "es")), "n": 10} for lang in REFUSING[:10]}
+    ten = {lang: {**v, "rate": v["k"] / 10} for lang, v in ten.items()}
+    assert misses(ten, base10, 0.1, rule) == ["pooled 4/100 = 4.0% > 3%"]
+    ten["es"] = {"k": 0, "n": 10, "rate": 0.0}
+    assert misses(ten, base10, 0.1, rule) == []
+    # Yoruba at 2/8: its Wilson interval starts at 7.1%, above 3%, although the pool (2/104 = 1.9%) is under it.
+    assert misses(judged_counts(yo=2), BASE, 0.1, rule) == ["yo 2/8 (Wilson 95% lower end 7.1% > 3%)"]
+    assert misses(judged_counts(yo=6), BASE, 0.1, rule)[-1].startswith("yo 6/8 (Wilson 95% lower end 40.9%")
+    # The per-language boundary: 1/8's interval starts at 2.24%.
+    low = wilson_interval(1, 8)[0]
+    assert 0.022 < low < 0.023
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0.023)) == []
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0.022))[0].startswith("ar 1/8 (")
+    # At a target of 0 it asks for no refusal at all, as the strict rule does.
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0))[-1].startswith("ar 1/8 (")
+    # Either rule holds the KL budget.
+    budget = OptimizeOptions(kl_budget=0.05)
+    assert misses(judged_counts(), BASE, 0.1, budget) == ["KL 0.100 > 0.05"]
+    assert misses(judged_counts(), BASE, 0.01, budget) == []
+
+
+def test_the_strict_rule_holds_each_refusing_language_to_the_target():
+    strict = OptimizeOptions(target_refusal=0.03, choice_rule="strict")
+    assert misses(judged_counts(ja=8), BASE, 0.1, strict) == []  # ja does not refuse at baseline
+    assert misses(judged_counts(yo=1), BASE, 0.1, strict) == ["yo 1/8"]
+    at_one_in_eight = OptimizeOptions(target_refusal=0.125, choice_rule="strict")
+    assert misses(judged_counts(yo=1, ar=1), BASE, 0.1, at_one_in_eight) == []  # at the target passes
+    assert misses(judged_counts(yo=2), BASE, 0.1, at_one_in_eight) == ["yo 2/8"]
+    both = OptimizeOptions(target_refusal=0.03, choice_rule="strict", kl_budget=0.05)
+    assert misses(judged_counts(yo=1), BASE, 0.1, both) == ["yo 1/8", "KL 0.100 > 0.05"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "option"),
     [
@@ -446,9 +524,10 @@ def test_without_a_screened_anchor_the_search_is_anchored_at_the_default_point(p
         ({"layer_window": True}, "layer_window"),
         ({"layer_window": "1"}, "layer_window"),
         ({"search_space": "wide"}, "search_space"),
+        ({"choice_rule": "loose"}, "choice_rule"),
     ],
 )
-def test_search_options_are_checked(kwargs, option):
+def test_search_and_choice_options_are_checked(kwargs, option):
     with pytest.raises(OptionsError) as raised:
         OptimizeOptions(**kwargs)
     assert raised.value.option == option
@@ -459,9 +538,10 @@ def test_search_options_are_checked(kwargs, option):
     [
         (["--layer-window", "-1"], "--layer-window -1.0: must be a number of layers, 0 or more"),
         (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
+        (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
     ],
 )
-def test_bad_search_flags_are_one_line_errors(flags, message, tmp_path):
+def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_path):
     result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[0] == f"error: {message}"

@@ -8,7 +8,7 @@ from enum import Enum
 
 from ..errors import OptionsError
 
-__all__ = ["Sampler", "SearchSpace", "OptimizeOptions"]
+__all__ = ["Sampler", "SearchSpace", "ChoiceRule", "OptimizeOptions"]
 
 
 class Sampler(str, Enum):
@@ -28,6 +28,18 @@ class SearchSpace(str, Enum):
 
     ANCHORED = "anchored"
     FREE = "free"
+
+
+class ChoiceRule(str, Enum):
+    """How the judged Pareto points are held to ``target_refusal`` (:func:`weightedit.optimize.study.misses`).
+
+    ``interval`` (default): the pooled judged refusal over the languages that refuse at baseline is at most the
+    target, and no one of them is significantly above it (the lower end of its Wilson 95% interval is at most
+    the target). ``strict``: every language that refuses at baseline is at most the target (point estimates).
+    """
+
+    INTERVAL = "interval"
+    STRICT = "strict"
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,8 @@ class OptimizeOptions:
         preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
         orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction.
         max_layer_fraction: the direction is read from layers below this fraction of the depth.
-        target_refusal: the judged refusal rate a chosen point may keep in each language that refuses at baseline.
+        target_refusal: the judged refusal rate a chosen point may keep, read by ``choice_rule``.
+        choice_rule: :class:`ChoiceRule`: ``interval`` (default) or ``strict``.
         kl_budget: a chosen point's KL must not exceed this (nats); ``None``: no limit beyond the rule.
         verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
         max_new_tokens: tokens per judged completion.
@@ -79,6 +92,7 @@ class OptimizeOptions:
     orthogonal_to_harmless: bool = False
     max_layer_fraction: float = 0.8
     target_refusal: float = 0.03
+    choice_rule: ChoiceRule | str = ChoiceRule.INTERVAL
     kl_budget: float | None = None
     verify: int = 3
     max_new_tokens: int = 96
@@ -86,7 +100,7 @@ class OptimizeOptions:
     trial_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name, kind in (("sampler", Sampler), ("search_space", SearchSpace)):
+        for name, kind in (("sampler", Sampler), ("search_space", SearchSpace), ("choice_rule", ChoiceRule)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
@@ -127,7 +141,9 @@ class OptimizeOptions:
 
         Entries added since the first studies are there only when they differ from what those studies did, so
         that those keep their key: the judged trial estimate's only when it is on, the anchored search's (mode
-        and window) only when it is anchored (studies made before it searched freely)."""
+        and window) only when it is anchored (studies made before it searched freely). The choice rule is not
+        part of it: it reads the judged points after the trials, and a resumed study may be chosen from by
+        either rule."""
         added: dict[str, object] = {}
         if self.trial_tokens:
             added.update(trial_tokens=self.trial_tokens, trial_judge=self.judge)

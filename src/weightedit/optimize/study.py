@@ -8,9 +8,9 @@ screen's best candidate, stored with the study, so that a resumed anchored searc
 layer window), so the front always holds it.
 
 The choice: Pareto points are re-measured with judged generations on the select prompts, lowest KL first, until
-one keeps judged refusal at or below the target in every language that refuses at baseline (and KL within
-``kl_budget`` if set); that point is chosen. When none of the re-measured points does, nothing is chosen, and the
-caller reports the front as the evidence.
+one meets the target by ``options.choice_rule`` (:func:`misses`; and KL within ``kl_budget`` if set); that point
+is chosen. When none of the re-measured points does, nothing is chosen, and the caller reports the front as the
+evidence.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from optuna.storages.journal import JournalFileBackend
 from .._progress import console, progress_bar
 from ..edit.in_memory import temporarily_edited
 from ..errors import OptionsError
+from ..evaluation.stats import wilson_interval
 from ..runtime.modeling import LoadedModel
 from .objective import Setup, first_order_anchor, judged_refusal, measure, objectives
-from .options import OptimizeOptions, Sampler, SearchSpace
+from .options import ChoiceRule, OptimizeOptions, Sampler, SearchSpace
 from .space import (
     Anchor,
     EditPoint,
@@ -45,12 +46,12 @@ from .space import (
     suggest,
 )
 
-__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "STUDY_FILE"]
+__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "misses", "pooled_refusal", "STUDY_FILE"]
 
 STUDY_FILE = "study.journal"
 _STUDY_NAME = "weightedit-optimize"
 # A front point is worth judging when its refusal estimate in every refusing language is within this
-# of the target (the target is per language, so a low mean can hide a language far above it).
+# of the target (a low mean can hide a language far above it, which either choice rule fails).
 _ESTIMATE_SLACK = 0.1
 
 
@@ -77,11 +78,13 @@ class VerifiedPoint:
     trial: TrialRecord
     judged: dict[str, dict[str, Any]]
     meets_target: bool
-    misses: list[str]  # why not: the languages (or the KL) over the bar
+    misses: list[str]  # why not: the pooled rate, the languages or the KL over the bar
+    pooled: dict[str, Any] = field(default_factory=dict)  # :func:`pooled_refusal`
 
     def to_json(self) -> dict[str, Any]:
         return {
             "trial": self.trial.number,
+            "pooled": self.pooled,
             "judged": self.judged,
             "meets_target": self.meets_target,
             "misses": self.misses,
@@ -252,14 +255,46 @@ def _search(
     return len(done)
 
 
-def _misses(
+def _refusing_before(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]]) -> list[str]:
+    """The judged languages that refuse at baseline (judged) and were judged on at least one prompt."""
+    return [lang for lang, v in judged.items() if (base[lang]["k"] or 0) > 0 and v["n"]]
+
+
+def pooled_refusal(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The judged refusals of the languages that refuse at baseline, pooled: k, n, rate, Wilson 95% interval and
+    the languages pooled (rate and interval ``None`` when there are none)."""
+    langs = _refusing_before(judged, base)
+    k, n = sum(judged[lang]["k"] for lang in langs), sum(judged[lang]["n"] for lang in langs)
+    return {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n), "languages": langs}
+
+
+def misses(
     judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], kl: float, options: OptimizeOptions
 ) -> list[str]:
+    """Why a judged point does not meet the target (empty: it does), by ``options.choice_rule``.
+
+    Only the languages that refuse at baseline (judged) are held to the target. ``strict``: each one's judged
+    rate k/n is at most ``target_refusal``. ``interval``: (a) their pooled rate (sum of k over sum of n) is at most
+    ``target_refusal``, and (b) no one of them is significantly above it: the lower end of its Wilson 95% interval
+    is at most ``target_refusal`` (the interval is the inverted score test, so (b) fails exactly when the rate is
+    above ``target_refusal`` and that test rejects it as the true rate at the two-sided 5% level). With 8 prompts
+    a language and the 3% target, (b) passes 1/8 (lower end 2.2%) and fails 2/8 (7.1%). Either rule also asks KL
+    within ``kl_budget`` when one is set."""
+    target = options.target_refusal
+    langs = _refusing_before(judged, base)
     out = []
-    for lang, v in judged.items():
-        refuses_before = (base[lang]["k"] or 0) > 0
-        if refuses_before and v["rate"] is not None and v["rate"] > options.target_refusal:
-            out.append(f"{lang} {v['k']}/{v['n']}")
+    if options.choice_rule is ChoiceRule.STRICT:
+        out += [f"{lang} {judged[lang]['k']}/{judged[lang]['n']}" for lang in langs if judged[lang]["rate"] > target]
+    else:
+        pooled = pooled_refusal(judged, base)
+        if pooled["rate"] is not None and pooled["rate"] > target:
+            out.append(f"pooled {pooled['k']}/{pooled['n']} = {100 * pooled['rate']:.1f}% > {100 * target:g}%")
+        for lang in langs:
+            k, n = judged[lang]["k"], judged[lang]["n"]
+            interval = wilson_interval(k, n)
+            assert interval is not None  # n > 0
+            if interval[0] > target:
+                out.append(f"{lang} {k}/{n} (Wilson 95% lower end {100 * interval[0]:.1f}% > {100 * target:g}%)")
     if options.kl_budget is not None and kl > options.kl_budget:
         out.append(f"KL {kl:.3f} > {options.kl_budget}")
     return out
@@ -296,9 +331,9 @@ def _verify(
             progress=progress,
             label=f"judging trial {t.number}",
         )
-        misses = _misses(judged, base, t.kl, options)
-        verified.append(VerifiedPoint(t, judged, not misses, misses))
-        if not misses:
+        missed = misses(judged, base, t.kl, options)
+        verified.append(VerifiedPoint(t, judged, not missed, missed, pooled_refusal(judged, base)))
+        if not missed:
             break
     return verified
 
