@@ -8,6 +8,8 @@
                                                            # heretic's run and evaluation from an earlier result
     python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-trial-tokens 16 --peer-result X.json
                                                            # weightedit's trials judge 16-token completions
+    python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
+                                                           # the search and choice of the earlier runs
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
 error: pass a new ``--work``):
@@ -23,7 +25,9 @@ error: pass a new ``--work``):
    larger of 3% and the refusal share heretic reported for its chosen trial on the same select prompts, so
    that weightedit does not stop at a point that leaves more refusal than heretic did; heretic counts with its
    own refusal markers, weightedit judges with its substring judge, so the two shares are alike, not the same;
-   exit 1 = no point met the target, recorded as such).
+   exit 1 = no point met the target, recorded as such). Its search space and choice rule are optimize's
+   defaults (anchored, interval) unless ``--weightedit-search-space`` / ``--weightedit-choice-rule`` say
+   otherwise (the runs before they existed searched freely and chose by the strict rule).
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
    ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
    KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
@@ -210,7 +214,8 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     work = args.work / "weightedit-optimize"
     done = args.work / "weightedit.json"
     n_score = args.weightedit_n_score or args.n_score
-    settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, "weightedit_langs")} | {"target_refusal": target}
+    own = ("weightedit_langs", "weightedit_search_space", "weightedit_choice_rule")
+    settings = {k: getattr(args, k) for k in (*SEARCH_SETTINGS, *own)} | {"target_refusal": target}
     if n_score != args.n_score:
         settings["weightedit_n_score"] = n_score
     if args.weightedit_trial_tokens:
@@ -224,11 +229,13 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         "--trials", str(args.trials), "--n-train", str(args.n_train), "--n-score", str(n_score),
         "--seed", str(args.seed), "--dtype", "float32", "--batch-size", str(args.batch_size),
         "--target-refusal", f"{math.ceil(target * 1e6) / 1e6:.6f}", "--max-new-tokens", str(args.search_tokens), "--no-evaluate", "--quiet",
+        "--search-space", args.weightedit_search_space, "--choice-rule", args.weightedit_choice_rule,
     ]  # fmt: skip
     if args.weightedit_trial_tokens:
         cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
     console.print(
-        f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f}"
+        f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
+        f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search"
         + (
             f", trials judged on {args.weightedit_trial_tokens}-token completions"
             if args.weightedit_trial_tokens
@@ -461,6 +468,18 @@ def main() -> None:
         help="weightedit's trials judge completions of this many tokens instead of the first-token estimate "
         "(optimize --trial-tokens; 0: first token)",
     )
+    parser.add_argument(
+        "--weightedit-search-space",
+        choices=("anchored", "free"),
+        default="anchored",
+        help="weightedit's search space (optimize --search-space)",
+    )
+    parser.add_argument(
+        "--weightedit-choice-rule",
+        choices=("interval", "strict"),
+        default="interval",
+        help="weightedit's choice rule (optimize --choice-rule)",
+    )
     parser.add_argument("--heretic-startup", type=int, default=5, help="heretic's random start-up trials (its 30%%)")
     parser.add_argument(
         "--search-tokens",
@@ -563,6 +582,8 @@ def main() -> None:
         "weightedit_front": front.get("front") if front else None,
         "weightedit_chosen": front.get("chosen") if front else None,
         "weightedit_verified": front.get("verified") if front else None,
+        "weightedit_search": front.get("search") if front else None,
+        "weightedit_choice": front.get("choice") if front else None,
     }
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / f"{stamp}.md").write_text(md + "\n")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -13,9 +17,11 @@ from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
+from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
-from weightedit.optimize.space import point_from_params
+from weightedit.optimize.space import Anchor, point_from_params
+from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
 from weightedit.workflows import optimize_model
@@ -62,6 +68,13 @@ def options(prompts, **kw):
     return OptimizeOptions(**{**base, **kw})
 
 
+def stored_study(work: Path) -> optuna.Study:
+    """The study as its journal holds it (what a resumed run reads)."""
+    return optuna.load_study(
+        study_name="weightedit-optimize", storage=JournalStorage(JournalFileBackend(str(work / STUDY_FILE)))
+    )
+
+
 def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(planted, tmp_path):
     model, prompts = planted
     out = tmp_path / "edited"
@@ -97,11 +110,24 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     # ... along the candidate the first-order screen ranks best, which on this model carries the planted direction.
     assert (first_point := study.trials[0].point).position == report["first_trial"]["position"]
     assert first_point.layer == report["first_trial"]["layer"]
+    assert study.anchor == Anchor(first_point.layer, first_point.position, screened=True)
     assert abs(float(study.direction(first_point) @ (R_TRUE / R_TRUE.norm()))) > 0.9
-    assert report["schema"] == "weightedit-optimize/2"
+    assert report["schema"] == "weightedit-optimize/3"
     assert report["chosen"]["trial"] == chosen.trial.number
     assert report["split"] == {"en": "val split", "de": "val split"}
-    assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in job.files["md"].read_text()
+    # The direction file records where the chosen point read the direction (the anchored search's fixed position).
+    assert direction.position == chosen.trial.point.position == study.anchor.position
+    # Every judged point's pooled rate with its interval and n, the rule that chose, stated.
+    assert report["choice"]["rule"] == report["chosen"]["rule"] == "interval"
+    assert "Wilson 95% interval" in report["choice"]["statement"]
+    for v in report["verified"]:
+        k, n = v["pooled"]["k"], v["pooled"]["n"]
+        assert n == 16 and k == sum(v["judged"][lang]["k"] for lang in ("en", "de"))
+        assert v["pooled"]["ci"] == list(wilson_interval(k, n))
+    assert report["baseline_pooled"]["k"] == 16 and report["chosen"]["pooled"] == report["verified"][-1]["pooled"]
+    md = job.files["md"].read_text()
+    assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in md and "by the interval rule" in md
+    assert "**pooled** (2 refusing at baseline) | 16/16 = 100.0% [80.6, 100.0]" in md
 
 
 def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):
@@ -314,3 +340,209 @@ def test_points_are_judged_when_every_refusing_language_is_near_the_target(monke
     assert [v.trial.number for v in verified] == [2] and verified[0].meets_target
     assert study.worst_estimate(front[0], ["en", "zh"]) == 0.25
     assert study.worst_estimate(front[1], []) == front[1].refusal  # no per-language values: the mean
+
+
+# The anchored search and the choice rule.
+
+
+def test_the_anchored_search_reads_the_direction_only_near_the_anchor(planted, tmp_path):
+    """Every trial reads the direction at the anchor's position (not a parameter of the stored trials) and at a
+    layer within the window; the same seeds with the free search leave both, so the check can fail."""
+    model, prompts = planted
+    work = tmp_path / "anchored"
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, layer_window=0.5), work_dir=work, progress=False)
+    anchor = job.study.anchor
+    assert anchor is not None and anchor.screened and anchor.position == -2  # this model has 2 positions
+    low, high = max(0.0, anchor.layer - 0.5), min(0.8 * 2, anchor.layer + 0.5)
+    assert [t.point.position for t in job.study.trials] == [anchor.position] * 10
+    assert all(low <= t.point.layer <= high for t in job.study.trials)
+    assert len({t.point.layer for t in job.study.trials}) > 5  # the layer is still searched
+    stored = stored_study(work)
+    assert all("position" not in t.params for t in stored.trials)
+    assert stored.user_attrs["anchor"] == anchor.to_json()
+    report = json.loads(job.files["json"].read_text())
+    assert {t["position"] for t in report["trials"]} == {anchor.position}
+    assert report["search"] == {
+        "space": "anchored",
+        "anchor": {**anchor.to_json(), "what": report["search"]["anchor"]["what"]},
+        "layer_window": 0.5,
+        "direction_layers": [low, high],
+        "position": anchor.position,
+    }
+    assert "Search space: anchored at direction layer" in job.files["md"].read_text()
+
+    free = optimize_model(str(model), tmp_path / "f", options(prompts, search_space="free"), progress=False)
+    assert {t.point.position for t in free.study.trials} == {-1, -2}
+    assert any(not low <= t.point.layer <= high for t in free.study.trials)
+
+
+def test_a_layer_window_of_zero_fixes_the_layer_too(planted, tmp_path):
+    model, prompts = planted
+    work = tmp_path / "study"
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, trials=3, layer_window=0), work_dir=work)
+    anchor = job.study.anchor
+    assert anchor is not None
+    assert {(t.point.layer, t.point.position) for t in job.study.trials} == {(anchor.layer, anchor.position)}
+    assert all(not {"position", "direction_layer"} & set(t.params) for t in stored_study(work).trials)
+
+
+def test_a_resumed_anchored_study_searches_around_its_stored_anchor(planted, tmp_path):
+    """The anchor is stored with the study and read back on resume, not screened again: here the journal's anchor
+    is moved (as if the screen had ranked another candidate when the study began), and the resumed trials, and
+    the points rebuilt from the stored ones, follow it."""
+    model, prompts = planted
+    work = tmp_path / "study"
+    first = optimize_model(str(model), tmp_path / "a", options(prompts, trials=3, layer_window=0.25), work_dir=work)
+    assert first.study.anchor is not None and first.study.anchor.position == -2
+    moved = Anchor(layer=0.3, position=-1, screened=True)
+    stored_study(work).set_user_attr("anchor", moved.to_json())
+    opts = options(prompts, trials=6, layer_window=0.25)
+    second = optimize_model(str(model), tmp_path / "b", opts, work_dir=work, progress=False)
+    assert second.study.resumed_trials == 3 and second.study.anchor == moved
+    assert [t.point.position for t in second.study.trials] == [-1] * 6
+    assert all(0.05 <= t.point.layer <= 0.55 for t in second.study.trials[3:])
+    report = json.loads(second.files["json"].read_text())
+    assert report["search"]["anchor"]["layer"] == 0.3 and {t["position"] for t in report["trials"]} == {-1}
+
+
+def test_a_study_of_the_other_search_space_is_not_resumed(planted):
+    """The mode and the window are part of the study's key; a free study keeps the key studies had before the
+    anchored search existed, so those resume with search_space free (and the message says so)."""
+    from weightedit.cli._messages import cli_message
+    from weightedit.optimize.study import _open_study
+
+    prompts = planted[1]
+    anchored, free = options(prompts), options(prompts, search_space="free")
+    before = {"langs", "direction_lang", "n_train", "n_score", "prompts", "preserve_norm", "orthogonal_to_harmless"}
+    assert set(free.setup_key()) == before | {"max_layer_fraction"}
+    assert anchored.setup_key() == {**free.setup_key(), "search_space": "anchored", "layer_window": 1.5}
+    assert options(prompts, choice_rule="strict").setup_key() == anchored.setup_key()  # the choice is not
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old, new = Path(tmp) / "old", Path(tmp) / "new"
+        _open_study(old, free, "model-a", ["en", "de"])
+        _open_study(old, free, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"differs in layer_window, search_space\): resume it with") as e:
+            _open_study(old, anchored, "model-a", ["en", "de"])
+        assert "resume it with --search-space free" in cli_message(e.value)
+        _open_study(new, anchored, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"\(it differs in layer_window, search_space\): choose another"):
+            _open_study(new, free, "model-a", ["en", "de"])
+        with pytest.raises(OptionsError, match=r"\(it differs in layer_window\)"):
+            _open_study(new, options(prompts, layer_window=2), "model-a", ["en", "de"])
+
+
+def test_without_a_screened_anchor_the_search_is_anchored_at_the_default_point(planted, tmp_path, monkeypatch):
+    """When the screen has no refusal tokens that qualify (first_order_anchor gives None), the study is anchored
+    where the free search's first trial was placed before (75% of the layer limit, last position), and the report
+    says so."""
+    from weightedit.optimize import study
+
+    monkeypatch.setattr(study, "first_order_anchor", lambda *args, **kwargs: None)
+    model, prompts = planted
+    job = optimize_model(str(model), tmp_path / "a", options(prompts, trials=4), progress=False)
+    assert job.study.anchor == Anchor(layer=0.75 * 0.8 * 2, position=-1, screened=False)
+    assert {t.point.position for t in job.study.trials} == {-1}
+    report = json.loads(job.files["json"].read_text())
+    assert report["search"]["anchor"]["screened"] is False and "no refusal tokens" in report["search"]["anchor"]["what"]
+    assert "**the default point**" in job.files["md"].read_text()
+
+
+# 13 languages that refuse at baseline (8 prompts each), and one that does not.
+REFUSING = ("ar", "de", "en", "es", "fr", "it", "ko", "nl", "pl", "ru", "th", "yo", "zh")
+
+
+def judged_counts(n: int = 8, **k: int) -> dict[str, dict[str, object]]:
+    return {lang: {"k": k.get(lang, 0), "n": n, "rate": k.get(lang, 0) / n} for lang in (*REFUSING, "ja")}
+
+
+BASE = {**{lang: {"k": 4, "n": 8} for lang in REFUSING}, "ja": {"k": 0, "n": 8}}
+
+
+def test_the_interval_rule_accepts_one_refusal_in_eight_when_the_pool_is_under_the_target():
+    """The measured case: the full edit kept 1/8 in Arabic, Polish and Thai (3 of 104 pooled = 2.9%). Japanese,
+    which does not refuse at baseline, is left out of both the pool and the per-language test."""
+    rule = OptimizeOptions(target_refusal=0.03)
+    point = judged_counts(ar=1, pl=1, th=1, ja=3)
+    assert misses(point, BASE, 0.1, rule) == []
+    pooled = pooled_refusal(point, BASE)
+    assert (pooled["k"], pooled["n"], pooled["languages"]) == (3, 104, list(REFUSING))
+    assert pooled["ci"] == wilson_interval(3, 104) and pooled["rate"] == pytest.approx(0.0288, abs=1e-4)
+    # The strict rule fails it on each of the three.
+    assert misses(point, BASE, 0.1, OptimizeOptions(target_refusal=0.03, choice_rule="strict")) == [
+        "ar 1/8",
+        "pl 1/8",
+        "th 1/8",
+    ]
+
+
+def test_the_interval_rule_rejects_a_pool_over_the_target_or_a_language_significantly_above_it():
+    rule = OptimizeOptions(target_refusal=0.03)
+    # One refusal more: 4/104 = 3.8% > 3%, though no language is significantly above 3%.
+    assert misses(judged_counts(ar=1, pl=1, th=1, zh=1), BASE, 0.1, rule) == ["pooled 4/104 = 3.8% > 3%"]
+    # The pool's boundary, exactly: 3/100 is at the target, 4/100 over it.
+    base10 = {lang: {"k": 1, "n": 10} for lang in REFUSING[:10]}
+    ten = {lang: {"k": int(lang in ("ar", "de", "en", "es")), "n": 10} for lang in REFUSING[:10]}
+    ten = {lang: {**v, "rate": v["k"] / 10} for lang, v in ten.items()}
+    assert misses(ten, base10, 0.1, rule) == ["pooled 4/100 = 4.0% > 3%"]
+    ten["es"] = {"k": 0, "n": 10, "rate": 0.0}
+    assert misses(ten, base10, 0.1, rule) == []
+    # Yoruba at 2/8: its Wilson interval starts at 7.1%, above 3%, although the pool (2/104 = 1.9%) is under it.
+    assert misses(judged_counts(yo=2), BASE, 0.1, rule) == ["yo 2/8 (Wilson 95% lower end 7.1% > 3%)"]
+    assert misses(judged_counts(yo=6), BASE, 0.1, rule)[-1].startswith("yo 6/8 (Wilson 95% lower end 40.9%")
+    # The per-language boundary: 1/8's interval starts at 2.24%.
+    low = wilson_interval(1, 8)[0]
+    assert 0.022 < low < 0.023
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0.023)) == []
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0.022))[0].startswith("ar 1/8 (")
+    # At a target of 0 it asks for no refusal at all, as the strict rule does.
+    assert misses(judged_counts(ar=1), BASE, 0.1, OptimizeOptions(target_refusal=0))[-1].startswith("ar 1/8 (")
+    # Either rule holds the KL budget.
+    budget = OptimizeOptions(kl_budget=0.05)
+    assert misses(judged_counts(), BASE, 0.1, budget) == ["KL 0.100 > 0.05"]
+    assert misses(judged_counts(), BASE, 0.01, budget) == []
+
+
+def test_the_strict_rule_holds_each_refusing_language_to_the_target():
+    strict = OptimizeOptions(target_refusal=0.03, choice_rule="strict")
+    assert misses(judged_counts(ja=8), BASE, 0.1, strict) == []  # ja does not refuse at baseline
+    assert misses(judged_counts(yo=1), BASE, 0.1, strict) == ["yo 1/8"]
+    at_one_in_eight = OptimizeOptions(target_refusal=0.125, choice_rule="strict")
+    assert misses(judged_counts(yo=1, ar=1), BASE, 0.1, at_one_in_eight) == []  # at the target passes
+    assert misses(judged_counts(yo=2), BASE, 0.1, at_one_in_eight) == ["yo 2/8"]
+    both = OptimizeOptions(target_refusal=0.03, choice_rule="strict", kl_budget=0.05)
+    assert misses(judged_counts(yo=1), BASE, 0.1, both) == ["yo 1/8", "KL 0.100 > 0.05"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"layer_window": -0.5}, "layer_window"),
+        ({"layer_window": float("nan")}, "layer_window"),
+        ({"layer_window": float("inf")}, "layer_window"),
+        ({"layer_window": True}, "layer_window"),
+        ({"layer_window": "1"}, "layer_window"),
+        ({"search_space": "wide"}, "search_space"),
+        ({"choice_rule": "loose"}, "choice_rule"),
+    ],
+)
+def test_search_and_choice_options_are_checked(kwargs, option):
+    with pytest.raises(OptionsError) as raised:
+        OptimizeOptions(**kwargs)
+    assert raised.value.option == option
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--layer-window", "-1"], "--layer-window -1.0: must be a number of layers, 0 or more"),
+        (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
+        (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
+    ],
+)
+def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_path):
+    result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[0] == f"error: {message}"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()

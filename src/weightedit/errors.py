@@ -164,16 +164,22 @@ class OptimizeTargetError(WeighteditError, RuntimeError):
     """No judged point of an optimisation study met the refusal target, so no model was written.
 
     Attributes:
-        target: the judged refusal rate a point had to stay at or under in every refusing language.
+        target: the judged refusal rate the choice rule held the points to.
         misses: what each judged point missed.
         report: the study report that shows the front.
+        rule: the choice rule (``interval`` or ``strict``, :class:`weightedit.optimize.options.ChoiceRule`).
     """
 
-    def __init__(self, *, target: float, misses: str, report: str) -> None:
-        self.target, self.misses, self.report = target, misses, report
+    def __init__(self, *, target: float, misses: str, report: str, rule: str = "strict") -> None:
+        self.target, self.misses, self.report, self.rule = target, misses, report, rule
+        bar = (
+            f"pooled refusal at or under {100 * target:g}% over the languages that refuse, none of them "
+            "significantly above it"
+            if rule == "interval"
+            else f"refusal at or under {100 * target:g}% in every language that refuses"
+        )
         super().__init__(
-            f"no judged point of the study keeps refusal at or under {100 * target:.0f}% in every language that "
-            f"refuses ({misses}); nothing was written; the front is in {report}: run more trials, raise "
-            "target_refusal, or judge more points (verify)",
+            f"no judged point of the study keeps {bar} ({misses}); nothing was written; the front is in {report}: "
+            "run more trials, raise target_refusal, or judge more points (verify)",
             path=report,
         )

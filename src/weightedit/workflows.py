@@ -232,6 +232,9 @@ def optimize_model(
                     **result.chosen.trial.to_json(),
                     "judged": result.chosen.judged,
                     "trial_tokens": options.trial_tokens,  # 0: refusal_estimate is first-token; N: judged
+                    "pooled": result.chosen.pooled,
+                    "choice_rule": options.choice_rule.value,
+                    "search_space": options.search_space.value,
                 }
             },
             profile=point.profile,
@@ -253,7 +256,10 @@ def optimize_model(
     if edit is None:
         misses = "; ".join(f"trial {v.trial.number}: {', '.join(v.misses)}" for v in result.verified)
         raise OptimizeTargetError(
-            target=options.target_refusal, misses=misses or "no point was judged", report=str(files["md"])
+            target=options.target_refusal,
+            misses=misses or "no point was judged",
+            report=str(files["md"]),
+            rule=options.choice_rule.value,
         )
     job = OptimizeJob(study=result, files=files, edit=edit)
     if evaluation is not None:

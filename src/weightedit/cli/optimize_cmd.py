@@ -63,6 +63,13 @@ def render(job) -> None:
 
     for t in study.setup.targets:
         table.add_row(t.lang, cell(study.baseline_judged[t.lang]), *(cell(v.judged[t.lang]) for v in study.verified))
+    from weightedit.optimize.study import pooled_refusal
+
+    table.add_row(
+        "pooled (refusing at baseline)",
+        cell(pooled_refusal(study.baseline_judged, study.baseline_judged)),
+        *(cell(v.pooled) for v in study.verified),
+    )
     console.print(table)
 
 
@@ -85,6 +92,22 @@ def optimize(
     prompts: PromptsOpt = None,
     sampler: Annotated[Sampler, typer.Option("--sampler", help="Optuna sampler: tpe or nsga2.")] = Sampler.TPE,
     seed: Annotated[int, typer.Option("--seed", help="The sampler's seed.")] = 0,
+    search_space: Annotated[
+        str,
+        typer.Option(
+            "--search-space",
+            metavar="[anchored|free]",
+            help="anchored: read the direction at the first-order screen's best candidate (its position, its layer "
+            "within --layer-window) and search the writers' weights; free: any layer and position.",
+        ),
+    ] = "anchored",
+    layer_window: Annotated[
+        float,
+        typer.Option(
+            "--layer-window",
+            help="Anchored search: how far (in layers) the direction layer may move from the anchor's.",
+        ),
+    ] = 1.5,
     preserve_norm: Annotated[
         bool | None,
         typer.Option(
@@ -98,8 +121,17 @@ def optimize(
     ] = False,
     target_refusal: Annotated[
         float,
-        typer.Option("--target-refusal", help="Judged refusal a chosen point may keep in each refusing language."),
+        typer.Option("--target-refusal", help="Judged refusal a chosen point may keep (read by --choice-rule)."),
     ] = 0.03,
+    choice_rule: Annotated[
+        str,
+        typer.Option(
+            "--choice-rule",
+            metavar="[interval|strict]",
+            help="interval: pooled judged refusal over the refusing languages at most the target, none of them "
+            "significantly above it (Wilson 95%); strict: every refusing language at most the target.",
+        ),
+    ] = "interval",
     kl_budget: Annotated[
         float | None,
         typer.Option("--kl-budget", help="A chosen point's KL must not exceed this (nats).", show_default=False),
@@ -140,7 +172,7 @@ def optimize(
     language; write the chosen point exactly, with its study report."""
     from weightedit.errors import OptimizeTargetError
     from weightedit.evaluation.runner import EvalOptions
-    from weightedit.optimize.options import OptimizeOptions
+    from weightedit.optimize.options import ChoiceRule, OptimizeOptions
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
 
@@ -156,9 +188,12 @@ def optimize(
         prompts=prompts,
         sampler=sampler,
         seed=seed,
+        search_space=search_space,
+        layer_window=layer_window,
         preserve_norm=preserve_norm,
         orthogonal_to_harmless=orthogonal_to_harmless,
         target_refusal=target_refusal,
+        choice_rule=choice_rule,
         kl_budget=kl_budget,
         verify=verify,
         max_new_tokens=max_new_tokens,
@@ -192,7 +227,8 @@ def optimize(
     chosen = job.study.chosen
     assert chosen is not None and job.edit is not None  # optimize_model raises when nothing was chosen
     console.print(
-        f"wrote {job.edit.out} (trial {chosen.trial.number}: {chosen.trial.point.profile.describe()}; "
+        f"wrote {job.edit.out} (trial {chosen.trial.number}, {ChoiceRule(options.choice_rule).value} rule: "
+        f"{chosen.trial.point.profile.describe()}; "
         f"direction layer {chosen.trial.point.layer:.2f}, position {chosen.trial.point.position}); study report "
         f"{job.files['md']}" + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
         highlight=False,

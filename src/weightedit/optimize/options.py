@@ -8,7 +8,7 @@ from enum import Enum
 
 from ..errors import OptionsError
 
-__all__ = ["Sampler", "OptimizeOptions"]
+__all__ = ["Sampler", "SearchSpace", "ChoiceRule", "OptimizeOptions"]
 
 
 class Sampler(str, Enum):
@@ -16,6 +16,30 @@ class Sampler(str, Enum):
 
     TPE = "tpe"
     NSGA2 = "nsga2"
+
+
+class SearchSpace(str, Enum):
+    """Where the trials may read the direction.
+
+    ``anchored`` (default): at the first-order screen's best candidate (its position fixed, its layer within
+    ``layer_window`` layers of the candidate's), the trials' budget spent on the writers' weights. ``free``: any
+    layer below the layer limit and any post-instruction position.
+    """
+
+    ANCHORED = "anchored"
+    FREE = "free"
+
+
+class ChoiceRule(str, Enum):
+    """How the judged Pareto points are held to ``target_refusal`` (:func:`weightedit.optimize.study.misses`).
+
+    ``interval`` (default): the pooled judged refusal over the languages that refuse at baseline is at most the
+    target, and no one of them is significantly above it (the lower end of its Wilson 95% interval is at most
+    the target). ``strict``: every language that refuses at baseline is at most the target (point estimates).
+    """
+
+    INTERVAL = "interval"
+    STRICT = "strict"
 
 
 @dataclass(frozen=True)
@@ -32,10 +56,14 @@ class OptimizeOptions:
         prompts: prompt source (``None`` = built-in).
         sampler: :class:`Sampler`.
         seed: the sampler's seed.
+        search_space: :class:`SearchSpace`: ``anchored`` (default) or ``free``.
+        layer_window: with the anchored search, the direction layer is searched this many layers either side of
+            the anchor's (clipped to the layers below ``max_layer_fraction``); ``0`` fixes it there.
         preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
         orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction.
         max_layer_fraction: the direction is read from layers below this fraction of the depth.
-        target_refusal: the judged refusal rate a chosen point may keep in each language that refuses at baseline.
+        target_refusal: the judged refusal rate a chosen point may keep, read by ``choice_rule``.
+        choice_rule: :class:`ChoiceRule`: ``interval`` (default) or ``strict``.
         kl_budget: a chosen point's KL must not exceed this (nats); ``None``: no limit beyond the rule.
         verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
         max_new_tokens: tokens per judged completion.
@@ -58,10 +86,13 @@ class OptimizeOptions:
     prompts: str | None = None
     sampler: Sampler | str = Sampler.TPE
     seed: int = 0
+    search_space: SearchSpace | str = SearchSpace.ANCHORED
+    layer_window: float = 1.5
     preserve_norm: bool | None = None
     orthogonal_to_harmless: bool = False
     max_layer_fraction: float = 0.8
     target_refusal: float = 0.03
+    choice_rule: ChoiceRule | str = ChoiceRule.INTERVAL
     kl_budget: float | None = None
     verify: int = 3
     max_new_tokens: int = 96
@@ -69,12 +100,17 @@ class OptimizeOptions:
     trial_tokens: int = 0
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "sampler", Sampler(self.sampler))
-        except ValueError:
-            raise OptionsError(
-                "sampler", self.sampler, f"must be one of {', '.join(s.value for s in Sampler)}"
-            ) from None
+        for name, kind in (("sampler", Sampler), ("search_space", SearchSpace), ("choice_rule", ChoiceRule)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise OptionsError(
+                    name, getattr(self, name), f"must be one of {', '.join(s.value for s in kind)}"
+                ) from None
+        window = self.layer_window
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not (0 <= window < math.inf):
+            raise OptionsError("layer_window", window, "must be a number of layers, 0 or more")
+        object.__setattr__(self, "layer_window", float(window))
         object.__setattr__(self, "langs", tuple(self.langs))
         if not self.langs:
             raise OptionsError("langs", self.langs, "must name at least one language")
@@ -101,10 +137,18 @@ class OptimizeOptions:
             raise OptionsError("kl_budget", self.kl_budget, "must be a positive number of nats")
 
     def setup_key(self) -> dict[str, object]:
-        """What a stored study depends on: resuming with other values would mix incomparable trials (the judged
-        trial estimate's fields are there only when it is on, so studies of the first-token estimate keep their
-        key)."""
-        judged = {"trial_tokens": self.trial_tokens, "trial_judge": self.judge} if self.trial_tokens else {}
+        """What a stored study depends on: resuming with other values would mix incomparable trials.
+
+        Entries added since the first studies are there only when they differ from what those studies did, so
+        that those keep their key: the judged trial estimate's only when it is on, the anchored search's (mode
+        and window) only when it is anchored (studies made before it searched freely). The choice rule is not
+        part of it: it reads the judged points after the trials, and a resumed study may be chosen from by
+        either rule."""
+        added: dict[str, object] = {}
+        if self.trial_tokens:
+            added.update(trial_tokens=self.trial_tokens, trial_judge=self.judge)
+        if self.search_space is SearchSpace.ANCHORED:
+            added.update(search_space=SearchSpace.ANCHORED.value, layer_window=self.layer_window)
         return {
             "langs": list(self.langs),
             "direction_lang": self.direction_lang,
@@ -114,5 +158,5 @@ class OptimizeOptions:
             "preserve_norm": self.preserve_norm,
             "orthogonal_to_harmless": self.orthogonal_to_harmless,
             "max_layer_fraction": self.max_layer_fraction,
-            **judged,
+            **added,
         }

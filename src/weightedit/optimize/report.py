@@ -14,14 +14,58 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .. import __version__  # noqa: E402
 from ..io.atomic import atomic_file, write_text_atomic  # noqa: E402
 from ..render.plots import language_label  # noqa: E402
-from .options import Sampler  # noqa: E402
-from .study import StudyResult  # noqa: E402
+from .options import ChoiceRule, Sampler, SearchSpace  # noqa: E402
+from .space import layer_bounds  # noqa: E402
+from .study import StudyResult, pooled_refusal  # noqa: E402
 
-__all__ = ["SCHEMA", "payload", "write_study_report"]
+__all__ = ["SCHEMA", "payload", "write_study_report", "choice_statement"]
 
 # 2: options.trial_tokens and baseline first_token_estimate; with trial_tokens a trial's languages that are no
 # objective have no "refusal", and refusal_estimate is a judged share.
-SCHEMA = "weightedit-optimize/2"
+# 3: options.search_space, layer_window and choice_rule; "search" (the anchor and the searched layers and
+# position); "choice" (the rule, stated); "baseline_pooled"; each verified point's and the chosen one's "pooled"
+# (k, n, rate, Wilson interval over the languages that refuse at baseline), the chosen one's "rule".
+SCHEMA = "weightedit-optimize/3"
+
+
+def choice_statement(rule: ChoiceRule | str, target: float, kl_budget: float | None) -> str:
+    """The choice rule in words, with its numbers (what the report says chose, or failed to choose)."""
+    t = f"{100 * target:g}%"
+    if ChoiceRule(rule) is ChoiceRule.STRICT:
+        text = f"a point meets the target when each language that refuses at baseline (judged) keeps at most {t}"
+    else:
+        text = (
+            f"a point meets the target when (a) the judged refusal pooled over the languages that refuse at "
+            f"baseline (judged) is at most {t} (point estimate: their refusals over their prompts), and (b) no one "
+            f"of those languages is significantly above {t}: the lower end of its Wilson 95% interval is at most {t}"
+        )
+    if kl_budget is not None:
+        text += f"; and its mean KL is at most {kl_budget} nats"
+    return text + "; the first judged point (lowest KL first) that meets it is chosen"
+
+
+def _search_section(result: StudyResult) -> dict[str, Any]:
+    o = result.options
+    anchor = result.anchor
+    n_layers = int(result.setup.diffs.shape[0])
+    anchored = SearchSpace(o.search_space) is SearchSpace.ANCHORED
+    low, high = layer_bounds(n_layers, o, anchor)
+    if anchor is None:
+        where = "not stored (a free study made before the anchor was stored: see first_trial)"
+    elif anchor.screened:
+        where = "the candidate the first-order screen ranks best (direction language, select split)"
+    else:
+        where = (
+            "the default point, 75% of the way to the layer limit at the last position: the first-order screen had "
+            "no refusal tokens that qualify"
+        )
+    return {
+        "space": SearchSpace(o.search_space).value,
+        "anchor": None if anchor is None else {**anchor.to_json(), "what": where},
+        "layer_window": o.layer_window if anchored else None,
+        "direction_layers": [low, high],
+        "position": anchor.position if anchored and anchor is not None else None,  # None: searched
+    }
 
 
 def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str, Any]:
@@ -37,7 +81,10 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             "trials": o.trials,
             "sampler": Sampler(o.sampler).value,
             "seed": o.seed,
+            "search_space": SearchSpace(o.search_space).value,
+            "layer_window": o.layer_window,
             "target_refusal": o.target_refusal,
+            "choice_rule": ChoiceRule(o.choice_rule).value,
             "kl_budget": o.kl_budget,
             "verify": o.verify,
             "max_new_tokens": o.max_new_tokens,
@@ -49,9 +96,9 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             t.lang: {"harmful": len(t.harmful), "harmless": len(t.harmless)} for t in result.setup.targets
         },
         "refusing_languages": [t.lang for t in result.setup.refusing],
+        "search": _search_section(result),
         "first_trial": {
-            "what": "the full edit along the candidate the first-order screen ranks best (direction language, select "
-            "split; 75% of the layer limit and the last position when the screen has no usable refusal tokens)",
+            "what": "the full edit along the study's anchor (see search.anchor)",
             "layer": result.trials[0].point.layer if result.trials else None,
             "position": result.trials[0].point.position if result.trials else None,
         },
@@ -64,10 +111,24 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             }
             for t in result.setup.targets
         },
+        "baseline_pooled": pooled_refusal(result.baseline_judged, result.baseline_judged),
+        "choice": {
+            "rule": ChoiceRule(o.choice_rule).value,
+            "target_refusal": o.target_refusal,
+            "kl_budget": o.kl_budget,
+            "statement": choice_statement(o.choice_rule, o.target_refusal, o.kl_budget),
+        },
         "trials": [t.to_json() for t in result.trials],
         "front": [t.number for t in result.front],
         "verified": [v.to_json() for v in result.verified],
-        "chosen": None if chosen is None else {**chosen.trial.to_json(), "judged": chosen.judged},
+        "chosen": None
+        if chosen is None
+        else {
+            **chosen.trial.to_json(),
+            "judged": chosen.judged,
+            "pooled": chosen.pooled,
+            "rule": ChoiceRule(o.choice_rule).value,
+        },
         "resumed_trials": result.resumed_trials,
         "seconds": round(result.seconds, 1),
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
@@ -83,11 +144,29 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
     }
 
 
-def _pct(v: dict[str, Any] | None) -> str:
+def _pct(v: dict[str, Any] | None, digits: int = 0) -> str:
     if not v or v.get("rate") is None:
         return "—"
     lo, hi = v["ci"]
-    return f"{v['k']}/{v['n']} = {100 * v['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+    return f"{v['k']}/{v['n']} = {100 * v['rate']:.{digits}f}% [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
+
+
+def _search_text(data: dict[str, Any]) -> str:
+    search = data["search"]
+    low, high = search["direction_layers"]
+    if search["space"] == SearchSpace.FREE.value:
+        return f"Search space: free (direction layer {low:.2f}–{high:.2f}, every post-instruction position)."
+    anchor = search["anchor"]
+    source = (
+        "the first-order screen's best candidate"
+        if anchor["screened"]
+        else "**the default point**: the first-order screen had no refusal tokens that qualify"
+    )
+    return (
+        f"Search space: anchored at direction layer {anchor['layer']:.2f}, position {anchor['position']} ({source}); "
+        f"the direction layer searched within {search['layer_window']:g} layers of it ({low:.2f}–{high:.2f}), the "
+        "position fixed, the trials spent on the writers' weights."
+    )
 
 
 def _estimate(data: dict[str, Any]) -> str:
@@ -108,6 +187,10 @@ def markdown(data: dict[str, Any]) -> str:
         f"split: {next(iter(data['split'].values()))}; refusing at baseline, the objectives: "
         f"{', '.join(data['refusing_languages'])}). Pareto points are re-measured with judged greedy "
         f"generations ({data['options']['max_new_tokens']} tokens, {data['options']['judge']} judge; Wilson 95%).",
+        "",
+        _search_text(data),
+        "",
+        f"Choice rule ({data['choice']['rule']}): {data['choice']['statement']}.",
         "",
         "## Pareto front (search estimates)",
         "",
@@ -132,18 +215,28 @@ def markdown(data: dict[str, Any]) -> str:
         row = [language_label(lang), _pct(data["baseline"][lang]["judged"])]
         row += [_pct(v["judged"].get(lang)) for v in data["verified"]]
         lines.append("| " + " | ".join(row) + " |")
+    pooled = data["baseline_pooled"]
+    row = [f"**pooled** ({len(pooled['languages'])} refusing at baseline)", _pct(pooled, 1)]
+    lines.append("| " + " | ".join(row + [_pct(v["pooled"], 1) for v in data["verified"]]) + " |")
+    verdicts = [
+        "✓ meets the target" if v["meets_target"] else "misses: " + "; ".join(v["misses"]) for v in data["verified"]
+    ]
+    lines.append("| " + " | ".join(["**verdict**", ""] + verdicts) + " |")
     lines.append("")
     chosen = data["chosen"]
+    target = f"{100 * data['choice']['target_refusal']:g}%"
     if chosen is None:
-        misses = "; ".join(", ".join(v["misses"]) for v in data["verified"]) or "no point judged"
+        misses = "; ".join(f"trial {v['trial']}: {', '.join(v['misses'])}" for v in data["verified"])
         lines.append(
-            f"**No point chosen**: none of the judged points meets the target "
-            f"({100 * data['options']['target_refusal']:.0f}% in every refusing language): {misses}."
+            f"**No point chosen** by the {data['choice']['rule']} rule (target {target}): "
+            f"{misses or 'no point judged'}."
         )
     else:
         lines.append(
-            f"**Chosen: trial {chosen['trial']}** (KL {chosen['kl']:.3f}; "
-            f"{_profile_text(chosen['profile'])}); written to {data['written'] or '(not written)'}."
+            f"**Chosen: trial {chosen['trial']}** by the {chosen['rule']} rule (target {target}; pooled "
+            f"{_pct(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {chosen['direction_layer']:.2f}, "
+            f"position {chosen['position']}; {_profile_text(chosen['profile'])}); written to "
+            f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
 
@@ -178,16 +271,14 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ms=4,
         label="Pareto front (estimate)",
     )
-    refusing = data["refusing_languages"]
     for v in data["verified"]:
         t = trials[v["trial"]]
-        ks = sum(v["judged"][lang]["k"] for lang in refusing)
-        ns = sum(v["judged"][lang]["n"] for lang in refusing)
+        ks, ns = v["pooled"]["k"], v["pooled"]["n"]
         marker = "*" if data["chosen"] and data["chosen"]["trial"] == v["trial"] else "D"
         left.scatter(
             [t["kl"]], [100 * ks / max(ns, 1)], marker=marker, s=90 if marker == "*" else 36, color="#C44E52", zorder=3
         )
-    left.scatter([], [], marker="D", color="#C44E52", label="judged (pooled refusing languages)")
+    left.scatter([], [], marker="D", color="#C44E52", label="judged (pooled: languages refusing at baseline)")
     left.set_xscale("symlog", linthresh=1e-3)
     left.set_xlabel("mean KL on harmless select prompts (nats)")
     left.set_ylabel("refusal (%)")

@@ -4,6 +4,11 @@ A point is a direction layer (fractional: the mean differences of the two layers
 post-instruction position, and an :class:`~weightedit.edit.profile.EditProfile` (an attention and an MLP layer
 kernel, an embedding weight, and whether norms are kept). Optuna suggests points with :func:`suggest`; the same
 parameters rebuild the point with :func:`point_from_params`, so a stored trial is reproducible.
+
+The :class:`Anchor` is the candidate direction the first-order screen ranks best (or a default point when the
+screen cannot run). The anchored search (the default) fixes the position at the anchor's and searches the layer
+only within ``layer_window`` of the anchor's; the parameters it does not suggest (:func:`fixed_params`) come from
+the anchor the study stores, and rebuild its points with the trials' own parameters.
 """
 
 from __future__ import annotations
@@ -15,9 +20,19 @@ from typing import Any
 import torch
 
 from ..edit.profile import EditProfile, LayerKernel
-from .options import OptimizeOptions
+from .options import OptimizeOptions, SearchSpace
 
-__all__ = ["EditPoint", "suggest", "point_from_params", "full_edit_params", "direction_vector"]
+__all__ = [
+    "Anchor",
+    "EditPoint",
+    "default_anchor",
+    "layer_bounds",
+    "fixed_params",
+    "suggest",
+    "point_from_params",
+    "full_edit_params",
+    "direction_vector",
+]
 
 # The kernels' peak weight may exceed 1 a little (the component overshoots), as far as this.
 PEAK_RANGE = (0.5, 1.5)
@@ -33,15 +48,65 @@ class EditPoint:
         return {"direction_layer": self.layer, "position": self.position, "profile": self.profile.to_json()}
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """Where the study's first trial (the full edit) reads the direction, and what the anchored search keeps
+    near: the first-order screen's best candidate (``screened``), or, when the screen had no refusal tokens that
+    qualify, 75% of the way to the layer limit at the last position."""
+
+    layer: float
+    position: int
+    screened: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "position": self.position, "screened": self.screened}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Anchor:
+        return cls(float(data["layer"]), int(data["position"]), bool(data["screened"]))
+
+
 def _layer_range(n_layers: int, options: OptimizeOptions) -> tuple[float, float]:
     return 0.0, max(0.0, options.max_layer_fraction * (n_layers - 1))
 
 
-def suggest(trial: Any, n_layers: int, n_post: int, options: OptimizeOptions) -> EditPoint:
-    """A point drawn by an Optuna ``trial``."""
+def default_anchor(n_layers: int, options: OptimizeOptions) -> Anchor:
+    """The point used when the first-order screen has none: 75% of the way to the layer limit, last position."""
+    return Anchor(layer=_layer_range(n_layers, options)[1] * 0.75, position=-1, screened=False)
+
+
+def layer_bounds(n_layers: int, options: OptimizeOptions, anchor: Anchor | None) -> tuple[float, float]:
+    """The direction layers a trial may read: below the layer limit, and with the anchored search within
+    ``options.layer_window`` of the anchor's layer (clipped to the limit)."""
     low, high = _layer_range(n_layers, options)
-    trial.suggest_float("direction_layer", low, high)
-    trial.suggest_int("position", -n_post, -1)
+    if options.search_space is SearchSpace.FREE:
+        return low, high
+    if anchor is None:
+        raise ValueError("the anchored search needs the study's anchor")
+    return max(low, anchor.layer - options.layer_window), min(high, anchor.layer + options.layer_window)
+
+
+def fixed_params(n_layers: int, options: OptimizeOptions, anchor: Anchor | None) -> dict[str, Any]:
+    """The point's parameters the search does not suggest, from the study's anchor: with the anchored search the
+    position, and the layer too when its window is empty (``layer_window`` 0). The free search fixes none (and
+    needs no anchor: studies made before the anchor was stored have none)."""
+    if options.search_space is SearchSpace.FREE:
+        return {}
+    low, high = layer_bounds(n_layers, options, anchor)
+    assert anchor is not None  # layer_bounds refuses the anchored search without one
+    fixed: dict[str, Any] = {"position": anchor.position}
+    if high <= low:
+        fixed["direction_layer"] = anchor.layer
+    return fixed
+
+
+def suggest(trial: Any, n_layers: int, n_post: int, options: OptimizeOptions, anchor: Anchor | None) -> EditPoint:
+    """A point drawn by an Optuna ``trial`` (``anchor``: the study's, needed by the anchored search)."""
+    fixed = fixed_params(n_layers, options, anchor)
+    if "direction_layer" not in fixed:
+        trial.suggest_float("direction_layer", *layer_bounds(n_layers, options, anchor))
+    if "position" not in fixed:
+        trial.suggest_int("position", -n_post, -1)
     for part in ("attention", "mlp"):
         trial.suggest_float(f"{part}_center", 0.0, float(n_layers - 1))
         trial.suggest_float(f"{part}_peak", *PEAK_RANGE)
@@ -50,11 +115,15 @@ def suggest(trial: Any, n_layers: int, n_post: int, options: OptimizeOptions) ->
     trial.suggest_float("embedding", 0.0, 1.0)
     if options.preserve_norm is None:
         trial.suggest_categorical("preserve_norm", [False, True])
-    return point_from_params(trial.params, options)
+    return point_from_params(trial.params, options, fixed)
 
 
-def point_from_params(params: dict[str, Any], options: OptimizeOptions) -> EditPoint:
-    """The point a trial's parameters describe."""
+def point_from_params(
+    params: dict[str, Any], options: OptimizeOptions, fixed: dict[str, Any] | None = None
+) -> EditPoint:
+    """The point a trial's parameters describe, with ``fixed`` (:func:`fixed_params`) for those the search did not
+    suggest."""
+    params = {**(fixed or {}), **params}
 
     def kernel(part: str) -> LayerKernel:
         peak = float(params[f"{part}_peak"])
@@ -72,14 +141,14 @@ def point_from_params(params: dict[str, Any], options: OptimizeOptions) -> EditP
     return EditPoint(layer=float(params["direction_layer"]), position=int(params["position"]), profile=profile)
 
 
-def full_edit_params(
-    n_layers: int, options: OptimizeOptions, *, layer: float | None = None, position: int = -1
-) -> dict[str, Any]:
-    """Parameters of the plain full edit (λ = 1 everywhere) with the direction read at ``layer`` (default: 75% of
-    the way to the layer limit) and ``position``: the study's first trial, so the front always holds the full
-    edit."""
-    _, high = _layer_range(n_layers, options)
-    params: dict[str, Any] = {"direction_layer": high * 0.75 if layer is None else layer, "position": position}
+def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) -> dict[str, Any]:
+    """Parameters of the plain full edit (λ = 1 everywhere) with the direction read at ``anchor``: the study's
+    first trial, so the front always holds the full edit. Only the parameters the search suggests (what
+    :func:`fixed_params` fixes is left out)."""
+    fixed = fixed_params(n_layers, options, anchor)
+    params: dict[str, Any] = {
+        k: v for k, v in {"direction_layer": anchor.layer, "position": anchor.position}.items() if k not in fixed
+    }
     for part in ("attention", "mlp"):
         params.update({f"{part}_center": 0.0, f"{part}_peak": 1.0, f"{part}_width": float(max(n_layers, 2))})
         params[f"{part}_floor"] = 1.0

@@ -3,12 +3,14 @@
 Every trial edits the loaded model in place (:func:`weightedit.edit.in_memory.temporarily_edited`, undone exactly
 afterwards) and is scored on (refusal estimate, KL) over the languages (:mod:`.objective`: a first-token share,
 or with ``trial_tokens`` a judged one). The study lives in a journal file in the work folder, so an interrupted
-run resumes where it stopped. The first trial is the plain full edit, so the front always holds it.
+run resumes where it stopped. The first trial is the plain full edit along the study's anchor (the first-order
+screen's best candidate, stored with the study, so that a resumed anchored search keeps the same position and
+layer window), so the front always holds it.
 
 The choice: Pareto points are re-measured with judged generations on the select prompts, lowest KL first, until
-one keeps judged refusal at or below the target in every language that refuses at baseline (and KL within
-``kl_budget`` if set); that point is chosen. When none of the re-measured points does, nothing is chosen, and the
-caller reports the front as the evidence.
+one meets the target by ``options.choice_rule`` (:func:`misses`; and KL within ``kl_budget`` if set); that point
+is chosen. When none of the re-measured points does, nothing is chosen, and the caller reports the front as the
+evidence.
 """
 
 from __future__ import annotations
@@ -29,17 +31,27 @@ from optuna.storages.journal import JournalFileBackend
 from .._progress import console, progress_bar
 from ..edit.in_memory import temporarily_edited
 from ..errors import OptionsError
+from ..evaluation.stats import wilson_interval
 from ..runtime.modeling import LoadedModel
 from .objective import Setup, first_order_anchor, judged_refusal, measure, objectives
-from .options import OptimizeOptions, Sampler
-from .space import EditPoint, direction_vector, full_edit_params, point_from_params, suggest
+from .options import ChoiceRule, OptimizeOptions, Sampler, SearchSpace
+from .space import (
+    Anchor,
+    EditPoint,
+    default_anchor,
+    direction_vector,
+    fixed_params,
+    full_edit_params,
+    point_from_params,
+    suggest,
+)
 
-__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "STUDY_FILE"]
+__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "misses", "pooled_refusal", "STUDY_FILE"]
 
 STUDY_FILE = "study.journal"
 _STUDY_NAME = "weightedit-optimize"
 # A front point is worth judging when its refusal estimate in every refusing language is within this
-# of the target (the target is per language, so a low mean can hide a language far above it).
+# of the target (a low mean can hide a language far above it, which either choice rule fails).
 _ESTIMATE_SLACK = 0.1
 
 
@@ -66,11 +78,13 @@ class VerifiedPoint:
     trial: TrialRecord
     judged: dict[str, dict[str, Any]]
     meets_target: bool
-    misses: list[str]  # why not: the languages (or the KL) over the bar
+    misses: list[str]  # why not: the pooled rate, the languages or the KL over the bar
+    pooled: dict[str, Any] = field(default_factory=dict)  # :func:`pooled_refusal`
 
     def to_json(self) -> dict[str, Any]:
         return {
             "trial": self.trial.number,
+            "pooled": self.pooled,
             "judged": self.judged,
             "meets_target": self.meets_target,
             "misses": self.misses,
@@ -89,6 +103,9 @@ class StudyResult:
     seconds: float
     resumed_trials: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # Where trial 0 reads the direction and the anchored search stays near; None only for a free study made
+    # before the anchor was stored.
+    anchor: Anchor | None = None
 
     def direction(self, point: EditPoint) -> Any:
         return direction_vector(
@@ -121,15 +138,8 @@ def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str, refu
         load_if_exists=True,
         directions=["minimize", "minimize"],
     )
-    setup = json.dumps({"model": fingerprint, **options.setup_key()}, sort_keys=True)
-    _keep(
-        study,
-        work_dir,
-        "setup",
-        setup,
-        "holds a study of another model or other options (languages, prompts, norms, trial estimate): choose "
-        "another <<work_dir>>, or remove it to start over",
-    )
+    key = {"model": fingerprint, **options.setup_key()}
+    _keep(study, work_dir, "setup", json.dumps(key, sort_keys=True), _setup_mismatch(study, key))
     # The objectives are means over the refusing languages: trials over other sets would not compare. The set is
     # measured again on every run, and can move when the batch size, dtype or device does.
     kept = study.user_attrs.get("refusing")
@@ -145,6 +155,25 @@ def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str, refu
     return study
 
 
+def _setup_mismatch(study: optuna.Study, key: dict[str, Any]) -> str:
+    """What the error says when the stored study's setup is not ``key``: the entries that differ, and how to resume
+    a study of the free search (every study made before the anchored one) when that is the difference."""
+    try:
+        stored = json.loads(study.user_attrs.get("setup") or "{}")
+    except ValueError:
+        stored = {}
+    differs = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
+    what = f"it differs in {', '.join(differs)}" if differs else "languages, prompts, norms, trial estimate, search"
+    free_study = "search_space" not in stored and key.get("search_space") == SearchSpace.ANCHORED.value
+    resume = (
+        "resume it with <<search_space>> free (how studies searched before the anchored search), " if free_study else ""
+    )
+    return (
+        f"holds a study of another model or other options ({what}): {resume}choose another <<work_dir>>, or remove "
+        "it to start over"
+    )
+
+
 def _keep(study: optuna.Study, work_dir: Path, name: str, value: Any, mismatch: str) -> None:
     """Store ``value`` as the study's attribute ``name``, or check that the stored one equals it."""
     stored = study.user_attrs.get(name)
@@ -154,32 +183,59 @@ def _keep(study: optuna.Study, work_dir: Path, name: str, value: Any, mismatch: 
         raise OptionsError("work_dir", str(work_dir), mismatch)
 
 
-def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions) -> TrialRecord:
+def _anchor(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: optuna.Study) -> Anchor | None:
+    """The study's anchor: the stored one, or (a new study) the first-order screen's best candidate, stored; the
+    default point when the screen has none. A free study made before the anchor was stored has none (its first
+    trial was placed already, and the free search needs no anchor)."""
+    stored = study.user_attrs.get("anchor")
+    if stored is not None:
+        return Anchor.from_json(stored)
+    if study.trials and options.search_space is SearchSpace.FREE:
+        return None
+    found = first_order_anchor(
+        loaded,
+        setup.diffs,
+        setup.direction_harmful,
+        setup.direction_tokens,
+        options,
+        harmless_means=setup.harmless_means if options.orthogonal_to_harmless else None,
+    )
+    anchor = default_anchor(loaded.n_layers, options) if found is None else Anchor(float(found[0]), found[1], True)
+    study.set_user_attr("anchor", anchor.to_json())
+    return anchor
+
+
+def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions, fixed: dict[str, Any]) -> TrialRecord:
     refusal, kl = trial.values
     return TrialRecord(
         trial.number,
-        point_from_params(trial.params, options),
+        point_from_params(trial.params, options, fixed),
         float(refusal),
         float(kl),
         trial.user_attrs.get("languages", {}),
     )
 
 
-def _search(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: optuna.Study, *, progress: bool) -> int:
+def _search(
+    loaded: LoadedModel,
+    setup: Setup,
+    options: OptimizeOptions,
+    study: optuna.Study,
+    anchor: Anchor | None,
+    *,
+    progress: bool,
+) -> int:
     """Run the trials the study still lacks; return how many it had already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     harmless = setup.harmless_means if options.orthogonal_to_harmless else None
     if not study.trials:
-        # The first trial is the full edit along the direction the first-order screen ranks best.
-        anchor = first_order_anchor(
-            loaded, setup.diffs, setup.direction_harmful, setup.direction_tokens, options, harmless_means=harmless
-        )
-        layer, position = (None, -1) if anchor is None else (float(anchor[0]), anchor[1])
-        study.enqueue_trial(full_edit_params(loaded.n_layers, options, layer=layer, position=position))
+        # The first trial is the full edit along the anchor: the direction the first-order screen ranks best.
+        assert anchor is not None  # _anchor finds one for every study without trials
+        study.enqueue_trial(full_edit_params(loaded.n_layers, options, anchor))
     missing = options.trials - len(done)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        point = suggest(trial, loaded.n_layers, loaded.n_post, options)
+        point = suggest(trial, loaded.n_layers, loaded.n_post, options, anchor)
         r = direction_vector(point, setup.diffs, harmless)
         with temporarily_edited(loaded.model, r, point.profile):
             per_lang = measure(loaded, setup, options)
@@ -199,14 +255,46 @@ def _search(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: 
     return len(done)
 
 
-def _misses(
+def _refusing_before(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]]) -> list[str]:
+    """The judged languages that refuse at baseline (judged) and were judged on at least one prompt."""
+    return [lang for lang, v in judged.items() if (base[lang]["k"] or 0) > 0 and v["n"]]
+
+
+def pooled_refusal(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The judged refusals of the languages that refuse at baseline, pooled: k, n, rate, Wilson 95% interval and
+    the languages pooled (rate and interval ``None`` when there are none)."""
+    langs = _refusing_before(judged, base)
+    k, n = sum(judged[lang]["k"] for lang in langs), sum(judged[lang]["n"] for lang in langs)
+    return {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n), "languages": langs}
+
+
+def misses(
     judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], kl: float, options: OptimizeOptions
 ) -> list[str]:
+    """Why a judged point does not meet the target (empty: it does), by ``options.choice_rule``.
+
+    Only the languages that refuse at baseline (judged) are held to the target. ``strict``: each one's judged
+    rate k/n is at most ``target_refusal``. ``interval``: (a) their pooled rate (sum of k over sum of n) is at most
+    ``target_refusal``, and (b) no one of them is significantly above it: the lower end of its Wilson 95% interval
+    is at most ``target_refusal`` (the interval is the inverted score test, so (b) fails exactly when the rate is
+    above ``target_refusal`` and that test rejects it as the true rate at the two-sided 5% level). With 8 prompts
+    a language and the 3% target, (b) passes 1/8 (lower end 2.2%) and fails 2/8 (7.1%). Either rule also asks KL
+    within ``kl_budget`` when one is set."""
+    target = options.target_refusal
+    langs = _refusing_before(judged, base)
     out = []
-    for lang, v in judged.items():
-        refuses_before = (base[lang]["k"] or 0) > 0
-        if refuses_before and v["rate"] is not None and v["rate"] > options.target_refusal:
-            out.append(f"{lang} {v['k']}/{v['n']}")
+    if options.choice_rule is ChoiceRule.STRICT:
+        out += [f"{lang} {judged[lang]['k']}/{judged[lang]['n']}" for lang in langs if judged[lang]["rate"] > target]
+    else:
+        pooled = pooled_refusal(judged, base)
+        if pooled["rate"] is not None and pooled["rate"] > target:
+            out.append(f"pooled {pooled['k']}/{pooled['n']} = {100 * pooled['rate']:.1f}% > {100 * target:g}%")
+        for lang in langs:
+            k, n = judged[lang]["k"], judged[lang]["n"]
+            interval = wilson_interval(k, n)
+            assert interval is not None  # n > 0
+            if interval[0] > target:
+                out.append(f"{lang} {k}/{n} (Wilson 95% lower end {100 * interval[0]:.1f}% > {100 * target:g}%)")
     if options.kl_budget is not None and kl > options.kl_budget:
         out.append(f"KL {kl:.3f} > {options.kl_budget}")
     return out
@@ -243,9 +331,9 @@ def _verify(
             progress=progress,
             label=f"judging trial {t.number}",
         )
-        misses = _misses(judged, base, t.kl, options)
-        verified.append(VerifiedPoint(t, judged, not misses, misses))
-        if not misses:
+        missed = misses(judged, base, t.kl, options)
+        verified.append(VerifiedPoint(t, judged, not missed, missed, pooled_refusal(judged, base)))
+        if not missed:
             break
     return verified
 
@@ -268,10 +356,17 @@ def run_study(
     timings: dict[str, float] = {}
     with _quiet_optuna():
         study = _open_study(work_dir, options, fingerprint, [t.lang for t in setup.refusing])
-    before = _search(loaded, setup, options, study, progress=progress)
+    anchor = _anchor(loaded, setup, options, study)
+    if progress and anchor is not None and not anchor.screened:
+        console.print(
+            "[yellow]the first-order screen has no refusal tokens that qualify: the study is anchored at the "
+            f"default point (direction layer {anchor.layer:.2f}, position {anchor.position})[/]"
+        )
+    before = _search(loaded, setup, options, study, anchor, progress=progress)
     timings["search"] = time.perf_counter() - t0
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    trials = [_record(t, options) for t in complete]
+    fixed = fixed_params(loaded.n_layers, options, anchor)
+    trials = [_record(t, options, fixed) for t in complete]
     front_numbers = {t.number for t in study.best_trials}
     front = sorted((t for t in trials if t.number in front_numbers), key=lambda t: (t.kl, t.refusal))
     t = time.perf_counter()
@@ -295,4 +390,5 @@ def run_study(
         time.perf_counter() - t0,
         resumed_trials=before,
         timings=timings,
+        anchor=anchor,
     )
