@@ -232,6 +232,22 @@ def test_a_nan_leaves_its_vector_alone_and_the_statistics_nan(code, shape, axis)
     assert math.isnan(stats.relative_residual)
 
 
+@pytest.mark.parametrize("scale,keep", [(1.0, False), (0.6, True)])
+@pytest.mark.parametrize("code,shape,axis", [c for c in CASES if c[0] == "BF16"])
+def test_widening_back_from_the_rounding_equals_reading_the_stored_bytes(code, shape, axis, scale, keep, monkeypatch):
+    """The kernels widen what they stored back from the rounding's scratch when the block holds no NaN: the same
+    values as decoding the stored bytes, so the same bytes, the same second pass and the same statistics."""
+    u = _unit(shape[axis], seed=13)
+    floor = noise_floor(TORCH[code], shape[axis])
+    w = _writer(shape, u, axis, seed=17, floor=floor).to(TORCH[code])
+    fast, slow = _stored(w, code), _stored(w, code)
+    fast_stats = kernels.project_along(fast, code, u.numpy(), axis, floor, scale=scale, preserve_norm=keep)
+    monkeypatch.setattr(kernels, "_finite", lambda *arrays: False)  # every block takes the decoding path
+    slow_stats = kernels.project_along(slow, code, u.numpy(), axis, floor, scale=scale, preserve_norm=keep)
+    assert np.array_equal(fast, slow)
+    assert fast_stats == slow_stats
+
+
 def test_streamed_columns_match_the_matrix_held_whole_including_a_second_pass():
     """Columns almost parallel to u need a second update pass, which starts from the rows written first."""
     g = torch.Generator().manual_seed(0)

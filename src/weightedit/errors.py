@@ -180,6 +180,6 @@ class OptimizeTargetError(WeighteditError, RuntimeError):
         )
         super().__init__(
             f"no judged point of the study keeps {bar} ({misses}); nothing was written; the front is in {report}: "
-            "run more trials, raise target_refusal, or judge more points (verify)",
+            "run more trials, raise <<target_refusal>>, or judge more points (<<verify>>)",
             path=report,
         )

@@ -173,6 +173,7 @@ def optimize(
     from weightedit.errors import OptimizeTargetError
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.optimize.options import ChoiceRule, OptimizeOptions
+    from weightedit.optimize.report import rate_text
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
 
@@ -227,7 +228,8 @@ def optimize(
     chosen = job.study.chosen
     assert chosen is not None and job.edit is not None  # optimize_model raises when nothing was chosen
     console.print(
-        f"wrote {job.edit.out} (trial {chosen.trial.number}, {ChoiceRule(options.choice_rule).value} rule: "
+        f"wrote {job.edit.out} (trial {chosen.trial.number}, {ChoiceRule(options.choice_rule).value} rule, "
+        f"pooled judged refusal {rate_text(chosen.pooled, 1)} on the select split: "
         f"{chosen.trial.point.profile.describe()}; "
         f"direction layer {chosen.trial.point.layer:.2f}, position {chosen.trial.point.position}); study report "
         f"{job.files['md']}" + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),

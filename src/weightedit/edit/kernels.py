@@ -14,10 +14,11 @@ implementations agree within one rounding step of the stored dtype (``tests/test
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -175,13 +176,20 @@ def _finite(*arrays: NDArray) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-# A NaN in a stored vector is expected input, not a fault here: its vector is kept as it is and its statistics
-# come out NaN, which verification reports as an error naming the tensor. NumPy's warnings would only repeat it.
-# (As a decorator, NumPy 2's errstate sets the state per call, so the two lanes may share it.)
-_NAN_IS_REPORTED = np.errstate(invalid="ignore")
+def _nan_is_reported(func: Callable[..., BlockStats]) -> Callable[..., BlockStats]:
+    """A NaN in a stored vector is expected input, not a fault here: its vector is kept as it is and its statistics
+    come out NaN, which verification reports as an error naming the tensor. NumPy's warnings would only repeat it.
+    (A fresh ``errstate`` per call: NumPy 1.x keeps an instance's saved state on the instance, shared by the lanes.)"""
+
+    @functools.wraps(func)
+    def quiet(*args: Any, **kwargs: Any) -> BlockStats:
+        with np.errstate(invalid="ignore"):
+            return func(*args, **kwargs)
+
+    return quiet
 
 
-@_NAN_IS_REPORTED
+@_nan_is_reported
 def project_rows(
     stored: NDArray,
     code: str,
@@ -243,7 +251,7 @@ def project_rows(
     return stats
 
 
-@_NAN_IS_REPORTED
+@_nan_is_reported
 def project_columns_streamed(
     d: int,
     m: int,

@@ -18,7 +18,7 @@ from .options import ChoiceRule, Sampler, SearchSpace  # noqa: E402
 from .space import layer_bounds  # noqa: E402
 from .study import StudyResult, pooled_refusal  # noqa: E402
 
-__all__ = ["SCHEMA", "payload", "write_study_report", "choice_statement"]
+__all__ = ["SCHEMA", "payload", "write_study_report", "choice_statement", "rate_text"]
 
 # 2: options.trial_tokens and baseline first_token_estimate; with trial_tokens a trial's languages that are no
 # objective have no "refusal", and refusal_estimate is a judged share.
@@ -37,7 +37,9 @@ def choice_statement(rule: ChoiceRule | str, target: float, kl_budget: float | N
         text = (
             f"a point meets the target when (a) the judged refusal pooled over the languages that refuse at "
             f"baseline (judged) is at most {t} (point estimate: their refusals over their prompts), and (b) no one "
-            f"of those languages is significantly above {t}: the lower end of its Wilson 95% interval is at most {t}"
+            f"of those languages is significantly above {t}: the lower end of its Wilson 95% interval is at most {t}. "
+            f"A point estimate at most {t} is not a bound: the pooled interval's upper end is shown beside it, and a "
+            "language can keep a refusal or two of its prompts and pass (b)"
         )
     if kl_budget is not None:
         text += f"; and its mean KL is at most {kl_budget} nats"
@@ -144,7 +146,8 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
     }
 
 
-def _pct(v: dict[str, Any] | None, digits: int = 0) -> str:
+def rate_text(v: dict[str, Any] | None, digits: int = 0) -> str:
+    """``k/n = rate% [Wilson 95% interval]`` of a judged count (``—`` when there is none)."""
     if not v or v.get("rate") is None:
         return "—"
     lo, hi = v["ci"]
@@ -212,14 +215,16 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(data["verified"]),
     ]
     for lang in langs:
-        row = [language_label(lang), _pct(data["baseline"][lang]["judged"])]
-        row += [_pct(v["judged"].get(lang)) for v in data["verified"]]
+        row = [language_label(lang), rate_text(data["baseline"][lang]["judged"])]
+        row += [rate_text(v["judged"].get(lang)) for v in data["verified"]]
         lines.append("| " + " | ".join(row) + " |")
     pooled = data["baseline_pooled"]
-    row = [f"**pooled** ({len(pooled['languages'])} refusing at baseline)", _pct(pooled, 1)]
-    lines.append("| " + " | ".join(row + [_pct(v["pooled"], 1) for v in data["verified"]]) + " |")
+    row = [f"**pooled** ({len(pooled['languages'])} refusing at baseline)", rate_text(pooled, 1)]
+    lines.append("| " + " | ".join(row + [rate_text(v["pooled"], 1) for v in data["verified"]]) + " |")
+    rule = data["choice"]["rule"]
     verdicts = [
-        "✓ meets the target" if v["meets_target"] else "misses: " + "; ".join(v["misses"]) for v in data["verified"]
+        f"✓ passes the {rule} rule" if v["meets_target"] else "misses: " + "; ".join(v["misses"])
+        for v in data["verified"]
     ]
     lines.append("| " + " | ".join(["**verdict**", ""] + verdicts) + " |")
     lines.append("")
@@ -234,7 +239,7 @@ def markdown(data: dict[str, Any]) -> str:
     else:
         lines.append(
             f"**Chosen: trial {chosen['trial']}** by the {chosen['rule']} rule (target {target}; pooled "
-            f"{_pct(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {chosen['direction_layer']:.2f}, "
+            f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {chosen['direction_layer']:.2f}, "
             f"position {chosen['position']}; {_profile_text(chosen['profile'])}); written to "
             f"{data['written'] or '(not written)'}."
         )

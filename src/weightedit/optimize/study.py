@@ -164,7 +164,12 @@ def _setup_mismatch(study: optuna.Study, key: dict[str, Any]) -> str:
         stored = {}
     differs = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
     what = f"it differs in {', '.join(differs)}" if differs else "languages, prompts, norms, trial estimate, search"
-    free_study = "search_space" not in stored and key.get("search_space") == SearchSpace.ANCHORED.value
+    # A study of the free search made before the anchored one differs only in the anchored search's two entries.
+    free_study = (
+        "search_space" not in stored
+        and key.get("search_space") == SearchSpace.ANCHORED.value
+        and set(differs) <= {"search_space", "layer_window"}
+    )
     resume = (
         "resume it with <<search_space>> free (how studies searched before the anchored search), " if free_study else ""
     )
@@ -206,10 +211,12 @@ def _anchor(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: 
 
 
 def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions, fixed: dict[str, Any]) -> TrialRecord:
+    """The trial as run: its suggested parameters, with the ones the search fixed as the trial stored them
+    (``fixed``, from the study's anchor, only for trials stored before trials kept their own)."""
     refusal, kl = trial.values
     return TrialRecord(
         trial.number,
-        point_from_params(trial.params, options, fixed),
+        point_from_params(trial.params, options, trial.user_attrs.get("fixed", fixed)),
         float(refusal),
         float(kl),
         trial.user_attrs.get("languages", {}),
@@ -235,6 +242,8 @@ def _search(
     missing = options.trials - len(done)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # What the search does not suggest is stored with each trial, so that its point is rebuilt as it ran.
+        trial.set_user_attr("fixed", fixed_params(loaded.n_layers, options, anchor))
         point = suggest(trial, loaded.n_layers, loaded.n_post, options, anchor)
         r = direction_vector(point, setup.diffs, harmless)
         with temporarily_edited(loaded.model, r, point.profile):
