@@ -512,8 +512,12 @@ class Pipeline:
             finally:
                 self._lanes[0].close()
 
-        self._thread = threading.Thread(target=first_lane, name="weightedit-edit", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=first_lane, name="weightedit-edit", daemon=True)
+        # A signal while the thread starts would leave a thread that cancel() cannot join ("not started"): it is
+        # held back until the thread is running and recorded, then delivered.
+        with deferred_signals():
+            thread.start()
+            self._thread = thread
         return self
 
     def finish(self, make_editor: Callable[[], Editor | None]) -> tuple[dict[str, Any], list[Sample]]:
