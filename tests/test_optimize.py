@@ -335,11 +335,42 @@ def test_points_are_judged_when_every_refusing_language_is_near_the_target(monke
     monkeypatch.setattr(study, "judged_refusal", judged)
     base = {"en": {"k": 5, "n": 8}, "zh": {"k": 6, "n": 8}}
     options = OptimizeOptions(target_refusal=0.03, verify=3)
-    verified = study._verify(None, setup, options, front, base, lambda point: None, progress=False)  # type: ignore[arg-type]
+    verified = study._verify(None, setup, options, front, front, base, lambda point: None, progress=False)  # type: ignore[arg-type]
     assert judged_order == ["judging trial 2"]
     assert [v.trial.number for v in verified] == [2] and verified[0].meets_target
     assert study.worst_estimate(front[0], ["en", "zh"]) == 0.25
     assert study.worst_estimate(front[1], []) == front[1].refusal  # no per-language values: the mean
+
+
+def test_a_point_off_the_front_is_judged_when_the_near_front_point_fails(monkeypatch):
+    """The front is drawn on estimates. When its only near point fails once judged, the next candidate is the trial
+    of next-lowest KL that was as near, though a lower-KL point dominates it by estimate; a point far from the
+    target is not judged while near ones are left."""
+    from types import SimpleNamespace
+
+    from weightedit.optimize import study
+
+    def trial(number: int, kl: float, en: float, zh: float) -> study.TrialRecord:
+        per_lang = {"en": {"refusal": en}, "zh": {"refusal": zh}}
+        return study.TrialRecord(number, SimpleNamespace(profile=None), (en + zh) / 2, kl, per_lang)  # type: ignore[arg-type]
+
+    on_front = trial(4, 0.04, 0.0, 0.0)  # near; fails when judged
+    off_front = [trial(1, 0.05, 0.0, 0.125), trial(0, 0.08, 0.0, 0.0), trial(7, 0.045, 0.5, 0.5)]
+    trials = [off_front[1], off_front[0], on_front, off_front[2]]
+    setup = SimpleNamespace(refusing=[SimpleNamespace(lang="en"), SimpleNamespace(lang="zh")])
+    judged_order: list[str] = []
+
+    def judged(loaded, setup, options, edit, *, progress, label):
+        judged_order.append(label)
+        k = 3 if label == "judging trial 4" else 0
+        return {"en": {"k": k, "n": 8, "rate": k / 8}, "zh": {"k": 0, "n": 8, "rate": 0.0}}
+
+    monkeypatch.setattr(study, "judged_refusal", judged)
+    base = {"en": {"k": 5, "n": 8}, "zh": {"k": 6, "n": 8}}
+    options = OptimizeOptions(target_refusal=0.03, verify=3)
+    verified = study._verify(None, setup, options, trials, [on_front], base, lambda point: None, progress=False)  # type: ignore[arg-type]
+    assert judged_order == ["judging trial 4", "judging trial 1"]  # trial 7 (KL 0.045) is not near: skipped
+    assert [v.meets_target for v in verified] == [False, True]
 
 
 # The anchored search and the choice rule.

@@ -192,7 +192,7 @@ def optimize_model(
     The study lives in ``work_dir`` (default :func:`default_work_dir`): rerunning the same command resumes it.
 
     Raises:
-        OptimizeTargetError: no judged Pareto point meets the target; the study report is written, the model is not.
+        OptimizeTargetError: no judged point meets the target; the study report is written, the model is not.
     """
     # Optuna loads only for this job, not with every command that imports the workflows.
     from .optimize.objective import prepare

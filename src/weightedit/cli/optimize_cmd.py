@@ -137,7 +137,12 @@ def optimize(
         typer.Option("--kl-budget", help="A chosen point's KL must not exceed this (nats).", show_default=False),
     ] = None,
     verify: Annotated[
-        int, typer.Option("--verify", help="Pareto points re-measured with judged generations, lowest KL first.")
+        int,
+        typer.Option(
+            "--verify",
+            help="Points re-measured with judged generations: the trials whose estimate is near the target in "
+            "every refusing language, lowest KL first.",
+        ),
     ] = 3,
     max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     judge: JudgeOpt = "substring",

@@ -65,7 +65,8 @@ class OptimizeOptions:
         target_refusal: the judged refusal rate a chosen point may keep, read by ``choice_rule``.
         choice_rule: :class:`ChoiceRule`: ``interval`` (default) or ``strict``.
         kl_budget: a chosen point's KL must not exceed this (nats); ``None``: no limit beyond the rule.
-        verify: Pareto points (lowest KL first) re-measured with judged generations before one is chosen.
+        verify: points re-measured with judged generations before one is chosen: the trials whose estimate is near
+            the target in every refusing language, lowest KL first, on the front or not.
         max_new_tokens: tokens per judged completion.
         judge: the generation judge (``substring`` or ``model:PATH``).
         trial_tokens: ``0`` (default): every trial's refusal is the first-token estimate (refusal tokens derived

@@ -188,7 +188,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"({next(iter(data['n_per_language'].values()))['harmful']} harmful + "
         f"{next(iter(data['n_per_language'].values()))['harmless']} harmless per language; "
         f"split: {next(iter(data['split'].values()))}; refusing at baseline, the objectives: "
-        f"{', '.join(data['refusing_languages'])}). Pareto points are re-measured with judged greedy "
+        f"{', '.join(data['refusing_languages'])}). The trials whose estimate is near the target "
+        "in every refusing language are re-measured, lowest KL first, with judged greedy "
         f"generations ({data['options']['max_new_tokens']} tokens, {data['options']['judge']} judge; Wilson 95%).",
         "",
         _search_text(data),

@@ -100,9 +100,16 @@ def fixed_params(n_layers: int, options: OptimizeOptions, anchor: Anchor | None)
     return fixed
 
 
-def suggest(trial: Any, n_layers: int, n_post: int, options: OptimizeOptions, anchor: Anchor | None) -> EditPoint:
-    """A point drawn by an Optuna ``trial`` (``anchor``: the study's, needed by the anchored search)."""
-    fixed = fixed_params(n_layers, options, anchor)
+def suggest(
+    trial: Any,
+    n_layers: int,
+    n_post: int,
+    options: OptimizeOptions,
+    anchor: Anchor | None,
+    fixed: dict[str, Any],
+) -> EditPoint:
+    """A point drawn by an Optuna ``trial`` (``anchor``: the study's, needed by the anchored search; ``fixed``:
+    :func:`fixed_params` for it, the parameters not suggested)."""
     if "direction_layer" not in fixed:
         trial.suggest_float("direction_layer", *layer_bounds(n_layers, options, anchor))
     if "position" not in fixed:

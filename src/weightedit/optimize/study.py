@@ -7,10 +7,12 @@ run resumes where it stopped. The first trial is the plain full edit along the s
 screen's best candidate, stored with the study, so that a resumed anchored search keeps the same position and
 layer window), so the front always holds it.
 
-The choice: Pareto points are re-measured with judged generations on the select prompts, lowest KL first, until
-one meets the target by ``options.choice_rule`` (:func:`misses`; and KL within ``kl_budget`` if set); that point
-is chosen. When none of the re-measured points does, nothing is chosen, and the caller reports the front as the
-evidence.
+The choice: the trials whose refusal estimate is near the target in every refusing language are re-measured with
+judged generations on the select prompts, lowest KL first, until one meets the target by ``options.choice_rule``
+(:func:`misses`; and KL within ``kl_budget`` if set); that point is chosen. They are taken from all trials, not
+only the front: the front is drawn on estimates, and when its near point fails once judged, the next candidate is
+the trial of next-lowest KL that was as near, dominated or not. When none of the re-measured points meets the
+target, nothing is chosen, and the caller reports the front as the evidence.
 """
 
 from __future__ import annotations
@@ -240,11 +242,12 @@ def _search(
         assert anchor is not None  # _anchor finds one for every study without trials
         study.enqueue_trial(full_edit_params(loaded.n_layers, options, anchor))
     missing = options.trials - len(done)
+    fixed = fixed_params(loaded.n_layers, options, anchor)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # What the search does not suggest is stored with each trial, so that its point is rebuilt as it ran.
-        trial.set_user_attr("fixed", fixed_params(loaded.n_layers, options, anchor))
-        point = suggest(trial, loaded.n_layers, loaded.n_post, options, anchor)
+        trial.set_user_attr("fixed", fixed)
+        point = suggest(trial, loaded.n_layers, loaded.n_post, options, anchor, fixed)
         r = direction_vector(point, setup.diffs, harmless)
         with temporarily_edited(loaded.model, r, point.profile):
             per_lang = measure(loaded, setup, options)
@@ -319,16 +322,20 @@ def _verify(
     loaded: LoadedModel,
     setup: Setup,
     options: OptimizeOptions,
+    trials: list[TrialRecord],
     front: list[TrialRecord],
     base: dict[str, dict[str, Any]],
     result_direction: Any,
     *,
     progress: bool,
 ) -> list[VerifiedPoint]:
-    """Judge front points, lowest KL first (those whose estimate is near the target in every refusing language),
-    until one meets it; with none near, the points of lowest worst-language estimate first."""
+    """Judge up to ``options.verify`` points until one meets the target: the trials whose estimate is near the
+    target in every refusing language, lowest KL first, whether on the front or not (an estimate that misses a
+    refusal puts a point on the front that fails once judged; the next candidate is the next-lowest KL that was
+    as near); with none near, the front points of lowest worst-language estimate first."""
     refusing = [t.lang for t in setup.refusing]
-    hopeful = [t for t in front if worst_estimate(t, refusing) <= options.target_refusal + _ESTIMATE_SLACK]
+    near = options.target_refusal + _ESTIMATE_SLACK
+    hopeful = sorted((t for t in trials if worst_estimate(t, refusing) <= near), key=lambda t: (t.kl, t.refusal))
     order = hopeful or sorted(front, key=lambda t: (worst_estimate(t, refusing), t.refusal))
     verified: list[VerifiedPoint] = []
     for t in order[: options.verify]:
@@ -383,11 +390,11 @@ def run_study(
         loaded, setup, options, None, progress=progress, label="judging the unedited model"
     )
     partial = StudyResult(setup, options, trials, front, base, [], None, 0.0)
-    verified = _verify(loaded, setup, options, front, base, partial.direction, progress=progress)
+    verified = _verify(loaded, setup, options, trials, front, base, partial.direction, progress=progress)
     timings["verify"] = time.perf_counter() - t
     chosen = next((v for v in verified if v.meets_target), None)
     if progress and chosen is None:
-        console.print("[bold red]no judged Pareto point meets the target[/]")
+        console.print("[bold red]no judged point meets the target[/]")
     return StudyResult(
         setup,
         options,
