@@ -220,8 +220,12 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         settings["weightedit_n_score"] = n_score
     if args.weightedit_trial_tokens:
         settings["weightedit_trial_tokens"] = args.weightedit_trial_tokens
+    code = source_tree()
     if (record := reusable(done, settings)) is not None:
-        return record
+        if record.get("code") == code:
+            return record
+        # Same settings, other code (the search or the choice changed): rerun; the study in --work resumes.
+        console.print(f"weightedit's code changed since {done} was recorded: running optimize again")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
@@ -252,8 +256,21 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     if result["exit_status"] not in (0, 1):
         raise SystemExit(f"weightedit optimize failed (exit {result['exit_status']}); see {result['log']}")
     result["settings"] = settings
+    result["code"] = code
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def source_tree() -> str | None:
+    """The git tree id of the package source (changes with any committed change to ``src/``, not with docs or
+    benchmarks); ``None`` outside a git checkout."""
+    try:
+        run = subprocess.run(
+            ["git", "rev-parse", "HEAD:src"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() or None
 
 
 def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> dict[str, Any]:
