@@ -128,6 +128,12 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     md = job.files["md"].read_text()
     assert job.files["png"].stat().st_size > 0 and "Chosen: trial" in md and "by the interval rule" in md
     assert "**pooled** (2 refusing at baseline) | 16/16 = 100.0% [80.6, 100.0]" in md
+    # Each front row shows its highest per-language KL beside the mean (the bars are per language).
+    by_number = {t["trial"]: t for t in report["trials"]}
+    for number in report["front"]:
+        kls = {lang: v["kl"] for lang, v in by_number[number]["languages"].items()}
+        top = max(kls, key=lambda lang: kls[lang])
+        assert f"| {by_number[number]['kl']:.3f} | {kls[top]:.3f} ({top}) |" in md
 
 
 def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):

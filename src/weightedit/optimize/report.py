@@ -198,15 +198,16 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Pareto front (search estimates)",
         "",
-        f"| trial | direction layer | position | refusal ({_estimate(data)}) | KL | profile |",
-        "|---|---|---|---|---|---|",
+        f"| trial | direction layer | position | refusal ({_estimate(data)}) | KL (mean) | KL (highest language) "
+        "| profile |",
+        "|---|---|---|---|---|---|---|",
     ]
     trials = {t["trial"]: t for t in data["trials"]}
     for number in data["front"]:
         t = trials[number]
         lines.append(
             f"| {number} | {t['direction_layer']:.2f} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
-            f"{t['kl']:.3f} | {_profile_text(t['profile'])} |"
+            f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])} |"
         )
     lines += [
         "",
@@ -245,6 +246,15 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _highest_kl(trial: dict[str, Any]) -> str:
+    """The language whose KL is highest, with it: the objective is the mean, a per-language bar reads the highest."""
+    kls = {lang: v["kl"] for lang, v in (trial.get("languages") or {}).items() if v.get("kl") is not None}
+    if not kls:
+        return "—"
+    lang = max(kls, key=lambda k: kls[k])
+    return f"{kls[lang]:.3f} ({lang})"
 
 
 def _profile_text(p: dict[str, Any]) -> str:
