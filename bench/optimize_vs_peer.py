@@ -227,6 +227,8 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         # Same settings, other code (the search or the choice changed): rerun; the study in --work resumes.
         console.print(f"weightedit's code changed since {done} was recorded: running optimize again")
     shutil.rmtree(out, ignore_errors=True)
+    # The evaluation of a model this run replaces is stale (its record names the old model's write time).
+    (args.work / "eval-weightedit.json").unlink(missing_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
         "--work-dir", str(work), "--langs", args.weightedit_langs, "--direction-lang", "en",
@@ -263,7 +265,7 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
 
 def source_tree() -> str | None:
     """The git tree id of the package source (changes with any committed change to ``src/``, not with docs or
-    benchmarks); ``None`` outside a git checkout."""
+    benchmarks; uncommitted edits do not change it); ``None`` outside a git checkout."""
     try:
         run = subprocess.run(
             ["git", "rev-parse", "HEAD:src"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30

@@ -134,6 +134,11 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
         kls = {lang: v["kl"] for lang, v in by_number[number]["languages"].items()}
         top = max(kls, key=lambda lang: kls[lang])
         assert f"| {by_number[number]['kl']:.3f} | {kls[top]:.3f} ({top}) |" in md
+    # Each judged column names its trial's KL and whether the front holds it (judged points may be off it).
+    for v in report["verified"]:
+        where = "" if v["trial"] in report["front"] else ", off the front"
+        assert f"| trial {v['trial']} (KL {by_number[v['trial']]['kl']:.3f}, highest " in md
+        assert f"{where}) |" in md
 
 
 def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):
@@ -341,7 +346,7 @@ def test_points_are_judged_when_every_refusing_language_is_near_the_target(monke
     monkeypatch.setattr(study, "judged_refusal", judged)
     base = {"en": {"k": 5, "n": 8}, "zh": {"k": 6, "n": 8}}
     options = OptimizeOptions(target_refusal=0.03, verify=3)
-    verified = study._verify(None, setup, options, front, front, base, lambda point: None, progress=False)  # type: ignore[arg-type]
+    verified = study._verify(None, setup, options, front, base, lambda point: None, progress=False)  # type: ignore[arg-type]
     assert judged_order == ["judging trial 2"]
     assert [v.trial.number for v in verified] == [2] and verified[0].meets_target
     assert study.worst_estimate(front[0], ["en", "zh"]) == 0.25
@@ -374,7 +379,7 @@ def test_a_point_off_the_front_is_judged_when_the_near_front_point_fails(monkeyp
     monkeypatch.setattr(study, "judged_refusal", judged)
     base = {"en": {"k": 5, "n": 8}, "zh": {"k": 6, "n": 8}}
     options = OptimizeOptions(target_refusal=0.03, verify=3)
-    verified = study._verify(None, setup, options, trials, [on_front], base, lambda point: None, progress=False)  # type: ignore[arg-type]
+    verified = study._verify(None, setup, options, trials, base, lambda point: None, progress=False)  # type: ignore[arg-type]
     assert judged_order == ["judging trial 4", "judging trial 1"]  # trial 7 (KL 0.045) is not near: skipped
     assert [v.meets_target for v in verified] == [False, True]
 

@@ -213,7 +213,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Judged (select split)",
         "",
-        "| language | unedited | " + " | ".join(f"trial {v['trial']}" for v in data["verified"]) + " |",
+        "| language | unedited | "
+        + " | ".join(_judged_header(v["trial"], trials, data["front"]) for v in data["verified"])
+        + " |",
         "|---|---|" + "---|" * len(data["verified"]),
     ]
     for lang in langs:
@@ -246,6 +248,14 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _judged_header(number: int, trials: dict[int, dict[str, Any]], front: list[int]) -> str:
+    """A judged point's column: its trial, mean and highest-language KL, and whether the front holds it (points
+    off the front are judged too, and appear in no other table)."""
+    t = trials[number]
+    where = "" if number in front else ", off the front"
+    return f"trial {number} (KL {t['kl']:.3f}, highest {_highest_kl(t)}{where})"
 
 
 def _highest_kl(trial: dict[str, Any]) -> str:

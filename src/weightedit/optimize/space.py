@@ -150,7 +150,7 @@ def point_from_params(
 
 def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) -> dict[str, Any]:
     """Parameters of the plain full edit (λ = 1 everywhere) with the direction read at ``anchor``: the study's
-    first trial, so the front always holds the full edit. Only the parameters the search suggests (what
+    first trial, so the study always holds the full edit. Only the parameters the search suggests (what
     :func:`fixed_params` fixes is left out)."""
     fixed = fixed_params(n_layers, options, anchor)
     params: dict[str, Any] = {

@@ -5,7 +5,7 @@ afterwards) and is scored on (refusal estimate, KL) over the languages (:mod:`.o
 or with ``trial_tokens`` a judged one). The study lives in a journal file in the work folder, so an interrupted
 run resumes where it stopped. The first trial is the plain full edit along the study's anchor (the first-order
 screen's best candidate, stored with the study, so that a resumed anchored search keeps the same position and
-layer window), so the front always holds it.
+layer window), so the study always holds it (the front does only while no trial dominates it).
 
 The choice: the trials whose refusal estimate is near the target in every refusing language are re-measured with
 judged generations on the select prompts, lowest KL first, until one meets the target by ``options.choice_rule``
@@ -323,7 +323,6 @@ def _verify(
     setup: Setup,
     options: OptimizeOptions,
     trials: list[TrialRecord],
-    front: list[TrialRecord],
     base: dict[str, dict[str, Any]],
     result_direction: Any,
     *,
@@ -332,11 +331,11 @@ def _verify(
     """Judge up to ``options.verify`` points until one meets the target: the trials whose estimate is near the
     target in every refusing language, lowest KL first, whether on the front or not (an estimate that misses a
     refusal puts a point on the front that fails once judged; the next candidate is the next-lowest KL that was
-    as near); with none near, the front points of lowest worst-language estimate first."""
+    as near); with none near, the trials of lowest worst-language estimate first (then lowest KL)."""
     refusing = [t.lang for t in setup.refusing]
     near = options.target_refusal + _ESTIMATE_SLACK
     hopeful = sorted((t for t in trials if worst_estimate(t, refusing) <= near), key=lambda t: (t.kl, t.refusal))
-    order = hopeful or sorted(front, key=lambda t: (worst_estimate(t, refusing), t.refusal))
+    order = hopeful or sorted(trials, key=lambda t: (worst_estimate(t, refusing), t.kl))
     verified: list[VerifiedPoint] = []
     for t in order[: options.verify]:
         judged = judged_refusal(
@@ -390,7 +389,7 @@ def run_study(
         loaded, setup, options, None, progress=progress, label="judging the unedited model"
     )
     partial = StudyResult(setup, options, trials, front, base, [], None, 0.0)
-    verified = _verify(loaded, setup, options, trials, front, base, partial.direction, progress=progress)
+    verified = _verify(loaded, setup, options, trials, base, partial.direction, progress=progress)
     timings["verify"] = time.perf_counter() - t
     chosen = next((v for v in verified if v.meets_target), None)
     if progress and chosen is None:
