@@ -231,10 +231,12 @@ def _search(
     options: OptimizeOptions,
     study: optuna.Study,
     anchor: Anchor | None,
+    fixed: dict[str, Any],
     *,
     progress: bool,
 ) -> int:
-    """Run the trials the study still lacks; return how many it had already."""
+    """Run the trials the study still lacks (``fixed``: :func:`fixed_params` for ``anchor``); return how many it had
+    already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     harmless = setup.harmless_means if options.orthogonal_to_harmless else None
     if not study.trials:
@@ -242,7 +244,6 @@ def _search(
         assert anchor is not None  # _anchor finds one for every study without trials
         study.enqueue_trial(full_edit_params(loaded.n_layers, options, anchor))
     missing = options.trials - len(done)
-    fixed = fixed_params(loaded.n_layers, options, anchor)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # What the search does not suggest is stored with each trial, so that its point is rebuilt as it ran.
@@ -377,10 +378,10 @@ def run_study(
             "[yellow]the first-order screen has no refusal tokens that qualify: the study is anchored at the "
             f"default point (direction layer {anchor.layer:.2f}, position {anchor.position})[/]"
         )
-    before = _search(loaded, setup, options, study, anchor, progress=progress)
+    fixed = fixed_params(loaded.n_layers, options, anchor)
+    before = _search(loaded, setup, options, study, anchor, fixed, progress=progress)
     timings["search"] = time.perf_counter() - t0
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    fixed = fixed_params(loaded.n_layers, options, anchor)
     trials = [_record(t, options, fixed) for t in complete]
     front_numbers = {t.number for t in study.best_trials}
     front = sorted((t for t in trials if t.number in front_numbers), key=lambda t: (t.kl, t.refusal))
