@@ -20,6 +20,7 @@ from weightedit.errors import OptionsError
 from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
+from weightedit.optimize.report import markdown
 from weightedit.optimize.space import Anchor, point_from_params
 from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
@@ -130,15 +131,23 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     assert "**pooled** (2 refusing at baseline) | 16/16 = 100.0% [80.6, 100.0]" in md
     # Each front row shows its highest per-language KL beside the mean (the bars are per language).
     by_number = {t["trial"]: t for t in report["trials"]}
-    for number in report["front"]:
+
+    def highest(number: int) -> str:
         kls = {lang: v["kl"] for lang, v in by_number[number]["languages"].items()}
         top = max(kls, key=lambda lang: kls[lang])
-        assert f"| {by_number[number]['kl']:.3f} | {kls[top]:.3f} ({top}) |" in md
+        return f"{kls[top]:.3f} ({top})"
+
+    for number in report["front"]:
+        assert f"| {by_number[number]['kl']:.3f} | {highest(number)} |" in md
     # Each judged column names its trial's KL and whether the front holds it (judged points may be off it).
     for v in report["verified"]:
-        where = "" if v["trial"] in report["front"] else ", off the front"
-        assert f"| trial {v['trial']} (KL {by_number[v['trial']]['kl']:.3f}, highest " in md
-        assert f"{where}) |" in md
+        n = v["trial"]
+        where = "" if n in report["front"] else ", off the front"
+        assert f" trial {n} (KL {by_number[n]['kl']:.3f}, highest {highest(n)}{where}) |" in md
+    # A judged point off the front is marked so (this study judged front points only: one is made up from it).
+    off = next(t for t in report["trials"] if t["trial"] not in report["front"])["trial"]
+    made_up = {**report, "verified": [{**report["verified"][0], "trial": off}]}
+    assert f" trial {off} (KL {by_number[off]['kl']:.3f}, highest {highest(off)}, off the front) |" in markdown(made_up)
 
 
 def test_the_study_finds_the_planted_profile(mlp_cost_model, planted, tmp_path):
