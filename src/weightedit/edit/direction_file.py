@@ -1,7 +1,8 @@
 """The direction file: a refusal direction plus the facts needed to trust it.
 
 Format (``docs/architecture.md``, "File formats"): a safetensors file with ``direction`` (``[d_model]`` float32), optionally
-``candidates`` (``[n_layers, n_positions, d_model]``), and string metadata: model id and revision, a hash
+``layer_directions`` (``[n_layers, d_model]``: one direction per decoder layer, see :attr:`Direction.layer_vectors`)
+and ``candidates`` (``[n_layers, n_positions, d_model]``), and string metadata: model id and revision, a hash
 of the model config, layer, position, languages, prompt counts, selection scores and the weightedit version.
 """
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import FilterFailedDirectionError, InvalidCheckpointError, InvalidDirectionError, OptionsError
 from ..io.atomic import atomic_file
-from ..io.checkpoint import read_header, residual_width
+from ..io.checkpoint import decoder_depth, read_header, residual_width
 from ..sources.model import public_name
 from .profile import EditProfile
 
@@ -74,6 +75,9 @@ class Direction:
         candidates: optional ``[n_layers, n_positions, d_model]`` tensor of all candidates.
         meta: everything else (prompt counts, scores, revision, ...).
         profile: the shape of the edit that goes with it (``weightedit optimize``); ``None`` is the full edit.
+        layer_vectors: optional ``[n_layers, d_model]`` float32: a direction per decoder layer. When present, the
+            writers of decoder layer ``l`` are edited along row ``l`` and the embeddings along ``vector``
+            (``weightedit optimize --direction-scope per-layer``); ``None``: every writer along ``vector``.
     """
 
     vector: torch.Tensor
@@ -85,16 +89,21 @@ class Direction:
     candidates: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     profile: EditProfile | None = None
+    layer_vectors: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
         return int(self.vector.numel())
 
     def sha256(self) -> str:
-        """Hash of the vector's float32 bytes (what the edit depends on)."""
+        """Hash of the vector's float32 bytes, then the per-layer directions' if any (what the edit depends on)."""
         import torch
 
-        return vector_sha256(self.vector.detach().to("cpu", torch.float32).contiguous().numpy())
+        def f32(t: torch.Tensor) -> NDArray:
+            return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+        layers = None if self.layer_vectors is None else f32(self.layer_vectors)
+        return vector_sha256(f32(self.vector), layers)
 
     def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
         """Refuse a direction computed on a different model.
@@ -147,9 +156,13 @@ class DirectionHeader:
         return checked_vector(wide, self.path)
 
 
-def vector_sha256(vector: NDArray) -> str:
-    """Hash of a direction's float32 bytes (what the edit depends on; :meth:`Direction.sha256`)."""
-    return hashlib.sha256(vector.astype("float32").tobytes()).hexdigest()
+def vector_sha256(vector: NDArray, layers: NDArray | None = None) -> str:
+    """Hash of a direction's float32 bytes, followed by its per-layer directions' when it has them (what the edit
+    depends on; :meth:`Direction.sha256`). A direction without per-layer rows hashes as it always did."""
+    h = hashlib.sha256(vector.astype("float32").tobytes())
+    if layers is not None:
+        h.update(layers.astype("float32").tobytes())
+    return h.hexdigest()
 
 
 def checked_vector(wide: NDArray, path: Path) -> NDArray:
@@ -185,6 +198,13 @@ def _check_model(
         raise InvalidDirectionError(
             f"{source} has d_model={direction.d_model} but the model has hidden size {d_model}: use a direction "
             "computed on this model (weightedit direction --model ...)"
+        )
+    layers = getattr(direction, "layer_vectors", None)
+    n_layers = decoder_depth(config)
+    if layers is not None and n_layers is not None and int(layers.shape[0]) != n_layers:
+        raise InvalidDirectionError(
+            f"{source} has directions for {int(layers.shape[0])} decoder layers but the model has {n_layers}: use a "
+            "direction computed on this model (weightedit optimize --model ...)"
         )
     if direction.config_hash and not allow_mismatch and direction.config_hash != config_fingerprint(config):
         raise InvalidDirectionError(
@@ -222,6 +242,9 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
 
     path = Path(path)
     tensors = {"direction": direction.vector.detach().to("cpu", torch.float32).contiguous()}
+    if direction.layer_vectors is not None:
+        # A copy: the vector is often a view of one of the rows, and safetensors refuses shared storage.
+        tensors["layer_directions"] = direction.layer_vectors.detach().to("cpu", torch.float32).clone()
     if direction.candidates is not None:
         tensors["candidates"] = direction.candidates.detach().to("cpu", torch.float32).contiguous()
     meta = {
@@ -308,6 +331,7 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
             f"{path}: its metadata is not string-to-string: re-save the direction file", path=path
         )
     extra, profile = _parsed_meta(meta, path)
+    layers = _layer_rows(tensors.get("layer_directions"), int(vector.numel()), path)
 
     return Direction(
         vector=vector,
@@ -319,7 +343,31 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         candidates=tensors.get("candidates") if isinstance(tensors.get("candidates"), torch.Tensor) else None,
         meta=extra,
         profile=profile,
+        layer_vectors=layers,
     )
+
+
+def _layer_rows(value: Any, d_model: int, path: Path) -> torch.Tensor | None:
+    """A direction file's ``layer_directions`` as float32 ``[n_layers, d_model]`` with finite, nonzero rows."""
+    import torch
+
+    if value is None:
+        return None
+    if (
+        not isinstance(value, torch.Tensor)
+        or not value.is_floating_point()
+        or value.ndim != 2
+        or value.shape[1] != d_model
+        or not bool(torch.isfinite(value).all())
+        or bool((value.double().norm(dim=1) == 0).any())
+    ):
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InvalidDirectionError(
+            f"{path}: its layer_directions ({shape}) are not [n_layers, {d_model}] finite nonzero float rows: "
+            "re-save the direction with `weightedit optimize`",
+            path=path,
+        )
+    return value.float()
 
 
 def _meta_int(meta: dict[str, str], key: str) -> int | None:
@@ -380,6 +428,8 @@ def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
             path=path,
         ) from None
     tensors = header.tensors
+    if "layer_directions" in tensors:  # per-layer rows: load_direction reads and checks them
+        return None
     info = tensors.get("direction") or (next(iter(tensors.values())) if len(tensors) == 1 else None)
     if info is None or not info.is_float:
         return None

@@ -42,26 +42,36 @@ def orthogonalize_model_(
     The streaming :func:`orthogonalize_checkpoint` is the fast path for checkpoints on disk; this one is
     for a model you already hold (a notebook, a training loop). Tied embeddings are untied by default,
     with the LM head keeping the original matrix. ``profile`` shapes the edit as in the streaming rewrite (by
-    default the direction's own profile, else the full edit).
+    default the direction's own profile, else the full edit). A direction with per-layer rows (a
+    :class:`Direction` with ``layer_vectors``, or a ``[n_layers, d_model]`` tensor whose row 0 then serves the
+    embeddings) edits each decoder layer's writers along its own row.
     """
-    r = _unit(model, direction)
+    units = _unit(model, direction)
     if profile is None:
         profile = (direction.profile if isinstance(direction, Direction) else None) or FULL_EDIT
     if tied_embeddings_option(tied_embeddings) is TiedEmbeddings.UNTIE:
         untie_embeddings_(model)
     groups: dict[str, int] = {}
-    for _, param, group, edit in _writer_edits(model, r, profile):
+    for _, param, group, edit in _writer_edits(model, units, profile):
         edit(param.data)
         groups[group] = groups.get(group, 0) + 1
     return dict(sorted(groups.items()))
 
 
-def _unit(model: CausalLM, direction: Direction | torch.Tensor) -> torch.Tensor:
-    vector = direction.vector if isinstance(direction, Direction) else direction
+def _unit(model: CausalLM, direction: Direction | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unit direction of the embeddings, and the unit rows of the decoder layers (``None``: all use the
+    first). A ``[n_layers, d_model]`` tensor gives each decoder layer its row, and the embeddings row 0."""
     d_model = residual_width(model.config)
     if d_model is None:
         raise InvalidCheckpointError("the model's config has no hidden_size: cannot tell the residual-stream width")
-    return unit_direction(vector, d_model)
+    if isinstance(direction, Direction):
+        vector, layers = direction.vector, direction.layer_vectors
+    elif direction.ndim == 2 and direction.shape[0] > 1:
+        vector, layers = direction[0], direction
+    else:
+        vector, layers = direction, None
+    rows = None if layers is None else torch.stack([unit_direction(row, d_model) for row in layers])
+    return unit_direction(vector, d_model), rows
 
 
 def untie_embeddings_(model: CausalLM) -> bool:
@@ -80,10 +90,14 @@ def untie_embeddings_(model: CausalLM) -> bool:
     return True
 
 
-def _writer_edits(model: CausalLM, r: torch.Tensor, profile: EditProfile) -> Iterator[tuple[str, Any, str, Any]]:
-    """Each writer parameter the profile edits, with its group and a function that edits a tensor of it in place."""
+def _writer_edits(
+    model: CausalLM, units: tuple[torch.Tensor, torch.Tensor | None], profile: EditProfile
+) -> Iterator[tuple[str, Any, str, Any]]:
+    """Each writer parameter the profile edits, with its group and a function that edits a tensor of it in place
+    (``units``: from :func:`_unit`)."""
     spec = spec_for_config(model.config)
     params = dict(model.named_parameters())
+    r, layers = units
     for name, param in params.items():
         m = spec.match(name)
         if m is None:
@@ -92,8 +106,15 @@ def _writer_edits(model: CausalLM, r: torch.Tensor, profile: EditProfile) -> Ite
         if scale == 0:
             continue
         u = r
+        if layers is not None and m.layer is not None:
+            if not 0 <= m.layer < len(layers):
+                raise InvalidCheckpointError(
+                    f"writer {name!r} is in decoder layer {m.layer} but the direction has {len(layers)} layer rows: "
+                    "use a direction computed on this model"
+                )
+            u = layers[m.layer]
         if m.norm_name is not None:
-            u = effective_direction(r, params[m.norm_name].detach().cpu(), spec.norm_offset)
+            u = effective_direction(u, params[m.norm_name].detach().cpu(), spec.norm_offset)
 
         def edit(data: torch.Tensor, u: torch.Tensor = u, axis: int = m.rule.axis, scale: float = scale) -> None:
             work = data if data.device.type == "cpu" and data.is_contiguous() else data.detach().to("cpu").contiguous()
@@ -113,10 +134,10 @@ def temporarily_edited(model: CausalLM, direction: Direction | torch.Tensor, pro
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight:
         raise InvalidCheckpointError("temporarily_edited needs an untied model: call untie_embeddings_ first")
-    r = _unit(model, direction)
+    units = _unit(model, direction)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        for _, param, _, edit in _writer_edits(model, r, profile):
+        for _, param, _, edit in _writer_edits(model, units, profile):
             saved.append((param.data, param.data.clone()))
             edit(param.data)
         yield

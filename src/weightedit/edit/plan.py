@@ -91,18 +91,34 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
     return EditPlan(checkpoint=checkpoint, spec=spec, writers=writers, tied=tied, embedding=embedding)
 
 
-def writer_targets(checkpoint: Checkpoint, plan: EditPlan, r: NDArray) -> dict[str, NDArray]:
-    """The unit vector each writer is projected against: ``r`` (a unit float32 vector), or for post-norm writers
-    the normalized ``γ ⊙ r`` of the norm that follows them (one per norm tensor, read once)."""
+def writer_targets(
+    checkpoint: Checkpoint, plan: EditPlan, r: NDArray, layers: NDArray | None = None
+) -> dict[str, NDArray]:
+    """The unit vector each writer is projected against: ``r`` (a unit float32 vector), or with ``layers`` (unit
+    rows ``[n_layers, d_model]``) row ``l`` for the writers of decoder layer ``l`` (``r`` for the embeddings);
+    for post-norm writers the normalized ``γ ⊙ v`` of the norm that follows them (one per norm tensor and vector,
+    read once)."""
     from .kernels import effective_vector
 
-    norm_cache: dict[str, NDArray] = {}
+    norm_cache: dict[tuple[str, int | None], NDArray] = {}
     targets: dict[str, NDArray] = {}
     for name, m in plan.writers.items():
+        row = None
+        v = r
+        if layers is not None and m.layer is not None:
+            row = m.layer
+            if not 0 <= row < len(layers):
+                raise InvalidCheckpointError(
+                    f"writer {name!r} is in decoder layer {row} but the direction has {len(layers)} layer rows: "
+                    "use a direction computed on this model",
+                    path=checkpoint.folder,
+                )
+            v = layers[row]
         if m.norm_name is None:
-            targets[name] = r
+            targets[name] = v
             continue
-        if m.norm_name not in norm_cache:
-            norm_cache[m.norm_name] = effective_vector(r, checkpoint.read_array(m.norm_name), plan.spec.norm_offset)
-        targets[name] = norm_cache[m.norm_name]
+        key = (m.norm_name, row)
+        if key not in norm_cache:
+            norm_cache[key] = effective_vector(v, checkpoint.read_array(m.norm_name), plan.spec.norm_offset)
+        targets[name] = norm_cache[key]
     return targets

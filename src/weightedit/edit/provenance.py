@@ -59,6 +59,7 @@ def edit_provenance(
             "model": public_name(direction.model),
             "config_hash": direction.config_hash,
             **{k: (Path(str(v)).name if k == "file" else v) for k, v in direction.meta.items() if k in _DIRECTION_META},
+            **_layer_rows(direction),
         },
         "options": options,
         "edited_groups": plan.groups(),
@@ -70,3 +71,9 @@ def edit_provenance(
         with contextlib.suppress(OSError, ValueError):
             provenance["parent"] = json.loads(parent.read_text(encoding="utf-8"))
     return provenance
+
+
+def _layer_rows(direction: Direction | DirectionHeader) -> dict[str, int]:
+    """How many per-layer rows the direction has (recorded only when it has them)."""
+    rows = getattr(direction, "layer_vectors", None)
+    return {} if rows is None else {"layer_rows": int(rows.shape[0])}

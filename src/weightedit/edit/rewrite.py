@@ -204,7 +204,9 @@ def orthogonalize_checkpoint(
                 # The copy runs while the writers' targets are computed (post-norm writers read their norms).
                 from .writer import editor_factory, single_threaded_blas
 
-                targets = {n: u for n, u in writer_targets(checkpoint, plan, vector.unit).items() if n in edited}
+                targets = {
+                    n: u for n, u in writer_targets(checkpoint, plan, vector.unit, vector.layers).items() if n in edited
+                }
                 with single_threaded_blas():
                     stats, samples = pipeline.finish(editor_factory(jobs, targets))
             _write_side_files(checkpoint, plan, tmp, untie=untie, extra_files=extra_files or {})
@@ -287,6 +289,7 @@ class _Vector:
     record: Direction | DirectionHeader
     sha256: str
     unit: NDArray
+    layers: NDArray | None = None  # unit rows, one per decoder layer (Direction.layer_vectors)
 
 
 def _checked_direction(
@@ -297,6 +300,8 @@ def _checked_direction(
     allow_failing_filters: bool,
 ) -> _Vector:
     """A direction in hand (checked against the model and its selection record) and its unit vector."""
+    import numpy as np
+
     from .projection import unit_direction
 
     if isinstance(direction, Direction):
@@ -307,7 +312,10 @@ def _checked_direction(
             allow_failing_filters=allow_failing_filters,
         )
         unit = unit_direction(direction.vector, checkpoint.d_model)
-        return _Vector(direction, direction.sha256(), unit.numpy())
+        layers = None
+        if direction.layer_vectors is not None:
+            layers = np.stack([unit_direction(row, checkpoint.d_model).numpy() for row in direction.layer_vectors])
+        return _Vector(direction, direction.sha256(), unit.numpy(), layers)
     r = unit_direction(direction, checkpoint.d_model)
     record = Direction(vector=r)
     return _Vector(record, record.sha256(), r.numpy())

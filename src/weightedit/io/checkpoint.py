@@ -31,6 +31,7 @@ __all__ = [
     "WEIGHTS_INDEX_NAME",
     "SINGLE_WEIGHTS_NAME",
     "residual_width",
+    "decoder_depth",
 ]
 
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -269,18 +270,27 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]], met
 # Where configs store the width of the residual stream: most families, GPT-2, a few others; multimodal
 # configs keep it in their text config.
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def residual_width(config: Mapping[str, Any] | Any) -> int | None:
     """``d_model`` of a ``config.json`` dict or a ``PretrainedConfig``, or ``None`` if the config does not say."""
+    return _config_int(config, _WIDTH_KEYS)
 
+
+def decoder_depth(config: Mapping[str, Any] | Any) -> int | None:
+    """The number of decoder layers of a ``config.json`` dict or a ``PretrainedConfig``, or ``None``."""
+    return _config_int(config, _DEPTH_KEYS)
+
+
+def _config_int(config: Mapping[str, Any] | Any, keys: tuple[str, ...]) -> int | None:
     def get(cfg: Any, key: str) -> Any:
         return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
 
     for cfg in (config, get(config, "text_config")):
         if cfg is None:
             continue
-        for key in _WIDTH_KEYS:
+        for key in keys:
             value = get(cfg, key)
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
