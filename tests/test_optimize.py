@@ -419,12 +419,60 @@ def test_the_anchored_search_reads_the_direction_only_near_the_anchor(planted, t
         "layer_window": 0.5,
         "direction_layers": [low, high],
         "position": anchor.position,
+        "direction_scope": "global",
     }
     assert "Search space: anchored at direction layer" in job.files["md"].read_text()
 
     free = optimize_model(str(model), tmp_path / "f", options(prompts, search_space="free"), progress=False)
     assert {t.point.position for t in free.study.trials} == {-1, -2}
     assert any(not low <= t.point.layer <= high for t in free.study.trials)
+
+
+def test_per_layer_directions_are_searched_and_written_exactly(planted, tmp_path):
+    """With ``direction_scope="per-layer"`` each decoder layer's writers lose the mean difference at that layer's
+    output (the last layer its input's), the embeddings row 0's; the direction layer is not searched; the written
+    checkpoint computes what the trial's in-memory model computed, and its direction file holds the rows."""
+    model, prompts = planted
+    out, work = tmp_path / "edited", tmp_path / "study"
+    job = optimize_model(str(model), out, options(prompts, direction_scope="per-layer"), work_dir=work, progress=False)
+    study, chosen = job.study, job.study.chosen
+    assert chosen is not None and all(t.point.per_layer for t in study.trials)
+    assert all(not {"direction_layer", "position"} & set(t.params) for t in stored_study(work).trials)
+    diffs = study.setup.diffs
+    n_layers, n_post = diffs.shape[:2]
+    rows = study.direction(chosen.trial.point)
+    p = n_post + chosen.trial.point.position
+    for layer in range(n_layers):
+        want = diffs[min(layer + 1, n_layers - 1), p]
+        assert torch.allclose(rows[layer], want / want.norm(), atol=1e-6)
+
+    direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
+    assert direction.layer_vectors is not None and torch.equal(direction.layer_vectors, rows)
+    assert torch.equal(direction.vector, rows[0])
+    assert direction.meta["optimize"]["direction_scope"] == "per-layer"
+    trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    untie_embeddings_(trial_model)
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, written.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        original = trial_model(ids).logits
+        with temporarily_edited(trial_model, rows, chosen.trial.point.profile):
+            want_logits = trial_model(ids).logits
+        with temporarily_edited(trial_model, rows[n_layers // 2], chosen.trial.point.profile):
+            one_direction = trial_model(ids).logits
+        got = written(ids).logits
+    assert (want_logits - original).abs().max() > 1e-2
+    assert (got - want_logits).abs().max().item() <= 1e-4
+    assert (got - one_direction).abs().max() > 1e-3  # the rows differ from one direction everywhere
+
+    report = json.loads(job.files["json"].read_text())
+    assert report["search"]["direction_scope"] == report["options"]["direction_scope"] == "per-layer"
+    assert report["search"]["direction_layers"] is None
+    md = job.files["md"].read_text()
+    assert "Search space: per-layer directions" in md and f"| {chosen.trial.number} | per layer |" in md
+    # A study of the other scope is not resumed in the same folder.
+    with pytest.raises(OptionsError, match="another model or other options"):
+        optimize_model(str(model), tmp_path / "g", options(prompts), work_dir=work, progress=False)
 
 
 def test_a_layer_window_of_zero_fixes_the_layer_too(planted, tmp_path):
@@ -577,6 +625,7 @@ def test_the_strict_rule_holds_each_refusing_language_to_the_target():
         ({"layer_window": "1"}, "layer_window"),
         ({"search_space": "wide"}, "search_space"),
         ({"choice_rule": "loose"}, "choice_rule"),
+        ({"direction_scope": "rows"}, "direction_scope"),
     ],
 )
 def test_search_and_choice_options_are_checked(kwargs, option):
@@ -591,6 +640,7 @@ def test_search_and_choice_options_are_checked(kwargs, option):
         (["--layer-window", "-1"], "--layer-window -1.0: must be a number of layers, 0 or more"),
         (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
         (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
+        (["--direction-scope", "rows"], "--direction-scope rows: must be one of global, per-layer"),
     ],
 )
 def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_path):

@@ -220,8 +220,11 @@ def optimize_model(
     if result.chosen is not None:
         point = result.chosen.trial.point
         config = json.loads((Path(source.folder) / "config.json").read_text())
+        vector = result.direction(point)
+        rows = vector if point.per_layer else None  # per-layer rows; row 0 also serves the embeddings
         direction = Direction(
-            vector=result.direction(point),
+            vector=vector[0] if rows is not None else vector,
+            layer_vectors=rows,
             layer=int(round(point.layer)),
             position=point.position,
             languages=(options.direction_lang,),
@@ -235,6 +238,7 @@ def optimize_model(
                     "pooled": result.chosen.pooled,
                     "choice_rule": options.choice_rule.value,
                     "search_space": options.search_space.value,
+                    "direction_scope": options.direction_scope.value,
                 }
             },
             profile=point.profile,

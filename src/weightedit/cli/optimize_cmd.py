@@ -108,6 +108,15 @@ def optimize(
             help="Anchored search: how far (in layers) the direction layer may move from the anchor's.",
         ),
     ] = 1.5,
+    direction_scope: Annotated[
+        str,
+        typer.Option(
+            "--direction-scope",
+            metavar="[global|per-layer]",
+            help="global: every writer loses one direction; per-layer: each decoder layer's writers lose the mean "
+            "difference at that layer's output (the direction layer is then not searched).",
+        ),
+    ] = "global",
     preserve_norm: Annotated[
         bool | None,
         typer.Option(
@@ -196,6 +205,7 @@ def optimize(
         seed=seed,
         search_space=search_space,
         layer_window=layer_window,
+        direction_scope=direction_scope,
         preserve_norm=preserve_norm,
         orthogonal_to_harmless=orthogonal_to_harmless,
         target_refusal=target_refusal,
@@ -232,11 +242,16 @@ def optimize(
         render(job)
     chosen = job.study.chosen
     assert chosen is not None and job.edit is not None  # optimize_model raises when nothing was chosen
+    point = chosen.trial.point
+    where = (
+        f"per-layer directions, position {point.position}"
+        if point.per_layer
+        else f"direction layer {point.layer:.2f}, position {point.position}"
+    )
     console.print(
         f"wrote {job.edit.out} (trial {chosen.trial.number}, {ChoiceRule(options.choice_rule).value} rule, "
         f"pooled judged refusal {rate_text(chosen.pooled, 1)} on the select split: "
-        f"{chosen.trial.point.profile.describe()}; "
-        f"direction layer {chosen.trial.point.layer:.2f}, position {chosen.trial.point.position}); study report "
-        f"{job.files['md']}" + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
+        f"{point.profile.describe()}; {where}); study report {job.files['md']}"
+        + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
         highlight=False,
     )

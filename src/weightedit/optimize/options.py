@@ -8,7 +8,7 @@ from enum import Enum
 
 from ..errors import OptionsError
 
-__all__ = ["Sampler", "SearchSpace", "ChoiceRule", "OptimizeOptions"]
+__all__ = ["Sampler", "SearchSpace", "DirectionScope", "ChoiceRule", "OptimizeOptions"]
 
 
 class Sampler(str, Enum):
@@ -28,6 +28,19 @@ class SearchSpace(str, Enum):
 
     ANCHORED = "anchored"
     FREE = "free"
+
+
+class DirectionScope(str, Enum):
+    """Which direction each writer loses.
+
+    ``global`` (default): one direction, read at the trial's direction layer, for every writer. ``per-layer``:
+    the writers of decoder layer ``l`` lose the mean difference at that layer's output (the input of layer
+    ``l + 1``; the last layer reuses its input's), the embeddings layer 0's; the trial's direction layer then
+    has no part in the edit and is not searched.
+    """
+
+    GLOBAL = "global"
+    PER_LAYER = "per-layer"
 
 
 class ChoiceRule(str, Enum):
@@ -57,6 +70,7 @@ class OptimizeOptions:
         sampler: :class:`Sampler`.
         seed: the sampler's seed.
         search_space: :class:`SearchSpace`: ``anchored`` (default) or ``free``.
+        direction_scope: :class:`DirectionScope`: ``global`` (default) or ``per-layer``.
         layer_window: with the anchored search, the direction layer is searched this many layers either side of
             the anchor's (clipped to the layers below ``max_layer_fraction``); ``0`` fixes it there.
         preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
@@ -89,6 +103,7 @@ class OptimizeOptions:
     seed: int = 0
     search_space: SearchSpace | str = SearchSpace.ANCHORED
     layer_window: float = 1.5
+    direction_scope: DirectionScope | str = DirectionScope.GLOBAL
     preserve_norm: bool | None = None
     orthogonal_to_harmless: bool = False
     max_layer_fraction: float = 0.8
@@ -101,7 +116,13 @@ class OptimizeOptions:
     trial_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name, kind in (("sampler", Sampler), ("search_space", SearchSpace), ("choice_rule", ChoiceRule)):
+        kinds: tuple[tuple[str, type[Enum]], ...] = (
+            ("sampler", Sampler),
+            ("search_space", SearchSpace),
+            ("direction_scope", DirectionScope),
+            ("choice_rule", ChoiceRule),
+        )
+        for name, kind in kinds:
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
@@ -144,8 +165,10 @@ class OptimizeOptions:
         that those keep their key: the judged trial estimate's only when it is on, the anchored search's (mode
         and window) only when it is anchored (studies made before it searched freely). The choice rule is not
         part of it: it reads the judged points after the trials, and a resumed study may be chosen from by
-        either rule."""
+        either rule. The direction's scope is there only when it is per-layer."""
         added: dict[str, object] = {}
+        if self.direction_scope is DirectionScope.PER_LAYER:
+            added.update(direction_scope=DirectionScope.PER_LAYER.value)
         if self.trial_tokens:
             added.update(trial_tokens=self.trial_tokens, trial_judge=self.judge)
         if self.search_space is SearchSpace.ANCHORED:

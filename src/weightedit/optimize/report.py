@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .. import __version__  # noqa: E402
 from ..io.atomic import atomic_file, write_text_atomic  # noqa: E402
 from ..render.plots import language_label  # noqa: E402
-from .options import ChoiceRule, Sampler, SearchSpace  # noqa: E402
+from .options import ChoiceRule, DirectionScope, Sampler, SearchSpace  # noqa: E402
 from .space import layer_bounds  # noqa: E402
 from .study import StudyResult, pooled_refusal  # noqa: E402
 
@@ -61,12 +61,15 @@ def _search_section(result: StudyResult) -> dict[str, Any]:
             "the default point, 75% of the way to the layer limit at the last position: the first-order screen had "
             "no refusal tokens that qualify"
         )
+    per_layer = DirectionScope(o.direction_scope) is DirectionScope.PER_LAYER
     return {
         "space": SearchSpace(o.search_space).value,
         "anchor": None if anchor is None else {**anchor.to_json(), "what": where},
-        "layer_window": o.layer_window if anchored else None,
-        "direction_layers": [low, high],
+        "layer_window": o.layer_window if anchored and not per_layer else None,
+        # None with per-layer directions: each decoder layer reads its own, no direction layer is searched.
+        "direction_layers": None if per_layer else [low, high],
         "position": anchor.position if anchored and anchor is not None else None,  # None: searched
+        "direction_scope": DirectionScope(o.direction_scope).value,
     }
 
 
@@ -85,6 +88,7 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
             "seed": o.seed,
             "search_space": SearchSpace(o.search_space).value,
             "layer_window": o.layer_window,
+            "direction_scope": DirectionScope(o.direction_scope).value,
             "target_refusal": o.target_refusal,
             "choice_rule": ChoiceRule(o.choice_rule).value,
             "kl_budget": o.kl_budget,
@@ -156,6 +160,12 @@ def rate_text(v: dict[str, Any] | None, digits: int = 0) -> str:
 
 def _search_text(data: dict[str, Any]) -> str:
     search = data["search"]
+    if search.get("direction_scope") == DirectionScope.PER_LAYER.value:
+        position = "every post-instruction position" if search["position"] is None else f"position {search['position']}"
+        return (
+            "Search space: per-layer directions (each decoder layer's writers lose the mean difference at that "
+            f"layer's output; the embeddings layer 0's), {position}, the trials spent on the writers' weights."
+        )
     low, high = search["direction_layers"]
     if search["space"] == SearchSpace.FREE.value:
         return f"Search space: free (direction layer {low:.2f}–{high:.2f}, every post-instruction position)."
@@ -206,7 +216,7 @@ def markdown(data: dict[str, Any]) -> str:
     for number in data["front"]:
         t = trials[number]
         lines.append(
-            f"| {number} | {t['direction_layer']:.2f} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
+            f"| {number} | {_direction_layer(t)} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
             f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])} |"
         )
     lines += [
@@ -243,11 +253,18 @@ def markdown(data: dict[str, Any]) -> str:
     else:
         lines.append(
             f"**Chosen: trial {chosen['trial']}** by the {chosen['rule']} rule (target {target}; pooled "
-            f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {chosen['direction_layer']:.2f}, "
+            f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {_direction_layer(chosen)}, "
             f"position {chosen['position']}; {_profile_text(chosen['profile'])}); written to "
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _direction_layer(point: dict[str, Any]) -> str:
+    """Where a trial read its direction: its layer, or ``per layer`` (each decoder layer its own)."""
+    if point.get("direction_scope") == DirectionScope.PER_LAYER.value:
+        return "per layer"
+    return f"{point['direction_layer']:.2f}"
 
 
 def _judged_header(number: int, trials: dict[int, dict[str, Any]], front: list[int]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..edit.profile import EditProfile, LayerKernel
-from .options import OptimizeOptions, SearchSpace
+from .options import DirectionScope, OptimizeOptions, SearchSpace
 
 __all__ = [
     "Anchor",
@@ -40,12 +40,16 @@ PEAK_RANGE = (0.5, 1.5)
 
 @dataclass(frozen=True)
 class EditPoint:
-    layer: float  # where the direction is read (fractional: interpolated)
+    layer: float  # where the direction is read (fractional: interpolated); with per_layer, the anchor's (unused)
     position: int  # post-instruction position, negative
     profile: EditProfile
+    per_layer: bool = False  # each decoder layer's writers lose that layer's own direction (DirectionScope)
 
     def to_json(self) -> dict[str, Any]:
-        return {"direction_layer": self.layer, "position": self.position, "profile": self.profile.to_json()}
+        data = {"direction_layer": self.layer, "position": self.position, "profile": self.profile.to_json()}
+        if self.per_layer:
+            data["direction_scope"] = DirectionScope.PER_LAYER.value
+        return data
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,17 @@ def layer_bounds(n_layers: int, options: OptimizeOptions, anchor: Anchor | None)
 def fixed_params(n_layers: int, options: OptimizeOptions, anchor: Anchor | None) -> dict[str, Any]:
     """The point's parameters the search does not suggest, from the study's anchor: with the anchored search the
     position, and the layer too when its window is empty (``layer_window`` 0). The free search fixes none (and
-    needs no anchor: studies made before the anchor was stored have none)."""
+    needs no anchor: studies made before the anchor was stored have none). With per-layer directions the layer
+    is never searched (it has no part in the edit): it is the anchor's, recorded for the direction file."""
+    per_layer = options.direction_scope is DirectionScope.PER_LAYER
     if options.search_space is SearchSpace.FREE:
-        return {}
+        if not per_layer:
+            return {}
+        return {"direction_layer": (anchor or default_anchor(n_layers, options)).layer}
     low, high = layer_bounds(n_layers, options, anchor)
     assert anchor is not None  # layer_bounds refuses the anchored search without one
     fixed: dict[str, Any] = {"position": anchor.position}
-    if high <= low:
+    if high <= low or per_layer:
         fixed["direction_layer"] = anchor.layer
     return fixed
 
@@ -145,7 +153,12 @@ def point_from_params(
     profile = EditProfile(
         attention=kernel("attention"), mlp=kernel("mlp"), embedding=float(params["embedding"]), preserve_norm=keep
     )
-    return EditPoint(layer=float(params["direction_layer"]), position=int(params["position"]), profile=profile)
+    return EditPoint(
+        layer=float(params["direction_layer"]),
+        position=int(params["position"]),
+        profile=profile,
+        per_layer=options.direction_scope is DirectionScope.PER_LAYER,
+    )
 
 
 def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) -> dict[str, Any]:
@@ -166,10 +179,27 @@ def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) ->
 
 
 def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tensor | None = None) -> torch.Tensor:
-    """The unit direction of ``point``: the mean differences ``diffs[layer, position]`` (``[n_layers, n_post, d]``),
-    interpolated between the two layers around ``point.layer``; with ``harmless`` (the harmless means, same shape)
-    the harmless mean's direction is removed from it first."""
+    """The unit direction of ``point``: the mean differences ``diffs[layer, position]`` (``[n_layers, n_post, d]``,
+    the input of each block), interpolated between the two layers around ``point.layer``; with ``harmless`` (the
+    harmless means, same shape) the harmless mean's direction is removed from it first.
+
+    With ``point.per_layer``, ``[n_layers, d]`` unit rows: row ``l`` is read at the output of decoder layer ``l``
+    (the input of block ``l + 1``; the last layer's output is not captured, so it reuses its input's), at
+    ``point.position``. Row 0 also serves the embeddings (:func:`weightedit.edit.in_memory.orthogonalize_model_`).
+    """
     n_layers, n_post = diffs.shape[:2]
+    if point.per_layer:
+        p = n_post + point.position
+        rows = []
+        for layer in range(n_layers):
+            src = min(layer + 1, n_layers - 1)
+            v = diffs[src, p].double()
+            if harmless is not None:
+                h = harmless[src, p].double()
+                h = h / h.norm()
+                v = v - (v @ h) * h
+            rows.append(v / v.norm())
+        return torch.stack(rows).float()
     low = min(int(math.floor(point.layer)), n_layers - 1)
     high = min(low + 1, n_layers - 1)
     t = point.layer - low
