@@ -10,6 +10,8 @@
                                                            # weightedit's trials judge 16-token completions
     python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
                                                            # the search and choice of the earlier runs
+    python bench/optimize_vs_peer.py --weightedit-direction-scope per-layer ...
+                                                           # each decoder layer's writers lose their own direction
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
 error: pass a new ``--work``):
@@ -27,7 +29,8 @@ error: pass a new ``--work``):
    own refusal markers, weightedit judges with its substring judge, so the two shares are alike, not the same;
    exit 1 = no point met the target, recorded as such). Its search space and choice rule are optimize's
    defaults (anchored, interval) unless ``--weightedit-search-space`` / ``--weightedit-choice-rule`` say
-   otherwise (the runs before they existed searched freely and chose by the strict rule).
+   otherwise (the runs before they existed searched freely and chose by the strict rule), and its direction is
+   one for every writer unless ``--weightedit-direction-scope per-layer``.
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
    ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
    KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
@@ -220,6 +223,8 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         settings["weightedit_n_score"] = n_score
     if args.weightedit_trial_tokens:
         settings["weightedit_trial_tokens"] = args.weightedit_trial_tokens
+    if args.weightedit_direction_scope != "global":  # records made before the option keep their settings
+        settings["weightedit_direction_scope"] = args.weightedit_direction_scope
     code = source_tree()
     if (record := reusable(done, settings)) is not None:
         if record.get("code") == code:
@@ -239,9 +244,12 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     ]  # fmt: skip
     if args.weightedit_trial_tokens:
         cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
+    if args.weightedit_direction_scope != "global":
+        cmd += ["--direction-scope", args.weightedit_direction_scope]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
-        f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search"
+        f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search, "
+        f"{args.weightedit_direction_scope} direction"
         + (
             f", trials judged on {args.weightedit_trial_tokens}-token completions"
             if args.weightedit_trial_tokens
@@ -492,6 +500,12 @@ def main() -> None:
         choices=("anchored", "free"),
         default="anchored",
         help="weightedit's search space (optimize --search-space)",
+    )
+    parser.add_argument(
+        "--weightedit-direction-scope",
+        choices=("global", "per-layer"),
+        default="global",
+        help="weightedit's direction scope (optimize --direction-scope)",
     )
     parser.add_argument(
         "--weightedit-choice-rule",
