@@ -151,3 +151,22 @@ def test_a_failed_card_write_leaves_the_previous_card(model, monkeypatch):
     monkeypatch.undo()
     write_card(model)
     assert (model / "README.md").read_text(encoding="utf-8") != previous
+
+
+def test_a_per_layer_direction_is_described_as_such(tiny_checkpoints, tmp_path):
+    import torch
+
+    layers = torch.stack([random_direction(seed=20 + i) for i in range(2)])
+    direction = Direction(vector=layers[0], layer_vectors=layers, layer=1, position=-1, languages=("en",))
+    out = orthogonalize_checkpoint(tiny_checkpoints("llama"), tmp_path / "m", direction, progress=False).out
+    text = card_text(out)
+    assert (
+        "one direction per decoder layer (2 rows, each read at that layer's output), post-instruction position -1"
+        in text
+    )
+    assert "residual stream at layer" not in text
+    assert "residual stream at layer 1, post-instruction position -1" in card_text(
+        orthogonalize_checkpoint(
+            tiny_checkpoints("llama"), tmp_path / "g", Direction(vector=layers[0], layer=1, position=-1), progress=False
+        ).out
+    )

@@ -363,6 +363,7 @@ def build_card(folder: Path, *, repo_id: str | None = None, report: Path | None 
         direction_languages=", ".join(f"{LANGUAGE_NAMES.get(x, x)} ({x})" for x in direction.get("languages") or [])
         or "a direction file",
         layer=direction.get("layer"),
+        layer_rows=direction.get("layer_rows"),
         position=direction.get("position"),
         edited_groups=groups,
         tied=(p.get("options") or {}).get("tied_embeddings"),
