@@ -160,13 +160,13 @@ def test_a_per_layer_direction_is_described_as_such(tiny_checkpoints, tmp_path):
     direction = Direction(vector=layers[0], layer_vectors=layers, layer=1, position=-1, languages=("en",))
     out = orthogonalize_checkpoint(tiny_checkpoints("llama"), tmp_path / "m", direction, progress=False).out
     text = card_text(out)
-    assert (
-        "one direction per decoder layer (2 rows, each read at that layer's output), post-instruction position -1"
-        in text
-    )
+    assert "one direction per decoder layer (2 rows), post-instruction position -1." in text
     assert "residual stream at layer" not in text
     assert "residual stream at layer 1, post-instruction position -1" in card_text(
         orthogonalize_checkpoint(
             tiny_checkpoints("llama"), tmp_path / "g", Direction(vector=layers[0], layer=1, position=-1), progress=False
         ).out
     )
+    unplaced = Direction(vector=layers[0], layer_vectors=layers)  # a file that does not say where it was read
+    text = card_text(orthogonalize_checkpoint(tiny_checkpoints("llama"), tmp_path / "u", unplaced, progress=False).out)
+    assert "one direction per decoder layer (2 rows)." in text and "position None" not in text

@@ -73,22 +73,38 @@ def test_rows_all_equal_to_the_vector_write_the_global_edit(tiny_checkpoints, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_tensor_of_rows_edits_temporarily_as_the_direction_does(tiny_checkpoints):
-    """A ``[n_layers, d]`` tensor is the per-layer direction whose row 0 serves the embeddings; undone exactly."""
+def test_a_tensor_of_rows_edits_temporarily_as_the_written_direction_does(tiny_checkpoints, tmp_path):
+    """A ``[n_layers, d]`` tensor is the per-layer direction whose row 0 serves the embeddings, in memory (undone
+    exactly) and in the streaming rewrite; both compute what the direction file with those rows writes."""
     src = tiny_checkpoints("llama")
     layers = rows(n_layers_of(src))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     untie_embeddings_(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    orthogonalize_model_(reference, Direction(vector=layers[0], layer_vectors=layers), profile=SHAPED)
+    path = save_direction(Direction(vector=layers[0], layer_vectors=layers, profile=SHAPED), tmp_path / "r.safetensors")
+    orthogonalize_checkpoint(src, tmp_path / "file", path, progress=False)
+    report = orthogonalize_checkpoint(src, tmp_path / "tensor", layers, profile=SHAPED, progress=False)
+    assert report.provenance["direction"]["layer_rows"] == len(layers)
+    from_file = AutoModelForCausalLM.from_pretrained(tmp_path / "file", dtype=torch.float32).eval()
+    from_tensor = AutoModelForCausalLM.from_pretrained(tmp_path / "tensor", dtype=torch.float32).eval()
     ids = input_ids()
     with torch.inference_mode():
         with temporarily_edited(model, layers, SHAPED):
             got = model(ids).logits
-        want = reference(ids).logits
-    assert torch.equal(got, want)
+        want, written = from_file(ids).logits, from_tensor(ids).logits
+    assert (got - want).abs().max().item() <= TOLERANCE and (written - want).abs().max().item() <= TOLERANCE
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # A file and the same direction in hand hash alike (the file's rows are read with NumPy, the object's with torch).
+    in_hand = orthogonalize_checkpoint(src, tmp_path / "hand", load_direction(path), progress=False)
+    by_file = json.loads((tmp_path / "file" / "weightedit.json").read_text())
+    assert in_hand.provenance["direction"]["sha256"] == by_file["direction"]["sha256"] == load_direction(path).sha256()
+
+
+def test_rows_for_another_depth_are_refused_in_memory(tiny_checkpoints):
+    src = tiny_checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with pytest.raises(InvalidDirectionError, match="directions for 3 decoder layers but the model has 2"):
+        orthogonalize_model_(model, rows(3))
 
 
 def test_the_rows_round_trip_and_are_part_of_the_hash(tmp_path):
@@ -99,7 +115,10 @@ def test_the_rows_round_trip_and_are_part_of_the_hash(tmp_path):
     path = save_direction(Direction(vector=r, layer_vectors=layers), tmp_path / "r.safetensors")
     back = load_direction(path)
     assert back.layer_vectors is not None and torch.equal(back.layer_vectors, layers)
-    assert peek_direction(path) is None  # read by load_direction, which checks the rows
+    header = peek_direction(path)  # the rewrite reads the rows with NumPy, without torch
+    assert header is not None and header.n_layer_rows == 2
+    rows_np = header.load_rows()
+    assert rows_np is not None and torch.equal(torch.from_numpy(rows_np), layers)
     assert Direction(vector=r).sha256() != back.sha256() != Direction(vector=r, layer_vectors=rows(2, seed=40)).sha256()
 
 
@@ -108,11 +127,20 @@ def test_the_rows_round_trip_and_are_part_of_the_hash(tmp_path):
     [torch.zeros(2, 64), torch.randn(2, 63), torch.randn(64), torch.full((2, 64), float("nan"))],
     ids=["zero rows", "wrong width", "not rows", "nan"],
 )
-def test_broken_rows_are_refused(bad, tmp_path):
+def test_broken_rows_are_refused(bad, tiny_checkpoints, tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file({"direction": random_direction(), "layer_directions": bad.contiguous()}, str(path))
     with pytest.raises(InvalidDirectionError, match="layer_directions"):
         load_direction(path)
+    # The rewrite reads them from the file's header with NumPy: refused before anything is written.
+    with pytest.raises(InvalidDirectionError):
+        orthogonalize_checkpoint(tiny_checkpoints("llama"), tmp_path / "out", path, progress=False)
+    assert not (tmp_path / "out").exists()
+    # And they are never saved.
+    if bad.ndim == 2:
+        with pytest.raises(InvalidDirectionError, match="layer_directions"):
+            save_direction(Direction(vector=random_direction(), layer_vectors=bad), tmp_path / "again.safetensors")
+        assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_rows_for_another_depth_are_refused_before_anything_is_written(tiny_checkpoints, tmp_path):

@@ -21,7 +21,7 @@ from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import OptimizeOptions
 from weightedit.optimize.report import markdown
-from weightedit.optimize.space import Anchor, point_from_params
+from weightedit.optimize.space import Anchor, direction_vector, point_from_params
 from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
@@ -449,6 +449,7 @@ def test_per_layer_directions_are_searched_and_written_exactly(planted, tmp_path
     direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
     assert direction.layer_vectors is not None and torch.equal(direction.layer_vectors, rows)
     assert torch.equal(direction.vector, rows[0])
+    assert direction.layer is None  # no one layer is read
     assert direction.meta["optimize"]["direction_scope"] == "per-layer"
     trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     untie_embeddings_(trial_model)
@@ -467,12 +468,43 @@ def test_per_layer_directions_are_searched_and_written_exactly(planted, tmp_path
 
     report = json.loads(job.files["json"].read_text())
     assert report["search"]["direction_scope"] == report["options"]["direction_scope"] == "per-layer"
-    assert report["search"]["direction_layers"] is None
+    assert report["search"]["direction_layers"] is None and report["first_trial"]["layer"] is None
     md = job.files["md"].read_text()
     assert "Search space: per-layer directions" in md and f"| {chosen.trial.number} | per layer |" in md
+    assert f"KL {chosen.trial.kl:.3f}; per-layer directions, position {chosen.trial.point.position};" in md
     # A study of the other scope is not resumed in the same folder.
     with pytest.raises(OptionsError, match="another model or other options"):
         optimize_model(str(model), tmp_path / "g", options(prompts), work_dir=work, progress=False)
+
+
+def test_per_layer_rows_are_read_at_each_layers_output_and_made_orthogonal_to_its_harmless_mean():
+    g = torch.Generator().manual_seed(3)
+    diffs, harmless = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    point = point_from_params(
+        {"position": -2, "direction_layer": 1.0, **{f"{p}_{k}": 1.0 for p in ("attention", "mlp") for k in ("center", "peak", "width", "floor")}, "embedding": 1.0},
+        OptimizeOptions(direction_scope="per-layer", preserve_norm=False),
+    )  # fmt: skip
+    assert point.per_layer
+    got = direction_vector(point, diffs, harmless)
+    for layer in range(4):
+        src = min(layer + 1, 3)
+        h = harmless[src, 1].double() / harmless[src, 1].double().norm()
+        v = diffs[src, 1].double() - (diffs[src, 1].double() @ h) * h
+        assert torch.allclose(got[layer].double(), v / v.norm(), atol=1e-6)
+    diffs[2, 1] = 0  # layer 1's output: no direction there
+    with pytest.raises(OptionsError, match="decoder layer 1 has no direction"):
+        direction_vector(point, diffs)
+
+
+def test_the_free_search_with_per_layer_directions_searches_the_position_only(planted, tmp_path):
+    model, prompts = planted
+    work = tmp_path / "study"
+    opts = options(prompts, trials=6, search_space="free", direction_scope="per-layer")
+    job = optimize_model(str(model), tmp_path / "a", opts, work_dir=work, progress=False)
+    stored = stored_study(work).trials
+    assert all("direction_layer" not in t.params and "position" in t.params for t in stored)
+    assert {t.point.position for t in job.study.trials} == {-1, -2}
+    assert len({t.point.layer for t in job.study.trials}) == 1  # recorded, not searched
 
 
 def test_a_layer_window_of_zero_fixes_the_layer_too(planted, tmp_path):

@@ -225,7 +225,7 @@ def optimize_model(
         direction = Direction(
             vector=vector[0] if rows is not None else vector,
             layer_vectors=rows,
-            layer=int(round(point.layer)),
+            layer=None if point.per_layer else int(round(point.layer)),  # per-layer: no one layer is read
             position=point.position,
             languages=(options.direction_lang,),
             model=source.given,

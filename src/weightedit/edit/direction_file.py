@@ -37,8 +37,13 @@ __all__ = [
     "check_selection",
     "selection_failed_kl",
     "checked_vector",
+    "checked_rows",
+    "LAYER_TENSOR",
     "vector_sha256",
 ]
+
+# The per-layer rows' tensor name in a direction file.
+LAYER_TENSOR = "layer_directions"
 
 # Config keys that do not change the residual stream's basis (and untying changes the tie flag).
 _VOLATILE_CONFIG_KEYS = {
@@ -95,6 +100,11 @@ class Direction:
     def d_model(self) -> int:
         return int(self.vector.numel())
 
+    @property
+    def n_layer_rows(self) -> int | None:
+        """How many per-layer rows the direction has (``None``: one direction for every writer)."""
+        return None if self.layer_vectors is None else int(self.layer_vectors.shape[0])
+
     def sha256(self) -> str:
         """Hash of the vector's float32 bytes, then the per-layer directions' if any (what the edit depends on)."""
         import torch
@@ -131,10 +141,24 @@ class DirectionHeader:
     layer: int | None = None
     position: int | None = None
     languages: tuple[str, ...] = ()
+    n_layer_rows: int | None = None  # rows of its ``layer_directions`` (None: it has none)
 
     def check_model(self, config: dict[str, Any], *, allow_mismatch: bool = False, source: str = "direction") -> None:
         """:meth:`Direction.check_model` on the file's metadata."""
         _check_model(self, config, allow_mismatch=allow_mismatch, source=source)
+
+    def _read(self, name: str) -> NDArray:
+        from ..io.checkpoint import read_array
+
+        try:
+            header = read_header(self.path)
+            return read_array(header, header.tensors[name]).astype("float64")
+        except (InvalidCheckpointError, KeyError, OSError):
+            raise InvalidDirectionError(
+                f"direction file {self.path} changed or became unreadable while it was read: save the direction "
+                "again with `weightedit direction`",
+                path=self.path,
+            ) from None
 
     def load_vector(self) -> NDArray:
         """The vector as :func:`load_direction` reads it (float32, the same checks), with NumPy.
@@ -142,18 +166,18 @@ class DirectionHeader:
         Raises:
             InvalidDirectionError: the file changed since its header was read, or cannot be read.
         """
-        from ..io.checkpoint import read_array
+        return checked_vector(self._read(self.tensor), self.path)
 
-        try:
-            header = read_header(self.path)
-            wide = read_array(header, header.tensors[self.tensor]).astype("float64")
-        except (InvalidCheckpointError, KeyError, OSError):
-            raise InvalidDirectionError(
-                f"direction file {self.path} changed or became unreadable while it was read: save the direction "
-                "again with `weightedit direction`",
-                path=self.path,
-            ) from None
-        return checked_vector(wide, self.path)
+    def load_rows(self) -> NDArray | None:
+        """The per-layer rows as :func:`load_direction` reads them (float32 ``[n_layers, d_model]``, the same
+        checks), with NumPy; ``None`` when the file has none.
+
+        Raises:
+            InvalidDirectionError: the rows are broken, or the file changed or cannot be read.
+        """
+        if self.n_layer_rows is None:
+            return None
+        return checked_rows(self._read(LAYER_TENSOR), self.d_model, self.path)
 
 
 def vector_sha256(vector: NDArray, layers: NDArray | None = None) -> str:
@@ -199,12 +223,12 @@ def _check_model(
             f"{source} has d_model={direction.d_model} but the model has hidden size {d_model}: use a direction "
             "computed on this model (weightedit direction --model ...)"
         )
-    layers = getattr(direction, "layer_vectors", None)
-    n_layers = decoder_depth(config)
-    if layers is not None and n_layers is not None and int(layers.shape[0]) != n_layers:
+    rows, n_layers = direction.n_layer_rows, decoder_depth(config)
+    if rows is not None and rows != n_layers:
         raise InvalidDirectionError(
-            f"{source} has directions for {int(layers.shape[0])} decoder layers but the model has {n_layers}: use a "
-            "direction computed on this model (weightedit optimize --model ...)"
+            f"{source} has directions for {rows} decoder layers but the model has "
+            f"{n_layers if n_layers is not None else 'no layer count in its config'}: use a direction computed on "
+            "this model (weightedit optimize --model ...)"
         )
     if direction.config_hash and not allow_mismatch and direction.config_hash != config_fingerprint(config):
         raise InvalidDirectionError(
@@ -243,8 +267,10 @@ def save_direction(direction: Direction, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     tensors = {"direction": direction.vector.detach().to("cpu", torch.float32).contiguous()}
     if direction.layer_vectors is not None:
+        rows = direction.layer_vectors.detach().to("cpu", torch.float64)
+        checked_rows(rows.numpy(), direction.d_model, "the direction")  # a broken row is refused, not saved
         # A copy: the vector is often a view of one of the rows, and safetensors refuses shared storage.
-        tensors["layer_directions"] = direction.layer_vectors.detach().to("cpu", torch.float32).clone()
+        tensors[LAYER_TENSOR] = direction.layer_vectors.detach().to("cpu", torch.float32).clone()
     if direction.candidates is not None:
         tensors["candidates"] = direction.candidates.detach().to("cpu", torch.float32).contiguous()
     meta = {
@@ -331,7 +357,14 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
             f"{path}: its metadata is not string-to-string: re-save the direction file", path=path
         )
     extra, profile = _parsed_meta(meta, path)
-    layers = _layer_rows(tensors.get("layer_directions"), int(vector.numel()), path)
+    layers = None
+    if (rows := tensors.get(LAYER_TENSOR)) is not None:
+        if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
+            raise InvalidDirectionError(
+                f"{path}: its {LAYER_TENSOR} are not a float tensor: re-save the direction with `weightedit optimize`",
+                path=path,
+            )
+        layers = torch.from_numpy(checked_rows(rows.double().numpy(), int(vector.numel()), path))
 
     return Direction(
         vector=vector,
@@ -347,27 +380,34 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
     )
 
 
-def _layer_rows(value: Any, d_model: int, path: Path) -> torch.Tensor | None:
-    """A direction file's ``layer_directions`` as float32 ``[n_layers, d_model]`` with finite, nonzero rows."""
-    import torch
+def checked_rows(wide: NDArray, d_model: int, path: Path | str) -> NDArray:
+    """Per-layer rows (float64 values) as float32 ``[n_layers, d_model]``, each finite and nonzero.
 
-    if value is None:
-        return None
-    if (
-        not isinstance(value, torch.Tensor)
-        or not value.is_floating_point()
-        or value.ndim != 2
-        or value.shape[1] != d_model
-        or not bool(torch.isfinite(value).all())
-        or bool((value.double().norm(dim=1) == 0).any())
-    ):
-        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    Raises:
+        InvalidDirectionError: not ``[n_layers, d_model]`` float rows, or a row that is not finite or is zero
+            (named).
+    """
+    import numpy as np
+
+    if wide.ndim != 2 or wide.shape[0] < 1 or wide.shape[1] != d_model:
         raise InvalidDirectionError(
-            f"{path}: its layer_directions ({shape}) are not [n_layers, {d_model}] finite nonzero float rows: "
-            "re-save the direction with `weightedit optimize`",
-            path=path,
+            f"{path}: its {LAYER_TENSOR} have shape {list(wide.shape)}, not [n_layers, {d_model}]: re-save the "
+            "direction with `weightedit optimize`",
+            path=Path(path),
         )
-    return value.float()
+    for i, row in enumerate(wide):
+        if not bool(np.isfinite(row).all()) or not bool(np.any(row)):
+            raise InvalidDirectionError(
+                f"{path}: row {i} of its {LAYER_TENSOR} is {'zero' if np.isfinite(row).all() else 'not finite'}: "
+                "every decoder layer needs a direction; re-save the direction with `weightedit optimize`",
+                path=Path(path),
+            )
+    with np.errstate(over="ignore"):
+        rows = wide.astype(np.float32)
+    overflow = ~np.isfinite(rows).all(axis=1)
+    if overflow.any():  # only a row's direction matters: bring one that overflows float32 into range
+        rows[overflow] = (wide[overflow] / np.abs(wide[overflow]).max(axis=1, keepdims=True)).astype(np.float32)
+    return rows
 
 
 def _meta_int(meta: dict[str, str], key: str) -> int | None:
@@ -428,8 +468,9 @@ def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
             path=path,
         ) from None
     tensors = header.tensors
-    if "layer_directions" in tensors:  # per-layer rows: load_direction reads and checks them
-        return None
+    rows = tensors.get(LAYER_TENSOR)
+    if rows is not None and (not rows.is_float or len(rows.shape) != 2):
+        return None  # load_direction names the problem
     info = tensors.get("direction") or (next(iter(tensors.values())) if len(tensors) == 1 else None)
     if info is None or not info.is_float:
         return None
@@ -454,6 +495,7 @@ def peek_direction(path: str | os.PathLike[str]) -> DirectionHeader | None:
         layer=_meta_int(meta, "layer"),
         position=_meta_int(meta, "position"),
         languages=_meta_languages(meta),
+        n_layer_rows=None if rows is None else rows.shape[0],
     )
 
 

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import InvalidCheckpointError
-from ..io.checkpoint import residual_width
+from ..errors import InvalidCheckpointError, InvalidDirectionError
+from ..io.checkpoint import decoder_depth, residual_width
 from .arch import spec_for_config
 from .direction_file import Direction
 from .options import TiedEmbeddings, tied_embeddings_option
@@ -70,7 +70,17 @@ def _unit(model: CausalLM, direction: Direction | torch.Tensor) -> tuple[torch.T
         vector, layers = direction[0], direction
     else:
         vector, layers = direction, None
-    rows = None if layers is None else torch.stack([unit_direction(row, d_model) for row in layers])
+    rows = None
+    if layers is not None:
+        depth = decoder_depth(model.config)
+        if depth is not None and len(layers) != depth:
+            raise InvalidDirectionError(
+                f"the direction has directions for {len(layers)} decoder layers but the model has {depth}: use a "
+                "direction computed on this model (weightedit optimize --model ...)"
+            )
+        rows = torch.stack(
+            [unit_direction(row, d_model, name=f"the direction (decoder layer {i})") for i, row in enumerate(layers)]
+        )
     return unit_direction(vector, d_model), rows
 
 
@@ -108,9 +118,9 @@ def _writer_edits(
         u = r
         if layers is not None and m.layer is not None:
             if not 0 <= m.layer < len(layers):
-                raise InvalidCheckpointError(
+                raise InvalidDirectionError(
                     f"writer {name!r} is in decoder layer {m.layer} but the direction has {len(layers)} layer rows: "
-                    "use a direction computed on this model"
+                    "use a direction computed on this model (weightedit optimize --model ...)"
                 )
             u = layers[m.layer]
         if m.norm_name is not None:

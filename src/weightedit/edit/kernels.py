@@ -100,6 +100,12 @@ def unit_vector(direction: NDArray, d_model: int, *, name: str = "direction") ->
     return (r / norm).astype(np.float32)
 
 
+def unit_rows(rows: NDArray, d_model: int, *, name: str = "direction") -> NDArray:
+    """:func:`unit_vector` of every row of ``rows`` (per-layer directions), ``[n_layers, d_model]`` float32; an
+    error names the row."""
+    return np.stack([unit_vector(row, d_model, name=f"{name} (decoder layer {i})") for i, row in enumerate(rows)])
+
+
 def effective_vector(r: NDArray, norm_weight: NDArray | None, norm_offset: float = 0.0) -> NDArray:
     """The vector to project a writer against: ``r``, or for a writer followed by an RMSNorm with gain
     ``γ = norm_offset + weight`` the normalized ``γ ⊙ r``, zero where the norm zeroes the direction already

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidCheckpointError
+from ..errors import InvalidCheckpointError, InvalidDirectionError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from .arch import ArchSpec, WriterMatch, spec_for_config
 from .options import TiedEmbeddings
@@ -108,10 +108,9 @@ def writer_targets(
         if layers is not None and m.layer is not None:
             row = m.layer
             if not 0 <= row < len(layers):
-                raise InvalidCheckpointError(
+                raise InvalidDirectionError(
                     f"writer {name!r} is in decoder layer {row} but the direction has {len(layers)} layer rows: "
-                    "use a direction computed on this model",
-                    path=checkpoint.folder,
+                    "use a direction computed on this model (weightedit optimize --model ...)"
                 )
             v = layers[row]
         if m.norm_name is None:

@@ -75,5 +75,5 @@ def edit_provenance(
 
 def _layer_rows(direction: Direction | DirectionHeader) -> dict[str, int]:
     """How many per-layer rows the direction has (recorded only when it has them)."""
-    rows = getattr(direction, "layer_vectors", None)
-    return {} if rows is None else {"layer_rows": int(rows.shape[0])}
+    rows = direction.n_layer_rows
+    return {} if rows is None else {"layer_rows": rows}

@@ -299,11 +299,16 @@ def _checked_direction(
     allow_model_mismatch: bool,
     allow_failing_filters: bool,
 ) -> _Vector:
-    """A direction in hand (checked against the model and its selection record) and its unit vector."""
-    import numpy as np
+    """A direction in hand (checked against the model and its selection record) and its unit vector; a
+    ``[n_layers, d_model]`` tensor is a per-layer direction whose row 0 serves the embeddings."""
+    import torch
 
+    from .kernels import unit_rows
     from .projection import unit_direction
 
+    if not isinstance(direction, Direction) and direction.ndim == 2 and direction.shape[0] > 1:
+        # [n_layers, d_model]: per-layer rows, row 0 for the embeddings (as the in-memory edit reads it)
+        direction = Direction(vector=direction[0], layer_vectors=direction)
     if isinstance(direction, Direction):
         _check_direction(
             direction,
@@ -314,7 +319,8 @@ def _checked_direction(
         unit = unit_direction(direction.vector, checkpoint.d_model)
         layers = None
         if direction.layer_vectors is not None:
-            layers = np.stack([unit_direction(row, checkpoint.d_model).numpy() for row in direction.layer_vectors])
+            rows = direction.layer_vectors.detach().to("cpu", torch.float64).numpy()
+            layers = unit_rows(rows, checkpoint.d_model, name=_direction_name(direction))
         return _Vector(direction, direction.sha256(), unit.numpy(), layers)
     r = unit_direction(direction, checkpoint.d_model)
     record = Direction(vector=r)
@@ -323,9 +329,13 @@ def _checked_direction(
 
 def _vector_from_file(header: DirectionHeader, checkpoint: Checkpoint) -> _Vector:
     """The vector of a direction file whose metadata was checked already, read without torch."""
-    vector = header.load_vector()
-    unit = unit_vector(vector, checkpoint.d_model, name=_direction_name(header))
-    return _Vector(header, vector_sha256(vector), unit)
+    from .kernels import unit_rows
+
+    vector, rows = header.load_vector(), header.load_rows()
+    name = _direction_name(header)
+    unit = unit_vector(vector, checkpoint.d_model, name=name)
+    layers = None if rows is None else unit_rows(rows, checkpoint.d_model, name=name)
+    return _Vector(header, vector_sha256(vector, rows), unit, layers)
 
 
 @contextlib.contextmanager

@@ -105,7 +105,8 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
         "search": _search_section(result),
         "first_trial": {
             "what": "the full edit along the study's anchor (see search.anchor)",
-            "layer": result.trials[0].point.layer if result.trials else None,
+            # None with per-layer directions: each decoder layer's writers read their own.
+            "layer": result.trials[0].point.layer if result.trials and not result.trials[0].point.per_layer else None,
             "position": result.trials[0].point.position if result.trials else None,
         },
         "baseline": {
@@ -253,7 +254,7 @@ def markdown(data: dict[str, Any]) -> str:
     else:
         lines.append(
             f"**Chosen: trial {chosen['trial']}** by the {chosen['rule']} rule (target {target}; pooled "
-            f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; direction layer {_direction_layer(chosen)}, "
+            f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; {_where(chosen)}, "
             f"position {chosen['position']}; {_profile_text(chosen['profile'])}); written to "
             f"{data['written'] or '(not written)'}."
         )
@@ -265,6 +266,12 @@ def _direction_layer(point: dict[str, Any]) -> str:
     if point.get("direction_scope") == DirectionScope.PER_LAYER.value:
         return "per layer"
     return f"{point['direction_layer']:.2f}"
+
+
+def _where(point: dict[str, Any]) -> str:
+    if point.get("direction_scope") == DirectionScope.PER_LAYER.value:
+        return "per-layer directions"
+    return f"direction layer {point['direction_layer']:.2f}"
 
 
 def _judged_header(number: int, trials: dict[int, dict[str, Any]], front: list[int]) -> str:

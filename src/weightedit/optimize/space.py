@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..edit.profile import EditProfile, LayerKernel
+from ..errors import OptionsError
 from .options import DirectionScope, OptimizeOptions, SearchSpace
 
 __all__ = [
@@ -184,8 +185,11 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
     harmless means, same shape) the harmless mean's direction is removed from it first.
 
     With ``point.per_layer``, ``[n_layers, d]`` unit rows: row ``l`` is read at the output of decoder layer ``l``
-    (the input of block ``l + 1``; the last layer's output is not captured, so it reuses its input's), at
+    (the input of block ``l + 1``; the means hold block inputs only, so the last layer reuses its input's), at
     ``point.position``. Row 0 also serves the embeddings (:func:`weightedit.edit.in_memory.orthogonalize_model_`).
+
+    Raises:
+        OptionsError: a per-layer row is zero (the harmful and harmless means agree there).
     """
     n_layers, n_post = diffs.shape[:2]
     if point.per_layer:
@@ -198,6 +202,13 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
                 h = harmless[src, p].double()
                 h = h / h.norm()
                 v = v - (v @ h) * h
+            if not float(v.norm()) > 0:
+                raise OptionsError(
+                    "direction_scope",
+                    DirectionScope.PER_LAYER.value,
+                    f"the mean difference at layer {src}, position {point.position} is zero, so decoder layer "
+                    f"{layer} has no direction: use <<direction_scope>> global",
+                )
             rows.append(v / v.norm())
         return torch.stack(rows).float()
     low = min(int(math.floor(point.layer)), n_layers - 1)
