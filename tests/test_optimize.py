@@ -76,6 +76,15 @@ def stored_study(work: Path) -> optuna.Study:
     )
 
 
+def trial_and_written(model: Path, out: Path) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The unedited model as the trials hold it (untied), the written checkpoint, and token ids to compare on."""
+    trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    untie_embeddings_(trial_model)
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, written.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    return trial_model, written, ids
+
+
 def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(planted, tmp_path):
     model, prompts = planted
     out = tmp_path / "edited"
@@ -93,10 +102,7 @@ def test_study_chooses_a_point_that_removes_refusal_and_writes_it_exactly(plante
     # The written checkpoint computes what the trial's in-memory model computed.
     direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
     assert direction.profile == chosen.trial.point.profile
-    trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    untie_embeddings_(trial_model)
-    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = torch.randint(3, written.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    trial_model, written, ids = trial_and_written(model, out)
     with torch.inference_mode():
         original = trial_model(ids).logits
         with temporarily_edited(trial_model, study.direction(chosen.trial.point), chosen.trial.point.profile):
@@ -451,10 +457,7 @@ def test_per_layer_directions_are_searched_and_written_exactly(planted, tmp_path
     assert torch.equal(direction.vector, rows[0])
     assert direction.layer is None  # no one layer is read
     assert direction.meta["optimize"]["direction_scope"] == "per-layer"
-    trial_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    untie_embeddings_(trial_model)
-    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = torch.randint(3, written.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    trial_model, written, ids = trial_and_written(model, out)
     with torch.inference_mode():
         original = trial_model(ids).logits
         with temporarily_edited(trial_model, rows, chosen.trial.point.profile):
