@@ -105,7 +105,7 @@ def optimize(
         float,
         typer.Option(
             "--layer-window",
-            help="Anchored search: how far (in layers) the direction layer may move from the anchor's.",
+            help="Anchored search, global scope: how far (in layers) the direction layer may move from the anchor's.",
         ),
     ] = 1.5,
     direction_scope: Annotated[

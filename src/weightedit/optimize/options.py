@@ -72,7 +72,9 @@ class OptimizeOptions:
         search_space: :class:`SearchSpace`: ``anchored`` (default) or ``free``.
         direction_scope: :class:`DirectionScope`: ``global`` (default) or ``per-layer``.
         layer_window: with the anchored search, the direction layer is searched this many layers either side of
-            the anchor's (clipped to the layers below ``max_layer_fraction``); ``0`` fixes it there.
+            the anchor's (clipped to the layers below ``max_layer_fraction``); ``0`` fixes it there. Per-layer
+            directions search no layer and ignore it (it stays in the study's key, as the first per-layer
+            studies stored it).
         preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
         orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction.
         max_layer_fraction: the direction is read from layers below this fraction of the depth.
