@@ -12,7 +12,9 @@ from ..errors import InvalidCheckpointError, InvalidDirectionError
 from ..io.checkpoint import decoder_depth, residual_width
 from .arch import spec_for_config
 from .direction_file import Direction
+from .kernels import unit_rows
 from .options import TiedEmbeddings, tied_embeddings_option
+from .plan import check_layer_row
 from .profile import FULL_EDIT, EditProfile
 from .projection import effective_direction, project_out_, unit_direction
 
@@ -78,8 +80,8 @@ def _unit(model: CausalLM, direction: Direction | torch.Tensor) -> tuple[torch.T
                 f"the direction has directions for {len(layers)} decoder layers but the model has {depth}: use a "
                 "direction computed on this model (weightedit optimize --model ...)"
             )
-        rows = torch.stack(
-            [unit_direction(row, d_model, name=f"the direction (decoder layer {i})") for i, row in enumerate(layers)]
+        rows = torch.from_numpy(
+            unit_rows(layers.detach().to("cpu", torch.float64).numpy(), d_model, name="the direction")
         )
     return unit_direction(vector, d_model), rows
 
@@ -117,12 +119,7 @@ def _writer_edits(
             continue
         u = r
         if layers is not None and m.layer is not None:
-            if not 0 <= m.layer < len(layers):
-                raise InvalidDirectionError(
-                    f"writer {name!r} is in decoder layer {m.layer} but the direction has {len(layers)} layer rows: "
-                    "use a direction computed on this model (weightedit optimize --model ...)"
-                )
-            u = layers[m.layer]
+            u = layers[check_layer_row(name, m.layer, len(layers))]
         if m.norm_name is not None:
             u = effective_direction(u, params[m.norm_name].detach().cpu(), spec.norm_offset)
 

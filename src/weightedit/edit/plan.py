@@ -16,7 +16,7 @@ from .options import TiedEmbeddings
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-__all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets"]
+__all__ = ["EditPlan", "TiedEmbeddings", "plan_edit", "writer_targets", "check_layer_row"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,20 @@ def plan_edit(checkpoint: Checkpoint) -> EditPlan:
     return EditPlan(checkpoint=checkpoint, spec=spec, writers=writers, tied=tied, embedding=embedding)
 
 
+def check_layer_row(writer: str, layer: int, n_rows: int) -> int:
+    """``layer``, checked to be a row of a per-layer direction with ``n_rows`` rows.
+
+    Raises:
+        InvalidDirectionError: the direction has no row for the writer's decoder layer.
+    """
+    if not 0 <= layer < n_rows:
+        raise InvalidDirectionError(
+            f"writer {writer!r} is in decoder layer {layer} but the direction has {n_rows} layer rows: "
+            "use a direction computed on this model (weightedit optimize --model ...)"
+        )
+    return layer
+
+
 def writer_targets(
     checkpoint: Checkpoint, plan: EditPlan, r: NDArray, layers: NDArray | None = None
 ) -> dict[str, NDArray]:
@@ -106,12 +120,7 @@ def writer_targets(
         row = None
         v = r
         if layers is not None and m.layer is not None:
-            row = m.layer
-            if not 0 <= row < len(layers):
-                raise InvalidDirectionError(
-                    f"writer {name!r} is in decoder layer {row} but the direction has {len(layers)} layer rows: "
-                    "use a direction computed on this model (weightedit optimize --model ...)"
-                )
+            row = check_layer_row(name, m.layer, len(layers))
             v = layers[row]
         if m.norm_name is None:
             targets[name] = v
