@@ -10,8 +10,8 @@
                                                            # weightedit's trials judge 16-token completions
     python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
                                                            # the search and choice of the earlier runs
-    python bench/optimize_vs_peer.py --weightedit-direction-scope per-layer ...
-                                                           # each decoder layer's writers lose their own direction
+    python bench/optimize_vs_peer.py --weightedit-direction-scope global ...
+                                                           # one direction for every writer (the earlier runs)
 
 Steps, each skipped when its result is already in ``--work`` with the same settings (other settings are an
 error: pass a new ``--work``):
@@ -29,8 +29,9 @@ error: pass a new ``--work``):
    own refusal markers, weightedit judges with its substring judge, so the two shares are alike, not the same;
    exit 1 = no point met the target, recorded as such). Its search space and choice rule are optimize's
    defaults (anchored, interval) unless ``--weightedit-search-space`` / ``--weightedit-choice-rule`` say
-   otherwise (the runs before they existed searched freely and chose by the strict rule), and its direction is
-   one for every writer unless ``--weightedit-direction-scope per-layer``.
+   otherwise (the runs before they existed searched freely and chose by the strict rule), and its directions
+   are per layer, optimize's default, unless ``--weightedit-direction-scope global`` (the runs before
+   2026-12-05 used one direction for every writer).
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
    ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
    KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
@@ -244,8 +245,7 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     ]  # fmt: skip
     if args.weightedit_trial_tokens:
         cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
-    if args.weightedit_direction_scope != "global":
-        cmd += ["--direction-scope", args.weightedit_direction_scope]
+    cmd += ["--direction-scope", args.weightedit_direction_scope]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
         f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search, "
@@ -503,8 +503,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--weightedit-direction-scope",
-        choices=("global", "per-layer"),
-        default="global",
+        choices=("per-layer", "global"),
+        default="per-layer",
         help="weightedit's direction scope (optimize --direction-scope)",
     )
     parser.add_argument(

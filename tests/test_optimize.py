@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
 from weightedit.errors import OptionsError
 from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
-from weightedit.optimize.options import OptimizeOptions
+from weightedit.optimize.options import DirectionScope, OptimizeOptions
 from weightedit.optimize.report import markdown
 from weightedit.optimize.space import Anchor, direction_vector, point_from_params
 from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
@@ -65,7 +66,16 @@ def mlp_cost_model(tmp_path_factory, planted):
 
 
 def options(prompts, **kw):
-    base = dict(langs=("en", "de"), trials=10, n_train=16, n_score=8, prompts=str(prompts), judge="score", seed=1)
+    base = dict(
+        langs=("en", "de"),
+        trials=10,
+        n_train=16,
+        n_score=8,
+        prompts=str(prompts),
+        judge="score",
+        seed=1,
+        direction_scope="global",  # most tests here are of the global path; the per-layer ones say so
+    )
     return OptimizeOptions(**{**base, **kw})
 
 
@@ -566,6 +576,32 @@ def test_a_study_of_the_other_search_space_is_not_resumed(planted):
             _open_study(new, free, "model-a", ["en", "de"])
         with pytest.raises(OptionsError, match=r"\(it differs in layer_window\)"):
             _open_study(new, options(prompts, layer_window=2), "model-a", ["en", "de"])
+
+
+def test_a_study_of_the_global_direction_resumes_only_with_that_scope(planted, tmp_path):
+    """Studies made before per-layer directions became the default have no scope in their key: resumed with the
+    default, the error says to pass the global scope; with it, they resume. A per-layer study is not resumed
+    with the global scope, and the hint is not given where other settings differ too."""
+    from weightedit.cli._messages import cli_message
+    from weightedit.optimize.study import _open_study
+
+    prompts = planted[1]
+    old_study = options(prompts)  # the global scope, as every study before the default changed
+    default = dataclasses.replace(old_study, direction_scope=OptimizeOptions.direction_scope)  # the default scope
+    assert default.direction_scope is DirectionScope.PER_LAYER
+    assert "direction_scope" not in old_study.setup_key()
+    assert default.setup_key() == {**old_study.setup_key(), "direction_scope": "per-layer"}
+    _open_study(tmp_path / "old", old_study, "model-a", ["en", "de"])
+    with pytest.raises(OptionsError, match=r"\(it differs in direction_scope\): resume it with") as e:
+        _open_study(tmp_path / "old", default, "model-a", ["en", "de"])
+    assert "resume it with --direction-scope global (how studies" in cli_message(e.value)
+    _open_study(tmp_path / "old", old_study, "model-a", ["en", "de"])  # resumes
+    other = dataclasses.replace(default, n_score=4)
+    with pytest.raises(OptionsError, match=r"\(it differs in direction_scope, n_score\): choose another"):
+        _open_study(tmp_path / "old", other, "model-a", ["en", "de"])
+    _open_study(tmp_path / "new", default, "model-a", ["en", "de"])
+    with pytest.raises(OptionsError, match=r"\(it differs in direction_scope\): choose another"):
+        _open_study(tmp_path / "new", old_study, "model-a", ["en", "de"])
 
 
 def test_without_a_screened_anchor_the_search_is_anchored_at_the_default_point(planted, tmp_path, monkeypatch):

@@ -112,11 +112,11 @@ def optimize(
         str,
         typer.Option(
             "--direction-scope",
-            metavar="[global|per-layer]",
-            help="global: every writer loses one direction; per-layer: each decoder layer's writers lose the mean "
-            "difference at that layer's output (the direction layer is then not searched).",
+            metavar="[per-layer|global]",
+            help="per-layer: each decoder layer's writers lose the mean difference at that layer's output (the "
+            "direction layer is then not searched); global: every writer loses one direction.",
         ),
-    ] = "global",
+    ] = "per-layer",
     preserve_norm: Annotated[
         bool | None,
         typer.Option(

@@ -33,10 +33,11 @@ class SearchSpace(str, Enum):
 class DirectionScope(str, Enum):
     """Which direction each writer loses.
 
-    ``global`` (default): one direction, read at the trial's direction layer, for every writer. ``per-layer``:
-    the writers of decoder layer ``l`` lose the mean difference at that layer's output (the input of layer
+    ``per-layer`` (default): the writers of decoder layer ``l`` lose the mean difference at that layer's output (the input of layer
     ``l + 1``; the last layer reuses its input's), the embeddings layer 0's; the trial's direction layer then
-    has no part in the edit and is not searched.
+    has no part in the edit and is not searched. ``global``: one direction, read at the trial's direction layer,
+    for every writer. On the demo model the per-layer full edit ties the global one's held-out refusal at a
+    perplexity ratio of 1.001 against 1.052 (docs/optimize.md), hence the default.
     """
 
     GLOBAL = "global"
@@ -70,7 +71,7 @@ class OptimizeOptions:
         sampler: :class:`Sampler`.
         seed: the sampler's seed.
         search_space: :class:`SearchSpace`: ``anchored`` (default) or ``free``.
-        direction_scope: :class:`DirectionScope`: ``global`` (default) or ``per-layer``.
+        direction_scope: :class:`DirectionScope`: ``per-layer`` (default) or ``global``.
         layer_window: with the anchored search, the direction layer is searched this many layers either side of
             the anchor's (clipped to the layers below ``max_layer_fraction``); ``0`` fixes it there. Per-layer
             directions search no layer and ignore it (it stays in the study's key, as the first per-layer
@@ -105,7 +106,7 @@ class OptimizeOptions:
     seed: int = 0
     search_space: SearchSpace | str = SearchSpace.ANCHORED
     layer_window: float = 1.5
-    direction_scope: DirectionScope | str = DirectionScope.GLOBAL
+    direction_scope: DirectionScope | str = DirectionScope.PER_LAYER
     preserve_norm: bool | None = None
     orthogonal_to_harmless: bool = False
     max_layer_fraction: float = 0.8

@@ -36,7 +36,7 @@ from ..errors import OptionsError
 from ..evaluation.stats import wilson_interval
 from ..runtime.modeling import LoadedModel
 from .objective import Setup, first_order_anchor, judged_refusal, measure, objectives
-from .options import ChoiceRule, OptimizeOptions, Sampler, SearchSpace
+from .options import ChoiceRule, DirectionScope, OptimizeOptions, Sampler, SearchSpace
 from .space import (
     Anchor,
     EditPoint,
@@ -159,22 +159,26 @@ def _open_study(work_dir: Path, options: OptimizeOptions, fingerprint: str, refu
 
 def _setup_mismatch(study: optuna.Study, key: dict[str, Any]) -> str:
     """What the error says when the stored study's setup is not ``key``: the entries that differ, and how to resume
-    a study of the free search (every study made before the anchored one) when that is the difference."""
+    a study made before a default changed when that is the difference: the free search (every study made before
+    the anchored one), the global direction (every study made before per-layer became the default)."""
     try:
         stored = json.loads(study.user_attrs.get("setup") or "{}")
     except ValueError:
         stored = {}
     differs = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
     what = f"it differs in {', '.join(differs)}" if differs else "languages, prompts, norms, trial estimate, search"
-    # A study of the free search made before the anchored one differs only in the anchored search's two entries.
-    free_study = (
-        "search_space" not in stored
-        and key.get("search_space") == SearchSpace.ANCHORED.value
-        and set(differs) <= {"search_space", "layer_window"}
+    # Studies made before a default changed differ only in that default's entries.
+    free_study = "search_space" not in stored and key.get("search_space") == SearchSpace.ANCHORED.value
+    global_study = "direction_scope" not in stored and key.get("direction_scope") == DirectionScope.PER_LAYER.value
+    hints = []
+    if free_study:
+        hints.append("<<search_space>> free (how studies searched before the anchored search)")
+    if global_study:
+        hints.append("<<direction_scope>> global (how studies read the direction before per-layer directions)")
+    old_defaults = ({"search_space", "layer_window"} if free_study else set()) | (
+        {"direction_scope"} if global_study else set()
     )
-    resume = (
-        "resume it with <<search_space>> free (how studies searched before the anchored search), " if free_study else ""
-    )
+    resume = f"resume it with {' and '.join(hints)}, " if hints and set(differs) <= old_defaults else ""
     return (
         f"holds a study of another model or other options ({what}): {resume}choose another <<work_dir>>, or remove "
         "it to start over"
