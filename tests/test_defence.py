@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,44 @@ def test_single_direction_defence_is_broken(planted, tmp_path, spy_attacks):
         assert v["strongest_attack"] in {a["name"] for a in data["attacks"]}
         assert all(a["refusal"][lang] == 0.0 for a in data["attacks"])
     assert "broken" in result.output
+
+
+def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direction(planted, tmp_path, monkeypatch):
+    """The iterated attack starts with the edit along the chosen direction; the single attack along that candidate
+    has made and measured it already, so the round reuses both: one checkpoint fewer is written and measured, and
+    the round's numbers are that attack's."""
+    writes: list[Path] = []
+    measured: list[str] = []
+    real_edit, real_measure = defence.orthogonalize_checkpoint, defence._measure_attack
+
+    def counting_edit(source, out, *args, **kwargs):
+        writes.append(Path(out))
+        return real_edit(source, out, *args, **kwargs)
+
+    def counting_measure(attack, *args, **kwargs):
+        measured.append(attack.name)
+        return real_measure(attack, *args, **kwargs)
+
+    monkeypatch.setattr(defence, "orthogonalize_checkpoint", counting_edit)
+    monkeypatch.setattr(defence, "_measure_attack", counting_measure)
+    model, prompts = planted
+    out = tmp_path / "report"
+    result = run_defence(model, prompts, out, "--attack-candidates", "1", "--attacks", "single,iterated")
+    assert result.exit_code == 1, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    single = next(a for a in data["attacks"] if a["family"] == "single")
+    rounds = [a for a in data["attacks"] if a["family"] == "iterated"]
+    assert rounds[0]["name"].startswith("iterated x1 ") and (rounds[0]["layer"], rounds[0]["position"]) == (
+        single["layer"],
+        single["position"],
+    )
+    for key in ("refusal", "refusal_detail", "kl", "perplexity_ratio", "coherent"):
+        assert rounds[0][key] == single[key], key
+    assert not any(name.startswith("iterated x1 ") for name in measured)
+    # One write for the single attack, one for each later round; none for the first round.
+    assert len(writes) == 1 + len(rounds) - 1
+    assert not list((tmp_path / "report").glob("attack*")) and not any(w.exists() for w in writes)
 
 
 def test_nonlinear_model_mechanism(nonlinear):

@@ -19,6 +19,7 @@ the attack is below ``min_refusal`` has *nothing to defend*.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -319,16 +320,26 @@ def _run_battery(
     plans, chosen = _attack_directions(source, options, progress)
     timings["directions"] = time.perf_counter() - t
     attacks: list[Attack] = []
+    # The iterated attack's first round is the edit along the chosen direction: where a single attack makes that
+    # same edit, its checkpoint and measurement are kept for the round instead of being made again.
+    first_round: tuple[Attack, Path] | None = None
     with scratch_dir(cache_dir() / "tmp", "defence") as tmp:
         for i, (attack, directions) in enumerate(plans):
             t = time.perf_counter()
             folder = _edit_chain(source, directions, Path(tmp), f"attack{i}")
+            if first_round is None and "iterated" in options.attacks and _same_edit(directions, chosen):
+                attacks.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
+                timings[f"attack {attack.name}"] = time.perf_counter() - t
+                first_round = (attack, folder)
+                continue
             attacks.append(
                 _measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress)
             )
         attacks.append(_activation_reference(source, chosen, options, before, eval_options, timings, progress=progress))
         if "iterated" in options.attacks:
-            attacks += _iterated(source, chosen, options, before, eval_options, Path(tmp), timings, progress=progress)
+            attacks += _iterated(
+                source, chosen, options, before, eval_options, Path(tmp), timings, first_round, progress=progress
+            )
         if options.base_model is not None:
             attacks += _base_attacks(source, options, before, eval_options, Path(tmp), timings, progress=progress)
     return attacks
@@ -424,6 +435,18 @@ def _base_attacks(
     return out
 
 
+def _same_edit(directions: list[Direction], chosen: Direction) -> bool:
+    """Whether editing with ``directions`` is the edit along ``chosen`` alone (the same candidate, the same unit
+    vector to float32 rounding)."""
+    if len(directions) != 1:
+        return False
+    d = directions[0]
+    if (d.layer, d.position, d.languages) != (chosen.layer, chosen.position, chosen.languages):
+        return False
+    a, b = d.vector.double(), chosen.vector.double()
+    return bool(torch.allclose(a / a.norm(), b / b.norm(), rtol=0.0, atol=1e-6))
+
+
 def _iterated(
     source: ModelSource,
     first: Direction,
@@ -432,16 +455,26 @@ def _iterated(
     eval_options: EvalOptions,
     tmp: Path,
     timings: dict[str, float],
+    first_round: tuple[Attack, Path] | None = None,
     *,
     progress: bool,
 ) -> list[Attack]:
     """Edit, recompute the direction on the edited model, edit again: up to ``rounds`` rounds, stopping once a round
-    leaves as much refusal as the one before."""
+    leaves as much refusal as the one before. ``first_round``: a single attack that made the first round's edit
+    (along ``first``), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
     out: list[Attack] = []
-    current = _edit_chain(source, [first], tmp, "iterated-1")
+    current = first_round[1] if first_round is not None else _edit_chain(source, [first], tmp, "iterated-1")
     direction = first
     for round_ in range(1, options.rounds + 1):
         t = time.perf_counter()
+        if round_ == 1 and first_round is not None:
+            measured = first_round[0]
+            attack = copy.deepcopy(measured)
+            attack.name = f"iterated x1 (layer {direction.layer}, pos {direction.position})"
+            attack.family = "iterated"
+            out.append(attack)
+            timings[f"attack {attack.name}"] = 0.0  # the single attack's measurement, reused
+            continue
         if round_ > 1:
             direction = _own_direction(current, options, progress=progress)
             previous = current
