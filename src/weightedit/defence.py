@@ -266,10 +266,13 @@ def _measure_and_discard(
     started: float,
     *,
     progress: bool,
+    discard: bool = True,
 ) -> Attack:
-    """:func:`_measure_attack`, then remove the attacked checkpoint and record the attack's time since ``started``."""
+    """:func:`_measure_attack`, then remove the attacked checkpoint (unless ``discard`` is false: a later attack
+    reuses it) and record the attack's time since ``started``."""
     _measure_attack(attack, folder, before, eval_options, options, progress=progress)
-    shutil.rmtree(folder, ignore_errors=True)
+    if discard:
+        shutil.rmtree(folder, ignore_errors=True)
     timings[f"attack {attack.name}"] = time.perf_counter() - started
     return attack
 
@@ -327,14 +330,14 @@ def _run_battery(
         for i, (attack, directions) in enumerate(plans):
             t = time.perf_counter()
             folder = _edit_chain(source, directions, Path(tmp), f"attack{i}")
-            if first_round is None and "iterated" in options.attacks and _same_edit(directions, chosen):
-                attacks.append(_measure_attack(attack, folder, before, eval_options, options, progress=progress))
-                timings[f"attack {attack.name}"] = time.perf_counter() - t
-                first_round = (attack, folder)
-                continue
+            keep = first_round is None and "iterated" in options.attacks and _same_edit(directions, chosen)
             attacks.append(
-                _measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress)
+                _measure_and_discard(
+                    attack, folder, before, eval_options, options, timings, t, progress=progress, discard=not keep
+                )
             )
+            if keep:
+                first_round = (attack, folder)
         attacks.append(_activation_reference(source, chosen, options, before, eval_options, timings, progress=progress))
         if "iterated" in options.attacks:
             attacks += _iterated(
@@ -467,14 +470,6 @@ def _iterated(
     direction = first
     for round_ in range(1, options.rounds + 1):
         t = time.perf_counter()
-        if round_ == 1 and first_round is not None:
-            measured = first_round[0]
-            attack = copy.deepcopy(measured)
-            attack.name = f"iterated x1 (layer {direction.layer}, pos {direction.position})"
-            attack.family = "iterated"
-            out.append(attack)
-            timings[f"attack {attack.name}"] = 0.0  # the single attack's measurement, reused
-            continue
         if round_ > 1:
             direction = _own_direction(current, options, progress=progress)
             previous = current
@@ -487,7 +482,10 @@ def _iterated(
             options.direction_lang,
             family="iterated",
         )
-        out.append(_measure_attack(attack, current, before, eval_options, options, progress=progress))
+        if round_ == 1 and first_round is not None:  # the single attack's numbers, for the same edit
+            out.append(copy.deepcopy(dataclasses.replace(first_round[0], name=attack.name, family=attack.family)))
+        else:
+            out.append(_measure_attack(attack, current, before, eval_options, options, progress=progress))
         timings[f"attack {attack.name}"] = time.perf_counter() - t
         if len(out) > 1 and _mean_refusal(out[-1]) >= _mean_refusal(out[-2]):
             break

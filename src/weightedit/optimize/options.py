@@ -33,9 +33,9 @@ class SearchSpace(str, Enum):
 class DirectionScope(str, Enum):
     """Which direction each writer loses.
 
-    ``per-layer`` (default): the writers of decoder layer ``l`` lose the mean difference at that layer's output (the input of layer
-    ``l + 1``; the last layer reuses its input's), the embeddings layer 0's; the trial's direction layer then
-    has no part in the edit and is not searched. ``global``: one direction, read at the trial's direction layer,
+    ``per-layer`` (default): the writers of decoder layer ``l`` lose the mean difference at that layer's output
+    (the input of layer ``l + 1``; the last layer reuses its input's), the embeddings layer 0's; the trial's
+    direction layer then has no part in the edit and is not searched. ``global``: one direction, read at the trial's direction layer,
     for every writer. On the demo model the per-layer full edit ties the global one's held-out refusal at a
     perplexity ratio of 1.001 against 1.052 (docs/optimize.md), hence the default.
     """
