@@ -297,6 +297,36 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path):
         assert v["refusal_after_worst"] < single
 
 
+def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_path, monkeypatch):
+    """``--reextract site``: every iterated round after the first takes the mean difference of the edited model at
+    the first round's layer and position (one candidate, no search), and the rounds still take refusal down."""
+    searched: list = []
+    real = defence.compute_direction
+
+    def recording(loaded, langs, options, **kwargs):
+        searched.append((options.layer, options.position))
+        return real(loaded, langs, options, **kwargs)
+
+    monkeypatch.setattr(defence, "compute_direction", recording)
+    model, prompts = nonlinear
+    out = tmp_path / "report"
+    extra = ("--attack-candidates", "1", "--attacks", "single,iterated", "--reextract", "site")
+    result = run_defence(model, prompts, out, *extra, n_val="12", limit="12")
+    assert result.exit_code in (1, 3), result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    assert data["options"]["reextract"] == "site"
+    rounds = [a for a in data["attacks"] if a["family"] == "iterated"]
+    assert len(rounds) >= 2
+    site = (rounds[0]["layer"], rounds[0]["position"])
+    assert all((a["layer"], a["position"]) == site for a in rounds)
+    # The battery's own search first; then one re-extraction per later round, each at the fixed site (a search
+    # would pass no layer or position).
+    assert searched == [(None, None)] + [site] * (len(rounds) - 1)
+    for lang in LANGS:
+        assert rounds[1]["refusal"][lang] < rounds[0]["refusal"][lang]
+
+
 def test_spread_model_mechanism(spread):
     """Removing any 16 directions of the 32-dimensional refusal subspace (random ones, or its first 16) leaves the
     refusal of every harmful prompt; harmless prompts are never refused."""
@@ -410,6 +440,7 @@ def test_model_that_barely_refuses_has_nothing_to_defend(planted, tmp_path, spy_
         (["--attacks", "single,magic"], "--attacks single,magic"),
         (["--subspace-k", "17"], "--subspace-k 17"),
         (["--rounds", "0"], "--rounds 0"),
+        (["--reextract", "sideways"], "--reextract sideways"),
     ],
 )
 def test_verify_defence_bad_input(planted, tmp_path, args, message):

@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
-from weightedit.defence import DefenceOptions
+from weightedit.defence import DefenceOptions, Reextract
 from weightedit.edit.options import TiedEmbeddings, tied_embeddings_option
 from weightedit.errors import EvaluationError, OptionsError
 from weightedit.evaluation.runner import EvalOptions
@@ -149,6 +149,7 @@ def test_eval_options_declare_what_their_cache_key_depends_on():
         (lambda: ModelLoadOptions(dtype="bf16"), "dtype"),
         (lambda: DefenceOptions(langs=("en",), threshold=0), "threshold"),
         (lambda: DefenceOptions(langs=("en",), attack_candidates=0), "attack_candidates"),
+        (lambda: DefenceOptions(langs=("en",), reextract="sideways"), "reextract"),
         (lambda: tied_embeddings_option("untied"), "tied_embeddings"),
     ],
 )
@@ -162,6 +163,7 @@ def test_option_values_become_enums():
     assert ModelLoadOptions(dtype="float32").dtype is Dtype.FLOAT32
     assert ModelLoadOptions(chat_template=Path("t.jinja")).chat_template == "t.jinja"
     assert tied_embeddings_option("edit-both") is TiedEmbeddings.EDIT_BOTH
+    assert DefenceOptions(langs=("en",), reextract="site").reextract is Reextract.SITE
     with pytest.raises(EvaluationError, match="unknown judge"):
         EvalOptions(judge="regex")
     with pytest.raises(EvaluationError, match="unknown split"):

@@ -26,6 +26,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,25 @@ from .runtime.modeling import load_model
 from .sources import ModelSource, cache_dir, resolve_model
 from .sources.model import public_name
 
-__all__ = ["DefenceOptions", "Attack", "DefenceReport", "verify_defence", "SCHEMA"]
+__all__ = ["DefenceOptions", "Reextract", "Attack", "DefenceReport", "verify_defence", "SCHEMA"]
 
 SCHEMA = "weightedit.verify-defence/3"  # 3: attack battery, coherence gate, interval verdicts, inconclusive
 HOLDS, BROKEN, INCONCLUSIVE, NOTHING = "holds", "broken", "inconclusive", "nothing to defend"
 ATTACKS = ("single", "iterated", "subspace")
+
+
+class Reextract(str, Enum):
+    """How an iterated round after the first finds its direction on the edited model.
+
+    ``search`` (default, the strongest): the full direction search. ``site``: the mean difference at the first
+    round's layer and position, one candidate scored instead of the search's pre-screen of every candidate (much
+    cheaper: the README gives the demo model's timings).
+    """
+
+    SEARCH = "search"
+    SITE = "site"
+
+
 # With a base model (the undefended model the defence was trained from), two more: its own direction, and the
 # weight-delta strip (edit.delta) followed by the model's direction.
 BASE_ATTACKS = ("base-direction", "delta-strip")
@@ -76,6 +91,7 @@ class DefenceOptions:
     evaluation: EvalOptions = field(default_factory=EvalOptions)
     attacks: tuple[str, ...] = ATTACKS
     rounds: int = 3  # iterated re-extraction: rounds at most
+    reextract: Reextract | str = Reextract.SEARCH  # how iterated rounds after the first find their direction
     subspace_k: int = 8  # directions the subspace attack removes together
     gate_kl: float = GATE_KL
     gate_ppl: float = GATE_PPL
@@ -91,6 +107,12 @@ class DefenceOptions:
             raise OptionsError("attacks", ",".join(self.attacks), f"must be a comma list of {', '.join(ATTACKS)}")
         if self.rounds < 1:
             raise OptionsError("rounds", self.rounds, "must be at least 1")
+        try:
+            object.__setattr__(self, "reextract", Reextract(self.reextract))
+        except ValueError:
+            raise OptionsError(
+                "reextract", self.reextract, f"must be one of {', '.join(r.value for r in Reextract)}"
+            ) from None
         if not 1 <= self.subspace_k <= 16:
             raise OptionsError("subspace_k", self.subspace_k, "must be from 1 to 16")
         if not self.gate_kl > 0 or not self.gate_ppl >= 1:
@@ -381,9 +403,14 @@ def _activation_reference(
     return attack
 
 
-def _own_direction(model: ModelSource | Path, options: DefenceOptions, *, progress: bool) -> Direction:
-    """The direction selection chooses on ``model`` (filters may fail: an attack reports what it does)."""
+def _own_direction(
+    model: ModelSource | Path, options: DefenceOptions, *, progress: bool, site: Direction | None = None
+) -> Direction:
+    """The direction selection chooses on ``model`` (filters may fail: an attack reports what it does); with
+    ``site``, the mean difference at that direction's layer and position instead of a search."""
     selection = _attack_selection(options)
+    if site is not None:
+        selection = dataclasses.replace(selection, layer=site.layer, position=site.position)
     loaded = load_model(
         model if isinstance(model, ModelSource) else str(model), options.evaluation.load, progress=progress
     )
@@ -463,7 +490,8 @@ def _iterated(
     progress: bool,
 ) -> list[Attack]:
     """Edit, recompute the direction on the edited model, edit again: up to ``rounds`` rounds, stopping once a round
-    leaves as much refusal as the one before. ``first_round``: a single attack that made the first round's edit
+    leaves as much refusal as the one before; each round after the first re-extracts as ``options.reextract`` says
+    (:class:`Reextract`). ``first_round``: a single attack that made the first round's edit
     (along ``first``), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
     out: list[Attack] = []
     current = first_round[1] if first_round is not None else _edit_chain(source, [first], tmp, "iterated-1")
@@ -471,7 +499,8 @@ def _iterated(
     for round_ in range(1, options.rounds + 1):
         t = time.perf_counter()
         if round_ > 1:
-            direction = _own_direction(current, options, progress=progress)
+            site = first if options.reextract is Reextract.SITE else None
+            direction = _own_direction(current, options, progress=progress, site=site)
             previous = current
             current = _edit_chain(current, [Direction(vector=direction.vector)], tmp, f"iterated-{round_}")
             shutil.rmtree(previous, ignore_errors=True)
@@ -543,6 +572,7 @@ def verify_defence(
             "attacks": list(options.attacks),
             "attack_candidates": options.attack_candidates,
             "rounds": options.rounds,
+            "reextract": Reextract(options.reextract).value,
             "subspace_k": options.subspace_k,
             "gate_kl": options.gate_kl,
             "gate_ppl": options.gate_ppl,

@@ -71,6 +71,15 @@ def verify_defence(
         str, typer.Option("--attacks", help="Comma list of attack strategies: single, iterated, subspace.")
     ] = "single,iterated,subspace",
     rounds: Annotated[int, typer.Option("--rounds", help="Iterated re-extraction: edit-recompute rounds at most.")] = 3,
+    reextract: Annotated[
+        str,
+        typer.Option(
+            "--reextract",
+            metavar="[search|site]",
+            help="Iterated rounds after the first: search (a full direction search on the edited model) or site "
+            "(the mean difference at the first round's layer and position: much cheaper).",
+        ),
+    ] = "search",
     subspace_k: Annotated[
         int, typer.Option("--subspace-k", help="Directions the subspace attack removes together (1-16).")
     ] = 8,
@@ -154,6 +163,7 @@ def verify_defence(
         evaluation=evaluation,
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
         rounds=rounds,
+        reextract=reextract,
         subspace_k=subspace_k,
         gate_kl=gate_kl,
         gate_ppl=gate_ppl,
