@@ -111,6 +111,14 @@ def spy_attacks(monkeypatch):
     return seen
 
 
+def report_of(result, out, *exit_codes):
+    """The run's defence.json, after checking its exit code (one of ``exit_codes``) and its report files."""
+    assert result.exit_code in exit_codes, result.output
+    data = json.loads((out / "defence.json").read_text())
+    check_report_files(out, data)
+    return data
+
+
 def check_report_files(out, data):
     for name in ("defence.json", "defence.md", "defence.png"):
         assert (out / name).exists(), name
@@ -150,9 +158,7 @@ def test_single_direction_defence_is_broken(planted, tmp_path, spy_attacks):
     model, prompts = planted
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "2", "--attacks", "single")
-    assert result.exit_code == 1, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 1)
     assert data["verdict"] == "broken"
     assert data["options"]["threshold"] == 0.5 and data["options"]["attack_candidates"] == 2
     assert [a["source_lang"] for a in data["attacks"]] == ["en", "en", "en"]
@@ -197,9 +203,7 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
     model, prompts = planted
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--attacks", "single,iterated")
-    assert result.exit_code == 1, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 1)
     single = next(a for a in data["attacks"] if a["family"] == "single")
     rounds = [a for a in data["attacks"] if a["family"] == "iterated"]
     assert rounds[0]["name"].startswith("iterated x1 ") and (rounds[0]["layer"], rounds[0]["position"]) == (
@@ -246,9 +250,7 @@ def test_nonlinear_defence_holds_against_single_directions(nonlinear, tmp_path, 
     result = run_defence(
         model, prompts, out, "--attack-candidates", "1", "--per-language", "--attacks", "single", n_val="12", limit="12"
     )
-    assert result.exit_code == 0, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 0)
     assert data["verdict"] == "holds" and data["options"]["per_language"] is True
     # One English candidate, then German's own direction at the same layer and position.
     assert [a["source_lang"] for a in data["attacks"]] == ["en", "de", "en"]
@@ -280,9 +282,7 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path):
     model, prompts = nonlinear
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--subspace-k", "2", n_val="12", limit="12")
-    assert result.exit_code == 1, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 1)
     assert data["verdict"] == "broken"
     families = {a["family"] for a in data["attacks"]}
     assert families == {"single", "iterated", "subspace", "activation"}
@@ -312,9 +312,7 @@ def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_pa
     out = tmp_path / "report"
     extra = ("--attack-candidates", "1", "--attacks", "single,iterated", "--reextract", "site")
     result = run_defence(model, prompts, out, *extra, n_val="12", limit="12")
-    assert result.exit_code in (1, 3), result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 1, 3)
     assert data["options"]["reextract"] == "site"
     rounds = [a for a in data["attacks"] if a["family"] == "iterated"]
     assert len(rounds) >= 2
@@ -353,9 +351,7 @@ def test_spread_defence_holds_against_the_battery(spread, tmp_path):
     model, prompts = spread
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "2", "--subspace-k", "16", n_val="12", limit="12")
-    assert result.exit_code == 0, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 0)
     assert data["verdict"] == "holds"
     assert {a["family"] for a in data["attacks"]} == {"single", "iterated", "subspace", "activation"}
     for lang in LANGS:
@@ -379,9 +375,7 @@ def test_a_base_model_opens_the_delta_strip(spread, tmp_path):
         model, prompts, out, "--attacks", "single", "--attack-candidates", "1", "--base-model", str(base),
         n_val="12", limit="12",
     )  # fmt: skip
-    assert result.exit_code == 1, result.output
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
+    data = report_of(result, out, 1)
     assert [a["family"] for a in data["attacks"]] == ["single", "activation", "base-direction", "delta-strip"]
     strip = data["attacks"][3]
     assert "(100% of the change)" in strip["name"]
@@ -398,8 +392,7 @@ def test_an_attack_that_wrecks_the_model_does_not_count(planted, tmp_path):
     model, prompts = planted
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attacks", "single", "--attack-candidates", "1", "--gate-kl", "1e-9")
-    assert result.exit_code == 3, result.output
-    data = json.loads((out / "defence.json").read_text())
+    data = report_of(result, out, 3)
     assert data["verdict"] == "inconclusive"
     for lang in LANGS:
         v = data["languages"][lang]
@@ -412,12 +405,10 @@ def test_model_that_barely_refuses_has_nothing_to_defend(planted, tmp_path, spy_
     prompts = write_trigger_free_prompts(tmp_path / "prompts.jsonl", langs=LANGS)
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--json")
-    assert result.exit_code == 4, result.output
+    data = report_of(result, out, 4)
     printed = json.loads(result.stdout)
     assert printed["verdict"] == "nothing to defend"
     assert set(printed["files"]) == {"json", "md", "png"}
-    data = json.loads((out / "defence.json").read_text())
-    check_report_files(out, data)
     assert data["verdict"] == "nothing to defend"
     assert data["attacks"] == [] and spy_attacks == []  # no direction computed, no attack run
     assert "directions" not in data["timings_s"]
