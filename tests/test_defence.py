@@ -4,7 +4,9 @@
   tool's own attack must remove it (verdict "broken", exit code 1);
 - the nonlinear model (``defence_models.make_nonlinear_model``): refusal is read from the norm of a 2-D
   plane, so removing any single direction leaves most of it (verdict "holds", exit code 0);
-- the planted model on prompts without trigger words barely refuses: "nothing to defend", exit code 0.
+- the spread model (``defence_models.make_spread_model``): refusal spread over a 32-dimensional subspace holds
+  against the whole battery (exit code 0);
+- the planted model on prompts without trigger words barely refuses: "nothing to defend", exit code 4.
 """
 
 from __future__ import annotations
@@ -198,8 +200,16 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
         measured.append(attack.name)
         return real_measure(attack, *args, **kwargs)
 
+    sites: list = []
+    real_direction = defence.compute_direction
+
+    def recording(loaded, langs, options, **kwargs):
+        sites.append((options.layer, options.position))
+        return real_direction(loaded, langs, options, **kwargs)
+
     monkeypatch.setattr(defence, "orthogonalize_checkpoint", counting_edit)
     monkeypatch.setattr(defence, "_measure_attack", counting_measure)
+    monkeypatch.setattr(defence, "compute_direction", recording)
     model, prompts = planted
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--attacks", "single,iterated")
@@ -215,6 +225,8 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
     assert not any(name.startswith("iterated x1 ") for name in measured)
     # One write for the single attack, one for each later round; none for the first round.
     assert len(writes) == 1 + len(rounds) - 1
+    # By default every later round re-extracts by the direction search (no fixed layer or position).
+    assert data["options"]["reextract"] == "full" and len(sites) == len(rounds) and set(sites) == {(None, None)}
     assert not list((tmp_path / "report").glob("attack*")) and not any(w.exists() for w in writes)
 
 
@@ -304,8 +316,10 @@ def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_pa
     real = defence.compute_direction
 
     def recording(loaded, langs, options, **kwargs):
-        searched.append((options.layer, options.position))
-        return real(loaded, langs, options, **kwargs)
+        result = real(loaded, langs, options, **kwargs)
+        exact = sum(score.bypass is not None for score in result.scores)
+        searched.append(((options.layer, options.position), result.search["strategy"], exact))
+        return result
 
     monkeypatch.setattr(defence, "compute_direction", recording)
     model, prompts = nonlinear
@@ -314,13 +328,14 @@ def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_pa
     result = run_defence(model, prompts, out, *extra, n_val="12", limit="12")
     data = report_of(result, out, 1, 3)
     assert data["options"]["reextract"] == "site"
+    assert "each re-extracted at the first round's site" in (out / "defence.md").read_text()
     rounds = [a for a in data["attacks"] if a["family"] == "iterated"]
-    assert len(rounds) >= 2
     site = (rounds[0]["layer"], rounds[0]["position"])
     assert all((a["layer"], a["position"]) == site for a in rounds)
-    # The battery's own search first; then one re-extraction per later round, each at the fixed site (a search
-    # would pass no layer or position).
-    assert searched == [(None, None)] + [site] * (len(rounds) - 1)
+    # The battery's own search first (several candidates); then one re-extraction per later round, each scoring
+    # the one candidate at the fixed site (a search passes no layer or position).
+    assert searched[0][0] == (None, None) and searched[0][2] > 1
+    assert searched[1:] == [(site, "fixed", 1)] * (len(rounds) - 1) and len(rounds) >= 2
     for lang in LANGS:
         assert rounds[1]["refusal"][lang] < rounds[0]["refusal"][lang]
 

@@ -75,11 +75,11 @@ def verify_defence(
         str,
         typer.Option(
             "--reextract",
-            metavar="[search|site]",
-            help="Iterated rounds after the first: search (a full direction search on the edited model) or site "
-            "(the mean difference at the first round's layer and position: much cheaper).",
+            metavar="[full|site]",
+            help="Iterated rounds after the first: full (the direction search on the edited model) or site (its mean "
+            "difference at the first round's layer and position: cheaper, weaker).",
         ),
-    ] = "search",
+    ] = "full",
     subspace_k: Annotated[
         int, typer.Option("--subspace-k", help="Directions the subspace attack removes together (1-16).")
     ] = 8,
