@@ -38,7 +38,7 @@ from .direction.selection import SelectionOptions, capture_language, compute_dir
 from .edit.delta import strip_delta
 from .edit.direction_file import Direction
 from .edit.rewrite import orthogonalize_checkpoint
-from .errors import OptionsError
+from .errors import OptionsError, enum_option
 from .evaluation.report import fmt_rate, judge_block, refusal_outcomes, split_description
 from .evaluation.runner import EvalOptions, ModelRun, judge_runs, measure_model
 from .evaluation.stats import wilson_interval
@@ -109,12 +109,7 @@ class DefenceOptions:
             raise OptionsError("attacks", ",".join(self.attacks), f"must be a comma list of {', '.join(ATTACKS)}")
         if self.rounds < 1:
             raise OptionsError("rounds", self.rounds, "must be at least 1")
-        try:
-            object.__setattr__(self, "reextract", Reextract(self.reextract))
-        except ValueError:
-            raise OptionsError(
-                "reextract", self.reextract, f"must be one of {', '.join(r.value for r in Reextract)}"
-            ) from None
+        object.__setattr__(self, "reextract", enum_option("reextract", self.reextract, Reextract))
         if not 1 <= self.subspace_k <= 16:
             raise OptionsError("subspace_k", self.subspace_k, "must be from 1 to 16")
         if not self.gate_kl > 0 or not self.gate_ppl >= 1:

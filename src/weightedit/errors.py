@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from enum import Enum
+from typing import TypeVar
 
 _OPTION = re.compile(r"<<(\w+)>>")
 
@@ -100,6 +102,21 @@ class RecipeError(WeighteditError, ValueError):
 
 class HubError(WeighteditError, RuntimeError):
     """A Hub operation failed (authentication, permissions, conflicts, network)."""
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def enum_option(option: str, value: object, kind: type[_E]) -> _E:
+    """``value`` as a member of the choice enum ``kind``.
+
+    Raises:
+        OptionsError: naming ``option``, when ``value`` is none of ``kind``'s values.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        raise OptionsError(option, value, f"must be one of {', '.join(str(k.value) for k in kind)}") from None
 
 
 class OptionsError(WeighteditError, ValueError):

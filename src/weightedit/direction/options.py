@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from ..errors import OptionsError
+from ..errors import OptionsError, enum_option
 
 __all__ = ["Search", "SelectionOptions"]
 
@@ -57,10 +57,7 @@ class SelectionOptions:
     prescreen_prompts: int = 4
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "search", Search(self.search))
-        except ValueError:
-            raise OptionsError("search", self.search, f"must be one of {', '.join(s.value for s in Search)}") from None
+        object.__setattr__(self, "search", enum_option("search", self.search, Search))
         for name in ("n_train", "n_val", "batch_size", "top_k", "prescreen_prompts", "check_tokens"):
             if int(getattr(self, name)) < 1:
                 raise OptionsError(name, getattr(self, name), "must be at least 1")

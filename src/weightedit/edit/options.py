@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from ..errors import OptionsError
+from ..errors import enum_option
 
 __all__ = ["TiedEmbeddings", "tied_embeddings_option"]
 
@@ -26,9 +26,4 @@ def tied_embeddings_option(value: TiedEmbeddings | str) -> TiedEmbeddings:
     Raises:
         OptionsError: it is neither ``untie`` nor ``edit-both``.
     """
-    try:
-        return TiedEmbeddings(value)
-    except ValueError:
-        raise OptionsError(
-            "tied_embeddings", value, f"must be one of {', '.join(t.value for t in TiedEmbeddings)}"
-        ) from None
+    return enum_option("tied_embeddings", value, TiedEmbeddings)

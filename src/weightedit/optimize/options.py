@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from ..errors import OptionsError
+from ..errors import OptionsError, enum_option
 
 __all__ = ["Sampler", "SearchSpace", "DirectionScope", "ChoiceRule", "OptimizeOptions"]
 
@@ -126,12 +126,7 @@ class OptimizeOptions:
             ("choice_rule", ChoiceRule),
         )
         for name, kind in kinds:
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                raise OptionsError(
-                    name, getattr(self, name), f"must be one of {', '.join(s.value for s in kind)}"
-                ) from None
+            object.__setattr__(self, name, enum_option(name, getattr(self, name), kind))
         window = self.layer_window
         if isinstance(window, bool) or not isinstance(window, (int, float)) or not (0 <= window < math.inf):
             raise OptionsError("layer_window", window, "must be a number of layers, 0 or more")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..errors import OptionsError
+from ..errors import enum_option
 
 __all__ = ["Dtype", "ModelLoadOptions", "dtype_option"]
 
@@ -25,10 +25,7 @@ def dtype_option(value: Dtype | str) -> Dtype:
     Raises:
         OptionsError: it is not one of them.
     """
-    try:
-        return Dtype(value)
-    except ValueError:
-        raise OptionsError("dtype", value, f"must be one of {', '.join(d.value for d in Dtype)}") from None
+    return enum_option("dtype", value, Dtype)
 
 
 @dataclass(frozen=True)
