@@ -223,10 +223,10 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
     for key in ("refusal", "refusal_detail", "kl", "perplexity_ratio", "coherent"):
         assert rounds[0][key] == single[key], key
     assert not any(name.startswith("iterated x1 ") for name in measured)
-    # One write for the single attack, one for each later round; none for the first round.
-    assert len(writes) == 1 + len(rounds) - 1
-    # By default every later round re-extracts by the direction search (no fixed layer or position).
-    assert data["options"]["reextract"] == "full" and len(sites) == len(rounds) and set(sites) == {(None, None)}
+    # The first round leaves no refusal in any language, so no later round is made: no re-extraction after the
+    # battery's own search, and one write in all (the single attack's).
+    assert len(rounds) == 1 and set(rounds[0]["refusal"].values()) == {0.0}
+    assert len(sites) == 1 and len(writes) == 1
     assert not list((tmp_path / "report").glob("attack*")) and not any(w.exists() for w in writes)
 
 
@@ -289,8 +289,18 @@ def test_nonlinear_defence_holds_against_single_directions(nonlinear, tmp_path, 
     assert "holds" in result.output
 
 
-def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path):
-    """Iterating the attack or removing the top of the candidates' subspace breaks what single directions do not."""
+def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch):
+    """Iterating the attack or removing the top of the candidates' subspace breaks what single directions do not.
+    By default every iterated round after the first re-extracts by the direction search (no fixed layer or
+    position)."""
+    sites: list = []
+    real_direction = defence.compute_direction
+
+    def recording(loaded, langs, options, **kwargs):
+        sites.append((options.layer, options.position))
+        return real_direction(loaded, langs, options, **kwargs)
+
+    monkeypatch.setattr(defence, "compute_direction", recording)
     model, prompts = nonlinear
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--subspace-k", "2", n_val="12", limit="12")
@@ -300,6 +310,7 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path):
     assert families == {"single", "iterated", "subspace", "activation"}
     iterated = [a for a in data["attacks"] if a["family"] == "iterated"]
     assert 2 <= len(iterated) <= 3
+    assert data["options"]["reextract"] == "full" and sites == [(None, None)] * len(iterated)
     for lang in LANGS:
         v = data["languages"][lang]
         assert v["verdict"] == "broken"

@@ -7,7 +7,7 @@ baked into a temporary checkpoint and measured in every language on the held-out
   language's own direction at the same layer and position);
 - ``iterated``: edit with the model's own direction, recompute the direction on the edited model (by the
   direction search, or at the first round's site: :class:`Reextract`), edit again, up to ``rounds`` rounds or
-  until refusal stops falling;
+  until refusal stops falling or none is left;
 - ``subspace``: the top ``subspace_k`` singular directions of the harmful-minus-harmless mean differences over
   every candidate layer and position, removed together.
 
@@ -489,7 +489,7 @@ def _iterated(
     progress: bool,
 ) -> list[Attack]:
     """Edit, recompute the direction on the edited model, edit again: up to ``rounds`` rounds, stopping once a round
-    leaves as much refusal as the one before; each round after the first re-extracts as ``options.reextract`` says
+    leaves no refusal or as much as the one before; each round after the first re-extracts as ``options.reextract`` says
     (:class:`Reextract`). ``first_round``: a single attack that made the first round's edit
     (along ``first``), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
     out: list[Attack] = []
@@ -515,6 +515,8 @@ def _iterated(
         else:
             out.append(_measure_attack(attack, current, before, eval_options, options, progress=progress))
         timings[f"attack {attack.name}"] = time.perf_counter() - t
+        if _mean_refusal(out[-1]) == 0.0:  # nothing left for a further round to remove
+            break
         if len(out) > 1 and _mean_refusal(out[-1]) >= _mean_refusal(out[-2]):
             break
     shutil.rmtree(current, ignore_errors=True)
