@@ -113,6 +113,20 @@ def spy_attacks(monkeypatch):
     return seen
 
 
+def record_directions(monkeypatch) -> list:
+    """Record every direction computation of the battery: ``(options, result)`` per call (the call itself is real)."""
+    calls: list = []
+    real = defence.compute_direction
+
+    def recording(loaded, langs, options, **kwargs):
+        result = real(loaded, langs, options, **kwargs)
+        calls.append((options, result))
+        return result
+
+    monkeypatch.setattr(defence, "compute_direction", recording)
+    return calls
+
+
 def report_of(result, out, *exit_codes):
     """The run's defence.json, after checking its exit code (one of ``exit_codes``) and its report files."""
     assert result.exit_code in exit_codes, result.output
@@ -200,16 +214,9 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
         measured.append(attack.name)
         return real_measure(attack, *args, **kwargs)
 
-    sites: list = []
-    real_direction = defence.compute_direction
-
-    def recording(loaded, langs, options, **kwargs):
-        sites.append((options.layer, options.position))
-        return real_direction(loaded, langs, options, **kwargs)
-
+    calls = record_directions(monkeypatch)
     monkeypatch.setattr(defence, "orthogonalize_checkpoint", counting_edit)
     monkeypatch.setattr(defence, "_measure_attack", counting_measure)
-    monkeypatch.setattr(defence, "compute_direction", recording)
     model, prompts = planted
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--attacks", "single,iterated")
@@ -226,7 +233,7 @@ def test_the_first_iterated_round_reuses_the_single_attack_along_the_same_direct
     # The first round leaves no refusal in any language, so no later round is made: no re-extraction after the
     # battery's own search, and one write in all (the single attack's).
     assert len(rounds) == 1 and set(rounds[0]["refusal"].values()) == {0.0}
-    assert len(sites) == 1 and len(writes) == 1
+    assert len(calls) == 1 and len(writes) == 1
     assert not list((tmp_path / "report").glob("attack*")) and not any(w.exists() for w in writes)
 
 
@@ -293,14 +300,7 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
     """Iterating the attack or removing the top of the candidates' subspace breaks what single directions do not.
     By default every iterated round after the first re-extracts by the direction search (no fixed layer or
     position)."""
-    sites: list = []
-    real_direction = defence.compute_direction
-
-    def recording(loaded, langs, options, **kwargs):
-        sites.append((options.layer, options.position))
-        return real_direction(loaded, langs, options, **kwargs)
-
-    monkeypatch.setattr(defence, "compute_direction", recording)
+    calls = record_directions(monkeypatch)
     model, prompts = nonlinear
     out = tmp_path / "report"
     result = run_defence(model, prompts, out, "--attack-candidates", "1", "--subspace-k", "2", n_val="12", limit="12")
@@ -310,6 +310,7 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
     assert families == {"single", "iterated", "subspace", "activation"}
     iterated = [a for a in data["attacks"] if a["family"] == "iterated"]
     assert 2 <= len(iterated) <= 3
+    sites = [(options.layer, options.position) for options, _ in calls]
     assert data["options"]["reextract"] == "full" and sites == [(None, None)] * len(iterated)
     for lang in LANGS:
         v = data["languages"][lang]
@@ -323,16 +324,7 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
 def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_path, monkeypatch):
     """``--reextract site``: every iterated round after the first takes the mean difference of the edited model at
     the first round's layer and position (one candidate, no search), and the rounds still take refusal down."""
-    searched: list = []
-    real = defence.compute_direction
-
-    def recording(loaded, langs, options, **kwargs):
-        result = real(loaded, langs, options, **kwargs)
-        exact = sum(score.bypass is not None for score in result.scores)
-        searched.append(((options.layer, options.position), result.search["strategy"], exact))
-        return result
-
-    monkeypatch.setattr(defence, "compute_direction", recording)
+    calls = record_directions(monkeypatch)
     model, prompts = nonlinear
     out = tmp_path / "report"
     extra = ("--attack-candidates", "1", "--attacks", "single,iterated", "--reextract", "site")
@@ -345,6 +337,10 @@ def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_pa
     assert all((a["layer"], a["position"]) == site for a in rounds)
     # The battery's own search first (several candidates); then one re-extraction per later round, each scoring
     # the one candidate at the fixed site (a search passes no layer or position).
+    searched = [
+        ((o.layer, o.position), r.search["strategy"], sum(score.bypass is not None for score in r.scores))
+        for o, r in calls
+    ]
     assert searched[0][0] == (None, None) and searched[0][2] > 1
     assert searched[1:] == [(site, "fixed", 1)] * (len(rounds) - 1) and len(rounds) >= 2
     for lang in LANGS:
