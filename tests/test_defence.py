@@ -312,6 +312,8 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
     assert 2 <= len(iterated) <= 3
     sites = [(options.layer, options.position) for options, _ in calls]
     assert data["options"]["reextract"] == "full" and sites == [(None, None)] * len(iterated)
+    # Attack directions keep the KL filter only: no induce score is computed in any of the searches.
+    assert all(s.induce is None for _, r in calls for s in r.scores)
     for lang in LANGS:
         v = data["languages"][lang]
         assert v["verdict"] == "broken"

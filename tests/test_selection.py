@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from weightedit.cli.main import app
 from weightedit.direction.selection import SelectionOptions, compute_direction, rank_correlation, refusal_tokens_for
-from weightedit.edit.direction_file import load_direction
+from weightedit.edit.direction_file import Direction, load_direction
+from weightedit.edit.rewrite import orthogonalize_checkpoint
 from weightedit.errors import ChatTemplateError, NotRefusingError, OptionsError
 from weightedit.runtime.hooks import ablate_as_edit
 from weightedit.runtime.modeling import format_chat, load_model, post_instruction_length
@@ -159,6 +160,36 @@ def test_fast_search_records_its_work_and_finds_the_planted_direction(planted):
     rho = search["spearman_prescreen_vs_exact"]
     assert rho is None or -1 <= rho <= 1
     assert "prompt_filter" in fast.baseline and fast.direction.meta["prompt_splits"]["en"]["select"] == "val split"
+
+
+def test_without_require_induce_the_kl_filter_alone_decides(planted, tmp_path):
+    """On a model whose refusal direction was already removed (what an attack meets on an edited or defended
+    model) no candidate induces refusal any more: with the induce filter the choice is a ``kl-only`` fallback;
+    without it (what attacks use) the lowest bypass within the KL filter passes, and no induce score is spent."""
+    model, prompts = planted
+    edited = tmp_path / "edited"
+    orthogonalize_checkpoint(model, edited, Direction(vector=R_TRUE), progress=False)
+    loaded = load_model(edited, progress=False)
+    options = SelectionOptions(
+        n_train=24,
+        n_val=8,
+        prompts=str(prompts),
+        search="thorough",
+        check_generations=0,
+        allow_failing_filters=True,
+        allow_non_refusing=True,
+    )
+    with_induce = compute_direction(loaded, ["en"], options, progress=False)
+    assert with_induce.status == "kl-only" and not any(s.passes_filters for s in with_induce.scores)
+    without = compute_direction(
+        loaded, ["en"], SelectionOptions(**{**options.__dict__, "require_induce": False}), progress=False
+    )
+    assert without.status == "passed" and all(s.induce is None for s in without.scores)
+    within_kl = [s for s in without.scores if s.kl is not None and s.kl <= options.kl_threshold]
+    assert within_kl and all(s.passes_filters for s in within_kl)
+    assert without.chosen.bypass == min(s.bypass for s in within_kl)
+    assert without.direction.meta["selection"]["filters"]["induce"] == "not required"
+    assert with_induce.direction.meta["selection"]["filters"]["induce"] == "> 0"
 
 
 def test_options_are_checked_in_the_library():

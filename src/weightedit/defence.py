@@ -297,9 +297,14 @@ def _measure_and_discard(
 
 
 def _attack_selection(options: DefenceOptions) -> SelectionOptions:
-    """Selection for an attack: it reports what a direction does even when the direction fails the selection
-    filters or the model does not refuse in the attack language; the verdict, not selection, decides what counts."""
-    return dataclasses.replace(options.selection, allow_failing_filters=True, allow_non_refusing=True)
+    """Selection for an attack: it reports what a direction does even when the direction fails the KL filter or
+    the model does not refuse in the attack language; the verdict, not selection, decides what counts. The induce
+    filter is not required: an attack wants the removal that removes most refusal within the KL filter, and on a
+    defended or edited model few directions still induce refusal, which left the search no bound to stop on (it
+    scored every candidate)."""
+    return dataclasses.replace(
+        options.selection, allow_failing_filters=True, allow_non_refusing=True, require_induce=False
+    )
 
 
 def _bare(direction: Direction) -> Direction:

@@ -34,6 +34,10 @@ class SelectionOptions:
         prompts: prompt source (``None`` = built-in).
         allow_failing_filters: keep the lowest-bypass candidate when none passes the KL filter.
         allow_non_refusing: use languages the model does not refuse in.
+        require_induce: a candidate passes the filters only if adding it induces refusal on harmless prompts
+            (the default). ``False``: the KL filter alone; the induce score is then not computed. An attack on a
+            defended or already-edited model wants the removal that removes most refusal within the KL filter,
+            whether or not the direction still induces refusal.
         check_generations: harmful fit prompts completed greedily and judged to confirm that a language
             refuses (0 skips the check).
         check_tokens: new tokens per check completion.
@@ -52,6 +56,7 @@ class SelectionOptions:
     prompts: str | None = None
     allow_failing_filters: bool = False
     allow_non_refusing: bool = False
+    require_induce: bool = True
     check_generations: int = 8
     check_tokens: int = 48
     prescreen_prompts: int = 4

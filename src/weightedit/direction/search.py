@@ -134,11 +134,15 @@ class SearchContext:
         return s
 
     def check_filters(self, s: CandidateScore) -> bool:
-        """Induce (only for candidates that pass the KL filter: it cannot rescue one that fails it)."""
+        """Induce (only for candidates that pass the KL filter: it cannot rescue one that fails it; not at all
+        without ``require_induce``)."""
         assert s.kl is not None
         if s.kl > self.options.kl_threshold:
             s.passes_filters = False
             return False
+        if not self.options.require_induce:
+            s.passes_filters = True
+            return True
         if s.induce is None:
             layer, p = s.layer, s.position + self.n_post
             vec = self.candidates[layer, p]

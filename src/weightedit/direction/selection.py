@@ -443,7 +443,7 @@ def _selection_record(
         "filters": {
             "max_kl": options.kl_threshold,
             "max_layer": max(1, math.floor(options.max_layer_fraction * n_layers)) - 1,
-            "induce": "> 0",
+            "induce": "> 0" if options.require_induce else "not required",
         },
     }
 
