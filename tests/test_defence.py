@@ -105,7 +105,7 @@ def spy_attacks(monkeypatch):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        plans, _ = out
+        plans = out[0]
         seen.extend((attack, direction) for attack, directions in plans for direction in directions)
         return out
 
@@ -129,7 +129,8 @@ def record_directions(monkeypatch) -> list:
 
 def report_of(result, out, *exit_codes):
     """The run's defence.json, after checking its exit code (one of ``exit_codes``) and its report files."""
-    assert result.exit_code in exit_codes, result.output
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert result.exit_code in exit_codes and not crashed, (result.output, result.exception)
     data = json.loads((out / "defence.json").read_text())
     check_report_files(out, data)
     return data
@@ -314,6 +315,14 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
     assert data["options"]["reextract"] == "full" and sites == [(None, None)] * len(iterated)
     # Attack directions keep the KL filter only: no induce score is computed in any of the searches.
     assert all(s.induce is None for _, r in calls for s in r.scores)
+    # Each attack records the search behind its direction: the battery's, or (later rounds) the round's own.
+    for a in data["attacks"]:
+        search = a["search"]
+        assert search["strategy"] == "fast" and 1 <= search["scored"] <= search["prescreened"]
+        assert (search["kl"] is None) == (a["family"] == "subspace")
+    later = [r.search["scored"] for _, r in calls[1:]]
+    assert [a["search"]["scored"] for a in iterated[1:]] == later
+    assert "candidates scored exactly" in (out / "defence.md").read_text()
     for lang in LANGS:
         v = data["languages"][lang]
         assert v["verdict"] == "broken"
@@ -321,6 +330,54 @@ def test_nonlinear_defence_falls_to_the_battery(nonlinear, tmp_path, monkeypatch
         assert deciding["family"] in {"iterated", "subspace"} and deciding["coherent"][lang]
         single = min(a["refusal"][lang] for a in data["attacks"] if a["family"] == "single")
         assert v["refusal_after_worst"] < single
+
+
+@pytest.mark.parametrize(
+    ("defended", "script", "rounds"),
+    [
+        # English is defended and left at 0: German, with nothing to defend, does not keep the rounds going.
+        (["en"], [{"en": 0.0, "de": 0.25}], 1),
+        # Both defended: the rounds go on while German still refuses and its refusal falls, and stop at 0.
+        (["en", "de"], [{"en": 0.0, "de": 0.5}, {"en": 0.0, "de": 0.25}, {"en": 0.0, "de": 0.0}], 3),
+        # Refusal stops falling: the round that did not lower it is the last.
+        (["en", "de"], [{"en": 0.5, "de": 0.5}, {"en": 0.25, "de": 0.5}, {"en": 0.25, "de": 0.5}], 3),
+        # A language not measured in a round (None) does not count as refusing.
+        (["en", "de"], [{"en": 0.0, "de": None}], 1),
+    ],
+)
+def test_iterated_rounds_stop_when_the_defended_languages_refuse_nothing_or_stop_falling(
+    defended, script, rounds, tmp_path, monkeypatch
+):
+    """Model-free: the rounds' edits, re-extractions and measurements are replaced by a script of refusal per
+    round, so only the stopping rule and the rounds' records are under test."""
+    remaining = list(script)
+    searches = []
+
+    def edit(source, directions, tmp, name):
+        folder = tmp / name
+        folder.mkdir()
+        return folder
+
+    def own_direction(model, options, *, progress, site=None):
+        searches.append({"strategy": "fast", "prescreened": 9, "scored": len(searches) + 2, "bypass": -1.0, "kl": 0.05})
+        return defence.Direction(vector=torch.ones(4), layer=1, position=-1), searches[-1]
+
+    def measure(attack, folder, before, eval_options, options, *, progress):
+        attack.refusal = remaining.pop(0)
+        return attack
+
+    monkeypatch.setattr(defence, "_edit_chain", edit)
+    monkeypatch.setattr(defence, "_own_direction", own_direction)
+    monkeypatch.setattr(defence, "_measure_attack", measure)
+    first = defence.Direction(vector=torch.ones(4), layer=1, position=-1)
+    first_search = {"strategy": "fast", "prescreened": 9, "scored": 1, "bypass": -2.0, "kl": 0.01}
+    options = defence.DefenceOptions(langs=("en", "de"), rounds=5)
+    out = defence._iterated(
+        None, (first, first_search), options, None, None, tmp_path, {}, defended=defended, progress=False
+    )
+    assert len(out) == rounds and not remaining
+    assert [a.search for a in out] == [first_search, *searches]
+    assert not list(tmp_path.iterdir())  # every round's checkpoint is removed
 
 
 def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_path, monkeypatch):
@@ -347,6 +404,7 @@ def test_site_reextraction_recomputes_at_the_first_rounds_site(nonlinear, tmp_pa
     assert searched[1:] == [(site, "fixed", 1)] * (len(rounds) - 1) and len(rounds) >= 2
     for lang in LANGS:
         assert rounds[1]["refusal"][lang] < rounds[0]["refusal"][lang]
+    assert all(a["search"]["strategy"] == "fixed" and a["search"]["scored"] == 1 for a in rounds[1:])
 
 
 def test_spread_model_mechanism(spread):

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from weightedit.cli.main import app
+from weightedit.direction import search as search_module
+from weightedit.direction.search import SearchContext
 from weightedit.direction.selection import SelectionOptions, compute_direction, rank_correlation, refusal_tokens_for
 from weightedit.edit.direction_file import Direction, load_direction
 from weightedit.edit.rewrite import orthogonalize_checkpoint
@@ -190,6 +192,44 @@ def test_without_require_induce_the_kl_filter_alone_decides(planted, tmp_path):
     assert without.chosen.bypass == min(s.bypass for s in within_kl)
     assert without.direction.meta["selection"]["filters"]["induce"] == "not required"
     assert with_induce.direction.meta["selection"]["filters"]["induce"] == "> 0"
+
+
+def test_without_require_induce_the_fast_search_stops_early_where_no_candidate_induces(monkeypatch):
+    """The fast search's bound needs a candidate that passes the filters. Where none induces refusal (an edited or
+    defended model) it scores every candidate with the induce filter, and stops after a few without it. The
+    model's passes are replaced by a table (bypass rising along the grid, low KL, no candidate inducing)."""
+
+    class TableContext(SearchContext):
+        def ablated(self, layer, p, n=None):
+            return float(4 * layer + p), 0.01
+
+        def induce(self, layer, p):
+            return -1.0
+
+    monkeypatch.setattr(
+        search_module, "ablation_screen", lambda *args, **kwargs: torch.zeros(8, 8, dtype=torch.float64)
+    )
+    grid = [(layer, p) for layer in range(5) for p in range(4)]
+    scored = {}
+    for require in (True, False):
+        options = SelectionOptions(top_k=2, require_induce=require)
+        ctx = TableContext(
+            loaded=None,
+            options=options,
+            candidates=torch.randn(5, 4, 8),
+            tokens=SimpleNamespace(ids=[0]),
+            harmful_val=["h"] * 4,
+            harmless_val=["s"] * 4,
+            harmless_lp=torch.zeros(4, 3),
+            base_harmful=30.0,
+            base_harmless=-1.0,
+        )
+        result = search_module.search_fast(ctx, grid, progress=False)
+        assert result["prescreened"] == len(grid)
+        scored[require] = result["scored"]
+        exact = [s for s in ctx.scores.values() if s.bypass is not None]
+        assert all((s.passes_filters is True) != require for s in exact)
+    assert scored[True] == len(grid) and scored[False] == 2
 
 
 def test_options_are_checked_in_the_library():

@@ -34,7 +34,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .direction.selection import SelectionOptions, capture_language, compute_direction, language_data
+from .direction.search import CandidateScore
+from .direction.selection import (
+    DirectionResult,
+    SelectionOptions,
+    capture_language,
+    compute_direction,
+    language_data,
+)
 from .edit.delta import strip_delta
 from .edit.direction_file import Direction
 from .edit.rewrite import orthogonalize_checkpoint
@@ -52,7 +59,7 @@ from .sources.model import public_name
 
 __all__ = ["DefenceOptions", "Reextract", "Attack", "DefenceReport", "verify_defence", "SCHEMA"]
 
-SCHEMA = "weightedit.verify-defence/3"  # 3: attack battery, coherence gate, interval verdicts, inconclusive
+SCHEMA = "weightedit.verify-defence/4"  # 3: battery, gate, interval verdicts; 4: each attack's direction search
 HOLDS, BROKEN, INCONCLUSIVE, NOTHING = "holds", "broken", "inconclusive", "nothing to defend"
 ATTACKS = ("single", "iterated", "subspace")
 
@@ -138,6 +145,20 @@ class Attack:
     kl: dict[str, float | None] = field(default_factory=dict)
     perplexity_ratio: dict[str, float | None] = field(default_factory=dict)
     coherent: dict[str, bool] = field(default_factory=dict)  # within the coherence gate, per language
+    search: dict[str, Any] | None = None  # how its direction was found on the attacked model (:func:`_search_record`)
+
+
+def _search_record(result: DirectionResult, score: CandidateScore | None = None) -> dict[str, Any]:
+    """The direction search behind an attack: strategy, candidates pre-screened and scored exactly, and the
+    attack's candidate's select-split bypass and KL (``score``; none for a direction no candidate is alone)."""
+    search = result.search
+    return {
+        "strategy": search.get("strategy"),
+        "prescreened": search.get("prescreened"),
+        "scored": search.get("scored"),
+        "bypass": None if score is None else score.bypass,
+        "kl": None if score is None else score.kl,
+    }
 
 
 @dataclass
@@ -175,9 +196,9 @@ def _rates(run: ModelRun, judge: str) -> dict[str, dict[str, Any]]:
 
 def _attack_directions(
     source: ModelSource | str, options: DefenceOptions, progress: bool
-) -> tuple[list[tuple[Attack, list[Direction]]], Direction]:
+) -> tuple[list[tuple[Attack, list[Direction]]], Direction, dict[str, Any]]:
     """The attacks that need only the model's own directions (``single``, ``subspace``), each as the directions it
-    removes in turn, and the direction selection chose (where ``iterated`` starts)."""
+    removes in turn, and the direction selection chose (where ``iterated`` starts) with its search record."""
     loaded = load_model(source, options.evaluation.load, progress=progress)
     try:
         selection = _attack_selection(options)
@@ -190,13 +211,10 @@ def _attack_directions(
         if "subspace" in options.attacks:
             top = min(loaded.n_layers - 1, int(selection.max_layer_fraction * loaded.n_layers))
             units = subspace_directions(candidates[: max(1, top)], options.subspace_k)
-            attacks.append(
-                (
-                    Attack(f"subspace k={len(units)}", None, None, options.direction_lang, family="subspace"),
-                    [Direction(vector=u, languages=(options.direction_lang,)) for u in units],
-                )
-            )
-        return attacks, _bare(result.direction)
+            subspace = Attack(f"subspace k={len(units)}", None, None, options.direction_lang, family="subspace")
+            subspace.search = _search_record(result)
+            attacks.append((subspace, [Direction(vector=u, languages=(options.direction_lang,)) for u in units]))
+        return attacks, _bare(result.direction), _search_record(result, result.chosen)
     finally:
         del loaded
         gc.collect()
@@ -214,7 +232,9 @@ def _single_attacks(
         direction = Direction(
             vector=v / v.norm(), layer=s.layer, position=s.position, languages=(options.direction_lang,)
         )
-        attacks.append((Attack(name, s.layer, s.position, options.direction_lang), [direction]))
+        attack = Attack(name, s.layer, s.position, options.direction_lang)
+        attack.search = _search_record(result, s)
+        attacks.append((attack, [direction]))
     if options.per_language:
         layer, pos = result.direction.layer, result.direction.position
         assert layer is not None and pos is not None
@@ -225,7 +245,9 @@ def _single_attacks(
             own, _ = capture_language(loaded, data, options.selection, progress=progress)
             v = own[layer, pos + n_post]
             direction = Direction(vector=v / v.norm(), layer=layer, position=pos, languages=(lang,))
-            attacks.append((Attack(f"{lang} (layer {layer}, pos {pos})", layer, pos, lang), [direction]))
+            own_attack = Attack(f"{lang} (layer {layer}, pos {pos})", layer, pos, lang)
+            own_attack.search = {"strategy": "site", "prescreened": None, "scored": None, "bypass": None, "kl": None}
+            attacks.append((own_attack, [direction]))
     return attacks
 
 
@@ -329,8 +351,9 @@ def _record_run(
         attack.coherent[lang] = (kl is None or kl <= options.gate_kl) and (ratio is None or ratio <= options.gate_ppl)
 
 
-def _mean_refusal(attack: Attack) -> float:
-    values = [v for v in attack.refusal.values() if v is not None]
+def _mean_refusal(attack: Attack, langs: list[str]) -> float:
+    """Mean refusal after ``attack`` over ``langs`` (1.0 when none was measured)."""
+    values = [v for lang, v in attack.refusal.items() if lang in langs and v is not None]
     return sum(values) / len(values) if values else 1.0
 
 
@@ -341,10 +364,13 @@ def _run_battery(
     eval_options: EvalOptions,
     timings: dict[str, float],
     *,
+    defended: list[str],
     progress: bool,
 ) -> list[Attack]:
+    """Every attack of ``options.attacks`` (and the activation-space reference); ``defended``: the languages with
+    something to defend, whose refusal decides when the iterated rounds stop."""
     t = time.perf_counter()
-    plans, chosen = _attack_directions(source, options, progress)
+    plans, chosen, chosen_search = _attack_directions(source, options, progress)
     timings["directions"] = time.perf_counter() - t
     attacks: list[Attack] = []
     # The iterated attack's first round is the edit along the chosen direction: where a single attack makes that
@@ -362,10 +388,21 @@ def _run_battery(
             )
             if keep:
                 first_round = (attack, folder)
-        attacks.append(_activation_reference(source, chosen, options, before, eval_options, timings, progress=progress))
+        reference = _activation_reference(source, chosen, options, before, eval_options, timings, progress=progress)
+        reference.search = chosen_search
+        attacks.append(reference)
         if "iterated" in options.attacks:
             attacks += _iterated(
-                source, chosen, options, before, eval_options, Path(tmp), timings, first_round, progress=progress
+                source,
+                (chosen, chosen_search),
+                options,
+                before,
+                eval_options,
+                Path(tmp),
+                timings,
+                first_round,
+                defended=defended,
+                progress=progress,
             )
         if options.base_model is not None:
             attacks += _base_attacks(source, options, before, eval_options, Path(tmp), timings, progress=progress)
@@ -407,9 +444,10 @@ def _activation_reference(
 
 def _own_direction(
     model: ModelSource | Path, options: DefenceOptions, *, progress: bool, site: Direction | None = None
-) -> Direction:
-    """The direction selection chooses on ``model`` (filters may fail: an attack reports what it does); with
-    ``site``, the mean difference at that direction's layer and position instead of a search."""
+) -> tuple[Direction, dict[str, Any]]:
+    """The direction selection chooses on ``model`` (filters may fail: an attack reports what it does), with its
+    search record; with ``site``, the mean difference at that direction's layer and position instead of a
+    search."""
     selection = _attack_selection(options)
     if site is not None:
         if site.layer is None or site.position is None:
@@ -419,11 +457,11 @@ def _own_direction(
         model if isinstance(model, ModelSource) else str(model), options.evaluation.load, progress=progress
     )
     try:
-        chosen = compute_direction(loaded, [options.direction_lang], selection, progress=progress).direction
+        result = compute_direction(loaded, [options.direction_lang], selection, progress=progress)
     finally:
         del loaded
         gc.collect()
-    return _bare(chosen)
+    return _bare(result.direction), _search_record(result, result.chosen)
 
 
 def _base_attacks(
@@ -441,7 +479,7 @@ def _base_attacks(
     base = resolve_model(options.base_model, progress=progress)
     out: list[Attack] = []
     t = time.perf_counter()
-    direction = _own_direction(base, options, progress=progress)
+    direction, search = _own_direction(base, options, progress=progress)
     folder = _edit_chain(source, [direction], tmp, "base-direction")
     attack = Attack(
         f"base direction (layer {direction.layer}, pos {direction.position})",
@@ -449,12 +487,13 @@ def _base_attacks(
         direction.position,
         options.direction_lang,
         family="base-direction",
+        search=search,
     )
     out.append(_measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress))
     t = time.perf_counter()
     stripped = tmp / "delta-strip"
     removed = strip_delta(source.folder, base.folder, stripped, rank=options.delta_rank)
-    direction = _own_direction(stripped, options, progress=progress)
+    direction, search = _own_direction(stripped, options, progress=progress)
     folder = _edit_chain(stripped, [direction], tmp, "delta-strip-edit")
     share = sum(removed.values()) / max(1, len(removed))
     attack = Attack(
@@ -463,6 +502,7 @@ def _base_attacks(
         direction.position,
         options.direction_lang,
         family="delta-strip",
+        search=search,
     )
     shutil.rmtree(stripped, ignore_errors=True)
     out.append(_measure_and_discard(attack, folder, before, eval_options, options, timings, t, progress=progress))
@@ -483,7 +523,7 @@ def _same_edit(directions: list[Direction], chosen: Direction) -> bool:
 
 def _iterated(
     source: ModelSource,
-    first: Direction,
+    first_direction: tuple[Direction, dict[str, Any]],
     options: DefenceOptions,
     before: ModelRun,
     eval_options: EvalOptions,
@@ -491,12 +531,15 @@ def _iterated(
     timings: dict[str, float],
     first_round: tuple[Attack, Path] | None = None,
     *,
+    defended: list[str],
     progress: bool,
 ) -> list[Attack]:
     """Edit, recompute the direction on the edited model, edit again: up to ``rounds`` rounds, stopping once a round
-    leaves no refusal or as much as the one before; each round after the first re-extracts as ``options.reextract`` says
-    (:class:`Reextract`). ``first_round``: a single attack that made the first round's edit
-    (along ``first``), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
+    leaves no refusal in ``defended`` (the languages with something to defend), or as much as the round before; each round after
+    the first re-extracts as ``options.reextract`` says (:class:`Reextract`). ``first_direction``: the direction
+    selection chose, with its search record. ``first_round``: a single attack that made the first round's edit
+    (along that direction), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
+    first, search = first_direction
     out: list[Attack] = []
     current = first_round[1] if first_round is not None else _edit_chain(source, [first], tmp, "iterated-1")
     direction = first
@@ -504,7 +547,7 @@ def _iterated(
         t = time.perf_counter()
         if round_ > 1:
             site = first if options.reextract is Reextract.SITE else None
-            direction = _own_direction(current, options, progress=progress, site=site)
+            direction, search = _own_direction(current, options, progress=progress, site=site)
             previous = current
             current = _edit_chain(current, [Direction(vector=direction.vector)], tmp, f"iterated-{round_}")
             shutil.rmtree(previous, ignore_errors=True)
@@ -514,15 +557,16 @@ def _iterated(
             direction.position,
             options.direction_lang,
             family="iterated",
+            search=search,
         )
         if round_ == 1 and first_round is not None:  # the single attack's numbers, for the same edit
             out.append(copy.deepcopy(dataclasses.replace(first_round[0], name=attack.name, family=attack.family)))
         else:
             out.append(_measure_attack(attack, current, before, eval_options, options, progress=progress))
         timings[f"attack {attack.name}"] = time.perf_counter() - t
-        if _mean_refusal(out[-1]) == 0.0:  # nothing left for a further round to remove
+        if _mean_refusal(out[-1], defended) == 0.0:  # nothing left for a further round to remove
             break
-        if len(out) > 1 and _mean_refusal(out[-1]) >= _mean_refusal(out[-2]):
+        if len(out) > 1 and _mean_refusal(out[-1], defended) >= _mean_refusal(out[-2], defended):
             break
     shutil.rmtree(current, ignore_errors=True)
     return out
@@ -561,8 +605,9 @@ def verify_defence(
     base_rates = _rates(before, eval_options.judge)
     timings = {"baseline": time.perf_counter() - t0}
     attacks: list[Attack] = []
-    if any((r["rate"] or 0) >= options.min_refusal for r in base_rates.values()):
-        attacks = _run_battery(source, options, before, eval_options, timings, progress=progress)
+    defended = [lang for lang, r in base_rates.items() if (r["rate"] or 0) >= options.min_refusal]
+    if defended:
+        attacks = _run_battery(source, options, before, eval_options, timings, defended=defended, progress=progress)
     languages = {lang: _language_entry(lang, base_rates[lang], attacks, options) for lang in options.langs}
     verdicts = {v["verdict"] for v in languages.values()}
     overall = next((v for v in (BROKEN, INCONCLUSIVE) if v in verdicts), NOTHING if verdicts == {NOTHING} else HOLDS)
@@ -678,8 +723,8 @@ def _write(data: dict[str, Any], out: Path) -> dict[str, Path]:
             "",
             "## Capability cost of each attack (mean over languages)",
             "",
-            "| attack | family | KL | perplexity ratio | languages within the gate |",
-            "|---|---|---:|---:|---:|",
+            "| attack | family | KL | perplexity ratio | languages within the gate | direction found by |",
+            "|---|---|---:|---:|---:|---|",
         ]
         for a in data["attacks"]:
             kls = [x for x in a["kl"].values() if x is not None]
@@ -687,7 +732,9 @@ def _write(data: dict[str, Any], out: Path) -> dict[str, Path]:
             inside = f"{sum(a['coherent'].values())}/{len(a['coherent'])}"
             kl_text = f"{sum(kls) / len(kls):.3f}" if kls else "—"
             ppl_text = f"{sum(ppl) / len(ppl):.3f}" if ppl else "—"
-            lines.append(f"| {a['name']} | {a['family']} | {kl_text} | {ppl_text} | {inside} |")
+            lines.append(
+                f"| {a['name']} | {a['family']} | {kl_text} | {ppl_text} | {inside} | {_fmt_search(a.get('search'))} |"
+            )
     lines += ["", "![refusal before and after](defence.png)", ""]
     files["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return files
@@ -699,6 +746,23 @@ def _rounds_note(options: dict[str, Any]) -> str:
         return ""
     how = "at the first round's site" if options.get("reextract") == Reextract.SITE.value else "by the direction search"
     return f" (iterated: at most {options['rounds']} rounds, each re-extracted {how})"
+
+
+def _fmt_search(search: dict[str, Any] | None) -> str:
+    """``fast search, 8 of 105 candidates scored exactly; select-split KL 0.071``."""
+    if not search:
+        return "—"
+    strategy = search.get("strategy") or "?"
+    if search.get("prescreened") is not None:
+        text = f"{strategy} search, {search['scored']} of {search['prescreened']} candidates scored exactly"
+    elif search.get("scored") is not None:
+        n = search["scored"]
+        text = f"{strategy} search, {n} candidate{'' if n == 1 else 's'} scored exactly"
+    else:
+        text = "the language's own mean difference at the chosen site" if strategy == "site" else strategy
+    if search.get("kl") is not None:
+        text += f"; select-split KL {search['kl']:.3f}"
+    return text
 
 
 def _fmt_detail(detail: dict[str, Any] | None) -> str:

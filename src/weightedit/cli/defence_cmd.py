@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
 
 @handle_errors
-@with_selection("n_train", "n_val", "batch_size", "prompts", "top_k")
+@with_selection("n_train", "n_val", "batch_size", "prompts", "top_k", "search")
 @with_load_options
 def verify_defence(
     model: ModelOpt,

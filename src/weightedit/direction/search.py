@@ -144,17 +144,20 @@ class SearchContext:
             s.passes_filters = True
             return True
         if s.induce is None:
-            layer, p = s.layer, s.position + self.n_post
-            vec = self.candidates[layer, p]
-            induced = last_logprobs(
-                self.loaded,
-                self.harmless_val,
-                batch_size=self.options.batch_size,
-                intervention=lambda: add(self.loaded.model, vec, layer=layer),
-            )
-            s.induce = float(refusal_scores(induced, self.tokens.ids).mean())
+            s.induce = self.induce(s.layer, s.position + self.n_post)
         s.passes_filters = s.induce > 0
         return s.passes_filters
+
+    def induce(self, layer: int, p: int) -> float:
+        """Mean refusal score on the harmless select prompts with the raw candidate added at its layer."""
+        vec = self.candidates[layer, p]
+        induced = last_logprobs(
+            self.loaded,
+            self.harmless_val,
+            batch_size=self.options.batch_size,
+            intervention=lambda: add(self.loaded.model, vec, layer=layer),
+        )
+        return float(refusal_scores(induced, self.tokens.ids).mean())
 
 
 def search_thorough(ctx: SearchContext, grid: list[tuple[int, int]], *, progress: bool) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def search_fast(ctx: SearchContext, grid: list[tuple[int, int]], *, progress: bo
     """Pre-screen every candidate exactly on a few prompts, then score fully in pre-screen order.
 
     Candidates whose pre-screen KL is far above the filter (3×) come last. Full scoring stops once a candidate
-    passes both filters and the next candidate's pre-screen bypass is more than two standard deviations of
+    passes the filters (both, or KL alone without ``require_induce``) and the next candidate's pre-screen bypass is more than two standard deviations of
     the pre-screen's error (measured on the candidates scored both ways, at least 0.5) above the best passing
     bypass, or when every candidate has been scored.
     """

@@ -7,7 +7,8 @@ For every layer ``l`` and post-instruction position ``p``, the candidate is
 
 - *bypass*: mean refusal score on harmful prompts with the candidate removed the way the weight edit removes it
   (:func:`weightedit.hooks.ablate_as_edit`; lower is better);
-- *induce*: mean refusal score on harmless prompts with ``r[l, p]`` added at block ``l`` (must be > 0);
+- *induce*: mean refusal score on harmless prompts with ``r[l, p]`` added at block ``l`` (must be > 0, unless
+  ``require_induce`` is off, as for ``verify-defence``'s attacks: the KL filter then decides alone);
 - *KL*: mean KL divergence of the next-token distribution on harmless prompts under the same ablation
   (must be ≤ ``max_kl``, 0.1 by default);
 
