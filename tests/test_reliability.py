@@ -899,3 +899,15 @@ def test_quiet_silences_the_libraries_progress_bars(tmp_path, flag):
     assert "it/s" not in proc.stderr and "%|" not in proc.stderr, proc.stderr  # tqdm's bars
     if flag == "--json":
         assert proc.stderr == "", proc.stderr
+
+
+def test_outputs_written_inside_a_scratch_folder_are_not_reported_as_kept(tmp_path):
+    """An interrupt's message lists the outputs already complete and kept: not the checkpoints an attack wrote
+    into a scratch folder, which the folder's removal took with it (verify-defence listed them as kept)."""
+    atomic.reset_state()
+    kept = atomic.write_text_atomic(tmp_path / "kept.txt", "x")
+    with atomic.scratch_dir(tmp_path / "cache", "defence") as scratch:
+        atomic.write_text_atomic(scratch / "attack0.txt", "y")
+        assert len(atomic.committed_outputs()) == 2
+    assert atomic.committed_outputs() == [kept]
+    atomic.reset_state()

@@ -136,8 +136,9 @@ def leftover_temporaries() -> list[Path]:
 
 
 def committed_outputs() -> list[Path]:
-    """Outputs this process has renamed into place (so an interrupt after them did not lose them)."""
-    return list(_committed)
+    """Outputs this process has renamed into place and that are still there (so an interrupt after them did not
+    lose them); one written inside a :func:`scratch_dir` is gone with it, and is not listed."""
+    return [p for p in _committed if os.path.lexists(p)]
 
 
 def reset_state() -> None:
