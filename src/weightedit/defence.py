@@ -211,8 +211,14 @@ def _attack_directions(
         if "subspace" in options.attacks:
             top = min(loaded.n_layers - 1, int(selection.max_layer_fraction * loaded.n_layers))
             units = subspace_directions(candidates[: max(1, top)], options.subspace_k)
-            subspace = Attack(f"subspace k={len(units)}", None, None, options.direction_lang, family="subspace")
-            subspace.search = _search_record(result)
+            subspace = Attack(
+                f"subspace k={len(units)}",
+                None,
+                None,
+                options.direction_lang,
+                "subspace",
+                search=_search_record(result),
+            )
             attacks.append((subspace, [Direction(vector=u, languages=(options.direction_lang,)) for u in units]))
         return attacks, _bare(result.direction), _search_record(result, result.chosen)
     finally:
@@ -232,8 +238,7 @@ def _single_attacks(
         direction = Direction(
             vector=v / v.norm(), layer=s.layer, position=s.position, languages=(options.direction_lang,)
         )
-        attack = Attack(name, s.layer, s.position, options.direction_lang)
-        attack.search = _search_record(result, s)
+        attack = Attack(name, s.layer, s.position, options.direction_lang, search=_search_record(result, s))
         attacks.append((attack, [direction]))
     if options.per_language:
         layer, pos = result.direction.layer, result.direction.position
@@ -245,9 +250,8 @@ def _single_attacks(
             own, _ = capture_language(loaded, data, options.selection, progress=progress)
             v = own[layer, pos + n_post]
             direction = Direction(vector=v / v.norm(), layer=layer, position=pos, languages=(lang,))
-            own_attack = Attack(f"{lang} (layer {layer}, pos {pos})", layer, pos, lang)
-            own_attack.search = {"strategy": "site", "prescreened": None, "scored": None, "bypass": None, "kl": None}
-            attacks.append((own_attack, [direction]))
+            site = {"strategy": "site", "prescreened": None, "scored": None, "bypass": None, "kl": None}
+            attacks.append((Attack(f"{lang} (layer {layer}, pos {pos})", layer, pos, lang, search=site), [direction]))
     return attacks
 
 
@@ -388,9 +392,11 @@ def _run_battery(
             )
             if keep:
                 first_round = (attack, folder)
-        reference = _activation_reference(source, chosen, options, before, eval_options, timings, progress=progress)
-        reference.search = chosen_search
-        attacks.append(reference)
+        attacks.append(
+            _activation_reference(
+                source, (chosen, chosen_search), options, before, eval_options, timings, progress=progress
+            )
+        )
         if "iterated" in options.attacks:
             attacks += _iterated(
                 source,
@@ -411,7 +417,7 @@ def _run_battery(
 
 def _activation_reference(
     source: ModelSource,
-    direction: Direction,
+    chosen: tuple[Direction, dict[str, Any]],
     options: DefenceOptions,
     before: ModelRun,
     eval_options: EvalOptions,
@@ -420,7 +426,9 @@ def _activation_reference(
     progress: bool,
 ) -> Attack:
     """The chosen direction removed at run time from the residual stream (hooks, no weight edit): a reference that
-    shows any gap between the activation-space ablation and the weight edits. It never decides a verdict."""
+    shows any gap between the activation-space ablation and the weight edits. It never decides a verdict.
+    ``chosen``: the direction with its search record."""
+    direction, search = chosen
     t = time.perf_counter()
     attack = Attack(
         f"activation ablation (layer {direction.layer}, pos {direction.position}; reference)",
@@ -428,6 +436,7 @@ def _activation_reference(
         direction.position,
         options.direction_lang,
         family="activation",
+        search=search,
     )
     run = measure_model(
         source,
@@ -535,10 +544,11 @@ def _iterated(
     progress: bool,
 ) -> list[Attack]:
     """Edit, recompute the direction on the edited model, edit again: up to ``rounds`` rounds, stopping once a round
-    leaves no refusal in ``defended`` (the languages with something to defend), or as much as the round before; each round after
-    the first re-extracts as ``options.reextract`` says (:class:`Reextract`). ``first_direction``: the direction
-    selection chose, with its search record. ``first_round``: a single attack that made the first round's edit
-    (along that direction), with its checkpoint: the round reuses both (the checkpoint is removed here)."""
+    leaves no refusal in ``defended`` (the languages with something to defend), or as much as the round before;
+    each round after the first re-extracts as ``options.reextract`` says (:class:`Reextract`).
+    ``first_direction``: the direction selection chose, with its search record. ``first_round``: a single attack
+    that made the first round's edit (along that direction), with its checkpoint: the round reuses both (the
+    checkpoint is removed here)."""
     first, search = first_direction
     out: list[Attack] = []
     current = first_round[1] if first_round is not None else _edit_chain(source, [first], tmp, "iterated-1")

@@ -173,9 +173,9 @@ def search_fast(ctx: SearchContext, grid: list[tuple[int, int]], *, progress: bo
     """Pre-screen every candidate exactly on a few prompts, then score fully in pre-screen order.
 
     Candidates whose pre-screen KL is far above the filter (3×) come last. Full scoring stops once a candidate
-    passes the filters (both, or KL alone without ``require_induce``) and the next candidate's pre-screen bypass is more than two standard deviations of
-    the pre-screen's error (measured on the candidates scored both ways, at least 0.5) above the best passing
-    bypass, or when every candidate has been scored.
+    passes the filters (both, or KL alone without ``require_induce``) and the next candidate's pre-screen bypass
+    is more than two standard deviations of the pre-screen's error (measured on the candidates scored both ways,
+    at least 0.5) above the best passing bypass, or when every candidate has been scored.
     """
     options = ctx.options
     loaded = ctx.loaded
