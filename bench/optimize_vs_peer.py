@@ -226,6 +226,8 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         settings["weightedit_trial_tokens"] = args.weightedit_trial_tokens
     if args.weightedit_direction_scope != "global":  # records made before the option keep their settings
         settings["weightedit_direction_scope"] = args.weightedit_direction_scope
+    if args.weightedit_orthogonal_to_harmless != "no":
+        settings["weightedit_orthogonal_to_harmless"] = args.weightedit_orthogonal_to_harmless
     code = source_tree()
     if (record := reusable(done, settings)) is not None:
         if record.get("code") == code:
@@ -246,10 +248,12 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     if args.weightedit_trial_tokens:
         cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
     cmd += ["--direction-scope", args.weightedit_direction_scope]
+    cmd += ["--orthogonal-to-harmless", args.weightedit_orthogonal_to_harmless]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
         f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search, "
-        f"{args.weightedit_direction_scope} direction"
+        f"{args.weightedit_direction_scope} direction, orthogonal to the harmless mean: "
+        f"{args.weightedit_orthogonal_to_harmless}"
         + (
             f", trials judged on {args.weightedit_trial_tokens}-token completions"
             if args.weightedit_trial_tokens
@@ -506,6 +510,13 @@ def main() -> None:
         choices=("per-layer", "global"),
         default="per-layer",
         help="weightedit's direction scope (optimize --direction-scope)",
+    )
+    parser.add_argument(
+        "--weightedit-orthogonal-to-harmless",
+        choices=("no", "yes", "search"),
+        default="no",
+        help="whether weightedit's direction is made orthogonal to the harmless mean (optimize "
+        "--orthogonal-to-harmless; search: a share of it, a parameter of the trials)",
     )
     parser.add_argument(
         "--weightedit-choice-rule",

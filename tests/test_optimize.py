@@ -495,9 +495,9 @@ def test_per_layer_rows_are_read_at_each_layers_output_and_made_orthogonal_to_it
     diffs, harmless = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
     point = point_from_params(
         {"position": -2, "direction_layer": 1.0, **{f"{p}_{k}": 1.0 for p in ("attention", "mlp") for k in ("center", "peak", "width", "floor")}, "embedding": 1.0},
-        OptimizeOptions(direction_scope="per-layer", preserve_norm=False),
+        OptimizeOptions(direction_scope="per-layer", preserve_norm=False, orthogonal_to_harmless=True),
     )  # fmt: skip
-    assert point.per_layer
+    assert point.per_layer and point.harmless_share == 1.0
     got = direction_vector(point, diffs, harmless)
     for layer in range(4):
         src = min(layer + 1, 3)
@@ -506,7 +506,86 @@ def test_per_layer_rows_are_read_at_each_layers_output_and_made_orthogonal_to_it
         assert torch.allclose(got[layer].double(), v / v.norm(), atol=1e-6)
     diffs[2, 1] = 0  # layer 1's output: no direction there
     with pytest.raises(OptionsError, match="decoder layer 1 has no direction"):
-        direction_vector(point, diffs)
+        direction_vector(point, diffs, harmless)
+
+
+FULL_PROFILE = {f"{p}_{k}": 1.0 for p in ("attention", "mlp") for k in ("center", "peak", "width", "floor")}
+
+
+@pytest.mark.parametrize("scope", ["global", "per-layer"])
+def test_a_harmless_share_removes_that_share_of_the_component_along_the_harmless_mean(scope):
+    g = torch.Generator().manual_seed(5)
+    diffs, harmless = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    params = {"position": -1, "direction_layer": 1.5, **FULL_PROFILE, "embedding": 1.0}
+
+    def point(setting, **extra):
+        opts = OptimizeOptions(direction_scope=scope, preserve_norm=False, orthogonal_to_harmless=setting)
+        return point_from_params({**params, **extra}, opts)
+
+    plain = direction_vector(point(False), diffs)
+    assert point(False).harmless_share is None and "harmless_share" not in point(False).to_json()
+    # Share 0 is the plain direction, bit for bit (trial 0 of a searched share is the plain full edit).
+    assert torch.equal(direction_vector(point(None, harmless_share=0.0), diffs, harmless), plain)
+    half = point(None, harmless_share=0.5)
+    assert half.harmless_share == 0.5 and half.to_json()["harmless_share"] == 0.5
+    got, full = direction_vector(half, diffs, harmless), direction_vector(point(True), diffs, harmless)
+    rows = range(4) if scope == "per-layer" else [None]
+    for layer in rows:
+        if layer is None:  # the global direction is read between layers 1 and 2, interpolated
+            v = 0.5 * (diffs[1, 2] + diffs[2, 2]).double()
+            h = 0.5 * (harmless[1, 2] + harmless[2, 2]).double()
+            row_got, row_full = got.double(), full.double()
+        else:
+            src = min(layer + 1, 3)
+            v, h = diffs[src, 2].double(), harmless[src, 2].double()
+            row_got, row_full = got[layer].double(), full[layer].double()
+        h = h / h.norm()
+        want = v - 0.5 * (v @ h) * h
+        assert torch.allclose(row_got, want / want.norm(), atol=1e-6)
+        assert abs(float(row_full @ h)) < 1e-6 < abs(float(row_got @ h))  # half removed: some of it is left
+    with pytest.raises(ValueError, match="needs the harmless means"):
+        direction_vector(half, diffs)
+
+
+def test_a_searched_harmless_share_is_a_trial_parameter_and_written_exactly(planted, tmp_path):
+    """``orthogonal_to_harmless=None``: every trial draws a share from 0 to 1 (trial 0, the full edit, keeps the plain
+    direction), a trial's direction is its share's, and the chosen point's rows and share are what the direction
+    file holds and the checkpoint computes."""
+    model, prompts = planted
+    out, work = tmp_path / "edited", tmp_path / "study"
+    opts = options(prompts, trials=6, direction_scope="per-layer", orthogonal_to_harmless=None)
+    job = optimize_model(str(model), out, opts, work_dir=work, progress=False)
+    study, chosen = job.study, job.study.chosen
+    shares = [t.params["harmless_share"] for t in stored_study(work).trials]
+    assert shares[0] == 0.0 and all(0.0 <= s <= 1.0 for s in shares) and len(set(shares)) == len(shares)
+    assert [t.point.harmless_share for t in study.trials] == shares
+    setup = study.setup
+    n_layers, n_post = setup.diffs.shape[:2]
+    for t in study.trials[1:3]:
+        rows, share, p = study.direction(t.point), t.point.harmless_share, n_post + t.point.position
+        for layer in range(n_layers):
+            src = min(layer + 1, n_layers - 1)
+            v, h = setup.diffs[src, p].double(), setup.harmless_means[src, p].double()
+            h = h / h.norm()
+            want = v - share * (v @ h) * h
+            assert torch.allclose(rows[layer].double(), want / want.norm(), atol=1e-6)
+
+    assert chosen is not None
+    rows = study.direction(chosen.trial.point)
+    direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
+    assert direction.layer_vectors is not None and torch.equal(direction.layer_vectors, rows)
+    assert direction.meta["optimize"]["harmless_share"] == chosen.trial.point.harmless_share
+    report = json.loads(job.files["json"].read_text())
+    assert report["chosen"]["harmless_share"] == chosen.trial.point.harmless_share
+    assert f"harmless share {chosen.trial.point.harmless_share:.2f}" in job.files["md"].read_text()
+    trial_model, written, ids = trial_and_written(model, out)
+    with torch.inference_mode(), temporarily_edited(trial_model, rows, chosen.trial.point.profile):
+        want_logits = trial_model(ids).logits
+    assert (written(ids).logits - want_logits).abs().max().item() <= 1e-4
+    # The share's setting is part of the study's key: a fixed setting does not resume this study.
+    with pytest.raises(OptionsError, match="another model or other options"):
+        fixed = options(prompts, trials=6, direction_scope="per-layer", orthogonal_to_harmless=False)
+        optimize_model(str(model), tmp_path / "g", fixed, work_dir=work, progress=False)
 
 
 def test_the_free_search_with_per_layer_directions_searches_the_position_only(planted, tmp_path):
@@ -697,6 +776,8 @@ def test_the_strict_rule_holds_each_refusing_language_to_the_target():
         ({"search_space": "wide"}, "search_space"),
         ({"choice_rule": "loose"}, "choice_rule"),
         ({"direction_scope": "rows"}, "direction_scope"),
+        ({"orthogonal_to_harmless": "yes"}, "orthogonal_to_harmless"),
+        ({"preserve_norm": 1}, "preserve_norm"),
     ],
 )
 def test_search_and_choice_options_are_checked(kwargs, option):
@@ -712,6 +793,7 @@ def test_search_and_choice_options_are_checked(kwargs, option):
         (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
         (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
         (["--direction-scope", "rows"], "--direction-scope rows: must be one of global, per-layer"),
+        (["--orthogonal-to-harmless", "maybe"], "--orthogonal-to-harmless maybe: must be one of no, yes, search"),
     ],
 )
 def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_path):

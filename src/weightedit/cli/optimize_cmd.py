@@ -126,8 +126,14 @@ def optimize(
         ),
     ] = None,
     orthogonal_to_harmless: Annotated[
-        bool, typer.Option("--orthogonal-to-harmless", help="Remove the harmless mean's direction from the direction.")
-    ] = False,
+        str,
+        typer.Option(
+            "--orthogonal-to-harmless",
+            metavar="[no|yes|search]",
+            help="Remove the harmless mean's direction from the direction: no, yes (all of it), or search (a share "
+            "from 0 to 1, a parameter of the trials; trial 0 keeps the plain direction).",
+        ),
+    ] = "no",
     target_refusal: Annotated[
         float,
         typer.Option("--target-refusal", help="Judged refusal a chosen point may keep (read by --choice-rule)."),
@@ -184,9 +190,9 @@ def optimize(
 ) -> None:
     """Search per-layer edit weights and the direction's layer for the lowest KL that removes refusal in every
     language; write the chosen point exactly, with its study report."""
-    from weightedit.errors import OptimizeTargetError
+    from weightedit.errors import OptimizeTargetError, enum_option
     from weightedit.evaluation.runner import EvalOptions
-    from weightedit.optimize.options import ChoiceRule, OptimizeOptions
+    from weightedit.optimize.options import ChoiceRule, HarmlessProjection, OptimizeOptions
     from weightedit.optimize.report import rate_text
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
@@ -207,7 +213,9 @@ def optimize(
         layer_window=layer_window,
         direction_scope=direction_scope,
         preserve_norm=preserve_norm,
-        orthogonal_to_harmless=orthogonal_to_harmless,
+        orthogonal_to_harmless=enum_option(
+            "orthogonal_to_harmless", orthogonal_to_harmless, HarmlessProjection
+        ).setting,
         target_refusal=target_refusal,
         choice_rule=choice_rule,
         kl_budget=kl_budget,

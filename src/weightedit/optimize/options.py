@@ -44,6 +44,19 @@ class DirectionScope(str, Enum):
     PER_LAYER = "per-layer"
 
 
+class HarmlessProjection(str, Enum):
+    """How much of the harmless mean's direction is removed from the refusal direction (the CLI's spelling of
+    :attr:`OptimizeOptions.orthogonal_to_harmless`): none, all of it, or a share the search chooses."""
+
+    NO = "no"
+    YES = "yes"
+    SEARCH = "search"
+
+    @property
+    def setting(self) -> bool | None:
+        return {HarmlessProjection.NO: False, HarmlessProjection.YES: True}.get(self)
+
+
 class ChoiceRule(str, Enum):
     """How the judged Pareto points are held to ``target_refusal`` (:func:`weightedit.optimize.study.misses`).
 
@@ -77,7 +90,9 @@ class OptimizeOptions:
             directions search no layer and ignore it (it stays in the study's key, as the first per-layer
             studies stored it).
         preserve_norm: edit norm-preserving (``True``), plain (``False``), or let the search choose (``None``).
-        orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction.
+        orthogonal_to_harmless: remove the harmless mean's direction from the refusal direction (``True``), keep
+            the plain mean difference (``False``), or let the search choose the share of it removed (``None``:
+            a parameter ``harmless_share`` from 0, the plain direction, to 1, orthogonal to the harmless mean).
         max_layer_fraction: the direction is read from layers below this fraction of the depth.
         target_refusal: the judged refusal rate a chosen point may keep, read by ``choice_rule``.
         choice_rule: :class:`ChoiceRule`: ``interval`` (default) or ``strict``.
@@ -108,7 +123,7 @@ class OptimizeOptions:
     layer_window: float = 1.5
     direction_scope: DirectionScope | str = DirectionScope.PER_LAYER
     preserve_norm: bool | None = None
-    orthogonal_to_harmless: bool = False
+    orthogonal_to_harmless: bool | None = False
     max_layer_fraction: float = 0.8
     target_refusal: float = 0.03
     choice_rule: ChoiceRule | str = ChoiceRule.INTERVAL
@@ -127,6 +142,9 @@ class OptimizeOptions:
         )
         for name, kind in kinds:
             object.__setattr__(self, name, enum_option(name, getattr(self, name), kind))
+        for name in ("preserve_norm", "orthogonal_to_harmless"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
+                raise OptionsError(name, getattr(self, name), "must be true, false, or None (searched)")
         window = self.layer_window
         if isinstance(window, bool) or not isinstance(window, (int, float)) or not (0 <= window < math.inf):
             raise OptionsError("layer_window", window, "must be a number of layers, 0 or more")

@@ -218,7 +218,7 @@ def markdown(data: dict[str, Any]) -> str:
         t = trials[number]
         lines.append(
             f"| {number} | {_direction_layer(t)} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
-            f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])} |"
+            f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])}{_share_text(t)} |"
         )
     lines += [
         "",
@@ -255,7 +255,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"**Chosen: trial {chosen['trial']}** by the {chosen['rule']} rule (target {target}; pooled "
             f"{rate_text(chosen['pooled'], 1)}; KL {chosen['kl']:.3f}; {_where(chosen)}, "
-            f"position {chosen['position']}; {_profile_text(chosen['profile'])}); written to "
+            f"position {chosen['position']}; {_profile_text(chosen['profile'])}{_share_text(chosen)}); written to "
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
@@ -289,6 +289,12 @@ def _highest_kl(trial: dict[str, Any]) -> str:
         return "—"
     lang = max(kls, key=lambda k: kls[k])
     return f"{kls[lang]:.3f} ({lang})"
+
+
+def _share_text(point: dict[str, Any]) -> str:
+    """The share of the harmless mean's direction removed from the point's direction, when it has one."""
+    share = point.get("harmless_share")
+    return "" if share is None else f"; harmless share {share:.2f}"
 
 
 def _profile_text(p: dict[str, Any]) -> str:

@@ -45,11 +45,20 @@ class EditPoint:
     position: int  # post-instruction position, negative
     profile: EditProfile
     per_layer: bool = False  # each decoder layer's writers lose that layer's own direction (DirectionScope)
+    # The share of the direction's component along the harmless mean that is removed from it before use: None or
+    # 0 keep the plain mean difference, 1 makes it orthogonal to the harmless mean (:func:`direction_vector`).
+    harmless_share: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = {"direction_layer": self.layer, "position": self.position, "profile": self.profile.to_json()}
+        data: dict[str, Any] = {
+            "direction_layer": self.layer,
+            "position": self.position,
+            "profile": self.profile.to_json(),
+        }
         if self.per_layer:
             data["direction_scope"] = DirectionScope.PER_LAYER.value
+        if self.harmless_share is not None:
+            data["harmless_share"] = self.harmless_share
         return data
 
 
@@ -131,6 +140,8 @@ def suggest(
     trial.suggest_float("embedding", 0.0, 1.0)
     if options.preserve_norm is None:
         trial.suggest_categorical("preserve_norm", [False, True])
+    if options.orthogonal_to_harmless is None:
+        trial.suggest_float("harmless_share", 0.0, 1.0)
     return point_from_params(trial.params, options, fixed)
 
 
@@ -151,6 +162,11 @@ def point_from_params(
         )
 
     keep = options.preserve_norm if options.preserve_norm is not None else bool(params.get("preserve_norm", False))
+    share: float | None = None
+    if options.orthogonal_to_harmless is None:
+        share = float(params["harmless_share"])
+    elif options.orthogonal_to_harmless:
+        share = 1.0
     profile = EditProfile(
         attention=kernel("attention"), mlp=kernel("mlp"), embedding=float(params["embedding"]), preserve_norm=keep
     )
@@ -159,6 +175,7 @@ def point_from_params(
         position=int(params["position"]),
         profile=profile,
         per_layer=options.direction_scope is DirectionScope.PER_LAYER,
+        harmless_share=share,
     )
 
 
@@ -176,13 +193,17 @@ def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) ->
     params["embedding"] = 1.0
     if options.preserve_norm is None:
         params["preserve_norm"] = False
+    if options.orthogonal_to_harmless is None:
+        params["harmless_share"] = 0.0  # the plain mean difference
     return params
 
 
 def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tensor | None = None) -> torch.Tensor:
     """The unit direction of ``point``: the mean differences ``diffs[layer, position]`` (``[n_layers, n_post, d]``,
-    the input of each block), interpolated between the two layers around ``point.layer``; with ``harmless`` (the
-    harmless means, same shape) the harmless mean's direction is removed from it first.
+    the input of each block), interpolated between the two layers around ``point.layer``. With
+    ``point.harmless_share`` *s* (and ``harmless``, the harmless means, same shape), *s* times its component along
+    the harmless mean's unit direction *h* is removed from it first: ``v - s (v·h) h``, then normalised (1: orthogonal
+    to the harmless mean; 0: the plain mean difference, bit for bit).
 
     With ``point.per_layer``, ``[n_layers, d]`` unit rows: row ``l`` is read at the output of decoder layer ``l``
     (the input of block ``l + 1``; the means hold block inputs only, so the last layer reuses its input's), at
@@ -190,18 +211,23 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
 
     Raises:
         OptionsError: a per-layer row is zero (the harmful and harmless means agree there).
+        ValueError: ``point`` has a harmless share and ``harmless`` is not given.
     """
     n_layers, n_post = diffs.shape[:2]
+    share = point.harmless_share
+    if share is not None and harmless is None:
+        raise ValueError("a point with a harmless share needs the harmless means")
     if point.per_layer:
         p = n_post + point.position
         rows = []
         for layer in range(n_layers):
             src = min(layer + 1, n_layers - 1)
             v = diffs[src, p].double()
-            if harmless is not None:
+            if share is not None:
+                assert harmless is not None
                 h = harmless[src, p].double()
                 h = h / h.norm()
-                v = v - (v @ h) * h
+                v = v - share * (v @ h) * h
             if not float(v.norm()) > 0:
                 raise OptionsError(
                     "direction_scope",
@@ -220,8 +246,9 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
         return (1 - t) * values[low, p].double() + t * values[high, p].double()
 
     v = at(diffs)
-    if harmless is not None:
+    if share is not None:
+        assert harmless is not None
         h = at(harmless)
         h = h / h.norm()
-        v = v - (v @ h) * h
+        v = v - share * (v @ h) * h
     return (v / v.norm()).float()

@@ -110,9 +110,7 @@ class StudyResult:
     anchor: Anchor | None = None
 
     def direction(self, point: EditPoint) -> Any:
-        return direction_vector(
-            point, self.setup.diffs, self.setup.harmless_means if self.options.orthogonal_to_harmless else None
-        )
+        return direction_vector(point, self.setup.diffs, self.setup.harmless_means)
 
 
 @contextlib.contextmanager
@@ -209,7 +207,8 @@ def _anchor(loaded: LoadedModel, setup: Setup, options: OptimizeOptions, study: 
         setup.direction_harmful,
         setup.direction_tokens,
         options,
-        harmless_means=setup.harmless_means if options.orthogonal_to_harmless else None,
+        # a searched share starts from the plain direction (trial 0), so the anchor is screened on it
+        harmless_means=setup.harmless_means if options.orthogonal_to_harmless is True else None,
     )
     anchor = default_anchor(loaded.n_layers, options) if found is None else Anchor(float(found[0]), found[1], True)
     study.set_user_attr("anchor", anchor.to_json())
@@ -242,7 +241,6 @@ def _search(
     """Run the trials the study still lacks (``fixed``: :func:`fixed_params` for ``anchor``); return how many it had
     already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    harmless = setup.harmless_means if options.orthogonal_to_harmless else None
     if not study.trials:
         # The first trial is the full edit along the anchor: the direction the first-order screen ranks best.
         assert anchor is not None  # _anchor finds one for every study without trials
@@ -253,7 +251,7 @@ def _search(
         # What the search does not suggest is stored with each trial, so that its point is rebuilt as it ran.
         trial.set_user_attr("fixed", fixed)
         point = suggest(trial, loaded.n_layers, loaded.n_post, options, anchor, fixed)
-        r = direction_vector(point, setup.diffs, harmless)
+        r = direction_vector(point, setup.diffs, setup.harmless_means)
         with temporarily_edited(loaded.model, r, point.profile):
             per_lang = measure(loaded, setup, options)
         trial.set_user_attr("languages", per_lang)
