@@ -248,7 +248,9 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     if args.weightedit_trial_tokens:
         cmd += ["--trial-tokens", str(args.weightedit_trial_tokens)]
     cmd += ["--direction-scope", args.weightedit_direction_scope]
-    cmd += ["--orthogonal-to-harmless", args.weightedit_orthogonal_to_harmless]
+    cmd += {"no": [], "yes": ["--orthogonal-to-harmless"], "search": ["--search-harmless-share"]}[
+        args.weightedit_orthogonal_to_harmless
+    ]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
         f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search, "
@@ -515,8 +517,8 @@ def main() -> None:
         "--weightedit-orthogonal-to-harmless",
         choices=("no", "yes", "search"),
         default="no",
-        help="whether weightedit's direction is made orthogonal to the harmless mean (optimize "
-        "--orthogonal-to-harmless; search: a share of it, a parameter of the trials)",
+        help="whether weightedit's direction is made orthogonal to the harmless mean (yes: optimize "
+        "--orthogonal-to-harmless; search: --search-harmless-share, a share of it that the trials choose)",
     )
     parser.add_argument(
         "--weightedit-choice-rule",

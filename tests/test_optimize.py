@@ -14,6 +14,7 @@ from optuna.storages.journal import JournalFileBackend
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+import weightedit.optimize.study as study_module
 from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
@@ -582,10 +583,36 @@ def test_a_searched_harmless_share_is_a_trial_parameter_and_written_exactly(plan
     with torch.inference_mode(), temporarily_edited(trial_model, rows, chosen.trial.point.profile):
         want_logits = trial_model(ids).logits
     assert (written(ids).logits - want_logits).abs().max().item() <= 1e-4
-    # The share's setting is part of the study's key: a fixed setting does not resume this study.
-    with pytest.raises(OptionsError, match="another model or other options"):
+    # The share's setting is part of the study's key: a fixed setting does not resume this study, and the error
+    # names the setting it was made with.
+    with pytest.raises(
+        OptionsError, match="differs in orthogonal_to_harmless.*made with search_harmless_share: resume it so"
+    ):
         fixed = options(prompts, trials=6, direction_scope="per-layer", orthogonal_to_harmless=False)
         optimize_model(str(model), tmp_path / "g", fixed, work_dir=work, progress=False)
+
+
+@pytest.mark.parametrize("setting", [True, None, False])
+def test_the_anchor_is_screened_on_the_direction_trial_0_reads(planted, tmp_path, monkeypatch, setting):
+    """Orthogonal to the harmless mean (``True``): the screen ranks orthogonalised candidates; a searched share
+    (``None``) starts from the plain direction (trial 0 has share 0), so the screen ranks plain ones."""
+    model, prompts = planted
+    seen = []
+    real = study_module.first_order_anchor
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("harmless_means"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "first_order_anchor", recording)
+    opts = options(prompts, trials=2, orthogonal_to_harmless=setting, target_refusal=0.99)
+    job = optimize_model(str(model), tmp_path / "o", opts, work_dir=tmp_path / "w", progress=False)
+    assert len(seen) == 1
+    if setting is True:
+        assert torch.equal(seen[0], job.study.setup.harmless_means)
+    else:
+        assert seen[0] is None
+    assert job.study.trials[0].point.harmless_share == (1.0 if setting else None if setting is False else 0.0)
 
 
 def test_the_free_search_with_per_layer_directions_searches_the_position_only(planted, tmp_path):
@@ -793,7 +820,11 @@ def test_search_and_choice_options_are_checked(kwargs, option):
         (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
         (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
         (["--direction-scope", "rows"], "--direction-scope rows: must be one of global, per-layer"),
-        (["--orthogonal-to-harmless", "maybe"], "--orthogonal-to-harmless maybe: must be one of no, yes, search"),
+        (
+            ["--orthogonal-to-harmless", "--search-harmless-share"],
+            "--search-harmless-share True: asks the trials for the share that --orthogonal-to-harmless fixes at all "
+            "of it: pass one of them",
+        ),
     ],
 )
 def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_path):

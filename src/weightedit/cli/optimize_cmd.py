@@ -126,14 +126,19 @@ def optimize(
         ),
     ] = None,
     orthogonal_to_harmless: Annotated[
-        str,
+        bool,
         typer.Option(
-            "--orthogonal-to-harmless",
-            metavar="[no|yes|search]",
-            help="Remove the harmless mean's direction from the direction: no, yes (all of it), or search (a share "
-            "from 0 to 1, a parameter of the trials; trial 0 keeps the plain direction).",
+            "--orthogonal-to-harmless", help="Remove the harmless mean's direction from the direction (all of it)."
         ),
-    ] = "no",
+    ] = False,
+    search_harmless_share: Annotated[
+        bool,
+        typer.Option(
+            "--search-harmless-share",
+            help="Let the trials choose the share of the harmless mean's direction removed (0 to 1; trial 0 keeps "
+            "the plain direction).",
+        ),
+    ] = False,
     target_refusal: Annotated[
         float,
         typer.Option("--target-refusal", help="Judged refusal a chosen point may keep (read by --choice-rule)."),
@@ -190,14 +195,20 @@ def optimize(
 ) -> None:
     """Search per-layer edit weights and the direction's layer for the lowest KL that removes refusal in every
     language; write the chosen point exactly, with its study report."""
-    from weightedit.errors import OptimizeTargetError, enum_option
+    from weightedit.errors import OptimizeTargetError, OptionsError
     from weightedit.evaluation.runner import EvalOptions
-    from weightedit.optimize.options import ChoiceRule, HarmlessProjection, OptimizeOptions
+    from weightedit.optimize.options import ChoiceRule, OptimizeOptions
     from weightedit.optimize.report import rate_text
     from weightedit.prompts import parse_languages
     from weightedit.workflows import default_work_dir, optimize_model
 
     quiet_libraries(quiet)
+    if search_harmless_share and orthogonal_to_harmless:
+        raise OptionsError(
+            "search_harmless_share",
+            True,
+            "asks the trials for the share that <<orthogonal_to_harmless>> fixes at all of it: pass one of them",
+        )
     codes = tuple(parse_languages(langs))
     options = OptimizeOptions(
         langs=codes,
@@ -213,9 +224,7 @@ def optimize(
         layer_window=layer_window,
         direction_scope=direction_scope,
         preserve_norm=preserve_norm,
-        orthogonal_to_harmless=enum_option(
-            "orthogonal_to_harmless", orthogonal_to_harmless, HarmlessProjection
-        ).setting,
+        orthogonal_to_harmless=None if search_harmless_share else orthogonal_to_harmless,
         target_refusal=target_refusal,
         choice_rule=choice_rule,
         kl_budget=kl_budget,

@@ -44,19 +44,6 @@ class DirectionScope(str, Enum):
     PER_LAYER = "per-layer"
 
 
-class HarmlessProjection(str, Enum):
-    """How much of the harmless mean's direction is removed from the refusal direction (the CLI's spelling of
-    :attr:`OptimizeOptions.orthogonal_to_harmless`): none, all of it, or a share the search chooses."""
-
-    NO = "no"
-    YES = "yes"
-    SEARCH = "search"
-
-    @property
-    def setting(self) -> bool | None:
-        return {HarmlessProjection.NO: False, HarmlessProjection.YES: True}.get(self)
-
-
 class ChoiceRule(str, Enum):
     """How the judged Pareto points are held to ``target_refusal`` (:func:`weightedit.optimize.study.misses`).
 

@@ -160,6 +160,16 @@ def rate_text(v: dict[str, Any] | None, digits: int = 0) -> str:
 
 
 def _search_text(data: dict[str, Any]) -> str:
+    return _space_text(data) + _harmless_text(data["options"].get("orthogonal_to_harmless", False))
+
+
+def _harmless_text(setting: bool | None) -> str:
+    if setting is None:
+        return " The share of the harmless mean's direction removed from the direction is searched (0 to 1)."
+    return " The direction is made orthogonal to the harmless mean." if setting else ""
+
+
+def _space_text(data: dict[str, Any]) -> str:
     search = data["search"]
     if search.get("direction_scope") == DirectionScope.PER_LAYER.value:
         position = "every post-instruction position" if search["position"] is None else f"position {search['position']}"

@@ -203,7 +203,7 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
     the input of each block), interpolated between the two layers around ``point.layer``. With
     ``point.harmless_share`` *s* (and ``harmless``, the harmless means, same shape), *s* times its component along
     the harmless mean's unit direction *h* is removed from it first: ``v - s (v·h) h``, then normalised (1: orthogonal
-    to the harmless mean; 0: the plain mean difference, bit for bit).
+    to the harmless mean; 0: the plain mean difference, untouched).
 
     With ``point.per_layer``, ``[n_layers, d]`` unit rows: row ``l`` is read at the output of decoder layer ``l``
     (the input of block ``l + 1``; the means hold block inputs only, so the last layer reuses its input's), at
@@ -223,7 +223,7 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
         for layer in range(n_layers):
             src = min(layer + 1, n_layers - 1)
             v = diffs[src, p].double()
-            if share is not None:
+            if share:
                 assert harmless is not None
                 h = harmless[src, p].double()
                 h = h / h.norm()
@@ -246,7 +246,7 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
         return (1 - t) * values[low, p].double() + t * values[high, p].double()
 
     v = at(diffs)
-    if share is not None:
+    if share:
         assert harmless is not None
         h = at(harmless)
         h = h / h.norm()

@@ -177,6 +177,11 @@ def _setup_mismatch(study: optuna.Study, key: dict[str, Any]) -> str:
         {"direction_scope"} if global_study else set()
     )
     resume = f"resume it with {' and '.join(hints)}, " if hints and set(differs) <= old_defaults else ""
+    if differs == ["orthogonal_to_harmless"]:
+        flag = {True: "<<orthogonal_to_harmless>>", None: "<<search_harmless_share>>"}.get(
+            stored.get("orthogonal_to_harmless"), "neither <<orthogonal_to_harmless>> nor <<search_harmless_share>>"
+        )
+        resume = f"it was made with {flag}: resume it so, or "
     return (
         f"holds a study of another model or other options ({what}): {resume}choose another <<work_dir>>, or remove "
         "it to start over"
