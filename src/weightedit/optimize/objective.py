@@ -37,6 +37,7 @@ from ..runtime.activations import ablation_screen, last_logprobs
 from ..runtime.modeling import LoadedModel
 from ..runtime.scoring import RefusalTokens, kl_divergence, mean_probs, refusal_scores
 from .options import OptimizeOptions
+from .space import remove_harmless
 
 __all__ = ["LanguageTarget", "Setup", "prepare", "first_order_anchor", "measure", "judged_refusal"]
 
@@ -239,9 +240,7 @@ def first_order_anchor(
     for layer, p in live_candidates(diffs[: highest + 1], highest + 1):  # the floor from the allowed layers
         v = diffs[layer, p].double()
         if harmless_means is not None:
-            h = harmless_means[layer, p].double()
-            h = h / h.norm()
-            v = v - (v @ h) * h
+            v = remove_harmless(v, harmless_means[layer, p])
         u = v / v.norm()
         drop = float(u @ screen @ u)
         if best is None or drop > best[0]:

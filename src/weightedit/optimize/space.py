@@ -33,6 +33,7 @@ __all__ = [
     "point_from_params",
     "full_edit_params",
     "direction_vector",
+    "remove_harmless",
 ]
 
 # The kernels' peak weight may exceed 1 a little (the component overshoots), as far as this.
@@ -198,6 +199,13 @@ def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) ->
     return params
 
 
+def remove_harmless(v: torch.Tensor, harmless: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """``v`` less ``share`` times its component along the unit direction of ``harmless`` (float64; not normalised)."""
+    h = harmless.double()
+    h = h / h.norm()
+    return v - share * (v @ h) * h
+
+
 def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tensor | None = None) -> torch.Tensor:
     """The unit direction of ``point``: the mean differences ``diffs[layer, position]`` (``[n_layers, n_post, d]``,
     the input of each block), interpolated between the two layers around ``point.layer``. With
@@ -225,9 +233,7 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
             v = diffs[src, p].double()
             if share:
                 assert harmless is not None
-                h = harmless[src, p].double()
-                h = h / h.norm()
-                v = v - share * (v @ h) * h
+                v = remove_harmless(v, harmless[src, p], share)
             if not float(v.norm()) > 0:
                 raise OptionsError(
                     "direction_scope",
@@ -248,7 +254,5 @@ def direction_vector(point: EditPoint, diffs: torch.Tensor, harmless: torch.Tens
     v = at(diffs)
     if share:
         assert harmless is not None
-        h = at(harmless)
-        h = h / h.norm()
-        v = v - share * (v @ h) * h
+        v = remove_harmless(v, at(harmless), share)
     return (v / v.norm()).float()
