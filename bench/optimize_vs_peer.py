@@ -33,8 +33,10 @@ error: pass a new ``--work``):
    are per layer, optimize's default, unless ``--weightedit-direction-scope global`` (the runs before
    2026-12-05 used one direction for every writer).
 3. ``weightedit evaluate`` of each written model against the original on the held-out test split of all
-   ``--eval-langs``: judged refusal (greedy completions, substring judge, Wilson 95% intervals), first-token
-   KL on harmless prompts, FLORES perplexity ratio, XSTest over-refusal (English). The baseline's measurement
+   ``--eval-langs``: judged refusal (greedy completions of ``--eval-limit`` harmful prompts a language,
+   substring judge, Wilson 95% intervals), first-token KL on ``--eval-kl-limit`` harmless prompts a language
+   (default the same count; 32 is the whole built-in test split), FLORES perplexity ratio, XSTest
+   over-refusal (English). The baseline's measurement
    is cached by the evaluator, so the second evaluation reuses it.
 
 Same inputs for both tools: the model in float32 on the CPU (heretic saves its merged model in float32, the dtype
@@ -127,6 +129,17 @@ def write_prompts(work: Path, n_train: int, n_score: int) -> dict[str, Path]:
 
 SEARCH_SETTINGS = ("model", "trials", "n_train", "n_score", "search_tokens", "seed", "batch_size")
 EVAL_SETTINGS = ("eval_langs", "eval_limit", "max_new_tokens", "ppl_limit", "batch_size")
+
+
+def eval_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's settings from ``values`` (the options, or an earlier result's settings). The KL prompt
+    count is recorded only when it is not ``eval_limit``, so records made before ``--eval-kl-limit`` existed
+    (KL on ``eval_limit`` prompts) keep their settings."""
+    settings = {k: values.get(k) for k in EVAL_SETTINGS}
+    kl = values.get("eval_kl_limit")
+    if kl is not None and kl != values.get("eval_limit"):
+        settings["eval_kl_limit"] = kl
+    return settings
 
 
 def reusable(done: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,14 +306,14 @@ def evaluate(args: argparse.Namespace, name: str, model: str, baseline: str) -> 
     out = args.work / f"eval-{name}"
     done = args.work / f"eval-{name}.json"
     # The evaluation belongs to the model it measured: the model step's settings are part of its own.
-    settings = {k: getattr(args, k) for k in EVAL_SETTINGS} | {"model": model, "model_written": model_stamp(model)}
+    settings = eval_settings(vars(args)) | {"model": model, "model_written": model_stamp(model)}
     if (record := reusable(done, settings)) is not None and (out / "report.json").exists():
         return record
     shutil.rmtree(out, ignore_errors=True)
     data = args.shared / "data"
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "evaluate", "--model", model, "--baseline", baseline,
-        "--out", str(out), "--langs", args.eval_langs, "--limit", str(args.eval_limit),
+        "--out", str(out), "--langs", args.eval_langs, "--limit", str(args.eval_kl_limit),
         "--generate", str(args.eval_limit), "--generate-harmless", "0",
         "--max-new-tokens", str(args.max_new_tokens), "--ppl-data", str(data / "flores-or-sib"),
         "--ppl-limit", str(args.ppl_limit), "--xstest", str(data / "xstest.jsonl"), "--dtype", "float32",
@@ -334,11 +347,12 @@ def peer_result(args: argparse.Namespace) -> dict[str, Any]:
         bad_input(
             f"--peer-result {args.peer_result}: not a results JSON of this script (no settings); pass one it wrote"
         )
-    keys = (*SEARCH_SETTINGS, "heretic_startup", *EVAL_SETTINGS)
-    theirs = {k: prior["settings"].get(k) for k in keys}
-    ours = {k: getattr(args, k) for k in keys}
+    keys = (*SEARCH_SETTINGS, "heretic_startup")
+    theirs = {k: prior["settings"].get(k) for k in keys} | eval_settings(prior["settings"])
+    ours = {k: getattr(args, k) for k in keys} | eval_settings(vars(args))
+    keys = tuple(dict.fromkeys((*theirs, *ours)))
     if theirs != ours:
-        differ = {k: (theirs[k], ours[k]) for k in keys if theirs[k] != ours[k]}
+        differ = {k: (theirs.get(k), ours.get(k)) for k in keys if theirs.get(k) != ours.get(k)}
         bad_input(f"--peer-result {args.peer_result} was made with other settings {differ}: rerun heretic")
     parts = ("heretic", "evaluations", "per_language", "summary")
     missing = [p for p in parts if p not in prior or (p != "heretic" and "heretic" not in prior[p])]
@@ -413,8 +427,11 @@ def fmt_rate(r: dict[str, Any]) -> str:
     return f"{r['k']}/{r['n']} {100 * r['rate']:.0f}% [{100 * lo:.0f},{100 * hi:.0f}]"
 
 
-def table(ours: dict | None, peer: dict) -> tuple[Table, str]:
-    t = Table(title="held-out test split, judged greedy completions (Wilson 95%)")
+def table(ours: dict | None, peer: dict, *, n_judged: int, n_kl: int) -> tuple[Table, str]:
+    t = Table(
+        title=f"held-out test split: refusal on {n_judged} judged greedy completions a language (Wilson 95%), "
+        f"KL on {n_kl} harmless prompts a language"
+    )
     cols = [
         "lang",
         "refusal before",
@@ -543,7 +560,16 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-langs", default="all")
-    parser.add_argument("--eval-limit", type=int, default=8)
+    parser.add_argument(
+        "--eval-limit", type=int, default=8, help="test prompts per language completed and judged (and XSTest's)"
+    )
+    parser.add_argument(
+        "--eval-kl-limit",
+        type=int,
+        default=None,
+        help="harmless test prompts per language the KL is measured on (default --eval-limit; the built-in test "
+        "split has 32, and KL costs one forward pass a prompt)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ppl-limit", type=int, default=12)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -557,6 +583,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.work = args.work.resolve()
+    if args.eval_kl_limit is None:
+        args.eval_kl_limit = args.eval_limit
+    if args.eval_kl_limit < args.eval_limit:
+        bad_input(f"--eval-kl-limit {args.eval_kl_limit}: must be at least --eval-limit ({args.eval_limit})")
     if args.weightedit_trial_tokens < 0:
         bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
     prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
@@ -590,7 +620,7 @@ def main() -> None:
     peer_rows, our_rows = rows["heretic"], rows.get("weightedit")
     verdict = compare(our_rows, peer_rows) if our_rows else None
 
-    t, md = table(our_rows, peer_rows)
+    t, md = table(our_rows, peer_rows, n_judged=args.eval_limit, n_kl=args.eval_kl_limit)
     console.print(t)
     for name, s in summaries.items():
         console.print(
