@@ -6,6 +6,8 @@
     python bench/optimize_vs_peer.py --work /tmp/peer      # resumes: finished steps in --work are reused
     python bench/optimize_vs_peer.py --weightedit-langs all --peer-result bench/results/optimize-vs-peer/X.json
                                                            # heretic's run and evaluation from an earlier result
+    python bench/optimize_vs_peer.py --peer-only --eval-kl-limit 32 --work /tmp/peer
+                                                           # heretic alone (its results JSON, for --peer-result)
     python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-trial-tokens 16 --peer-result X.json
                                                            # weightedit's trials judge 16-token completions
     python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
@@ -572,6 +574,12 @@ def main() -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ppl-limit", type=int, default=12)
+    parser.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="run and evaluate heretic only, and write its results JSON (for a later --peer-result; weightedit's "
+        "search then runs in another session)",
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--work", type=Path, default=Path("/tmp/weightedit-peer-bench"))
     parser.add_argument(
@@ -589,6 +597,8 @@ def main() -> None:
         bad_input(f"--eval-kl-limit {args.eval_kl_limit}: must be at least --eval-limit ({args.eval_limit})")
     if args.weightedit_trial_tokens < 0:
         bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
+    if args.peer_only and args.peer_result:
+        bad_input("--peer-only runs heretic and --peer-result reuses an earlier run of it: pass one of them")
     prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -603,7 +613,7 @@ def main() -> None:
     # asks for no more refusal than it left, at lower KL).
     peer_rate = heretic_refusal(heretic)
     target = max(args.target_refusal, peer_rate) if peer_rate is not None else args.target_refusal
-    ours = run_weightedit(args, args.model, target)
+    ours = None if args.peer_only else run_weightedit(args, args.model, target)
     if prior:
         evals = {"heretic": prior["evaluations"]["heretic"]}
         summaries = {"heretic": prior["summary"]["heretic"]}
@@ -611,7 +621,7 @@ def main() -> None:
     else:
         evals = {"heretic": evaluate(args, "heretic", heretic["model"], args.model)}
         summaries, rows = {}, {}
-    if ours["model"]:
+    if ours and ours["model"]:
         evals["weightedit"] = evaluate(args, "weightedit", ours["model"], args.model)
     for name, e in evals.items():
         if name not in rows:
@@ -628,19 +638,22 @@ def main() -> None:
             f"(baseline {s['refusal_baseline_pooled']['k']}/{s['refusal_baseline_pooled']['n']}), mean KL "
             f"{s['kl_mean']:.3f}, perplexity ratio mean {s['perplexity_ratio_mean']:.3f}"
         )
-    console.print(f"wall: heretic {heretic['wall_s']:.0f} s, weightedit optimize {ours['wall_s']:.0f} s")
+    console.print(
+        f"wall: heretic {heretic['wall_s']:.0f} s"
+        + (f", weightedit optimize {ours['wall_s']:.0f} s" if ours else " (weightedit not run: --peer-only)")
+    )
     if verdict:
         console.print(
             f"weightedit dominates heretic: {'yes' if verdict['dominates'] else 'NO'} "
             f"(refusal no higher everywhere: {verdict['refusal_no_higher_everywhere']}, KL no higher everywhere: "
             f"{verdict['kl_no_higher_everywhere']}); bars met: {verdict['bars_met']}"
         )
-    else:
+    elif ours:
         console.print("[bold red]weightedit optimize chose no point (exit 1): see its optimize.json front[/]")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    front = json.loads(Path(ours["optimize_report"]).read_text()) if ours.get("optimize_report") else None
+    front = json.loads(Path(ours["optimize_report"]).read_text()) if ours and ours.get("optimize_report") else None
     result = {
         "started": started.isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -664,7 +677,7 @@ def main() -> None:
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / f"{stamp}.md").write_text(md + "\n")
     plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
-    if ours.get("optimize_report"):  # weightedit's own study report: its front (table and plot) and choice
+    if ours and ours.get("optimize_report"):  # weightedit's own study report: its front (table and plot) and choice
         work = Path(ours["optimize_report"]).parent
         for name, suffix in (("optimize.md", "weightedit-optimize.md"), ("front.png", "weightedit-front.png")):
             if (work / name).exists():
