@@ -23,7 +23,7 @@ from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import DirectionScope, OptimizeOptions
 from weightedit.optimize.report import markdown
-from weightedit.optimize.space import Anchor, direction_vector, point_from_params
+from weightedit.optimize.space import Anchor, EditPoint, direction_vector, point_from_params
 from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
@@ -832,3 +832,107 @@ def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_pat
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[0] == f"error: {message}"
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_path):
+    """``optimize --point``: the chosen point of a study's optimize.json, written again without the study, is the
+    checkpoint the study wrote, tensor for tensor; another trial of the report is written as that trial's
+    in-memory model computes, and its provenance says it is not the chosen point."""
+    from safetensors.torch import load_file
+
+    model, prompts = planted
+    out, work = tmp_path / "edited", tmp_path / "study"
+    opts = options(prompts, trials=4, direction_scope="per-layer", orthogonal_to_harmless=None)
+    job = optimize_model(str(model), out, opts, work_dir=work, progress=False)
+    chosen = job.study.chosen
+    assert chosen is not None
+    report = work / "optimize.json"
+    again = tmp_path / "again"
+    result = CliRunner().invoke(
+        app, ["optimize", "--model", str(model), "--out", str(again), "--point", str(report), "--no-evaluate"]
+    )
+    assert result.exit_code == 0, result.output
+    squeezed = "".join(result.output.split())  # rich wraps long paths anywhere
+    assert "".join(f"trial {chosen.trial.number} of {report}, its chosen point".split()) in squeezed
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in again.glob("*.safetensors"))
+    for name in shards:
+        want, got = load_file(out / name), load_file(again / name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    direction = load_direction(again / "weightedit" / "refusal_direction.safetensors")
+    assert direction.profile == chosen.trial.point.profile
+    assert direction.meta["optimize"]["written_from"]["chosen"] is True
+    assert direction.meta["optimize"]["harmless_share"] == chosen.trial.point.harmless_share
+    assert json.loads((again / "weightedit.json").read_text())["optimize"]["chosen"] is True
+
+    other = next(t for t in job.study.trials if t.number != chosen.trial.number and not t.point.profile.is_full)
+    third = tmp_path / "other"
+    result = CliRunner().invoke(
+        app,
+        ["optimize", "--model", str(model), "--out", str(third), "--point", str(report),
+         "--point-trial", str(other.number), "--no-evaluate"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "notitschosenpoint:nochoicerulewasappliedtoit" in "".join(result.output.split())
+    assert json.loads((third / "weightedit.json").read_text())["optimize"] == {
+        "trial": other.number, "study_report": str(report), "chosen": False
+    }  # fmt: skip
+    trial_model, written, ids = trial_and_written(model, third)
+    with torch.inference_mode():
+        original = trial_model(ids).logits
+        with temporarily_edited(trial_model, job.study.direction(other.point), other.point.profile):
+            want_logits = trial_model(ids).logits
+        got_logits = written(ids).logits
+    assert (want_logits - original).abs().max() > 1e-2
+    assert (got_logits - want_logits).abs().max().item() <= 1e-4
+
+
+def test_a_recorded_point_round_trips_through_its_json():
+    opts = OptimizeOptions(direction_scope="per-layer", preserve_norm=None, orthogonal_to_harmless=None)
+    params = {"direction_layer": 2.5, "position": -1, **FULL_PROFILE, "embedding": 0.5, "preserve_norm": True, "harmless_share": 0.3}  # fmt: skip
+    point = point_from_params(params, opts)
+    assert EditPoint.from_json(json.loads(json.dumps(point.to_json()))) == point
+    glob = point_from_params({**params, "harmless_share": 0.0}, OptimizeOptions(direction_scope="global"))
+    assert EditPoint.from_json(glob.to_json()) == glob and not glob.per_layer
+    with pytest.raises(OptionsError, match="harmless_share outside 0 to 1"):
+        EditPoint.from_json({**point.to_json(), "harmless_share": 1.5})
+    with pytest.raises(OptionsError, match="must be a trial record"):
+        EditPoint.from_json({"position": -1})
+
+
+@pytest.fixture(scope="module")
+def a_study_report(planted, tmp_path_factory):
+    """A small study's optimize.json and the model it was made on."""
+    model, prompts = planted
+    root = tmp_path_factory.mktemp("point-report")
+    optimize_model(str(model), root / "edited", options(prompts, trials=2), work_dir=root / "study", progress=False)
+    return model, root / "study" / "optimize.json"
+
+
+def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_path):
+    model, report = a_study_report
+    data = json.loads(report.read_text())
+    unchosen = tmp_path / "unchosen.json"
+    unchosen.write_text(json.dumps({**data, "chosen": None}))
+    other_model = tmp_path / "other-model.json"
+    other_model.write_text(json.dumps({**data, "model": "someone/else"}))
+    not_a_report = tmp_path / "plain.json"
+    not_a_report.write_text(json.dumps({"trials": data["trials"]}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    cases = [
+        (["--point-trial", "1"], "--point-trial 1: picks a trial of the study report that --point names: pass both"),
+        (["--point", str(tmp_path / "missing.json")], f"--point {tmp_path / 'missing.json'}: cannot be read as JSON"),
+        (["--point", str(broken)], "cannot be read as JSON"),
+        (["--point", str(not_a_report)], "is not a study report (weightedit-optimize); pass a study's optimize.json"),
+        (["--point", str(report), "--point-trial", "99"], f"--point-trial 99: is not a trial of {report}: use one of 0–1"),
+        (["--point", str(unchosen)], "records no chosen point (its study chose none): pick one of its trials (0–1) with --point-trial"),
+        (["--point", str(other_model)], "is a study of someone/else, not of"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        out = tmp_path / "o"
+        result = CliRunner().invoke(app, ["optimize", "--model", str(model), "--out", str(out), *flags])
+        assert result.exit_code == 2, result.output
+        first = result.output.splitlines()[0]
+        assert first.startswith("error: ") and message in first, result.output
+        assert not out.exists() and not (tmp_path / "o-optimize").exists()

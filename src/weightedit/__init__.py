@@ -38,6 +38,7 @@ _EXPORTS = {
     # optimisation of the edit's shape
     "OptimizeOptions": "optimize.options",
     "optimize_model": "workflows",
+    "write_study_point": "workflows",
     # errors
     "WeighteditError": "errors",
 }

@@ -29,6 +29,9 @@ __all__ = [
     "direction_for_model",
     "optimize_model",
     "OptimizeJob",
+    "write_study_point",
+    "study_point",
+    "PointJob",
     "default_work_dir",
     "scores_payload",
     "orthogonalize_by_language",
@@ -218,42 +221,26 @@ def optimize_model(
         gc.collect()
     edit = None
     if result.chosen is not None:
-        point = result.chosen.trial.point
-        config = json.loads((Path(source.folder) / "config.json").read_text())
-        vector = result.direction(point)
-        rows = vector if point.per_layer else None  # per-layer rows; row 0 also serves the embeddings
-        direction = Direction(
-            vector=vector[0] if rows is not None else vector,
-            layer_vectors=rows,
-            layer=None if point.per_layer else int(round(point.layer)),  # per-layer: no one layer is read
-            position=point.position,
-            languages=(options.direction_lang,),
-            model=source.given,
-            config_hash=config_fingerprint(config),
-            meta={
-                "optimize": {
-                    **result.chosen.trial.to_json(),
-                    "judged": result.chosen.judged,
-                    "trial_tokens": options.trial_tokens,  # 0: refusal_estimate is first-token; N: judged
-                    "pooled": result.chosen.pooled,
-                    "choice_rule": options.choice_rule.value,
-                    "search_space": options.search_space.value,
-                    "direction_scope": options.direction_scope.value,
-                }
-            },
-            profile=point.profile,
+        meta = {
+            **result.chosen.trial.to_json(),
+            "judged": result.chosen.judged,
+            "trial_tokens": options.trial_tokens,  # 0: refusal_estimate is first-token; N: judged
+            "pooled": result.chosen.pooled,
+            "choice_rule": options.choice_rule.value,
+            "search_space": options.search_space.value,
+            "direction_scope": options.direction_scope.value,
+        }
+        edit = _write_point(
+            source,
+            out,
+            result.chosen.trial.point,
+            result.direction(result.chosen.trial.point),
+            direction_lang=options.direction_lang,
+            meta=meta,
+            provenance={"trial": result.chosen.trial.number, "study": str(work.name)},
+            overwrite=overwrite,
+            progress=progress,
         )
-        with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
-            path = save_direction(direction, Path(tmp) / DIRECTION_FILE_NAME)
-            edit = orthogonalize_checkpoint(
-                source,
-                out,
-                direction,
-                overwrite=overwrite,
-                progress=progress,
-                extra_files={f"{DIRECTION_SUBFOLDER}/{path.name}": path},
-                extra_provenance={"optimize": {"trial": result.chosen.trial.number, "study": str(work.name)}},
-            )
     files = write_study_report(
         payload(result, model=source.public_name, written=None if edit is None else str(edit.out)), work
     )
@@ -269,6 +256,199 @@ def optimize_model(
     if evaluation is not None:
         job.evaluation = evaluate(str(out), work / "evaluation", evaluation, baseline=source, progress=progress)
     return job
+
+
+@dataclass
+class PointJob:
+    """What :func:`write_study_point` produced."""
+
+    trial: int  # the study's trial number of the point written
+    chosen: bool  # whether it is the point the study chose
+    point: Any  # weightedit.optimize.space.EditPoint
+    edit: EditReport
+    evaluation: Any = None  # weightedit.evaluation.report.EvaluationReport when evaluated
+
+
+def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """A study report (``optimize.json``), the record of its trial ``trial`` (default: the chosen point), and
+    whether that record is the chosen point.
+
+    Raises:
+        OptionsError: the report is not readable, is not a study report, or has no such trial.
+    """
+    from .errors import OptionsError
+    from .optimize.report import SCHEMA
+
+    try:
+        data = json.loads(Path(report).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OptionsError(
+            "point", str(report), f"cannot be read as JSON ({e}); pass a study's optimize.json"
+        ) from None
+    family = SCHEMA.split("/")[0]
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith(family + "/"):
+        raise OptionsError("point", str(report), f"is not a study report ({family}); pass a study's optimize.json")
+    trials = {t["trial"]: t for t in data.get("trials") or [] if isinstance(t, dict) and "trial" in t}
+    chosen = data.get("chosen")
+    if trial is None:
+        if not isinstance(chosen, dict):
+            raise OptionsError(
+                "point",
+                str(report),
+                f"records no chosen point (its study chose none): pick one of its trials ({_numbers(trials)}) "
+                "with <<point_trial>>",
+            )
+        return data, chosen, True
+    if trial not in trials:
+        raise OptionsError("point_trial", trial, f"is not a trial of {report}: use one of {_numbers(trials)}")
+    is_chosen = isinstance(chosen, dict) and chosen.get("trial") == trial
+    return data, trials[trial], is_chosen
+
+
+def _numbers(trials: dict[int, Any]) -> str:
+    numbers = sorted(trials)
+    return f"{numbers[0]}–{numbers[-1]}" if numbers else "it has none"
+
+
+def write_study_point(
+    model: str,
+    out: Path,
+    report: Path,
+    *,
+    trial: int | None = None,
+    batch_size: int = 16,
+    work_dir: Path | None = None,
+    evaluation: Any = None,
+    overwrite: bool = False,
+    load: ModelLoadOptions | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> PointJob:
+    """Write a point a study recorded (its chosen point, or trial ``trial``) without searching again.
+
+    The point's parameters come from the study report ``report`` (``optimize.json``); its direction is computed
+    again from ``model``'s fit prompts with the study's direction language, prompt counts and prompt source (read
+    from the report), so the written checkpoint is the one the study wrote for the same point. ``evaluation`` (an
+    :class:`~weightedit.evaluation.runner.EvalOptions`) evaluates it on the held-out test split into
+    ``<work_dir>/evaluation``.
+
+    Raises:
+        OptionsError: the report is not a study report, has no such trial, or was made on another model.
+    """
+    from .errors import OptionsError
+    from .optimize.objective import mean_differences
+    from .optimize.options import OptimizeOptions
+    from .optimize.space import EditPoint, direction_vector
+
+    data, record, is_chosen = study_point(report, trial)
+    try:
+        point = EditPoint.from_json(record)
+    except OptionsError as e:
+        raise OptionsError("point", str(report), f"trial {record.get('trial')} {e.problem}") from None
+    recorded = data.get("options") or {}
+    try:
+        options = OptimizeOptions(
+            langs=(recorded["direction_lang"],),
+            direction_lang=recorded["direction_lang"],
+            n_train=recorded["n_train"],
+            n_score=recorded["n_score"],
+            prompts=recorded.get("prompts"),
+            batch_size=batch_size,
+        )
+    except KeyError as e:
+        raise OptionsError(
+            "point", str(report), f"records no {e.args[0]} in its options; pass a study's optimize.json"
+        ) from None
+    if options.prompts is not None and not Path(options.prompts).exists():
+        raise OptionsError(
+            "point",
+            str(report),
+            f"was made with the prompts {options.prompts}, which do not exist here: restore them to rebuild its direction",
+        )
+    out = Path(out).expanduser()
+    local = Path(str(model)).expanduser()
+    check_output_path(out, inputs=((local,) if str(model) and local.exists() else ()), overwrite=overwrite)
+    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
+    if data.get("model") != source.public_name:
+        raise OptionsError(
+            "point",
+            str(report),
+            f"is a study of {data.get('model')}, not of {source.public_name}: pass the study's model as <<model>>",
+        )
+    check_output_path(out, inputs=(source.folder, *source.inputs, Path(report)), overwrite=overwrite)
+    work = Path(work_dir).expanduser() if work_dir is not None else default_work_dir(out)
+    if evaluation is not None:
+        _check_work_dir(work, out, source)
+    loaded = load_model(source, load, progress=progress)
+    try:
+        diffs, harmless = mean_differences(loaded, options, progress=progress)
+    finally:
+        del loaded
+        gc.collect()
+    number = int(record["trial"])
+    meta = {
+        **record,
+        "written_from": {"report": str(report), "trial": number, "chosen": is_chosen},
+        "direction_scope": "per-layer" if point.per_layer else "global",
+    }
+    edit = _write_point(
+        source,
+        out,
+        point,
+        direction_vector(point, diffs, harmless),
+        direction_lang=options.direction_lang,
+        meta=meta,
+        provenance={"trial": number, "study_report": str(report), "chosen": is_chosen},
+        overwrite=overwrite,
+        progress=progress,
+    )
+    job = PointJob(trial=number, chosen=is_chosen, point=point, edit=edit)
+    if evaluation is not None:
+        job.evaluation = evaluate(str(out), work / "evaluation", evaluation, baseline=source, progress=progress)
+    return job
+
+
+def _write_point(
+    source: ModelSource,
+    out: Path,
+    point: Any,
+    vector: Any,
+    *,
+    direction_lang: str,
+    meta: dict[str, Any],
+    provenance: dict[str, Any],
+    overwrite: bool,
+    progress: bool,
+) -> EditReport:
+    """Write ``point`` (an :class:`~weightedit.optimize.space.EditPoint`) with its direction ``vector`` (per-layer
+    rows or one direction) to ``out`` with the streaming rewriter; the direction file (with ``meta`` under
+    ``optimize``) goes inside the output, ``provenance`` into its weightedit.json."""
+    config = json.loads((Path(source.folder) / "config.json").read_text())
+    rows = vector if point.per_layer else None  # per-layer rows; row 0 also serves the embeddings
+    direction = Direction(
+        vector=vector[0] if rows is not None else vector,
+        layer_vectors=rows,
+        layer=None if point.per_layer else int(round(point.layer)),  # per-layer: no one layer is read
+        position=point.position,
+        languages=(direction_lang,),
+        model=source.given,
+        config_hash=config_fingerprint(config),
+        meta={"optimize": meta},
+        profile=point.profile,
+    )
+    with scratch_dir(cache_dir() / "tmp", "direction") as tmp:
+        path = save_direction(direction, Path(tmp) / DIRECTION_FILE_NAME)
+        return orthogonalize_checkpoint(
+            source,
+            out,
+            direction,
+            overwrite=overwrite,
+            progress=progress,
+            extra_files={f"{DIRECTION_SUBFOLDER}/{path.name}": path},
+            extra_provenance={"optimize": provenance},
+        )
 
 
 def _check_work_dir(work: Path, out: Path, source: ModelSource) -> None:

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         epilog=epilog(
             "weightedit optimize --model recipe:qwen2.5-coder-1.5b-instruct --langs en,zh,ar --trials 32 --out edited",
             "weightedit optimize --model ./model --langs all --trials 64 --preserve-norm --out edited --no-evaluate",
+            "weightedit optimize --model ./model --point edited-optimize/optimize.json --point-trial 7 --out edited-7",
         ),
     )(optimize)
 
@@ -187,6 +188,19 @@ def optimize(
         bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the written model on the held-out test split.")
     ] = True,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test prompts per language for the evaluation.")] = 32,
+    point_report: Annotated[
+        Path | None,
+        typer.Option(
+            "--point",
+            help="Write a point a study recorded instead of searching: its optimize.json (the chosen point unless "
+            "--point-trial). The direction is computed again with the study's prompts; search options are not read.",
+            show_default=False,
+        ),
+    ] = None,
+    point_trial: Annotated[
+        int | None,
+        typer.Option("--point-trial", help="With --point: the trial to write.", show_default=False),
+    ] = None,
     revision: RevisionOpt = None,
     gguf_file: GgufFileOpt = None,
     token: TokenOpt = None,
@@ -194,7 +208,7 @@ def optimize(
     quiet: QuietOpt = False,
 ) -> None:
     """Search per-layer edit weights and the direction's layer for the lowest KL that removes refusal in every
-    language; write the chosen point exactly, with its study report."""
+    language; write the chosen point exactly, with its study report (or, with --point, a point a study recorded)."""
     from weightedit.errors import OptimizeTargetError, OptionsError
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.optimize.options import ChoiceRule, OptimizeOptions
@@ -203,6 +217,27 @@ def optimize(
     from weightedit.workflows import default_work_dir, optimize_model
 
     quiet_libraries(quiet)
+    if point_report is not None or point_trial is not None:
+        write_point(
+            model,
+            out,
+            point_report,
+            point_trial,
+            langs=langs,
+            prompts=prompts,
+            judge=judge,
+            batch_size=batch_size,
+            work_dir=work_dir,
+            evaluate=evaluate,
+            eval_limit=eval_limit,
+            load=load,
+            revision=revision,
+            gguf_file=gguf_file,
+            token=token,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+        return
     if search_harmless_share and orthogonal_to_harmless:
         raise OptionsError(
             "search_harmless_share",
@@ -269,6 +304,62 @@ def optimize(
         f"wrote {job.edit.out} (trial {chosen.trial.number}, {ChoiceRule(options.choice_rule).value} rule, "
         f"pooled judged refusal {rate_text(chosen.pooled, 1)} on the select split: "
         f"{point.profile.describe()}; {where}); study report {job.files['md']}"
+        + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
+        highlight=False,
+    )
+
+
+def write_point(
+    model: str,
+    out: Path,
+    point: Path | None,
+    point_trial: int | None,
+    *,
+    langs: str,
+    prompts: str | None,
+    judge: str,
+    batch_size: int,
+    work_dir: Path | None,
+    evaluate: bool,
+    eval_limit: int,
+    load: ModelLoadOptions,
+    revision: str | None,
+    gguf_file: str | None,
+    token: str | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """``optimize --point``: write a recorded point (and evaluate it) without a study."""
+    from weightedit.errors import OptionsError
+    from weightedit.evaluation.runner import EvalOptions
+    from weightedit.prompts import parse_languages
+    from weightedit.workflows import default_work_dir, write_study_point
+
+    if point is None:
+        raise OptionsError(
+            "point_trial", point_trial, "picks a trial of the study report that <<point>> names: pass both"
+        )
+    codes = tuple(parse_languages(langs))
+    evaluation = EvalOptions(langs=codes, limit=eval_limit, prompts=prompts, judge=judge) if evaluate else None
+    job = write_study_point(
+        model,
+        out,
+        point,
+        trial=point_trial,
+        batch_size=batch_size,
+        work_dir=work_dir,
+        evaluation=evaluation,
+        overwrite=overwrite,
+        load=load,
+        revision=revision,
+        gguf_file=gguf_file,
+        token=token,
+        progress=not quiet,
+    )
+    which = "its chosen point" if job.chosen else "not its chosen point: no choice rule was applied to it"
+    work = work_dir or default_work_dir(out)
+    console.print(
+        f"wrote {job.edit.out} (trial {job.trial} of {point}, {which}: {job.point.profile.describe()})"
         + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
         highlight=False,
     )

@@ -26,20 +26,28 @@ import torch
 
 from ..direction.options import SelectionOptions
 from ..direction.search import live_candidates
-from ..direction.selection import capture_fit_means, language_data, refusal_tokens_for
+from ..direction.selection import LanguageData, capture_fit_means, language_data, refusal_tokens_for
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
 from ..errors import OptionsError
 from ..evaluation.judges import Judge, make_judge
 from ..evaluation.metrics import decode, generate_ids
 from ..evaluation.stats import wilson_interval
-from ..runtime.activations import ablation_screen, last_logprobs
+from ..runtime.activations import CaptureResult, ablation_screen, last_logprobs
 from ..runtime.modeling import LoadedModel
 from ..runtime.scoring import RefusalTokens, kl_divergence, mean_probs, refusal_scores
 from .options import OptimizeOptions
 from .space import remove_harmless
 
-__all__ = ["LanguageTarget", "Setup", "prepare", "first_order_anchor", "measure", "judged_refusal"]
+__all__ = [
+    "LanguageTarget",
+    "Setup",
+    "prepare",
+    "mean_differences",
+    "first_order_anchor",
+    "measure",
+    "judged_refusal",
+]
 
 # Fit prompts per kind that derive the refusal tokens of a language other than the direction's (cheaper than all).
 _TOKEN_PROMPTS = 16
@@ -81,6 +89,27 @@ class Setup:
         return [t for t in self.targets if t.refuses]
 
 
+def _fit(
+    loaded: LoadedModel, options: OptimizeOptions, *, progress: bool
+) -> tuple[SelectionOptions, LanguageData, CaptureResult, CaptureResult]:
+    """The direction language's prompts and its harmful and harmless fit means."""
+    sel = SelectionOptions(
+        n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
+    )
+    data = language_data(loaded, options.direction_lang, sel)
+    harmful, harmless = capture_fit_means(loaded, data, options.batch_size, progress=progress)
+    return sel, data, harmful, harmless
+
+
+def mean_differences(
+    loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`prepare` computes for the directions alone (``diffs``, ``harmless_means``): a point recorded by
+    a study is rebuilt from these and its parameters (:func:`~weightedit.optimize.space.direction_vector`)."""
+    _, _, harmful, harmless = _fit(loaded, options, progress=progress)
+    return (harmful.means - harmless.means).float(), harmless.means.float()
+
+
 def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = True) -> Setup:
     """Mean differences of ``options.direction_lang`` and the select-split baseline of every language.
 
@@ -91,11 +120,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
     Raises:
         OptionsError: no language of ``options.langs`` refuses (there is nothing to remove).
     """
-    sel = SelectionOptions(
-        n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
-    )
-    data = language_data(loaded, options.direction_lang, sel)
-    harmful, harmless = capture_fit_means(loaded, data, options.batch_size, progress=progress)
+    sel, data, harmful, harmless = _fit(loaded, options, progress=progress)
     direction_tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=False)
     targets = []
     for lang in options.langs:

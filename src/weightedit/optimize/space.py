@@ -62,6 +62,31 @@ class EditPoint:
             data["harmless_share"] = self.harmless_share
         return data
 
+    @classmethod
+    def from_json(cls, data: Any) -> EditPoint:
+        """The point :meth:`to_json` wrote (a study report's trial records and chosen point hold it).
+
+        Raises:
+            OptionsError: ``data`` is not such a record, or its profile or scope is not one this version reads.
+        """
+        if not isinstance(data, dict) or not {"direction_layer", "position", "profile"} <= set(data):
+            raise OptionsError("point", data, "must be a trial record with direction_layer, position and profile")
+        scope = data.get("direction_scope", DirectionScope.GLOBAL.value)
+        if scope not in {s.value for s in DirectionScope}:
+            raise OptionsError(
+                "point", scope, f"has an unknown direction_scope; expected one of {[s.value for s in DirectionScope]}"
+            )
+        share = data.get("harmless_share")
+        if share is not None and not 0.0 <= float(share) <= 1.0:
+            raise OptionsError("point", share, "has a harmless_share outside 0 to 1")
+        return cls(
+            layer=float(data["direction_layer"]),
+            position=int(data["position"]),
+            profile=EditProfile.from_json(data["profile"]),
+            per_layer=scope == DirectionScope.PER_LAYER.value,
+            harmless_share=None if share is None else float(share),
+        )
+
 
 @dataclass(frozen=True)
 class Anchor:
