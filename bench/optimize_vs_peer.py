@@ -59,6 +59,7 @@ Markdown table and a PNG go to ``bench/results/optimize-vs-peer/``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -226,6 +227,39 @@ def heretic_refusal(heretic: dict[str, Any]) -> float | None:
     """The refusal share heretic reached on the select prompts with the trial it chose (its own count)."""
     match = re.search(r"Refusals:\s*(\d+)\s*/\s*(\d+)", heretic.get("chosen") or "")
     return int(match.group(1)) / int(match.group(2)) if match else None
+
+
+def write_weightedit_point(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """``weightedit optimize --point``: the chosen point of an earlier study report, written again (no search)."""
+    out = args.work / "weightedit-model"
+    done = args.work / "weightedit.json"
+    report = args.weightedit_point.resolve()
+    settings = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "weightedit_point": str(report),
+        "weightedit_point_sha256": hashlib.sha256(report.read_bytes()).hexdigest(),
+    }
+    code = source_tree()
+    if (record := reusable(done, settings)) is not None and record.get("code") == code and record["saved"]:
+        return record
+    shutil.rmtree(out, ignore_errors=True)
+    (args.work / "eval-weightedit.json").unlink(missing_ok=True)
+    cmd = [
+        str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
+        "--point", str(report), "--dtype", "float32", "--batch-size", str(args.batch_size), "--no-evaluate", "--quiet",
+    ]  # fmt: skip
+    console.print(f"weightedit: writing the chosen point of {report} (no search)")
+    result = run_timed(cmd, cwd=REPO, log=args.work / "weightedit-optimize.log")
+    if result["exit_status"] != 0:
+        raise SystemExit(f"weightedit optimize --point failed (exit {result['exit_status']}); see {result['log']}")
+    result["optimize_report"] = str(report)
+    result["saved"] = (out / "config.json").exists()
+    result["model"] = str(out)
+    result["settings"] = settings
+    result["code"] = code
+    done.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[str, Any]:
@@ -580,6 +614,13 @@ def main() -> None:
         help="run and evaluate heretic only, and write its results JSON (for a later --peer-result; weightedit's "
         "search then runs in another session)",
     )
+    parser.add_argument(
+        "--weightedit-point",
+        type=Path,
+        default=None,
+        help="write the chosen point of this study report (optimize.json) with optimize --point instead of "
+        "searching (the weightedit-search options are then not read)",
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--work", type=Path, default=Path("/tmp/weightedit-peer-bench"))
     parser.add_argument(
@@ -597,6 +638,10 @@ def main() -> None:
         bad_input(f"--eval-kl-limit {args.eval_kl_limit}: must be at least --eval-limit ({args.eval_limit})")
     if args.weightedit_trial_tokens < 0:
         bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
+    if args.weightedit_point and (args.peer_only or not args.weightedit_point.is_file()):
+        bad_input(
+            f"--weightedit-point {args.weightedit_point}: not a file, or asked with --peer-only; pass a study's optimize.json"
+        )
     if args.peer_only and args.peer_result:
         bad_input("--peer-only runs heretic and --peer-result reuses an earlier run of it: pass one of them")
     prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
@@ -613,7 +658,12 @@ def main() -> None:
     # asks for no more refusal than it left, at lower KL).
     peer_rate = heretic_refusal(heretic)
     target = max(args.target_refusal, peer_rate) if peer_rate is not None else args.target_refusal
-    ours = None if args.peer_only else run_weightedit(args, args.model, target)
+    if args.peer_only:
+        ours = None
+    elif args.weightedit_point:
+        ours = write_weightedit_point(args, args.model)
+    else:
+        ours = run_weightedit(args, args.model, target)
     if prior:
         evals = {"heretic": prior["evaluations"]["heretic"]}
         summaries = {"heretic": prior["summary"]["heretic"]}
@@ -677,9 +727,15 @@ def main() -> None:
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
     (RESULTS / f"{stamp}.md").write_text(md + "\n")
     plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
-    if ours and ours.get("optimize_report"):  # weightedit's own study report: its front (table and plot) and choice
+    if ours and ours.get("optimize_report") and not args.weightedit_point:
+        # weightedit's own study report: its front (table and plot), its choice, and the report itself (trial
+        # records and counts, no prompt text), whose chosen point a later run can write again (--weightedit-point)
         work = Path(ours["optimize_report"]).parent
-        for name, suffix in (("optimize.md", "weightedit-optimize.md"), ("front.png", "weightedit-front.png")):
+        for name, suffix in (
+            ("optimize.md", "weightedit-optimize.md"),
+            ("front.png", "weightedit-front.png"),
+            ("optimize.json", "weightedit-optimize.json"),
+        ):
             if (work / name).exists():
                 shutil.copyfile(work / name, RESULTS / f"{stamp}-{suffix}")
     console.print(f"results: {RESULTS / stamp}.{{json,md,png}}")
