@@ -229,31 +229,65 @@ def heretic_refusal(heretic: dict[str, Any]) -> float | None:
     return int(match.group(1)) / int(match.group(2)) if match else None
 
 
-def write_weightedit_point(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """``weightedit optimize --point``: the chosen point of an earlier study report, written again (no search)."""
+def check_point_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The study report ``--weightedit-point`` names, checked before anything runs: a study report with a chosen
+    point, of this model, whose direction came from the same English fit prompts heretic gets."""
+    from weightedit.errors import OptionsError
+    from weightedit.sources.model import public_name
+    from weightedit.workflows import study_point
+
+    try:
+        data, chosen, _ = study_point(args.weightedit_point)
+    except OptionsError as e:
+        bad_input(
+            f"--weightedit-point {args.weightedit_point}: {e.problem.replace('<<point_trial>>', '--point-trial')}"
+        )
+    options = data["options"]
+    mine = {"model": public_name(args.model), "direction_lang": "en", "n_train": args.n_train}
+    theirs = {
+        "model": data.get("model"),
+        "direction_lang": options.get("direction_lang"),
+        "n_train": options.get("n_train"),
+    }
+    if theirs != mine:
+        differ = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
+        bad_input(
+            f"--weightedit-point {args.weightedit_point} is a study made otherwise {differ}: pass one of this model"
+        )
+    return {"trial": chosen["trial"], "options": options, "seconds": data.get("seconds")}
+
+
+def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str, Any]) -> dict[str, Any]:
+    """``weightedit optimize --point``: the chosen point of an earlier study report, written again (no search; the
+    report's batch size, or 16 for reports that record none, as every study of this benchmark used)."""
     out = args.work / "weightedit-model"
     done = args.work / "weightedit.json"
     report = args.weightedit_point.resolve()
     settings = {
         "model": args.model,
-        "batch_size": args.batch_size,
         "weightedit_point": str(report),
         "weightedit_point_sha256": hashlib.sha256(report.read_bytes()).hexdigest(),
     }
     code = source_tree()
-    if (record := reusable(done, settings)) is not None and record.get("code") == code and record["saved"]:
+    record = reusable(done, settings)
+    if record is not None and record.get("code") == code and (out / "config.json").exists():
         return record
     shutil.rmtree(out, ignore_errors=True)
     (args.work / "eval-weightedit.json").unlink(missing_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
-        "--point", str(report), "--dtype", "float32", "--batch-size", str(args.batch_size), "--no-evaluate", "--quiet",
+        "--point", str(report), "--dtype", "float32", "--no-evaluate", "--quiet",
     ]  # fmt: skip
-    console.print(f"weightedit: writing the chosen point of {report} (no search)")
+    console.print(f"weightedit: writing trial {study['trial']}, the chosen point of {report} (no search)")
     result = run_timed(cmd, cwd=REPO, log=args.work / "weightedit-optimize.log")
     if result["exit_status"] != 0:
         raise SystemExit(f"weightedit optimize --point failed (exit {result['exit_status']}); see {result['log']}")
     result["optimize_report"] = str(report)
+    result["rewritten"] = {
+        "trial": study["trial"],
+        "study_options": study["options"],
+        "study_seconds": study["seconds"],
+    }
     result["saved"] = (out / "config.json").exists()
     result["model"] = str(out)
     result["settings"] = settings
@@ -638,10 +672,9 @@ def main() -> None:
         bad_input(f"--eval-kl-limit {args.eval_kl_limit}: must be at least --eval-limit ({args.eval_limit})")
     if args.weightedit_trial_tokens < 0:
         bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
-    if args.weightedit_point and (args.peer_only or not args.weightedit_point.is_file()):
-        bad_input(
-            f"--weightedit-point {args.weightedit_point}: not a file, or asked with --peer-only; pass a study's optimize.json"
-        )
+    if args.weightedit_point and args.peer_only:
+        bad_input("--weightedit-point writes weightedit's point and --peer-only runs heretic alone: pass one of them")
+    point_study = check_point_report(args) if args.weightedit_point else None
     if args.peer_only and args.peer_result:
         bad_input("--peer-only runs heretic and --peer-result reuses an earlier run of it: pass one of them")
     prior = peer_result(args) if args.peer_result else None  # checked before anything is made or resolved
@@ -661,7 +694,8 @@ def main() -> None:
     if args.peer_only:
         ours = None
     elif args.weightedit_point:
-        ours = write_weightedit_point(args, args.model)
+        assert point_study is not None
+        ours = write_weightedit_point(args, args.model, point_study)
     else:
         ours = run_weightedit(args, args.model, target)
     if prior:
@@ -690,7 +724,13 @@ def main() -> None:
         )
     console.print(
         f"wall: heretic {heretic['wall_s']:.0f} s"
-        + (f", weightedit optimize {ours['wall_s']:.0f} s" if ours else " (weightedit not run: --peer-only)")
+        + (
+            " (weightedit not run: --peer-only)"
+            if not ours
+            else f", weightedit rewrite of a recorded point {ours['wall_s']:.0f} s (no search)"
+            if args.weightedit_point
+            else f", weightedit optimize {ours['wall_s']:.0f} s"
+        )
     )
     if verdict:
         console.print(

@@ -836,8 +836,9 @@ def test_bad_search_and_choice_flags_are_one_line_errors(flags, message, tmp_pat
 
 def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_path):
     """``optimize --point``: the chosen point of a study's optimize.json, written again without the study, is the
-    checkpoint the study wrote, tensor for tensor; another trial of the report is written as that trial's
-    in-memory model computes, and its provenance says it is not the chosen point."""
+    checkpoint the study wrote, tensor for tensor; a shaped trial with a share of the harmless mean removed is
+    written with the trial's own rows (bit for bit) and computes that trial's in-memory model; the provenance says
+    which point it is, without a local path."""
     from safetensors.torch import load_file
 
     model, prompts = planted
@@ -847,6 +848,9 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
     chosen = job.study.chosen
     assert chosen is not None
     report = work / "optimize.json"
+    rebuild = json.loads(report.read_text())["rebuild"]
+    assert rebuild["dtype"] == "float32" and rebuild["batch_size"] == opts.batch_size
+    assert len(rebuild["mean_difference_norms"]) == job.study.setup.diffs.shape[0]
     again = tmp_path / "again"
     result = CliRunner().invoke(
         app, ["optimize", "--model", str(model), "--out", str(again), "--point", str(report), "--no-evaluate"]
@@ -854,6 +858,7 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
     assert result.exit_code == 0, result.output
     squeezed = "".join(result.output.split())  # rich wraps long paths anywhere
     assert "".join(f"trial {chosen.trial.number} of {report}, its chosen point".split()) in squeezed
+    assert "warning" not in result.output  # the report records its directions: checked
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert shards and shards == sorted(p.name for p in again.glob("*.safetensors"))
     for name in shards:
@@ -861,11 +866,13 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     direction = load_direction(again / "weightedit" / "refusal_direction.safetensors")
     assert direction.profile == chosen.trial.point.profile
-    assert direction.meta["optimize"]["written_from"]["chosen"] is True
-    assert direction.meta["optimize"]["harmless_share"] == chosen.trial.point.harmless_share
+    assert direction.meta["optimize"]["written_from"] == {
+        "report": "study/optimize.json", "trial": chosen.trial.number, "chosen": True, "checked": True
+    }  # fmt: skip
     assert json.loads((again / "weightedit.json").read_text())["optimize"]["chosen"] is True
 
-    other = next(t for t in job.study.trials if t.number != chosen.trial.number and not t.point.profile.is_full)
+    shaped = [t for t in job.study.trials if not t.point.profile.is_full and t.point.harmless_share]
+    other = shaped[0]
     third = tmp_path / "other"
     result = CliRunner().invoke(
         app,
@@ -875,8 +882,13 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
     assert result.exit_code == 0, result.output
     assert "notitschosenpoint:nochoicerulewasappliedtoit" in "".join(result.output.split())
     assert json.loads((third / "weightedit.json").read_text())["optimize"] == {
-        "trial": other.number, "study_report": str(report), "chosen": False
+        "trial": other.number, "study_report": "study/optimize.json", "chosen": False
     }  # fmt: skip
+    direction = load_direction(third / "weightedit" / "refusal_direction.safetensors")
+    assert direction.profile == other.point.profile and direction.meta["optimize"]["harmless_share"] > 0
+    assert direction.layer_vectors is not None and torch.equal(
+        direction.layer_vectors, job.study.direction(other.point)
+    )
     trial_model, written, ids = trial_and_written(model, third)
     with torch.inference_mode():
         original = trial_model(ids).logits
@@ -887,6 +899,34 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
     assert (got_logits - want_logits).abs().max().item() <= 1e-4
 
 
+def test_a_report_without_a_rebuild_record_is_written_unchecked_and_keeps_its_full_orthogonalisation(planted, tmp_path):
+    """Reports made before 2026-12-06 record no check of their directions, and those made before the share was
+    recorded say orthogonal_to_harmless=true instead: the point is rebuilt with all of the harmless mean removed,
+    and the command warns that the direction is unchecked."""
+    model, prompts = planted
+    work = tmp_path / "study"
+    opts = options(prompts, trials=2, direction_scope="per-layer", orthogonal_to_harmless=True)
+    job = optimize_model(str(model), tmp_path / "edited", opts, work_dir=work, progress=False)
+    chosen = job.study.chosen
+    assert chosen is not None and chosen.trial.point.harmless_share == 1.0
+    data = json.loads((work / "optimize.json").read_text())
+    del data["rebuild"], data["chosen"]["harmless_share"]
+    old = tmp_path / "old" / "optimize.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(data))
+    out = tmp_path / "again"
+    result = CliRunner().invoke(
+        app, ["optimize", "--model", str(model), "--out", str(out), "--point", str(old), "--no-evaluate"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "recordsnocheckofitsdirections" in "".join(result.output.split())
+    direction = load_direction(out / "weightedit" / "refusal_direction.safetensors")
+    assert direction.layer_vectors is not None and torch.equal(
+        direction.layer_vectors, job.study.direction(chosen.trial.point)
+    )
+    assert direction.meta["optimize"]["written_from"]["checked"] is False
+
+
 def test_a_recorded_point_round_trips_through_its_json():
     opts = OptimizeOptions(direction_scope="per-layer", preserve_norm=None, orthogonal_to_harmless=None)
     params = {"direction_layer": 2.5, "position": -1, **FULL_PROFILE, "embedding": 0.5, "preserve_norm": True, "harmless_share": 0.3}  # fmt: skip
@@ -894,8 +934,19 @@ def test_a_recorded_point_round_trips_through_its_json():
     assert EditPoint.from_json(json.loads(json.dumps(point.to_json()))) == point
     glob = point_from_params({**params, "harmless_share": 0.0}, OptimizeOptions(direction_scope="global"))
     assert EditPoint.from_json(glob.to_json()) == glob and not glob.per_layer
-    with pytest.raises(OptionsError, match="harmless_share outside 0 to 1"):
-        EditPoint.from_json({**point.to_json(), "harmless_share": 1.5})
+    bad = [
+        ({"harmless_share": 1.5}, "harmless_share that is not a number from 0 to 1"),
+        ({"harmless_share": "x"}, "harmless_share that is not a number from 0 to 1"),
+        ({"position": 0}, "position that is not a post-instruction position"),
+        ({"position": None}, "position that is not a post-instruction position"),
+        ({"direction_layer": "abc"}, "direction_layer that is not a layer index"),
+        ({"direction_layer": -1}, "direction_layer that is not a layer index"),
+        ({"direction_scope": "rows"}, "unknown direction_scope"),
+        ({"profile": {"attention": 3}}, "profile this version cannot read"),
+    ]
+    for change, message in bad:
+        with pytest.raises(OptionsError, match=message):
+            EditPoint.from_json({**point.to_json(), **change})
     with pytest.raises(OptionsError, match="must be a trial record"):
         EditPoint.from_json({"position": -1})
 
@@ -912,27 +963,56 @@ def a_study_report(planted, tmp_path_factory):
 def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_path):
     model, report = a_study_report
     data = json.loads(report.read_text())
-    unchosen = tmp_path / "unchosen.json"
-    unchosen.write_text(json.dumps({**data, "chosen": None}))
-    other_model = tmp_path / "other-model.json"
-    other_model.write_text(json.dumps({**data, "model": "someone/else"}))
-    not_a_report = tmp_path / "plain.json"
-    not_a_report.write_text(json.dumps({"trials": data["trials"]}))
+    n_layers = len(data["rebuild"]["mean_difference_norms"])
+
+    def variant(name, **changes):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**data, **changes}))
+        return path
+
+    chosen = data["chosen"]
+    norms = [[x * 1.01 for x in row] for row in data["rebuild"]["mean_difference_norms"]]
+    # Other weights saved under the study model's folder name in another place: the name matches, the content
+    # does not.
+    twin = tmp_path / "twin" / model.name
+    other_weights = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        other_weights.model.norm.weight.mul_(1.5)
+    other_weights.save_pretrained(twin)
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (twin / f.name).write_bytes(f.read_bytes())
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     cases = [
-        (["--point-trial", "1"], "--point-trial 1: picks a trial of the study report that --point names: pass both"),
-        (["--point", str(tmp_path / "missing.json")], f"--point {tmp_path / 'missing.json'}: cannot be read as JSON"),
-        (["--point", str(broken)], "cannot be read as JSON"),
-        (["--point", str(not_a_report)], "is not a study report (weightedit-optimize); pass a study's optimize.json"),
-        (["--point", str(report), "--point-trial", "99"], f"--point-trial 99: is not a trial of {report}: use one of 0–1"),
-        (["--point", str(unchosen)], "records no chosen point (its study chose none): pick one of its trials (0–1) with --point-trial"),
-        (["--point", str(other_model)], "is a study of someone/else, not of"),
+        ([], ["--point-trial", "1"], "--point-trial 1: picks a trial of the study report that --point names: pass both"),
+        ([], ["--point", str(tmp_path / "missing.json")], f"--point {tmp_path / 'missing.json'}: cannot be read as JSON"),
+        ([], ["--point", str(broken)], "cannot be read as JSON"),
+        ([], ["--point", str(variant("plain", schema=None))], "is not a study report (weightedit-optimize); pass a study's optimize.json"),
+        ([], ["--point", str(report), "--point-trial", "99"], f"--point-trial 99: is not a trial of {report}: use one of 0, 1"),
+        ([], ["--point", str(variant("unchosen", chosen=None))], "records no chosen point (its study chose none): pick one of its trials (0, 1) with --point-trial"),
+        ([], ["--point", str(variant("elsewhere", model="someone/else"))], "is a study of someone/else, not of"),
+        ([], ["--point", str(report), "--trials", "5"], "--trials 5: is a search option, and --point writes a point a study recorded without searching: drop it"),
+        ([], ["--point", str(variant("position", chosen={**chosen, "position": 0}))], f"trial {chosen['trial']} has a position that is not a post-instruction position"),
+        ([], ["--point", str(variant("far", chosen={**chosen, "direction_layer": n_layers + 3}))], f"outside this model's layers 0–{n_layers - 1}"),
+        ([], ["--point", str(variant("norms", rebuild={**data["rebuild"], "mean_difference_norms": norms}))], "records other mean differences than those computed again (norms 1.0% apart)"),
+        ([], ["--point", str(variant("dtype", rebuild={**data["rebuild"], "dtype": "bfloat16"}))], "was made in bfloat16, not float32: pass --dtype bfloat16"),
+        (["--model", str(twin)], ["--point", str(variant("twin", model=f"./{model.name}"))], "is a study of other weights than"),
+        ([], ["--point", str(report), "--work-dir", str(report.parent)], "is the study's folder"),
     ]  # fmt: skip
-    for flags, message in cases:
+    for model_flags, flags, message in cases:
         out = tmp_path / "o"
-        result = CliRunner().invoke(app, ["optimize", "--model", str(model), "--out", str(out), *flags])
-        assert result.exit_code == 2, result.output
-        first = result.output.splitlines()[0]
-        assert first.startswith("error: ") and message in first, result.output
+        args = ["optimize", "--model", str(model), "--out", str(out), *flags]
+        if model_flags:
+            args[2] = model_flags[1]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (flags, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]  # after any progress
+        assert len(errors) == 1 and message in errors[0], (flags, result.output)
         assert not out.exists() and not (tmp_path / "o-optimize").exists()
+    assert sorted(p.name for p in report.parent.iterdir()) == [
+        "front.png",
+        "optimize.json",
+        "optimize.md",
+        "study.journal",
+    ]

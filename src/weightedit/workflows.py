@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -200,7 +201,7 @@ def optimize_model(
     # Optuna loads only for this job, not with every command that imports the workflows.
     from .optimize.objective import prepare
     from .optimize.options import OptimizeOptions
-    from .optimize.report import payload, write_study_report
+    from .optimize.report import payload, rebuild_record, write_study_report
     from .optimize.study import run_study
 
     options = options or OptimizeOptions()
@@ -213,9 +214,13 @@ def optimize_model(
     check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
     _check_work_dir(work, out, source)
     loaded = load_model(source, load, progress=progress)
+    fingerprint = model_fingerprint(source)
     try:
         setup = prepare(loaded, options, progress=progress)
-        result = run_study(loaded, setup, options, work, fingerprint=model_fingerprint(source), progress=progress)
+        result = run_study(loaded, setup, options, work, fingerprint=fingerprint, progress=progress)
+        rebuild = rebuild_record(
+            setup.diffs, fingerprint=fingerprint, dtype=loaded.dtype, batch_size=options.batch_size
+        )
     finally:
         del loaded
         gc.collect()
@@ -242,7 +247,8 @@ def optimize_model(
             progress=progress,
         )
     files = write_study_report(
-        payload(result, model=source.public_name, written=None if edit is None else str(edit.out)), work
+        payload(result, model=source.public_name, written=None if edit is None else str(edit.out), rebuild=rebuild),
+        work,
     )
     if edit is None:
         misses = "; ".join(f"trial {v.trial.number}: {', '.join(v.misses)}" for v in result.verified)
@@ -266,7 +272,13 @@ class PointJob:
     chosen: bool  # whether it is the point the study chose
     point: Any  # weightedit.optimize.space.EditPoint
     edit: EditReport
+    checked: bool  # whether the rebuilt mean differences were checked against the report's record
     evaluation: Any = None  # weightedit.evaluation.report.EvaluationReport when evaluated
+
+
+# Rebuilt mean differences may differ from a study's by float rounding (thread counts, kernels); a change of
+# model, prompts, chat template or dtype moves their norms by far more than this.
+REBUILD_RTOL = 1e-3
 
 
 def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any], dict[str, Any], bool]:
@@ -280,18 +292,23 @@ def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any],
     from .optimize.report import SCHEMA
 
     try:
-        data = json.loads(Path(report).read_text(encoding="utf-8"))
+        data = json.loads(Path(report).expanduser().read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise OptionsError(
             "point", str(report), f"cannot be read as JSON ({e}); pass a study's optimize.json"
         ) from None
     family = SCHEMA.split("/")[0]
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith(family + "/"):
+    if (
+        not isinstance(data, dict)
+        or not str(data.get("schema", "")).startswith(family + "/")
+        or not isinstance(data.get("options"), dict)
+        or not isinstance(data.get("trials"), list)
+    ):
         raise OptionsError("point", str(report), f"is not a study report ({family}); pass a study's optimize.json")
-    trials = {t["trial"]: t for t in data.get("trials") or [] if isinstance(t, dict) and "trial" in t}
+    trials = {t["trial"]: t for t in data["trials"] if isinstance(t, dict) and isinstance(t.get("trial"), int)}
     chosen = data.get("chosen")
     if trial is None:
-        if not isinstance(chosen, dict):
+        if not isinstance(chosen, dict) or not isinstance(chosen.get("trial"), int):
             raise OptionsError(
                 "point",
                 str(report),
@@ -307,7 +324,17 @@ def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any],
 
 def _numbers(trials: dict[int, Any]) -> str:
     numbers = sorted(trials)
-    return f"{numbers[0]}–{numbers[-1]}" if numbers else "it has none"
+    if not numbers:
+        return "it has none"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 2:
+        return f"{numbers[0]}–{numbers[-1]}"
+    return ", ".join(map(str, numbers))
+
+
+def _report_name(report: Path) -> str:
+    """The report as recorded in files that may be published: its folder's name and its own, no absolute path."""
+    path = Path(report).expanduser().resolve()
+    return f"{path.parent.name}/{path.name}"
 
 
 def write_study_point(
@@ -316,7 +343,8 @@ def write_study_point(
     report: Path,
     *,
     trial: int | None = None,
-    batch_size: int = 16,
+    prompts: str | None = None,
+    batch_size: int | None = None,
     work_dir: Path | None = None,
     evaluation: Any = None,
     overwrite: bool = False,
@@ -329,70 +357,113 @@ def write_study_point(
     """Write a point a study recorded (its chosen point, or trial ``trial``) without searching again.
 
     The point's parameters come from the study report ``report`` (``optimize.json``); its direction is computed
-    again from ``model``'s fit prompts with the study's direction language, prompt counts and prompt source (read
-    from the report), so the written checkpoint is the one the study wrote for the same point. ``evaluation`` (an
-    :class:`~weightedit.evaluation.runner.EvalOptions`) evaluates it on the held-out test split into
-    ``<work_dir>/evaluation``.
+    again from ``model``'s fit prompts with the study's direction language, prompt count and prompt source (read
+    from the report; ``prompts`` replaces the source, for a file that moved) and batch size (the report's unless
+    ``batch_size`` is given). A report that records how its directions were made (``rebuild``: the model's content
+    fingerprint, dtype, and the norm of every mean difference) is checked against: another model or dtype, or mean
+    differences more than :data:`REBUILD_RTOL` apart, is an error, so the written checkpoint is the study's for
+    that point. An older report has no such record and the direction is unchecked (``PointJob.checked``).
+    ``evaluation`` (an :class:`~weightedit.evaluation.runner.EvalOptions`) evaluates the output on the held-out
+    test split into ``<work_dir>/evaluation``.
 
     Raises:
-        OptionsError: the report is not a study report, has no such trial, or was made on another model.
+        OptionsError: the report is not a study report, has no such trial or a malformed one, was made on another
+            model or dtype, or its mean differences are not the ones computed again.
     """
     from .errors import OptionsError
     from .optimize.objective import mean_differences
     from .optimize.options import OptimizeOptions
     from .optimize.space import EditPoint, direction_vector
 
+    report = Path(report).expanduser()
     data, record, is_chosen = study_point(report, trial)
+    number = int(record["trial"])
     try:
         point = EditPoint.from_json(record)
     except OptionsError as e:
-        raise OptionsError("point", str(report), f"trial {record.get('trial')} {e.problem}") from None
-    recorded = data.get("options") or {}
+        raise OptionsError("point", str(report), f"trial {number} {e.problem}") from None
+    if "harmless_share" not in record and data["options"].get("orthogonal_to_harmless") is True:
+        # Reports made before the share was recorded: a study orthogonal to the harmless mean removed all of it.
+        point = dataclasses.replace(point, harmless_share=1.0)
+    recorded, rebuild = data["options"], data.get("rebuild") if isinstance(data.get("rebuild"), dict) else None
+    if public_name(model) != data.get("model"):
+        raise OptionsError(
+            "point",
+            str(report),
+            f"is a study of {data.get('model')}, not of {public_name(model)}: pass the study's model as <<model>>",
+        )
+    batch = batch_size or (rebuild or {}).get("batch_size") or 16
     try:
         options = OptimizeOptions(
             langs=(recorded["direction_lang"],),
             direction_lang=recorded["direction_lang"],
             n_train=recorded["n_train"],
             n_score=recorded["n_score"],
-            prompts=recorded.get("prompts"),
-            batch_size=batch_size,
+            prompts=prompts if prompts is not None else recorded.get("prompts"),
+            batch_size=batch,
         )
     except KeyError as e:
         raise OptionsError(
             "point", str(report), f"records no {e.args[0]} in its options; pass a study's optimize.json"
         ) from None
-    if options.prompts is not None and not Path(options.prompts).exists():
-        raise OptionsError(
-            "point",
-            str(report),
-            f"was made with the prompts {options.prompts}, which do not exist here: restore them to rebuild its direction",
-        )
     out = Path(out).expanduser()
     local = Path(str(model)).expanduser()
-    check_output_path(out, inputs=((local,) if str(model) and local.exists() else ()), overwrite=overwrite)
+    early = (*((local,) if str(model) and local.exists() else ()), report)
+    check_output_path(out, inputs=early, overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
-    if data.get("model") != source.public_name:
-        raise OptionsError(
-            "point",
-            str(report),
-            f"is a study of {data.get('model')}, not of {source.public_name}: pass the study's model as <<model>>",
-        )
-    check_output_path(out, inputs=(source.folder, *source.inputs, Path(report)), overwrite=overwrite)
+    check_output_path(out, inputs=(source.folder, *source.inputs, report), overwrite=overwrite)
     work = Path(work_dir).expanduser() if work_dir is not None else default_work_dir(out)
     if evaluation is not None:
         _check_work_dir(work, out, source)
+        study, evaluated = report.resolve().parent, (work / "evaluation").resolve()
+        if work.resolve() == study or evaluated == study or evaluated in study.parents:
+            raise UnsafeOutputError(
+                f"<<work_dir>> {work} is the study's folder ({study}), whose evaluation this one would replace: choose "
+                "another folder",
+                path=work,
+                option="work_dir",
+            )
+    if rebuild is not None and rebuild.get("model_fingerprint") != model_fingerprint(source):
+        raise OptionsError(
+            "point",
+            str(report),
+            f"is a study of other weights than {source.public_name}'s (content fingerprint): pass the model it was "
+            "made on as <<model>>",
+        )
     loaded = load_model(source, load, progress=progress)
     try:
+        ran = str(loaded.dtype).removeprefix("torch.")
+        if rebuild is not None and rebuild.get("dtype") not in (None, ran):
+            raise OptionsError(
+                "point", str(report), f"was made in {rebuild['dtype']}, not {ran}: pass <<dtype>> {rebuild['dtype']}"
+            )
         diffs, harmless = mean_differences(loaded, options, progress=progress)
     finally:
         del loaded
         gc.collect()
-    number = int(record["trial"])
+    n_layers, n_post = diffs.shape[:2]
+    if not -n_post <= point.position <= -1 or not 0 <= point.layer <= n_layers - 1:
+        raise OptionsError(
+            "point",
+            str(report),
+            f"has trial {number} at layer {point.layer}, position {point.position}, outside this model's layers "
+            f"0–{n_layers - 1} and positions -{n_post}–-1: pass the model the study was made on as <<model>>",
+        )
+    if rebuild is not None:
+        _check_rebuilt(diffs, rebuild, report)
     meta = {
         **record,
-        "written_from": {"report": str(report), "trial": number, "chosen": is_chosen},
+        **{k: recorded[k] for k in ("trial_tokens", "search_space", "choice_rule") if k in recorded},
         "direction_scope": "per-layer" if point.per_layer else "global",
+        "written_from": {
+            "report": _report_name(report),
+            "trial": number,
+            "chosen": is_chosen,
+            "checked": rebuild is not None,
+        },
     }
+    if point.harmless_share is not None:
+        meta["harmless_share"] = point.harmless_share
     edit = _write_point(
         source,
         out,
@@ -400,14 +471,44 @@ def write_study_point(
         direction_vector(point, diffs, harmless),
         direction_lang=options.direction_lang,
         meta=meta,
-        provenance={"trial": number, "study_report": str(report), "chosen": is_chosen},
+        provenance={"trial": number, "study_report": _report_name(report), "chosen": is_chosen},
         overwrite=overwrite,
         progress=progress,
     )
-    job = PointJob(trial=number, chosen=is_chosen, point=point, edit=edit)
+    job = PointJob(trial=number, chosen=is_chosen, point=point, edit=edit, checked=rebuild is not None)
     if evaluation is not None:
         job.evaluation = evaluate(str(out), work / "evaluation", evaluation, baseline=source, progress=progress)
     return job
+
+
+def _check_rebuilt(diffs: Any, rebuild: dict[str, Any], report: Path) -> None:
+    """The mean differences computed again have the norms the study recorded (within :data:`REBUILD_RTOL`)."""
+    import torch
+
+    from .errors import OptionsError
+
+    try:
+        want = torch.tensor(rebuild["mean_difference_norms"], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError):
+        raise OptionsError(
+            "point", str(report), "has a malformed rebuild record; pass a study's optimize.json"
+        ) from None
+    got = diffs.double().norm(dim=-1)
+    if want.shape != got.shape:
+        raise OptionsError(
+            "point",
+            str(report),
+            f"records mean differences of shape {tuple(want.shape)}, not this model's {tuple(got.shape)}: pass the "
+            "model, chat template and prompts the study used",
+        )
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-12)).max().item()
+    if rel > REBUILD_RTOL:
+        raise OptionsError(
+            "point",
+            str(report),
+            f"records other mean differences than those computed again (norms {rel:.1%} apart): the prompts, chat "
+            "template or model differ from the study's; pass the study's as <<prompts>>, <<chat_template>> and <<model>>",
+        )
 
 
 def _write_point(

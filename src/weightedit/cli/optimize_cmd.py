@@ -36,6 +36,20 @@ from ._options import (
     with_load_options,
 )
 
+# Options that shape the search: with --point no search runs, so giving one is an error rather than ignored.
+SEARCH_OPTIONS = (
+    "direction_lang", "trials", "n_train", "n_score", "sampler", "seed", "search_space", "layer_window",
+    "direction_scope", "preserve_norm", "orthogonal_to_harmless", "search_harmless_share", "target_refusal",
+    "choice_rule", "kl_budget", "verify", "max_new_tokens", "trial_tokens",
+)  # fmt: skip
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or in the environment), not its default. The
+    source is compared by name: typer ships its own copy of click, whose enum is not click's."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
 
 def register(app: typer.Typer) -> None:
     app.command(
@@ -77,6 +91,7 @@ def render(job) -> None:
 @handle_errors
 @with_load_options
 def optimize(
+    ctx: typer.Context,
     model: ModelOpt,
     out: OutOpt,
     load: ModelLoadOptions,
@@ -218,15 +233,23 @@ def optimize(
 
     quiet_libraries(quiet)
     if point_report is not None or point_trial is not None:
+        given = {name for name in ctx.params if _given(ctx, name)}
+        searched = [name for name in SEARCH_OPTIONS if name in given]
+        if searched:
+            raise OptionsError(
+                searched[0],
+                ctx.params[searched[0]],
+                "is a search option, and <<point>> writes a point a study recorded without searching: drop it",
+            )
         write_point(
             model,
             out,
             point_report,
             point_trial,
-            langs=langs,
-            prompts=prompts,
-            judge=judge,
-            batch_size=batch_size,
+            langs=langs if "langs" in given else None,
+            prompts=prompts if "prompts" in given else None,
+            judge=judge if "judge" in given else None,
+            batch_size=batch_size if "batch_size" in given else None,
             work_dir=work_dir,
             evaluate=evaluate,
             eval_limit=eval_limit,
@@ -315,10 +338,10 @@ def write_point(
     point: Path | None,
     point_trial: int | None,
     *,
-    langs: str,
+    langs: str | None,
     prompts: str | None,
-    judge: str,
-    batch_size: int,
+    judge: str | None,
+    batch_size: int | None,
     work_dir: Path | None,
     evaluate: bool,
     eval_limit: int,
@@ -329,23 +352,31 @@ def write_point(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """``optimize --point``: write a recorded point (and evaluate it) without a study."""
+    """``optimize --point``: write a recorded point (and evaluate it) without a study. The evaluation's languages,
+    prompts and judge are the study's unless given."""
     from weightedit.errors import OptionsError
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.prompts import parse_languages
-    from weightedit.workflows import default_work_dir, write_study_point
+    from weightedit.workflows import default_work_dir, study_point, write_study_point
 
     if point is None:
         raise OptionsError(
             "point_trial", point_trial, "picks a trial of the study report that <<point>> names: pass both"
         )
-    codes = tuple(parse_languages(langs))
-    evaluation = EvalOptions(langs=codes, limit=eval_limit, prompts=prompts, judge=judge) if evaluate else None
+    recorded = study_point(point, point_trial)[0]["options"]
+    codes = tuple(parse_languages(langs)) if langs else tuple(recorded.get("langs") or ("en",))
+    prompts = prompts if prompts is not None else recorded.get("prompts")
+    evaluation = (
+        EvalOptions(langs=codes, limit=eval_limit, prompts=prompts, judge=judge or recorded.get("judge") or "substring")
+        if evaluate
+        else None
+    )
     job = write_study_point(
         model,
         out,
         point,
         trial=point_trial,
+        prompts=prompts,
         batch_size=batch_size,
         work_dir=work_dir,
         evaluation=evaluation,
@@ -363,3 +394,9 @@ def write_point(
         + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),
         highlight=False,
     )
+    if not job.checked:
+        console.print(
+            f"[yellow]warning:[/] {point} records no check of its directions (a report made before 2026-12-06): the "
+            "direction computed again is unchecked against the study's",
+            highlight=False,
+        )

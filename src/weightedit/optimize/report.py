@@ -73,7 +73,23 @@ def _search_section(result: StudyResult) -> dict[str, Any]:
     }
 
 
-def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str, Any]:
+def rebuild_record(diffs: Any, *, fingerprint: str, dtype: Any, batch_size: int) -> dict[str, Any]:
+    """What a point's direction was computed from and a check of it: the model's content fingerprint, the dtype it
+    ran in, the batch size, and the norm of the mean difference at every layer and post-instruction position
+    (the direction of every point is built from these mean differences)."""
+    return {
+        "model_fingerprint": fingerprint,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "mean_difference_norms": [[float(f"{x:.7g}") for x in row] for row in diffs.norm(dim=-1).tolist()],
+    }
+
+
+def payload(
+    result: StudyResult, *, model: str, written: str | None, rebuild: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The study report (``optimize.json``); ``rebuild`` (:func:`rebuild_record`) is what ``optimize --point``
+    checks a point's direction against when it writes it again."""
     o = result.options
     chosen = result.chosen
     return {
@@ -81,6 +97,7 @@ def payload(result: StudyResult, *, model: str, written: str | None) -> dict[str
         "weightedit_version": __version__,
         "model": model,
         "written": written,
+        **({"rebuild": rebuild} if rebuild is not None else {}),
         "options": {
             **o.setup_key(),
             "trials": o.trials,

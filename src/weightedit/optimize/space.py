@@ -67,22 +67,34 @@ class EditPoint:
         """The point :meth:`to_json` wrote (a study report's trial records and chosen point hold it).
 
         Raises:
-            OptionsError: ``data`` is not such a record, or its profile or scope is not one this version reads.
+            OptionsError: ``data`` is not such a record, or a field has a value of the wrong type or range.
         """
         if not isinstance(data, dict) or not {"direction_layer", "position", "profile"} <= set(data):
             raise OptionsError("point", data, "must be a trial record with direction_layer, position and profile")
         scope = data.get("direction_scope", DirectionScope.GLOBAL.value)
-        if scope not in {s.value for s in DirectionScope}:
+        scopes = [s.value for s in DirectionScope]
+        if scope not in scopes:
+            raise OptionsError("point", scope, f"has an unknown direction_scope; expected one of {scopes}")
+        layer, position, share = data["direction_layer"], data["position"], data.get("harmless_share")
+        if isinstance(layer, bool) or not isinstance(layer, (int, float)) or not math.isfinite(layer) or layer < 0:
+            raise OptionsError("point", layer, "has a direction_layer that is not a layer index (a number ≥ 0)")
+        if isinstance(position, bool) or not isinstance(position, int) or position > -1:
+            raise OptionsError("point", position, "has a position that is not a post-instruction position (-1, -2, …)")
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0
+        ):
+            raise OptionsError("point", share, "has a harmless_share that is not a number from 0 to 1")
+        try:
+            profile = EditProfile.from_json(data["profile"])
+        except (TypeError, ValueError) as e:  # OptionsError is a ValueError: its problem names the field
+            problem = getattr(e, "problem", str(e))
             raise OptionsError(
-                "point", scope, f"has an unknown direction_scope; expected one of {[s.value for s in DirectionScope]}"
-            )
-        share = data.get("harmless_share")
-        if share is not None and not 0.0 <= float(share) <= 1.0:
-            raise OptionsError("point", share, "has a harmless_share outside 0 to 1")
+                "point", data["profile"], f"has a profile this version cannot read ({problem})"
+            ) from None
         return cls(
-            layer=float(data["direction_layer"]),
-            position=int(data["position"]),
-            profile=EditProfile.from_json(data["profile"]),
+            layer=float(layer),
+            position=position,
+            profile=profile,
             per_layer=scope == DirectionScope.PER_LAYER.value,
             harmless_share=None if share is None else float(share),
         )
