@@ -76,6 +76,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
+from weightedit.edit.direction_file import load_direction
 from weightedit.prompts import role_prompts
 from weightedit.sources.resolve import resolve_model
 
@@ -243,6 +244,9 @@ def check_point_report(args: argparse.Namespace) -> dict[str, Any]:
             f"--weightedit-point {args.weightedit_point}: {e.problem.replace('<<point_trial>>', '--point-trial')}"
         )
     options = data["options"]
+    dtype = (data.get("rebuild") or {}).get("dtype", "float32")
+    if dtype != "float32":
+        bad_input(f"--weightedit-point {args.weightedit_point} is a study run in {dtype}; this benchmark runs float32")
     mine = {"model": public_name(args.model), "direction_lang": "en", "n_train": args.n_train}
     theirs = {
         "model": data.get("model"),
@@ -283,11 +287,19 @@ def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str
     if result["exit_status"] != 0:
         raise SystemExit(f"weightedit optimize --point failed (exit {result['exit_status']}); see {result['log']}")
     result["optimize_report"] = str(report)
+    provenance = json.loads((out / "weightedit.json").read_text()).get("optimize")
+    written_from = load_direction(out / "weightedit" / "refusal_direction.safetensors").meta["optimize"]["written_from"]
     result["rewritten"] = {
         "trial": study["trial"],
+        # False: the report records no check of its directions (made before 2026-12-06), so the rebuilt direction is
+        # unchecked against the study's; the model's direction file says the same (optimize.written_from).
+        "checked": written_from["checked"],
+        "provenance": provenance,
         "study_options": study["options"],
         "study_seconds": study["seconds"],
     }
+    if not written_from["checked"]:
+        console.print(f"[yellow]{report} records no check of its directions: the rebuilt direction is unchecked[/]")
     result["saved"] = (out / "config.json").exists()
     result["model"] = str(out)
     result["settings"] = settings
@@ -776,7 +788,11 @@ def main() -> None:
             ("front.png", "weightedit-front.png"),
             ("optimize.json", "weightedit-optimize.json"),
         ):
-            if (work / name).exists():
+            if name == "optimize.json" and (work / name).exists():
+                study = json.loads((work / name).read_text())
+                study["written"] = Path(study["written"]).name if study.get("written") else None  # no local path
+                (RESULTS / f"{stamp}-{suffix}").write_text(json.dumps(study, indent=2) + "\n")
+            elif (work / name).exists():
                 shutil.copyfile(work / name, RESULTS / f"{stamp}-{suffix}")
     console.print(f"results: {RESULTS / stamp}.{{json,md,png}}")
     if verdict is not None and not verdict["dominates"]:

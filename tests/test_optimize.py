@@ -850,7 +850,9 @@ def test_a_recorded_point_is_written_again_from_the_study_report(planted, tmp_pa
     report = work / "optimize.json"
     rebuild = json.loads(report.read_text())["rebuild"]
     assert rebuild["dtype"] == "float32" and rebuild["batch_size"] == opts.batch_size
-    assert len(rebuild["mean_difference_norms"]) == job.study.setup.diffs.shape[0]
+    n_layers, n_post = job.study.setup.diffs.shape[:2]
+    assert torch.tensor(rebuild["mean_difference_sketch"]).shape == (n_layers, n_post, 16)
+    assert torch.tensor(rebuild["harmless_mean_sketch"]).shape == (n_layers, n_post, 16)
     again = tmp_path / "again"
     result = CliRunner().invoke(
         app, ["optimize", "--model", str(model), "--out", str(again), "--point", str(report), "--no-evaluate"]
@@ -963,7 +965,7 @@ def a_study_report(planted, tmp_path_factory):
 def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_path):
     model, report = a_study_report
     data = json.loads(report.read_text())
-    n_layers = len(data["rebuild"]["mean_difference_norms"])
+    n_layers = len(data["rebuild"]["mean_difference_sketch"])
 
     def variant(name, **changes):
         path = tmp_path / f"{name}.json"
@@ -971,7 +973,17 @@ def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_p
         return path
 
     chosen = data["chosen"]
-    norms = [[x * 1.01 for x in row] for row in data["rebuild"]["mean_difference_norms"]]
+    sketches = data["rebuild"]["mean_difference_sketch"]
+    scaled = [[[x * 1.01 for x in v] for v in row] for row in sketches]
+    rotated = [[[*v[1:], v[0]] for v in row] for row in sketches]  # same norms, another direction
+    nan = [[[float("nan"), *v[1:]] for v in row] for row in sketches]
+    # One harmless fit prompt of the study's 16 changed: the direction moves a little, and the check sees it.
+    prompts = Path(data["options"]["prompts"])
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    first = next(r for r in rows if (r["lang"], r["kind"], r["split"]) == ("en", "harmless", "train"))
+    first["instruction"] = first["instruction"] + " please"
+    edited_prompts = tmp_path / "prompts.jsonl"
+    edited_prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     # Other weights saved under the study model's folder name in another place: the name matches, the content
     # does not.
     twin = tmp_path / "twin" / model.name
@@ -991,11 +1003,20 @@ def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_p
         ([], ["--point", str(variant("plain", schema=None))], "is not a study report (weightedit-optimize); pass a study's optimize.json"),
         ([], ["--point", str(report), "--point-trial", "99"], f"--point-trial 99: is not a trial of {report}: use one of 0, 1"),
         ([], ["--point", str(variant("unchosen", chosen=None))], "records no chosen point (its study chose none): pick one of its trials (0, 1) with --point-trial"),
-        ([], ["--point", str(variant("elsewhere", model="someone/else"))], "is a study of someone/else, not of"),
-        ([], ["--point", str(report), "--trials", "5"], "--trials 5: is a search option, and --point writes a point a study recorded without searching: drop it"),
+        # Without a rebuild record (an older report) the name is checked; with one, the weights (the twin below).
+        ([], ["--point", str(variant("elsewhere", model="someone/else", rebuild=None))], "is a study of someone/else, not of"),
+        ([], ["--point", str(report), "--trials", "5"], "--trials is a search option, and --point writes a point a study recorded without searching: drop it"),
+        ([], ["--point", str(report), "--no-preserve-norm"], "--preserve-norm is a search option"),
         ([], ["--point", str(variant("position", chosen={**chosen, "position": 0}))], f"trial {chosen['trial']} has a position that is not a post-instruction position"),
         ([], ["--point", str(variant("far", chosen={**chosen, "direction_layer": n_layers + 3}))], f"outside this model's layers 0–{n_layers - 1}"),
-        ([], ["--point", str(variant("norms", rebuild={**data["rebuild"], "mean_difference_norms": norms}))], "records other mean differences than those computed again (norms 1.0% apart)"),
+        ([], ["--point", str(variant("scaled", rebuild={**data["rebuild"], "mean_difference_sketch": scaled}))], "% apart, more than 0.05%): the prompts, chat template or model differ from the study's"),
+        ([], ["--point", str(variant("rotated", rebuild={**data["rebuild"], "mean_difference_sketch": rotated}))], "records other mean differences than those computed again"),
+        ([], ["--point", str(variant("nan", rebuild={**data["rebuild"], "mean_difference_sketch": nan}))], "has a rebuild record that is not finite"),
+        ([], ["--point", str(variant("no-harmless", rebuild={**data["rebuild"], "harmless_mean_sketch": None}))], "has a malformed rebuild record"),
+        ([], ["--point", str(variant("listed", rebuild=[]))], "has a malformed rebuild record"),
+        ([], ["--point", str(report), "--prompts", str(edited_prompts)], "records other mean differences than those computed again"),
+        ([], ["--point", str(variant("n-train", options={**data["options"], "n_train": "x"}))], "records options this version cannot use"),
+        ([], ["--point", str(variant("true", chosen={**chosen, "trial": True}))], "records no chosen point"),
         ([], ["--point", str(variant("dtype", rebuild={**data["rebuild"], "dtype": "bfloat16"}))], "was made in bfloat16, not float32: pass --dtype bfloat16"),
         (["--model", str(twin)], ["--point", str(variant("twin", model=f"./{model.name}"))], "is a study of other weights than"),
         ([], ["--point", str(report), "--work-dir", str(report.parent)], "is the study's folder"),

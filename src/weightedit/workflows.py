@@ -32,6 +32,7 @@ __all__ = [
     "OptimizeJob",
     "write_study_point",
     "study_point",
+    "point_work_dir",
     "PointJob",
     "default_work_dir",
     "scores_payload",
@@ -219,7 +220,11 @@ def optimize_model(
         setup = prepare(loaded, options, progress=progress)
         result = run_study(loaded, setup, options, work, fingerprint=fingerprint, progress=progress)
         rebuild = rebuild_record(
-            setup.diffs, fingerprint=fingerprint, dtype=loaded.dtype, batch_size=options.batch_size
+            setup.diffs,
+            setup.harmless_means,
+            fingerprint=fingerprint,
+            dtype=loaded.dtype,
+            batch_size=options.batch_size,
         )
     finally:
         del loaded
@@ -276,9 +281,11 @@ class PointJob:
     evaluation: Any = None  # weightedit.evaluation.report.EvaluationReport when evaluated
 
 
-# Rebuilt mean differences may differ from a study's by float rounding (thread counts, kernels); a change of
-# model, prompts, chat template or dtype moves their norms by far more than this.
-REBUILD_RTOL = 1e-3
+# How far (relative, per layer and position) a rebuilt mean difference's sketch may be from the study's: float
+# rounding (thread counts, kernels) moves float32 means by about 1e-6 and half-precision ones by about 1e-3; one
+# fit prompt in 64 changed moves them by about 1e-3 (measured on the planted test model).
+REBUILD_RTOL = {"float32": 5e-4, "float64": 5e-4}
+REBUILD_RTOL_HALF = 2e-2  # bfloat16, float16
 
 
 def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any], dict[str, Any], bool]:
@@ -305,10 +312,14 @@ def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any],
         or not isinstance(data.get("trials"), list)
     ):
         raise OptionsError("point", str(report), f"is not a study report ({family}); pass a study's optimize.json")
-    trials = {t["trial"]: t for t in data["trials"] if isinstance(t, dict) and isinstance(t.get("trial"), int)}
+
+    def numbered(t: Any) -> bool:
+        return isinstance(t, dict) and isinstance(t.get("trial"), int) and not isinstance(t["trial"], bool)
+
+    trials = {t["trial"]: t for t in data["trials"] if numbered(t)}
     chosen = data.get("chosen")
     if trial is None:
-        if not isinstance(chosen, dict) or not isinstance(chosen.get("trial"), int):
+        if not isinstance(chosen, dict) or not numbered(chosen):
             raise OptionsError(
                 "point",
                 str(report),
@@ -360,11 +371,12 @@ def write_study_point(
     again from ``model``'s fit prompts with the study's direction language, prompt count and prompt source (read
     from the report; ``prompts`` replaces the source, for a file that moved) and batch size (the report's unless
     ``batch_size`` is given). A report that records how its directions were made (``rebuild``: the model's content
-    fingerprint, dtype, and the norm of every mean difference) is checked against: another model or dtype, or mean
-    differences more than :data:`REBUILD_RTOL` apart, is an error, so the written checkpoint is the study's for
-    that point. An older report has no such record and the direction is unchecked (``PointJob.checked``).
+    fingerprint, dtype, batch size, and a sketch of every mean difference and harmless mean) is checked against:
+    other weights or dtype, or means whose sketches are further apart than the dtype's tolerance
+    (:data:`REBUILD_RTOL`), is an error; the checkpoint then is the study's for that point up to that tolerance. An
+    older report has no such record: the name is checked, and the direction is not (``PointJob.checked``).
     ``evaluation`` (an :class:`~weightedit.evaluation.runner.EvalOptions`) evaluates the output on the held-out
-    test split into ``<work_dir>/evaluation``.
+    test split into ``<work_dir>/evaluation`` (default work folder :func:`point_work_dir`).
 
     Raises:
         OptionsError: the report is not a study report, has no such trial or a malformed one, was made on another
@@ -385,8 +397,12 @@ def write_study_point(
     if "harmless_share" not in record and data["options"].get("orthogonal_to_harmless") is True:
         # Reports made before the share was recorded: a study orthogonal to the harmless mean removed all of it.
         point = dataclasses.replace(point, harmless_share=1.0)
-    recorded, rebuild = data["options"], data.get("rebuild") if isinstance(data.get("rebuild"), dict) else None
-    if public_name(model) != data.get("model"):
+    recorded, rebuild = data["options"], data.get("rebuild")
+    keys = ("model_fingerprint", "dtype", "batch_size", "mean_difference_sketch", "harmless_mean_sketch")
+    if rebuild is not None and (not isinstance(rebuild, dict) or not set(keys) <= set(rebuild)):
+        raise OptionsError("point", str(report), "has a malformed rebuild record; pass a study's optimize.json")
+    if rebuild is None and public_name(model) != data.get("model"):
+        # Without a fingerprint the name is all there is to check (with one, the weights are compared instead).
         raise OptionsError(
             "point",
             str(report),
@@ -406,15 +422,26 @@ def write_study_point(
         raise OptionsError(
             "point", str(report), f"records no {e.args[0]} in its options; pass a study's optimize.json"
         ) from None
+    except (OptionsError, TypeError, ValueError) as e:
+        problem = getattr(e, "problem", str(e))
+        raise OptionsError(
+            "point", str(report), f"records options this version cannot use ({problem}); pass a study's optimize.json"
+        ) from None
+    if batch_size is None and rebuild is not None and options.batch_size != rebuild["batch_size"]:
+        raise OptionsError("point", str(report), "has a malformed rebuild record; pass a study's optimize.json")
     out = Path(out).expanduser()
     local = Path(str(model)).expanduser()
     early = (*((local,) if str(model) and local.exists() else ()), report)
     check_output_path(out, inputs=early, overwrite=overwrite)
     source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
     check_output_path(out, inputs=(source.folder, *source.inputs, report), overwrite=overwrite)
-    work = Path(work_dir).expanduser() if work_dir is not None else default_work_dir(out)
+    work = Path(work_dir).expanduser() if work_dir is not None else point_work_dir(out)
     if evaluation is not None:
         _check_work_dir(work, out, source)
+        if work.exists() and not work.is_dir():
+            raise UnsafeOutputError(
+                f"<<work_dir>> {work} is a file: choose a folder for the evaluation", path=work, option="work_dir"
+            )
         study, evaluated = report.resolve().parent, (work / "evaluation").resolve()
         if work.resolve() == study or evaluated == study or evaluated in study.parents:
             raise UnsafeOutputError(
@@ -450,7 +477,7 @@ def write_study_point(
             f"0–{n_layers - 1} and positions -{n_post}–-1: pass the model the study was made on as <<model>>",
         )
     if rebuild is not None:
-        _check_rebuilt(diffs, rebuild, report)
+        _check_rebuilt(diffs, harmless, rebuild, report)
     meta = {
         **record,
         **{k: recorded[k] for k in ("trial_tokens", "search_space", "choice_rule") if k in recorded},
@@ -481,34 +508,42 @@ def write_study_point(
     return job
 
 
-def _check_rebuilt(diffs: Any, rebuild: dict[str, Any], report: Path) -> None:
-    """The mean differences computed again have the norms the study recorded (within :data:`REBUILD_RTOL`)."""
+def _check_rebuilt(diffs: Any, harmless: Any, rebuild: dict[str, Any], report: Path) -> None:
+    """The mean differences and harmless means computed again have the sketches the study recorded, each layer and
+    position within its dtype's tolerance (:data:`REBUILD_RTOL`)."""
     import torch
 
     from .errors import OptionsError
+    from .optimize.report import sketch
 
-    try:
-        want = torch.tensor(rebuild["mean_difference_norms"], dtype=torch.float64)
-    except (KeyError, TypeError, ValueError):
-        raise OptionsError(
-            "point", str(report), "has a malformed rebuild record; pass a study's optimize.json"
-        ) from None
-    got = diffs.double().norm(dim=-1)
-    if want.shape != got.shape:
-        raise OptionsError(
-            "point",
-            str(report),
-            f"records mean differences of shape {tuple(want.shape)}, not this model's {tuple(got.shape)}: pass the "
-            "model, chat template and prompts the study used",
-        )
-    rel = ((got - want).abs() / want.abs().clamp_min(1e-12)).max().item()
-    if rel > REBUILD_RTOL:
-        raise OptionsError(
-            "point",
-            str(report),
-            f"records other mean differences than those computed again (norms {rel:.1%} apart): the prompts, chat "
-            "template or model differ from the study's; pass the study's as <<prompts>>, <<chat_template>> and <<model>>",
-        )
+    tol = REBUILD_RTOL.get(str(rebuild["dtype"]), REBUILD_RTOL_HALF)
+    for name, got in (("mean_difference_sketch", sketch(diffs)), ("harmless_mean_sketch", sketch(harmless))):
+        try:
+            want = torch.tensor(rebuild[name], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise OptionsError(
+                "point", str(report), "has a malformed rebuild record; pass a study's optimize.json"
+            ) from None
+        if not torch.isfinite(want).all():
+            raise OptionsError(
+                "point", str(report), "has a rebuild record that is not finite; pass a study's optimize.json"
+            )
+        if want.shape != got.shape:
+            raise OptionsError(
+                "point",
+                str(report),
+                f"records mean differences of shape {tuple(want.shape[:2])}, not this model's {tuple(got.shape[:2])}: "
+                "pass the model, chat template and prompts the study used",
+            )
+        rel = ((got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)).max().item()
+        if not rel <= tol:  # a NaN fails too
+            raise OptionsError(
+                "point",
+                str(report),
+                f"records other mean differences than those computed again ({rel:.2%} apart, more than {tol:.2%}): the "
+                "prompts, chat template or model differ from the study's; pass the study's as <<prompts>>, "
+                "<<chat_template>> and <<model>>",
+            )
 
 
 def _write_point(
@@ -550,6 +585,13 @@ def _write_point(
             extra_files={f"{DIRECTION_SUBFOLDER}/{path.name}": path},
             extra_provenance={"optimize": provenance},
         )
+
+
+def point_work_dir(out: Path) -> Path:
+    """Where ``optimize --point`` evaluates by default: ``<out>-point`` beside the output (not ``<out>-optimize``,
+    which may be the study's own folder)."""
+    out = Path(out)
+    return out.with_name(out.name + "-point")
 
 
 def _check_work_dir(work: Path, out: Path, source: ModelSource) -> None:

@@ -208,7 +208,8 @@ def optimize(
         typer.Option(
             "--point",
             help="Write a point a study recorded instead of searching: its optimize.json (the chosen point unless "
-            "--point-trial). The direction is computed again with the study's prompts; search options are not read.",
+            "--point-trial). The direction is computed again with the study's prompts and checked against the "
+            "report; search options are refused; the evaluation goes to <out>-point unless --work-dir.",
             show_default=False,
         ),
     ] = None,
@@ -224,7 +225,7 @@ def optimize(
 ) -> None:
     """Search per-layer edit weights and the direction's layer for the lowest KL that removes refusal in every
     language; write the chosen point exactly, with its study report (or, with --point, a point a study recorded)."""
-    from weightedit.errors import OptimizeTargetError, OptionsError
+    from weightedit.errors import OptimizeTargetError, OptionsError, WeighteditError
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.optimize.options import ChoiceRule, OptimizeOptions
     from weightedit.optimize.report import rate_text
@@ -236,10 +237,10 @@ def optimize(
         given = {name for name in ctx.params if _given(ctx, name)}
         searched = [name for name in SEARCH_OPTIONS if name in given]
         if searched:
-            raise OptionsError(
-                searched[0],
-                ctx.params[searched[0]],
-                "is a search option, and <<point>> writes a point a study recorded without searching: drop it",
+            raise WeighteditError(
+                f"<<{searched[0]}>> is a search option, and <<point>> writes a point a study recorded without "
+                "searching: drop it",
+                option=searched[0],
             )
         write_point(
             model,
@@ -357,7 +358,7 @@ def write_point(
     from weightedit.errors import OptionsError
     from weightedit.evaluation.runner import EvalOptions
     from weightedit.prompts import parse_languages
-    from weightedit.workflows import default_work_dir, study_point, write_study_point
+    from weightedit.workflows import point_work_dir, study_point, write_study_point
 
     if point is None:
         raise OptionsError(
@@ -388,7 +389,7 @@ def write_point(
         progress=not quiet,
     )
     which = "its chosen point" if job.chosen else "not its chosen point: no choice rule was applied to it"
-    work = work_dir or default_work_dir(out)
+    work = work_dir or point_work_dir(out)
     console.print(
         f"wrote {job.edit.out} (trial {job.trial} of {point}, {which}: {job.point.profile.describe()})"
         + (f"; evaluation {work / 'evaluation'}" if job.evaluation is not None else ""),

@@ -73,15 +73,36 @@ def _search_section(result: StudyResult) -> dict[str, Any]:
     }
 
 
-def rebuild_record(diffs: Any, *, fingerprint: str, dtype: Any, batch_size: int) -> dict[str, Any]:
+# A direction-sensitive summary of the mean differences: each vector's coordinates along this many fixed random
+# unit vectors (seeded, so a rebuild draws the same ones). Norms alone barely see a rotation.
+SKETCH_DIM = 16
+SKETCH_SEED = 0
+
+
+def sketch(vectors: Any) -> Any:
+    """``vectors`` (``[..., d]``) projected on :data:`SKETCH_DIM` seeded random unit vectors, in float64."""
+    import torch
+
+    d = vectors.shape[-1]
+    basis = torch.randn(d, SKETCH_DIM, generator=torch.Generator().manual_seed(SKETCH_SEED), dtype=torch.float64)
+    return vectors.double() @ (basis / basis.norm(dim=0))
+
+
+def rebuild_record(diffs: Any, harmless_means: Any, *, fingerprint: str, dtype: Any, batch_size: int) -> dict[str, Any]:
     """What a point's direction was computed from and a check of it: the model's content fingerprint, the dtype it
-    ran in, the batch size, and the norm of the mean difference at every layer and post-instruction position
-    (the direction of every point is built from these mean differences)."""
+    ran in, the batch size, and a sketch (:func:`sketch`) of the mean difference and the harmless mean at every
+    layer and post-instruction position (every point's direction is built from these)."""
+
+    def rounded(t: Any) -> list[Any]:
+        return [[[float(f"{x:.7g}") for x in v] for v in row] for row in t.tolist()]
+
     return {
         "model_fingerprint": fingerprint,
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size,
-        "mean_difference_norms": [[float(f"{x:.7g}") for x in row] for row in diffs.norm(dim=-1).tolist()],
+        "sketch": {"dim": SKETCH_DIM, "seed": SKETCH_SEED},
+        "mean_difference_sketch": rounded(sketch(diffs)),
+        "harmless_mean_sketch": rounded(sketch(harmless_means)),
     }
 
 
