@@ -134,10 +134,9 @@ def orthogonalize_by_language(
 
     The direction file and its scores are stored in the output folder.
     """
-    local = Path(str(model)).expanduser()
-    check_output_path(out, inputs=(local,) if str(model) and local.exists() else (), overwrite=overwrite)
-    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
-    check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
+    source = _resolve_for(
+        out, model, overwrite=overwrite, revision=revision, gguf_file=gguf_file, token=token, progress=progress
+    )
     result = direction_for_model(source, langs, options, load=load, progress=progress)
     # The copy stored in the output folder may be pushed: it names its prompt source without a local path.
     if isinstance(result.direction.meta.get("prompts"), str):
@@ -168,6 +167,25 @@ class OptimizeJob:
     files: dict[str, Path]  # the study report in the work folder
     edit: EditReport | None  # None when no point met the target
     evaluation: Any = None  # weightedit.evaluation.report.EvaluationReport when evaluated
+
+
+def _resolve_for(
+    out: Path,
+    model: str,
+    *inputs: Path,
+    overwrite: bool,
+    revision: str | None,
+    gguf_file: str | None,
+    token: str | bool | None,
+    progress: bool,
+) -> ModelSource:
+    """Resolve ``model`` for a job writing ``out``: ``out`` is checked against a local model folder (and other
+    ``inputs``) before anything is downloaded or converted, and against the resolved files after."""
+    local = Path(str(model)).expanduser()
+    check_output_path(out, inputs=(*((local,) if str(model) and local.exists() else ()), *inputs), overwrite=overwrite)
+    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
+    check_output_path(out, inputs=(source.folder, *source.inputs, *inputs), overwrite=overwrite)
+    return source
 
 
 def default_work_dir(out: Path) -> Path:
@@ -208,11 +226,9 @@ def optimize_model(
     options = options or OptimizeOptions()
     out = Path(out).expanduser()
     work = Path(work_dir).expanduser() if work_dir is not None else default_work_dir(out)
-    local = Path(str(model)).expanduser()
-    early = (local,) if str(model) and local.exists() else ()
-    check_output_path(out, inputs=early, overwrite=overwrite)
-    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
-    check_output_path(out, inputs=(source.folder, *source.inputs), overwrite=overwrite)
+    source = _resolve_for(
+        out, model, overwrite=overwrite, revision=revision, gguf_file=gguf_file, token=token, progress=progress
+    )
     _check_work_dir(work, out, source)
     loaded = load_model(source, load, progress=progress)
     fingerprint = model_fingerprint(source)
@@ -430,11 +446,9 @@ def write_study_point(
     if batch_size is None and rebuild is not None and options.batch_size != rebuild["batch_size"]:
         raise OptionsError("point", str(report), "has a malformed rebuild record; pass a study's optimize.json")
     out = Path(out).expanduser()
-    local = Path(str(model)).expanduser()
-    early = (*((local,) if str(model) and local.exists() else ()), report)
-    check_output_path(out, inputs=early, overwrite=overwrite)
-    source = resolve_model(model, revision=revision, gguf_file=gguf_file, token=token, progress=progress)
-    check_output_path(out, inputs=(source.folder, *source.inputs, report), overwrite=overwrite)
+    source = _resolve_for(
+        out, model, report, overwrite=overwrite, revision=revision, gguf_file=gguf_file, token=token, progress=progress
+    )
     work = Path(work_dir).expanduser() if work_dir is not None else point_work_dir(out)
     if evaluation is not None:
         _check_work_dir(work, out, source)
