@@ -8,6 +8,8 @@
                                                            # heretic's run and evaluation from an earlier result
     python bench/optimize_vs_peer.py --peer-only --eval-kl-limit 32 --work /tmp/peer
                                                            # heretic alone (its results JSON, for --peer-result)
+    python bench/optimize_vs_peer.py --peer-result X.json --weightedit-point Y-weightedit-optimize.json --eval-kl-limit 32
+                                                           # an earlier study's chosen point, written again, no search
     python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-trial-tokens 16 --peer-result X.json
                                                            # weightedit's trials judge 16-token completions
     python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
