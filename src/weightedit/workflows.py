@@ -415,7 +415,13 @@ def write_study_point(
         point = dataclasses.replace(point, harmless_share=1.0)
     recorded, rebuild = data["options"], data.get("rebuild")
     keys = ("model_fingerprint", "dtype", "batch_size", "mean_difference_sketch", "harmless_mean_sketch")
-    if rebuild is not None and (not isinstance(rebuild, dict) or not set(keys) <= set(rebuild)):
+    if rebuild is not None and (
+        not isinstance(rebuild, dict)
+        or not set(keys) <= set(rebuild)
+        or isinstance(rebuild["batch_size"], bool)
+        or not isinstance(rebuild["batch_size"], int)
+        or rebuild["batch_size"] < 1
+    ):
         raise OptionsError("point", str(report), "has a malformed rebuild record; pass a study's optimize.json")
     if rebuild is None and public_name(model) != data.get("model"):
         # Without a fingerprint the name is all there is to check (with one, the weights are compared instead).
@@ -424,7 +430,7 @@ def write_study_point(
             str(report),
             f"is a study of {data.get('model')}, not of {public_name(model)}: pass the study's model as <<model>>",
         )
-    batch = batch_size or (rebuild or {}).get("batch_size") or 16
+    batch = batch_size or (rebuild["batch_size"] if rebuild is not None else 16)
     try:
         options = OptimizeOptions(
             langs=(recorded["direction_lang"],),
@@ -443,8 +449,6 @@ def write_study_point(
         raise OptionsError(
             "point", str(report), f"records options this version cannot use ({problem}); pass a study's optimize.json"
         ) from None
-    if batch_size is None and rebuild is not None and options.batch_size != rebuild["batch_size"]:
-        raise OptionsError("point", str(report), "has a malformed rebuild record; pass a study's optimize.json")
     out = Path(out).expanduser()
     source = _resolve_for(
         out, model, report, overwrite=overwrite, revision=revision, gguf_file=gguf_file, token=token, progress=progress
@@ -494,6 +498,7 @@ def write_study_point(
         _check_rebuilt(diffs, harmless, rebuild, report)
     meta = {
         **record,
+        **point.to_json(),  # the point as rebuilt: an old report's implied share of 1 included
         **{k: recorded[k] for k in ("trial_tokens", "search_space", "choice_rule") if k in recorded},
         "direction_scope": "per-layer" if point.per_layer else "global",
         "written_from": {
@@ -503,8 +508,6 @@ def write_study_point(
             "checked": rebuild is not None,
         },
     }
-    if point.harmless_share is not None:
-        meta["harmless_share"] = point.harmless_share
     edit = _write_point(
         source,
         out,
