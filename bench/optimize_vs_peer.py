@@ -325,6 +325,9 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         settings["weightedit_direction_scope"] = args.weightedit_direction_scope
     if args.weightedit_orthogonal_to_harmless != "no":
         settings["weightedit_orthogonal_to_harmless"] = args.weightedit_orthogonal_to_harmless
+    for key in ("weightedit_n_kl", "weightedit_lang_kl_budget"):  # recorded only when set, as the ones above
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     code = source_tree()
     if (record := reusable(done, settings)) is not None:
         if record.get("code") == code:
@@ -348,6 +351,10 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
     cmd += {"no": [], "yes": ["--orthogonal-to-harmless"], "search": ["--search-harmless-share"]}[
         args.weightedit_orthogonal_to_harmless
     ]
+    if args.weightedit_n_kl is not None:
+        cmd += ["--n-kl", str(args.weightedit_n_kl)]
+    if args.weightedit_lang_kl_budget is not None:
+        cmd += ["--lang-kl-budget", str(args.weightedit_lang_kl_budget)]
     console.print(
         f"weightedit optimize: {args.trials} trials, langs {args.weightedit_langs}, target refusal {target:.3f} "
         f"({args.weightedit_choice_rule} rule), {args.weightedit_search_space} search, "
@@ -356,6 +363,12 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         + (
             f", trials judged on {args.weightedit_trial_tokens}-token completions"
             if args.weightedit_trial_tokens
+            else ""
+        )
+        + (f", KL on {args.weightedit_n_kl} harmless prompts a language" if args.weightedit_n_kl else "")
+        + (
+            f", every language's KL at most {args.weightedit_lang_kl_budget}"
+            if args.weightedit_lang_kl_budget is not None
             else ""
         )
     )
@@ -620,6 +633,20 @@ def main() -> None:
         default="no",
         help="whether weightedit's direction is made orthogonal to the harmless mean (yes: optimize "
         "--orthogonal-to-harmless; search: --search-harmless-share, a share of it that the trials choose)",
+    )
+    parser.add_argument(
+        "--weightedit-n-kl",
+        type=int,
+        default=None,
+        help="harmless select prompts per language weightedit's trials measure KL on (optimize --n-kl; default "
+        "its --n-score)",
+    )
+    parser.add_argument(
+        "--weightedit-lang-kl-budget",
+        type=float,
+        default=None,
+        help="no language's KL over this in weightedit's chosen point, nor in the trials its search steers by "
+        "(optimize --lang-kl-budget)",
     )
     parser.add_argument(
         "--weightedit-choice-rule",

@@ -1037,3 +1037,138 @@ def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_p
         "optimize.md",
         "study.journal",
     ]
+
+
+def test_a_per_language_kl_bound_steers_the_search_and_bounds_the_choice(mlp_cost_model, planted, tmp_path):
+    """Every trial carries the Optuna constraint (highest language's KL minus the bound); the front and the judged
+    points hold only trials within the bound, and the chosen point is one of them."""
+    free = optimize_model(str(mlp_cost_model), tmp_path / "free", options(planted[1], trials=8), progress=False)
+    highest = sorted(max(v["kl"] for v in t.per_lang.values()) for t in free.study.trials)
+    bound = highest[len(highest) // 2]  # binds: half the unconstrained trials are over it, the full edit among them
+    assert max(v["kl"] for v in free.study.trials[0].per_lang.values()) > bound
+    work = tmp_path / "bounded-study"
+    job = optimize_model(
+        str(mlp_cost_model),
+        tmp_path / "bounded",
+        options(planted[1], trials=8, lang_kl_budget=bound),
+        work_dir=work,
+        progress=False,
+    )
+    stored = {t.number: t for t in stored_study(work).trials}
+    over = []
+    for t in job.study.trials:
+        top = max(v["kl"] for v in t.per_lang.values())
+        assert stored[t.number].constraints == {study_module.LANG_KL_CONSTRAINT: pytest.approx(top - bound)}
+        if top > bound:
+            over.append(t.number)
+    assert 0 in over  # the full edit (trial 0) is over the bound
+    assert job.study.front and not {t.number for t in job.study.front} & set(over)
+    assert job.study.verified and not {v.trial.number for v in job.study.verified} & set(over)
+    chosen = job.study.chosen
+    assert chosen is not None and max(v["kl"] for v in chosen.trial.per_lang.values()) <= bound
+    report = json.loads(job.files["json"].read_text())
+    assert report["options"]["lang_kl_budget"] == report["choice"]["lang_kl_budget"] == bound
+    assert f"no language's KL is over {bound:g} nats" in report["choice"]["statement"]
+    md = job.files["md"].read_text()
+    assert f"every language's KL at most {bound:g} (the per-language bound): {8 - len(over)} of 8." in md
+    # Resuming the study with another bound (or none) would steer by stale constraints: refused.
+    with pytest.raises(OptionsError, match="lang_kl_budget"):
+        optimize_model(
+            str(mlp_cost_model), tmp_path / "c", options(planted[1], trials=9), work_dir=work, progress=False
+        )
+
+
+def test_a_point_with_a_language_over_the_bound_misses_and_names_it():
+    bound = OptimizeOptions(lang_kl_budget=0.1)
+    trial = study_module.TrialRecord(
+        3, None, 0.0, 0.05, {"en": {"kl": 0.06, "refusal": 0.0}, "yo": {"kl": 0.126, "refusal": 0.0}}
+    )  # type: ignore[arg-type]
+    over = study_module.over_lang_kl(trial, bound)
+    assert over == ["yo KL 0.126 > 0.1"]
+    assert study_module.over_lang_kl(trial, OptimizeOptions()) == []
+    assert misses(judged_counts(), BASE, 0.05, bound, over_bound=over) == ["yo KL 0.126 > 0.1"]
+    assert study_module.unjudged_reason([trial], bound) == (
+        "no trial keeps every language's KL within <<lang_kl_budget>> 0.1 (the closest, trial 3, has yo at 0.126)"
+    )
+
+
+def test_no_trial_within_the_language_bound_is_an_error_that_writes_no_model(planted, tmp_path):
+    model, prompts = planted
+    result = CliRunner().invoke(
+        app,
+        [
+            "optimize", "--model", str(model), "--out", str(tmp_path / "edited"), "--langs", "en,de", "--prompts",
+            str(prompts), "--trials", "2", "--n-train", "16", "--judge", "score", "--lang-kl-budget", "1e-9",
+            "--no-evaluate", "--quiet",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "no trial keeps every language's KL within --lang-kl-budget 1e-09" in result.output
+    assert "nothing was written" in result.output
+    assert not (tmp_path / "edited").exists()
+    report = json.loads((tmp_path / "edited-optimize" / "optimize.json").read_text())
+    assert report["front"] == [] and report["verified"] == [] and len(report["trials"]) == 2
+
+
+def test_kl_is_measured_on_n_kl_harmless_prompts_a_language(planted):
+    model, prompts = planted
+    loaded = load_model(str(model), ModelLoadOptions(dtype="float32"), progress=False)
+    plain = prepare(loaded, options(prompts, n_score=6), progress=False)
+    fewer = prepare(loaded, options(prompts, n_score=6, n_kl=4), progress=False)
+    more = prepare(loaded, options(prompts, n_score=6, n_kl=8), progress=False)
+    for a, b, c in zip(plain.targets, fewer.targets, more.targets, strict=True):
+        assert len(a.harmful) == len(b.harmful) == len(c.harmful) == 6  # the refusal prompts do not change
+        assert (len(a.harmless), len(b.harmless), len(c.harmless)) == (6, 4, 8)
+        # The same list, longer or shorter: the first prompts are n_score's, and so are their baseline logprobs.
+        assert b.harmless == a.harmless[:4] and c.harmless[:6] == a.harmless
+        torch.testing.assert_close(c.harmless_lp[:6], a.harmless_lp, atol=1e-5, rtol=1e-5)
+    assert OptimizeOptions(n_score=6, n_kl=8).setup_key()["n_kl"] == 8
+    assert "n_kl" not in OptimizeOptions(n_score=6, n_kl=6).setup_key()  # n_score's own: the key of old studies
+    assert "n_kl" not in OptimizeOptions().setup_key() and "lang_kl_budget" not in OptimizeOptions().setup_key()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"lang_kl_budget": 0}, "lang_kl_budget"),
+        ({"lang_kl_budget": -0.1}, "lang_kl_budget"),
+        ({"lang_kl_budget": float("nan")}, "lang_kl_budget"),
+        ({"lang_kl_budget": True}, "lang_kl_budget"),
+        ({"lang_kl_budget": "0.1"}, "lang_kl_budget"),
+        ({"n_kl": 0}, "n_kl"),
+        ({"n_kl": True}, "n_kl"),
+        ({"n_kl": 2.5}, "n_kl"),
+    ],
+)
+def test_kl_bound_and_prompt_options_are_checked(kwargs, option):
+    with pytest.raises(OptionsError) as raised:
+        OptimizeOptions(**kwargs)
+    assert raised.value.option == option
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lang-kl-budget", "0"], "error: --lang-kl-budget 0.0: must be a positive number of nats"),
+        (["--n-kl", "0"], "error: --n-kl 0: must be a whole number of at least 1"),
+    ],
+)
+def test_bad_kl_bound_flags_are_one_line_errors(flags, message, tmp_path):
+    result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[0].startswith(message)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_too_few_harmless_prompts_for_n_kl_is_a_one_line_error(planted, tmp_path):
+    model, prompts = planted
+    result = CliRunner().invoke(
+        app,
+        [
+            "optimize", "--model", str(model), "--out", str(tmp_path / "o"), "--langs", "en", "--prompts",
+            str(prompts), "--n-train", "16", "--judge", "score", "--n-kl", "500", "--no-evaluate", "--quiet",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "500 asked; lower --n-kl or add prompts" in result.output.splitlines()[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()

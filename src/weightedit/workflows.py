@@ -221,7 +221,7 @@ def optimize_model(
     from .optimize.objective import prepare
     from .optimize.options import OptimizeOptions
     from .optimize.report import payload, rebuild_record, write_study_report
-    from .optimize.study import run_study
+    from .optimize.study import run_study, unjudged_reason
 
     options = options or OptimizeOptions()
     out = Path(out).expanduser()
@@ -275,7 +275,7 @@ def optimize_model(
         misses = "; ".join(f"trial {v.trial.number}: {', '.join(v.misses)}" for v in result.verified)
         raise OptimizeTargetError(
             target=options.target_refusal,
-            misses=misses or "no point was judged",
+            misses=misses or unjudged_reason(result.trials, options),
             report=str(files["md"]),
             rule=options.choice_rule.value,
         )

@@ -40,7 +40,7 @@ from ._options import (
 SEARCH_OPTIONS = (
     "direction_lang", "trials", "n_train", "n_score", "sampler", "seed", "search_space", "layer_window",
     "direction_scope", "preserve_norm", "orthogonal_to_harmless", "search_harmless_share", "target_refusal",
-    "choice_rule", "kl_budget", "verify", "max_new_tokens", "trial_tokens",
+    "choice_rule", "kl_budget", "lang_kl_budget", "n_kl", "verify", "max_new_tokens", "trial_tokens",
 )  # fmt: skip
 
 
@@ -105,6 +105,15 @@ def optimize(
             "--n-score", help="Select prompts per language (harmful and harmless, each) every trial is scored on."
         ),
     ] = 8,
+    n_kl: Annotated[
+        int | None,
+        typer.Option(
+            "--n-kl",
+            help="Harmless select prompts per language every trial's KL is measured on (default: --n-score); more "
+            "cost a forward pass each and steady a per-language KL bound.",
+            show_default=False,
+        ),
+    ] = None,
     prompts: PromptsOpt = None,
     sampler: Annotated[Sampler, typer.Option("--sampler", help="Optuna sampler: tpe or nsga2.")] = Sampler.TPE,
     seed: Annotated[int, typer.Option("--seed", help="The sampler's seed.")] = 0,
@@ -171,6 +180,15 @@ def optimize(
     kl_budget: Annotated[
         float | None,
         typer.Option("--kl-budget", help="A chosen point's KL must not exceed this (nats).", show_default=False),
+    ] = None,
+    lang_kl_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--lang-kl-budget",
+            help="No language's KL may exceed this (nats): trials over it are infeasible to the search (an Optuna "
+            "constraint), left off the front, and never chosen.",
+            show_default=False,
+        ),
     ] = None,
     verify: Annotated[
         int,
@@ -287,6 +305,8 @@ def optimize(
         target_refusal=target_refusal,
         choice_rule=choice_rule,
         kl_budget=kl_budget,
+        lang_kl_budget=lang_kl_budget,
+        n_kl=n_kl,
         verify=verify,
         max_new_tokens=max_new_tokens,
         judge=judge,

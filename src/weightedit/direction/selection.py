@@ -115,7 +115,7 @@ def _take(prompts: list[str], n: int, what: str, source: str | None, option: str
     if len(prompts) < n:
         raise PromptsError(
             f"too few prompts for the split: {what} has {len(prompts)} in {source or 'the built-in set'}, "
-            f"{n} asked; lower <<n_train>>/<<n_val>> or add prompts",
+            f"{n} asked; lower <<{option}>> or add prompts",
             option=option,
             value=n,
         )
@@ -134,6 +134,13 @@ def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> 
         data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src, "n_val"))
         splits["fit"], splits["select"] = fit.description, select.description
     return LanguageData(lang=lang, splits=splits, **data)
+
+
+def harmless_select(loaded: LoadedModel, lang: str, n: int, prompts: str | None, *, option: str) -> list[str]:
+    """The first ``n`` of ``lang``'s harmless select prompts, formatted (``language_data``'s ``harmless_val`` with
+    another count: a prefix of the same list). ``option`` is the option an error for too few names."""
+    select = prompt_roles(prompts, "harmless", lang)["select"]
+    return loaded.format(_take(select.texts, n, f"harmless {lang} val", prompts, option))
 
 
 def refusal_tokens_for(

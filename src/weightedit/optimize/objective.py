@@ -26,7 +26,13 @@ import torch
 
 from ..direction.options import SelectionOptions
 from ..direction.search import live_candidates
-from ..direction.selection import LanguageData, capture_fit_means, language_data, refusal_tokens_for
+from ..direction.selection import (
+    LanguageData,
+    capture_fit_means,
+    harmless_select,
+    language_data,
+    refusal_tokens_for,
+)
 from ..edit.in_memory import temporarily_edited
 from ..edit.profile import EditProfile
 from ..errors import OptionsError
@@ -135,9 +141,14 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
             )
             k = min(_TOKEN_PROMPTS, len(d.harmful_train))
             tokens = refusal_tokens_for(loaded, mean_probs(fit[:k]), mean_probs(fit[k:]), strict=False)
+        kl_texts = (
+            d.harmless_val
+            if options.kl_prompts == options.n_score
+            else harmless_select(loaded, lang, options.kl_prompts, options.prompts, option="n_kl")
+        )
         lp = last_logprobs(
             loaded,
-            d.harmful_val + d.harmless_val,
+            d.harmful_val + kl_texts,
             batch_size=options.batch_size,
             progress=progress,
             description=f"baseline {lang}",
@@ -149,7 +160,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
             LanguageTarget(
                 lang,
                 d.harmful_val,
-                d.harmless_val,
+                kl_texts,
                 lp[n:],
                 tokens,
                 base,

@@ -84,6 +84,14 @@ class OptimizeOptions:
         target_refusal: the judged refusal rate a chosen point may keep, read by ``choice_rule``.
         choice_rule: :class:`ChoiceRule`: ``interval`` (default) or ``strict``.
         kl_budget: a chosen point's KL must not exceed this (nats); ``None``: no limit beyond the rule.
+        lang_kl_budget: no language's KL may exceed this (nats), a bound on the highest language's KL where
+            ``kl_budget`` bounds the mean: a trial above it is infeasible to the sampler (an Optuna constraint,
+            which steers the search to feasible trials and keeps the front to them), is never judged and is never
+            chosen. ``None``: no bound.
+        n_kl: harmless select prompts per language that every trial's KL is measured on (``None``: ``n_score``).
+            The first ``n_score`` of them are the ones ``n_score`` alone reads, so more of them only add prompts;
+            KL on 8 prompts is noisy (one language's 0.110 on its first 8 test prompts was 0.054 on 32), and the
+            harmless prompts cost a forward pass each, far less than the judged harmful ones.
         verify: points re-measured with judged generations before one is chosen: the trials whose estimate is near
             the target in every refusing language, lowest KL first, on the front or not.
         max_new_tokens: tokens per judged completion.
@@ -115,6 +123,8 @@ class OptimizeOptions:
     target_refusal: float = 0.03
     choice_rule: ChoiceRule | str = ChoiceRule.INTERVAL
     kl_budget: float | None = None
+    lang_kl_budget: float | None = None
+    n_kl: int | None = None
     verify: int = 3
     max_new_tokens: int = 96
     judge: str = "substring"
@@ -158,8 +168,21 @@ class OptimizeOptions:
             raise OptionsError("max_layer_fraction", self.max_layer_fraction, "must be in (0, 1]")
         if not 0 <= self.target_refusal < 1:
             raise OptionsError("target_refusal", self.target_refusal, "must be a rate from 0 to below 1")
-        if self.kl_budget is not None and not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
-            raise OptionsError("kl_budget", self.kl_budget, "must be a positive number of nats")
+        for name in ("kl_budget", "lang_kl_budget"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (value > 0 and math.isfinite(value))
+            ):
+                raise OptionsError(name, value, "must be a positive number of nats")
+        if self.n_kl is not None and (isinstance(self.n_kl, bool) or not isinstance(self.n_kl, int) or self.n_kl < 1):
+            raise OptionsError("n_kl", self.n_kl, "must be a whole number of at least 1 (or unset: <<n_score>>)")
+
+    @property
+    def kl_prompts(self) -> int:
+        """Harmless select prompts per language that KL is measured on."""
+        return self.n_score if self.n_kl is None else self.n_kl
 
     def setup_key(self) -> dict[str, object]:
         """What a stored study depends on: resuming with other values would mix incomparable trials.
@@ -168,7 +191,9 @@ class OptimizeOptions:
         that those keep their key: the judged trial estimate's only when it is on, the anchored search's (mode
         and window) only when it is anchored (studies made before it searched freely). The choice rule is not
         part of it: it reads the judged points after the trials, and a resumed study may be chosen from by
-        either rule. The direction's scope is there only when it is per-layer."""
+        either rule. The direction's scope is there only when it is per-layer; the KL prompts only when they are
+        not ``n_score``'s; the per-language KL bound only when set (the sampler's constraint is stored with every
+        trial, so a study resumed with another bound would steer by stale ones)."""
         added: dict[str, object] = {}
         if self.direction_scope is DirectionScope.PER_LAYER:
             added.update(direction_scope=DirectionScope.PER_LAYER.value)
@@ -176,6 +201,10 @@ class OptimizeOptions:
             added.update(trial_tokens=self.trial_tokens, trial_judge=self.judge)
         if self.search_space is SearchSpace.ANCHORED:
             added.update(search_space=SearchSpace.ANCHORED.value, layer_window=self.layer_window)
+        if self.kl_prompts != self.n_score:
+            added.update(n_kl=self.kl_prompts)
+        if self.lang_kl_budget is not None:
+            added.update(lang_kl_budget=self.lang_kl_budget)
         return {
             "langs": list(self.langs),
             "direction_lang": self.direction_lang,

@@ -25,10 +25,13 @@ __all__ = ["SCHEMA", "payload", "write_study_report", "choice_statement", "rate_
 # 3: options.search_space, layer_window and choice_rule; "search" (the anchor and the searched layers and
 # position); "choice" (the rule, stated); "baseline_pooled"; each verified point's and the chosen one's "pooled"
 # (k, n, rate, Wilson interval over the languages that refuse at baseline), the chosen one's "rule".
+# options.lang_kl_budget and n_kl, choice.lang_kl_budget (added keys, same schema).
 SCHEMA = "weightedit-optimize/3"
 
 
-def choice_statement(rule: ChoiceRule | str, target: float, kl_budget: float | None) -> str:
+def choice_statement(
+    rule: ChoiceRule | str, target: float, kl_budget: float | None, lang_kl_budget: float | None = None
+) -> str:
     """The choice rule in words, with its numbers (what the report says chose, or failed to choose)."""
     t = f"{100 * target:g}%"
     if ChoiceRule(rule) is ChoiceRule.STRICT:
@@ -43,6 +46,11 @@ def choice_statement(rule: ChoiceRule | str, target: float, kl_budget: float | N
         )
     if kl_budget is not None:
         text += f"; and its mean KL is at most {kl_budget} nats"
+    if lang_kl_budget is not None:
+        text += (
+            f"; and no language's KL is over {lang_kl_budget:g} nats (a trial over it is infeasible to the search and "
+            "is never judged)"
+        )
     return text + "; the first judged point (lowest KL first) that meets it is chosen"
 
 
@@ -130,6 +138,8 @@ def payload(
             "target_refusal": o.target_refusal,
             "choice_rule": ChoiceRule(o.choice_rule).value,
             "kl_budget": o.kl_budget,
+            "lang_kl_budget": o.lang_kl_budget,
+            "n_kl": o.kl_prompts,
             "verify": o.verify,
             "max_new_tokens": o.max_new_tokens,
             "judge": o.judge,
@@ -161,7 +171,8 @@ def payload(
             "rule": ChoiceRule(o.choice_rule).value,
             "target_refusal": o.target_refusal,
             "kl_budget": o.kl_budget,
-            "statement": choice_statement(o.choice_rule, o.target_refusal, o.kl_budget),
+            "lang_kl_budget": o.lang_kl_budget,
+            "statement": choice_statement(o.choice_rule, o.target_refusal, o.kl_budget, o.lang_kl_budget),
         },
         "trials": [t.to_json() for t in result.trials],
         "front": [t.number for t in result.front],
@@ -257,6 +268,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Pareto front (search estimates)",
         "",
+        *_front_note(data),
         f"| trial | direction layer | position | refusal ({_estimate(data)}) | KL (mean) | KL (highest language) "
         "| profile |",
         "|---|---|---|---|---|---|---|",
@@ -307,6 +319,16 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _front_note(data: dict[str, Any]) -> list[str]:
+    """With a per-language KL bound the front holds only the trials within it: say so, and say when none is."""
+    bound = data["choice"].get("lang_kl_budget")
+    if bound is None:
+        return []
+    feasible = sum(1 for t in data["trials"] if all(v["kl"] <= bound for v in t["languages"].values()))
+    text = f"Only trials with every language's KL at most {bound:g} (the per-language bound): {feasible} of {len(data['trials'])}."
+    return [text if feasible else text + " **No trial is within the bound.**", ""]
 
 
 def _direction_layer(point: dict[str, Any]) -> str:

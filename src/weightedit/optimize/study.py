@@ -9,7 +9,9 @@ layer window), so the study always holds it (the front does only while no trial 
 
 The choice: the trials whose refusal estimate is near the target in every refusing language are re-measured with
 judged generations on the select prompts, lowest KL first, until one meets the target by ``options.choice_rule``
-(:func:`misses`; and KL within ``kl_budget`` if set); that point is chosen. They are taken from all trials, not
+(:func:`misses`; and KL within ``kl_budget`` if set); that point is chosen. With ``lang_kl_budget`` every trial
+carries an Optuna constraint (its highest language's KL minus the bound): the sampler favours the feasible trials,
+the front holds only them, and a trial over the bound is never judged or chosen. They are taken from all trials, not
 only the front: the front is drawn on estimates, and when its near point fails once judged, the next candidate is
 the trial of next-lowest KL that was as near, dominated or not. When none of the re-measured points meets the
 target, nothing is chosen, and the caller reports the front as the evidence.
@@ -48,9 +50,22 @@ from .space import (
     suggest,
 )
 
-__all__ = ["TrialRecord", "VerifiedPoint", "StudyResult", "run_study", "misses", "pooled_refusal", "STUDY_FILE"]
+__all__ = [
+    "TrialRecord",
+    "VerifiedPoint",
+    "StudyResult",
+    "run_study",
+    "misses",
+    "over_lang_kl",
+    "unjudged_reason",
+    "highest_kl",
+    "pooled_refusal",
+    "STUDY_FILE",
+]
 
 STUDY_FILE = "study.journal"
+# The name of the trials' Optuna constraint with ``lang_kl_budget``: the highest language's KL minus the bound.
+LANG_KL_CONSTRAINT = "highest_language_kl"
 _STUDY_NAME = "weightedit-optimize"
 # A front point is worth judging when its refusal estimate in every refusing language is within this
 # of the target (a low mean can hide a language far above it, which either choice rule fails).
@@ -260,6 +275,9 @@ def _search(
         with temporarily_edited(loaded.model, r, point.profile):
             per_lang = measure(loaded, setup, options)
         trial.set_user_attr("languages", per_lang)
+        if options.lang_kl_budget is not None:
+            # Feasible when no language's KL is over the bound (Optuna: a constraint value of 0 or less).
+            trial.set_constraint(LANG_KL_CONSTRAINT, highest_kl(per_lang)[1] - options.lang_kl_budget)
         return objectives(per_lang, setup)
 
     if missing > 0:
@@ -288,8 +306,39 @@ def pooled_refusal(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, 
     return {"k": k, "n": n, "rate": k / n if n else None, "ci": wilson_interval(k, n), "languages": langs}
 
 
+def highest_kl(per_lang: dict[str, dict[str, float]]) -> tuple[str, float]:
+    """The language whose KL is highest, and that KL."""
+    lang = max(per_lang, key=lambda k: per_lang[k]["kl"])
+    return lang, per_lang[lang]["kl"]
+
+
+def over_lang_kl(trial: TrialRecord, options: OptimizeOptions) -> list[str]:
+    """The languages whose KL in ``trial`` is over ``options.lang_kl_budget``, as ``"yo KL 0.126 > 0.1"``."""
+    bound = options.lang_kl_budget
+    if bound is None:
+        return []
+    return [f"{lang} KL {v['kl']:.3f} > {bound:g}" for lang, v in trial.per_lang.items() if v["kl"] > bound]
+
+
+def unjudged_reason(trials: list[TrialRecord], options: OptimizeOptions) -> str:
+    """Why no point was judged: with ``lang_kl_budget``, every trial has a language over it (the closest named)."""
+    if options.lang_kl_budget is None or not trials:
+        return "no point was judged"
+    best = min(trials, key=lambda t: highest_kl(t.per_lang)[1])
+    lang, kl = highest_kl(best.per_lang)
+    return (
+        f"no trial keeps every language's KL within <<lang_kl_budget>> {options.lang_kl_budget:g} (the closest, "
+        f"trial {best.number}, has {lang} at {kl:.3f})"
+    )
+
+
 def misses(
-    judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], kl: float, options: OptimizeOptions
+    judged: dict[str, dict[str, Any]],
+    base: dict[str, dict[str, Any]],
+    kl: float,
+    options: OptimizeOptions,
+    *,
+    over_bound: list[str] | None = None,
 ) -> list[str]:
     """Why a judged point does not meet the target (empty: it does), by ``options.choice_rule``.
 
@@ -299,7 +348,8 @@ def misses(
     is at most ``target_refusal`` (the interval is the inverted score test, so (b) fails exactly when the rate is
     above ``target_refusal`` and that test rejects it as the true rate at the two-sided 5% level). With 8 prompts
     a language and the 3% target, (b) passes 1/8 (lower end 2.2%) and fails 2/8 (7.1%). Either rule also asks KL
-    within ``kl_budget`` when one is set."""
+    within ``kl_budget`` when one is set, and no language over ``lang_kl_budget`` (``over_bound``:
+    :func:`over_lang_kl` of the point's trial)."""
     target = options.target_refusal
     langs = _refusing_before(judged, base)
     out = []
@@ -317,7 +367,7 @@ def misses(
                 out.append(f"{lang} {k}/{n} (Wilson 95% lower end {100 * interval[0]:.1f}% > {100 * target:g}%)")
     if options.kl_budget is not None and kl > options.kl_budget:
         out.append(f"KL {kl:.3f} > {options.kl_budget}")
-    return out
+    return out + list(over_bound or [])
 
 
 def worst_estimate(trial: TrialRecord, refusing: list[str]) -> float:
@@ -342,6 +392,8 @@ def _verify(
     as near); with none near, the trials of lowest worst-language estimate first (then lowest KL)."""
     refusing = [t.lang for t in setup.refusing]
     near = options.target_refusal + _ESTIMATE_SLACK
+    # A trial with a language over the per-language KL bound can never be chosen: it is not judged.
+    trials = [t for t in trials if not over_lang_kl(t, options)]
     hopeful = sorted((t for t in trials if worst_estimate(t, refusing) <= near), key=lambda t: (t.kl, t.refusal))
     order = hopeful or sorted(trials, key=lambda t: (worst_estimate(t, refusing), t.kl))
     verified: list[VerifiedPoint] = []
@@ -354,7 +406,7 @@ def _verify(
             progress=progress,
             label=f"judging trial {t.number}",
         )
-        missed = misses(judged, base, t.kl, options)
+        missed = misses(judged, base, t.kl, options, over_bound=over_lang_kl(t, options))
         verified.append(VerifiedPoint(t, judged, not missed, missed, pooled_refusal(judged, base)))
         if not missed:
             break
