@@ -325,9 +325,10 @@ def run_weightedit(args: argparse.Namespace, model: str, target: float) -> dict[
         settings["weightedit_direction_scope"] = args.weightedit_direction_scope
     if args.weightedit_orthogonal_to_harmless != "no":
         settings["weightedit_orthogonal_to_harmless"] = args.weightedit_orthogonal_to_harmless
-    for key in ("weightedit_n_kl", "weightedit_lang_kl_budget"):  # recorded only when set, as the ones above
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    if args.weightedit_n_kl not in (None, n_score):  # recorded only when they change the study, as the ones above
+        settings["weightedit_n_kl"] = args.weightedit_n_kl
+    if args.weightedit_lang_kl_budget is not None:
+        settings["weightedit_lang_kl_budget"] = args.weightedit_lang_kl_budget
     code = source_tree()
     if (record := reusable(done, settings)) is not None:
         if record.get("code") == code:

@@ -1039,7 +1039,9 @@ def test_bad_points_are_one_line_errors_that_write_nothing(a_study_report, tmp_p
     ]
 
 
-def test_a_per_language_kl_bound_steers_the_search_and_bounds_the_choice(mlp_cost_model, planted, tmp_path):
+def test_a_per_language_kl_bound_constrains_every_trial_and_bounds_the_front_and_choice(
+    mlp_cost_model, planted, tmp_path
+):
     """Every trial carries the Optuna constraint (highest language's KL minus the bound); the front and the judged
     points hold only trials within the bound, and the chosen point is one of them."""
     free = optimize_model(str(mlp_cost_model), tmp_path / "free", options(planted[1], trials=8), progress=False)
@@ -1069,27 +1071,35 @@ def test_a_per_language_kl_bound_steers_the_search_and_bounds_the_choice(mlp_cos
     report = json.loads(job.files["json"].read_text())
     assert report["options"]["lang_kl_budget"] == report["choice"]["lang_kl_budget"] == bound
     assert f"no language's KL is over {bound:g} nats" in report["choice"]["statement"]
+    # The written direction file says which prompts its per-language KLs were read on and the bound they met.
+    meta = load_direction(tmp_path / "bounded" / "weightedit" / "refusal_direction.safetensors").meta["optimize"]
+    assert (meta["n_kl"], meta["lang_kl_budget"]) == (8, bound)
     md = job.files["md"].read_text()
     assert f"every language's KL at most {bound:g} (the per-language bound): {8 - len(over)} of 8." in md
-    # Resuming the study with another bound (or none) would steer by stale constraints: refused.
-    with pytest.raises(OptionsError, match="lang_kl_budget"):
+    # Resuming the study with another bound (or none) would steer by stale constraints: refused, naming the bound
+    # it was made with; the same bound given as another number type is the same key.
+    with pytest.raises(OptionsError, match=f"it was made with lang_kl_budget {bound}: resume it so"):
         optimize_model(
             str(mlp_cost_model), tmp_path / "c", options(planted[1], trials=9), work_dir=work, progress=False
         )
+    assert OptimizeOptions(lang_kl_budget=1).setup_key() == OptimizeOptions(lang_kl_budget=1.0).setup_key()
 
 
-def test_a_point_with_a_language_over_the_bound_misses_and_names_it():
+def test_the_languages_over_the_bound_are_named():
     bound = OptimizeOptions(lang_kl_budget=0.1)
     trial = study_module.TrialRecord(
-        3, None, 0.0, 0.05, {"en": {"kl": 0.06, "refusal": 0.0}, "yo": {"kl": 0.126, "refusal": 0.0}}
-    )  # type: ignore[arg-type]
-    over = study_module.over_lang_kl(trial, bound)
-    assert over == ["yo KL 0.126 > 0.1"]
+        3,
+        None,  # type: ignore[arg-type]
+        0.0,
+        0.05,
+        {"en": {"kl": 0.06, "refusal": 0.0}, "yo": {"kl": 0.126, "refusal": 0.0}, "th": {"kl": 0.1004}},
+    )
+    assert study_module.over_lang_kl(trial, bound) == ["yo KL 0.126 > 0.1", "th KL 0.1004 > 0.1"]
     assert study_module.over_lang_kl(trial, OptimizeOptions()) == []
-    assert misses(judged_counts(), BASE, 0.05, bound, over_bound=over) == ["yo KL 0.126 > 0.1"]
     assert study_module.unjudged_reason([trial], bound) == (
         "no trial keeps every language's KL within <<lang_kl_budget>> 0.1 (the closest, trial 3, has yo at 0.126)"
     )
+    assert study_module.over_lang_kl(dataclasses.replace(trial, per_lang={"en": {"kl": float("nan")}}), bound)
 
 
 def test_no_trial_within_the_language_bound_is_an_error_that_writes_no_model(planted, tmp_path):
@@ -1105,9 +1115,14 @@ def test_no_trial_within_the_language_bound_is_an_error_that_writes_no_model(pla
     assert result.exit_code == 1, result.output
     assert "no trial keeps every language's KL within --lang-kl-budget 1e-09" in result.output
     assert "nothing was written" in result.output
+    # The advice is the bound's, not more judged points or a higher refusal target (nothing was judged).
+    assert "raise --lang-kl-budget (in another --work-dir" in result.output and "--verify" not in result.output
     assert not (tmp_path / "edited").exists()
     report = json.loads((tmp_path / "edited-optimize" / "optimize.json").read_text())
     assert report["front"] == [] and report["verified"] == [] and len(report["trials"]) == 2
+    md = (tmp_path / "edited-optimize" / "optimize.md").read_text()
+    assert "| language | unedited |\n|---|---|\n" in md and "**No trial is within the bound.**" in md
+    assert "no point judged: no trial keeps every language's KL within the per-language bound 1e-09" in md
 
 
 def test_kl_is_measured_on_n_kl_harmless_prompts_a_language(planted):
@@ -1160,15 +1175,16 @@ def test_bad_kl_bound_flags_are_one_line_errors(flags, message, tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
 
 
-def test_too_few_harmless_prompts_for_n_kl_is_a_one_line_error(planted, tmp_path):
+@pytest.mark.parametrize("flag", ["--n-kl", "--n-score"])
+def test_too_few_select_prompts_is_a_one_line_error_naming_the_option(planted, tmp_path, flag):
     model, prompts = planted
     result = CliRunner().invoke(
         app,
         [
             "optimize", "--model", str(model), "--out", str(tmp_path / "o"), "--langs", "en", "--prompts",
-            str(prompts), "--n-train", "16", "--judge", "score", "--n-kl", "500", "--no-evaluate", "--quiet",
+            str(prompts), "--n-train", "16", "--judge", "score", flag, "500", "--no-evaluate", "--quiet",
         ],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "500 asked; lower --n-kl or add prompts" in result.output.splitlines()[0]
+    assert f"500 asked; lower {flag} or add prompts" in result.output.splitlines()[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()

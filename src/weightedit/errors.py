@@ -185,9 +185,13 @@ class OptimizeTargetError(WeighteditError, RuntimeError):
         misses: what each judged point missed.
         report: the study report that shows the front.
         rule: the choice rule (``interval`` or ``strict``, :class:`weightedit.optimize.options.ChoiceRule`).
+        fix: what to do instead of the default advice (more trials, a higher target, more judged points), when
+            that cannot help (every trial was over the per-language KL bound, so none was judged).
     """
 
-    def __init__(self, *, target: float, misses: str, report: str, rule: str = "strict") -> None:
+    def __init__(
+        self, *, target: float, misses: str, report: str, rule: str = "strict", fix: str | None = None
+    ) -> None:
         self.target, self.misses, self.report, self.rule = target, misses, report, rule
         bar = (
             f"pooled refusal at or under {100 * target:g}% over the languages that refuse, none of them "
@@ -197,6 +201,6 @@ class OptimizeTargetError(WeighteditError, RuntimeError):
         )
         super().__init__(
             f"no judged point of the study keeps {bar} ({misses}); nothing was written; the front is in {report}: "
-            "run more trials, raise <<target_refusal>>, or judge more points (<<verify>>)",
+            + (fix or "run more trials, raise <<target_refusal>>, or judge more points (<<verify>>)"),
             path=report,
         )

@@ -255,6 +255,9 @@ def optimize_model(
             "choice_rule": options.choice_rule.value,
             "search_space": options.search_space.value,
             "direction_scope": options.direction_scope.value,
+            # the prompts the per-language KLs above were measured on, and the bound they were held to
+            "n_kl": options.kl_prompts,
+            **({"lang_kl_budget": options.lang_kl_budget} if options.lang_kl_budget is not None else {}),
         }
         edit = _write_point(
             source,
@@ -278,6 +281,10 @@ def optimize_model(
             misses=misses or unjudged_reason(result.trials, options),
             report=str(files["md"]),
             rule=options.choice_rule.value,
+            fix=None
+            if result.verified or options.lang_kl_budget is None
+            else "raise <<lang_kl_budget>> (in another <<work_dir>>: the bound is part of the study's key) or run "
+            "more trials",
         )
     job = OptimizeJob(study=result, files=files, edit=edit)
     if evaluation is not None:

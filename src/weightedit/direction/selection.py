@@ -122,8 +122,11 @@ def _take(prompts: list[str], n: int, what: str, source: str | None, option: str
     return prompts[:n]
 
 
-def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> LanguageData:
-    """Format ``lang``'s fit prompts (train) and select prompts (val); judge prompts are never read here."""
+def language_data(
+    loaded: LoadedModel, lang: str, options: SelectionOptions, *, val_option: str = "n_val"
+) -> LanguageData:
+    """Format ``lang``'s fit prompts (train) and select prompts (val); judge prompts are never read here.
+    ``val_option`` is the option an error for too few select prompts names (the caller's name for ``n_val``)."""
     src = options.prompts
     data: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
@@ -131,7 +134,7 @@ def language_data(loaded: LoadedModel, lang: str, options: SelectionOptions) -> 
         roles = prompt_roles(src, kind, lang)
         fit, select = roles["fit"], roles["select"]
         data[f"{kind}_train"] = loaded.format(_take(fit.texts, options.n_train, f"{kind} {lang} train", src, "n_train"))
-        data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src, "n_val"))
+        data[f"{kind}_val"] = loaded.format(_take(select.texts, options.n_val, f"{kind} {lang} val", src, val_option))
         splits["fit"], splits["select"] = fit.description, select.description
     return LanguageData(lang=lang, splits=splits, **data)
 

@@ -102,7 +102,7 @@ def _fit(
     sel = SelectionOptions(
         n_train=options.n_train, n_val=options.n_score, batch_size=options.batch_size, prompts=options.prompts
     )
-    data = language_data(loaded, options.direction_lang, sel)
+    data = language_data(loaded, options.direction_lang, sel, val_option="n_score")
     harmful, harmless = capture_fit_means(loaded, data, options.batch_size, progress=progress)
     return sel, data, harmful, harmless
 
@@ -130,7 +130,7 @@ def prepare(loaded: LoadedModel, options: OptimizeOptions, *, progress: bool = T
     direction_tokens = refusal_tokens_for(loaded, harmful.probs, harmless.probs, strict=False)
     targets = []
     for lang in options.langs:
-        d = data if lang == data.lang else language_data(loaded, lang, sel)
+        d = data if lang == data.lang else language_data(loaded, lang, sel, val_option="n_score")
         if lang == data.lang:
             tokens = direction_tokens
         else:

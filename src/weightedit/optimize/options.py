@@ -176,6 +176,8 @@ class OptimizeOptions:
                 or not (value > 0 and math.isfinite(value))
             ):
                 raise OptionsError(name, value, "must be a positive number of nats")
+            if value is not None:
+                object.__setattr__(self, name, float(value))  # 1 and 1.0 are one study's key
         if self.n_kl is not None and (isinstance(self.n_kl, bool) or not isinstance(self.n_kl, int) or self.n_kl < 1):
             raise OptionsError("n_kl", self.n_kl, "must be a whole number of at least 1 (or unset: <<n_score>>)")
 

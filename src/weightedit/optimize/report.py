@@ -284,8 +284,10 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Judged (select split)",
         "",
-        "| language | unedited | "
-        + " | ".join(_judged_header(v["trial"], trials, data["front"]) for v in data["verified"])
+        "| "
+        + " | ".join(
+            ["language", "unedited", *(_judged_header(v["trial"], trials, data["front"]) for v in data["verified"])]
+        )
         + " |",
         "|---|---|" + "---|" * len(data["verified"]),
     ]
@@ -308,8 +310,7 @@ def markdown(data: dict[str, Any]) -> str:
     if chosen is None:
         misses = "; ".join(f"trial {v['trial']}: {', '.join(v['misses'])}" for v in data["verified"])
         lines.append(
-            f"**No point chosen** by the {data['choice']['rule']} rule (target {target}): "
-            f"{misses or 'no point judged'}."
+            f"**No point chosen** by the {data['choice']['rule']} rule (target {target}): {misses or _unjudged(data)}."
         )
     else:
         lines.append(
@@ -329,6 +330,13 @@ def _front_note(data: dict[str, Any]) -> list[str]:
     feasible = sum(1 for t in data["trials"] if all(v["kl"] <= bound for v in t["languages"].values()))
     text = f"Only trials with every language's KL at most {bound:g} (the per-language bound): {feasible} of {len(data['trials'])}."
     return [text if feasible else text + " **No trial is within the bound.**", ""]
+
+
+def _unjudged(data: dict[str, Any]) -> str:
+    bound = data["choice"].get("lang_kl_budget")
+    if bound is not None and data["trials"]:
+        return f"no point judged: no trial keeps every language's KL within the per-language bound {bound:g}"
+    return "no point judged"
 
 
 def _direction_layer(point: dict[str, Any]) -> str:

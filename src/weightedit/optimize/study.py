@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -192,6 +193,11 @@ def _setup_mismatch(study: optuna.Study, key: dict[str, Any]) -> str:
         {"direction_scope"} if global_study else set()
     )
     resume = f"resume it with {' and '.join(hints)}, " if hints and set(differs) <= old_defaults else ""
+    if differs and set(differs) <= {"lang_kl_budget", "n_kl"}:
+        made = " and ".join(
+            f"<<{k}>> {stored[k]}" if k in stored else f"no <<{k}>>" for k in ("lang_kl_budget", "n_kl") if k in differs
+        )
+        resume = f"it was made with {made}: resume it so, or "
     if differs == ["orthogonal_to_harmless"]:
         flag = {True: "<<orthogonal_to_harmless>>", None: "<<search_harmless_share>>"}.get(
             stored.get("orthogonal_to_harmless"), "neither <<orthogonal_to_harmless>> nor <<search_harmless_share>>"
@@ -277,7 +283,10 @@ def _search(
         trial.set_user_attr("languages", per_lang)
         if options.lang_kl_budget is not None:
             # Feasible when no language's KL is over the bound (Optuna: a constraint value of 0 or less).
-            trial.set_constraint(LANG_KL_CONSTRAINT, highest_kl(per_lang)[1] - options.lang_kl_budget)
+            # A KL that is not finite is infeasible (the NaN objective then fails the trial, as without the bound).
+            kls = [v["kl"] for v in per_lang.values()]
+            worst = max(kls) if all(math.isfinite(k) for k in kls) else math.inf
+            trial.set_constraint(LANG_KL_CONSTRAINT, worst - options.lang_kl_budget)
         return objectives(per_lang, setup)
 
     if missing > 0:
@@ -317,7 +326,7 @@ def over_lang_kl(trial: TrialRecord, options: OptimizeOptions) -> list[str]:
     bound = options.lang_kl_budget
     if bound is None:
         return []
-    return [f"{lang} KL {v['kl']:.3f} > {bound:g}" for lang, v in trial.per_lang.items() if v["kl"] > bound]
+    return [f"{lang} KL {v['kl']:.4g} > {bound:g}" for lang, v in trial.per_lang.items() if not v["kl"] <= bound]
 
 
 def unjudged_reason(trials: list[TrialRecord], options: OptimizeOptions) -> str:
@@ -337,8 +346,6 @@ def misses(
     base: dict[str, dict[str, Any]],
     kl: float,
     options: OptimizeOptions,
-    *,
-    over_bound: list[str] | None = None,
 ) -> list[str]:
     """Why a judged point does not meet the target (empty: it does), by ``options.choice_rule``.
 
@@ -348,8 +355,7 @@ def misses(
     is at most ``target_refusal`` (the interval is the inverted score test, so (b) fails exactly when the rate is
     above ``target_refusal`` and that test rejects it as the true rate at the two-sided 5% level). With 8 prompts
     a language and the 3% target, (b) passes 1/8 (lower end 2.2%) and fails 2/8 (7.1%). Either rule also asks KL
-    within ``kl_budget`` when one is set, and no language over ``lang_kl_budget`` (``over_bound``:
-    :func:`over_lang_kl` of the point's trial)."""
+    within ``kl_budget`` when one is set (a trial over ``lang_kl_budget`` is never judged: :func:`_verify`)."""
     target = options.target_refusal
     langs = _refusing_before(judged, base)
     out = []
@@ -367,7 +373,7 @@ def misses(
                 out.append(f"{lang} {k}/{n} (Wilson 95% lower end {100 * interval[0]:.1f}% > {100 * target:g}%)")
     if options.kl_budget is not None and kl > options.kl_budget:
         out.append(f"KL {kl:.3f} > {options.kl_budget}")
-    return out + list(over_bound or [])
+    return out
 
 
 def worst_estimate(trial: TrialRecord, refusing: list[str]) -> float:
@@ -406,7 +412,7 @@ def _verify(
             progress=progress,
             label=f"judging trial {t.number}",
         )
-        missed = misses(judged, base, t.kl, options, over_bound=over_lang_kl(t, options))
+        missed = misses(judged, base, t.kl, options)
         verified.append(VerifiedPoint(t, judged, not missed, missed, pooled_refusal(judged, base)))
         if not missed:
             break
