@@ -267,16 +267,20 @@ def test_judged_trials_need_a_judge_of_text(planted):
     assert "trial_tokens" not in options(planted[1]).setup_key()  # studies of the first-token estimate keep keys
 
 
-def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tmp_path):
+def optimize_planted(planted, out: Path, *flags: str):
+    """``weightedit optimize`` of the planted model, 2 trials, score judge, no evaluation, with ``flags``."""
     model, prompts = planted
-    result = CliRunner().invoke(
+    return CliRunner().invoke(
         app,
         [
-            "optimize", "--model", str(model), "--out", str(tmp_path / "edited"), "--langs", "en", "--prompts",
-            str(prompts), "--trials", "2", "--n-train", "16", "--judge", "score", "--kl-budget", "0.0000001",
-            "--no-evaluate", "--quiet",
+            "optimize", "--model", str(model), "--out", str(out), "--prompts", str(prompts), "--trials", "2",
+            "--n-train", "16", "--judge", "score", "--no-evaluate", "--quiet", *flags,
         ],
     )  # fmt: skip
+
+
+def test_no_point_meeting_the_target_is_an_error_and_writes_no_model(planted, tmp_path):
+    result = optimize_planted(planted, tmp_path / "edited", "--langs", "en", "--kl-budget", "0.0000001")
     assert result.exit_code == 1, result.output
     assert "nothing was written" in result.output
     assert not (tmp_path / "edited").exists()
@@ -805,6 +809,14 @@ def test_the_strict_rule_holds_each_refusing_language_to_the_target():
         ({"direction_scope": "rows"}, "direction_scope"),
         ({"orthogonal_to_harmless": "yes"}, "orthogonal_to_harmless"),
         ({"preserve_norm": 1}, "preserve_norm"),
+        ({"lang_kl_budget": 0}, "lang_kl_budget"),
+        ({"lang_kl_budget": -0.1}, "lang_kl_budget"),
+        ({"lang_kl_budget": float("nan")}, "lang_kl_budget"),
+        ({"lang_kl_budget": True}, "lang_kl_budget"),
+        ({"lang_kl_budget": "0.1"}, "lang_kl_budget"),
+        ({"n_kl": 0}, "n_kl"),
+        ({"n_kl": True}, "n_kl"),
+        ({"n_kl": 2.5}, "n_kl"),
     ],
 )
 def test_search_and_choice_options_are_checked(kwargs, option):
@@ -820,6 +832,8 @@ def test_search_and_choice_options_are_checked(kwargs, option):
         (["--search-space", "wide"], "--search-space wide: must be one of anchored, free"),
         (["--choice-rule", "loose"], "--choice-rule loose: must be one of interval, strict"),
         (["--direction-scope", "rows"], "--direction-scope rows: must be one of global, per-layer"),
+        (["--lang-kl-budget", "0"], "--lang-kl-budget 0.0: must be a positive number of nats"),
+        (["--n-kl", "0"], "--n-kl 0: must be a whole number of at least 1 (or unset: --n-score)"),
         (
             ["--orthogonal-to-harmless", "--search-harmless-share"],
             "--search-harmless-share True: asks the trials for the share that --orthogonal-to-harmless fixes at all "
@@ -1103,15 +1117,7 @@ def test_the_languages_over_the_bound_are_named():
 
 
 def test_no_trial_within_the_language_bound_is_an_error_that_writes_no_model(planted, tmp_path):
-    model, prompts = planted
-    result = CliRunner().invoke(
-        app,
-        [
-            "optimize", "--model", str(model), "--out", str(tmp_path / "edited"), "--langs", "en,de", "--prompts",
-            str(prompts), "--trials", "2", "--n-train", "16", "--judge", "score", "--lang-kl-budget", "1e-9",
-            "--no-evaluate", "--quiet",
-        ],
-    )  # fmt: skip
+    result = optimize_planted(planted, tmp_path / "edited", "--langs", "en,de", "--lang-kl-budget", "1e-9")
     assert result.exit_code == 1, result.output
     assert "no trial keeps every language's KL within --lang-kl-budget 1e-09" in result.output
     assert "nothing was written" in result.output
@@ -1142,49 +1148,9 @@ def test_kl_is_measured_on_n_kl_harmless_prompts_a_language(planted):
     assert "n_kl" not in OptimizeOptions().setup_key() and "lang_kl_budget" not in OptimizeOptions().setup_key()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "option"),
-    [
-        ({"lang_kl_budget": 0}, "lang_kl_budget"),
-        ({"lang_kl_budget": -0.1}, "lang_kl_budget"),
-        ({"lang_kl_budget": float("nan")}, "lang_kl_budget"),
-        ({"lang_kl_budget": True}, "lang_kl_budget"),
-        ({"lang_kl_budget": "0.1"}, "lang_kl_budget"),
-        ({"n_kl": 0}, "n_kl"),
-        ({"n_kl": True}, "n_kl"),
-        ({"n_kl": 2.5}, "n_kl"),
-    ],
-)
-def test_kl_bound_and_prompt_options_are_checked(kwargs, option):
-    with pytest.raises(OptionsError) as raised:
-        OptimizeOptions(**kwargs)
-    assert raised.value.option == option
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--lang-kl-budget", "0"], "error: --lang-kl-budget 0.0: must be a positive number of nats"),
-        (["--n-kl", "0"], "error: --n-kl 0: must be a whole number of at least 1"),
-    ],
-)
-def test_bad_kl_bound_flags_are_one_line_errors(flags, message, tmp_path):
-    result = CliRunner().invoke(app, ["optimize", "--model", "x", "--out", str(tmp_path / "o"), *flags])
-    assert result.exit_code == 2, result.output
-    assert result.output.splitlines()[0].startswith(message)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
-
-
 @pytest.mark.parametrize("flag", ["--n-kl", "--n-score"])
 def test_too_few_select_prompts_is_a_one_line_error_naming_the_option(planted, tmp_path, flag):
-    model, prompts = planted
-    result = CliRunner().invoke(
-        app,
-        [
-            "optimize", "--model", str(model), "--out", str(tmp_path / "o"), "--langs", "en", "--prompts",
-            str(prompts), "--n-train", "16", "--judge", "score", flag, "500", "--no-evaluate", "--quiet",
-        ],
-    )  # fmt: skip
+    result = optimize_planted(planted, tmp_path / "o", "--langs", "en", flag, "500")
     assert result.exit_code == 2, result.output
     assert f"500 asked; lower {flag} or add prompts" in result.output.splitlines()[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
