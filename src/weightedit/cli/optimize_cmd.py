@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         epilog=epilog(
             "weightedit optimize --model recipe:qwen2.5-coder-1.5b-instruct --langs en,zh,ar --trials 32 --out edited",
             "weightedit optimize --model ./model --langs all --trials 64 --preserve-norm --out edited --no-evaluate",
+            "weightedit optimize --model ./model --langs all --trial-tokens 24 --n-kl 16 --lang-kl-budget 0.1 --out edited",
             "weightedit optimize --model ./model --point edited-optimize/optimize.json --point-trial 7 --out edited-7",
         ),
     )(optimize)
