@@ -811,12 +811,15 @@ def main() -> None:
     plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
     if ours and ours.get("optimize_report") and not args.weightedit_point:
         # weightedit's own study report: its front (table and plot), its choice, and the report itself (trial
-        # records and counts, no prompt text), whose chosen point a later run can write again (--weightedit-point)
+        # records and counts, no prompt text), whose chosen point a later run can write again (--weightedit-point),
+        # and its Optuna journal (trial parameters and values, no prompt text), which a later run with more --trials
+        # resumes when copied to <--work>/weightedit-optimize/study.journal
         work = Path(ours["optimize_report"]).parent
         for name, suffix in (
             ("optimize.md", "weightedit-optimize.md"),
             ("front.png", "weightedit-front.png"),
             ("optimize.json", "weightedit-optimize.json"),
+            ("study.journal", "weightedit-study.journal"),
         ):
             if name == "optimize.json" and (work / name).exists():
                 study = json.loads((work / name).read_text())
