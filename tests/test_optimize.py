@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -18,12 +19,13 @@ import weightedit.optimize.study as study_module
 from weightedit.cli.main import app
 from weightedit.edit.direction_file import load_direction
 from weightedit.edit.in_memory import temporarily_edited, untie_embeddings_
+from weightedit.edit.profile import EditProfile, LayerKernel
 from weightedit.errors import OptionsError
 from weightedit.evaluation.stats import wilson_interval
 from weightedit.optimize.objective import first_order_anchor, prepare
 from weightedit.optimize.options import DirectionScope, OptimizeOptions
 from weightedit.optimize.report import markdown
-from weightedit.optimize.space import Anchor, EditPoint, direction_vector, point_from_params
+from weightedit.optimize.space import Anchor, EditPoint, direction_vector, fixed_params, params_of, point_from_params
 from weightedit.optimize.study import STUDY_FILE, misses, pooled_refusal
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
@@ -1154,3 +1156,185 @@ def test_too_few_select_prompts_is_a_one_line_error_naming_the_option(planted, t
     assert result.exit_code == 2, result.output
     assert f"500 asked; lower {flag} or add prompts" in result.output.splitlines()[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_enqueued_points_run_first_once_each_and_are_marked(planted, tmp_path):
+    """``enqueue``: the points run as the trials after the full edit, before the sampler draws any; a point the
+    study has run (the full edit, or one enqueued before) is not run again when the study is resumed with it."""
+    model, prompts = planted
+    opts = options(prompts, trials=4, preserve_norm=None, orthogonal_to_harmless=None, search_space="free")
+    params = {**FULL_PROFILE, "embedding": 0.25, "preserve_norm": True, "harmless_share": 0.5}
+    first = point_from_params({"direction_layer": 1.5, "position": -1, **params}, opts)
+    second = point_from_params({"direction_layer": 0.5, "position": -1, **params, "mlp_peak": 0.6}, opts)
+    work = tmp_path / "study"
+    job = optimize_model(str(model), tmp_path / "a", opts, work_dir=work, enqueue=[first, second], progress=False)
+    trials = job.study.trials
+    assert [t.enqueued for t in trials] == [False, True, True, False]
+    assert (trials[1].point, trials[2].point) == (first, second)
+    records = json.loads(job.files["json"].read_text())["trials"]
+    assert [r.get("enqueued", False) for r in records] == [False, True, True, False]
+    assert "Trials 1 and 2 ran points given to the study (enqueued)" in job.files["md"].read_text()
+
+    # Resumed with the same points and trial 0's: none runs again; the one new trial is the sampler's.
+    again = [EditPoint.from_json(r) for r in records[:3]]
+    resumed = optimize_model(
+        str(model), tmp_path / "b", dataclasses.replace(opts, trials=5), work_dir=work, enqueue=again, progress=False
+    )
+    assert [t.enqueued for t in resumed.study.trials] == [False, True, True, False, False]
+    # No room left for a new point: a one-line error naming --trials, and nothing is added to the study.
+    third = dataclasses.replace(first, harmless_share=0.9)
+    with pytest.raises(OptionsError, match="trials 5 leaves room for 0 more trials: raise trials to at least 6"):
+        optimize_model(str(model), tmp_path / "c", dataclasses.replace(opts, trials=5), work_dir=work,
+                       enqueue=[third], progress=False)  # fmt: skip
+    assert len(stored_study(work).trials) == 5
+
+
+def test_a_point_rebuilds_the_parameters_it_came_from():
+    for opts, extra in [
+        (OptimizeOptions(direction_scope="global", preserve_norm=None, orthogonal_to_harmless=None, search_space="free"),
+         {"direction_layer": 3.25, "position": -2, "preserve_norm": True, "harmless_share": 0.3}),
+        (OptimizeOptions(direction_scope="per-layer", orthogonal_to_harmless=True), {"preserve_norm": False}),
+    ]:  # fmt: skip
+        params = {**FULL_PROFILE, "attention_peak": 1.3, "attention_floor": 0.4, "mlp_width": 2.5, "embedding": 0.5}
+        params.update(extra)
+        fixed = {} if "position" in params else {"direction_layer": 2.0, "position": -1}
+        point = point_from_params(params, opts, fixed)
+        back = params_of(point, 6, 3, opts, Anchor(2.0, -1, True), fixed)
+        assert back.keys() == params.keys()
+        assert all(back[k] == pytest.approx(v) for k, v in params.items())
+        assert point_from_params(back, opts, fixed) == point
+    # No kernel (the full edit) or one without a width limit: the sampler's kernel of the same weights.
+    opts = OptimizeOptions(direction_scope="per-layer")
+    point = EditPoint(
+        2.0, -1, EditProfile(attention=None, mlp=LayerKernel(center=40.0, peak=0.8, width=math.inf)), True
+    )
+    back = params_of(point, 6, 3, opts)
+    assert {k: v for k, v in back.items() if k.startswith(("attention", "mlp"))} == {
+        "attention_center": 0.0, "attention_peak": 1.0, "attention_width": 6.0, "attention_floor": 1.0,
+        "mlp_center": 0.0, "mlp_peak": 0.8, "mlp_width": 6.0, "mlp_floor": 1.0,
+    }  # fmt: skip
+    rebuilt = point_from_params(back, opts, {"direction_layer": 2.0, "position": -1}).profile
+    assert [rebuilt.attention.weight(layer) for layer in range(6)] == [1.0] * 6
+    assert [rebuilt.mlp.weight(layer) for layer in range(6)] == [0.8] * 6
+    # A point with no harmless share is the plain direction: share 0 where the study searches it.
+    searched = OptimizeOptions(direction_scope="per-layer", orthogonal_to_harmless=None)
+    assert params_of(point, 6, 3, searched)["harmless_share"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "change, opts, message",
+    [
+        ({"per_layer": True}, {}, "has direction_scope 'per-layer', but this study's points have global directions"),
+        ({"harmless_share": 0.5}, {}, "has harmless_share 0.5, but this study's points have harmless_share 0 (<<orthogonal_to_harmless>>)"),
+        ({"position": -2}, {}, "has position -2, but this study's points have position -1, the anchor's: give the point that position, or search freely (<<search_space>> free)"),
+        ({"position": -4}, {"search_space": "free"}, "has position -4, but this study's points have position from -3 to -1"),
+        ({"layer": 4.9}, {}, "has direction_layer 4.9, but this study's points have direction_layer from 0.5 to 3.5 (the anchor's window: <<layer_window>>)"),
+        ({"layer": 2.5}, {"layer_window": 0}, "has direction_layer 2.5, but this study's points have direction_layer 2, the anchor's (<<layer_window>> 0 fixes it)"),
+        ({"attention": {"peak": 1.6}}, {}, "has attention peak 1.6, but this study's points have attention peak from 0.5 to 1.5"),
+        ({"mlp": {"width": 9.0}}, {}, "has mlp width 9.0, but this study's points have mlp width from 1 to 6"),
+        ({"mlp": {"center": -1.0}}, {}, "has mlp center -1.0"),
+        ({"attention": {"floor": 1.2}}, {}, "has attention floor as a share of its peak 1.2"),
+        ({"embedding": 1.5}, {}, "has embedding 1.5, but this study's points have embedding from 0 to 1"),
+        ({"harmless_share": 1.5}, {"orthogonal_to_harmless": None}, "has harmless_share 1.5, but this study's points have harmless_share from 0 to 1"),
+        ({"position": True}, {"search_space": "free"}, "has position True, but this study's points have a whole-number position"),
+        ({"preserve_norm": True}, {"preserve_norm": False}, "has preserve_norm True, but this study's points have preserve_norm False (<<preserve_norm>>)"),
+    ],
+)  # fmt: skip
+def test_a_point_out_of_the_studys_search_space_is_refused(change, opts, message):
+    settings = {"direction_scope": "global", **opts}
+    study_opts = OptimizeOptions(**settings)
+    base = {**FULL_PROFILE, "embedding": 1.0, "direction_layer": 2.0, "position": -1}
+    point = point_from_params({**base, "preserve_norm": False, "harmless_share": 0.0}, study_opts)
+    profile = point.profile
+    for part in ("attention", "mlp"):
+        if part in change:
+            profile = dataclasses.replace(
+                profile, **{part: dataclasses.replace(getattr(profile, part), **change[part])}
+            )
+    if "embedding" in change:
+        profile = dataclasses.replace(profile, embedding=change["embedding"])
+    if "preserve_norm" in change:
+        profile = dataclasses.replace(profile, preserve_norm=change["preserve_norm"])
+    rest = {k: v for k, v in change.items() if k in ("per_layer", "harmless_share", "position", "layer")}
+    point = dataclasses.replace(point, profile=profile, **rest)
+    anchor = Anchor(2.0, -1, True)  # 6 layers, limit 0.8 · 5 = 4: the window of 1.5 is 0.5–3.5
+    with pytest.raises(OptionsError, match="^enqueue=") as e:
+        params_of(point, 6, 3, study_opts, anchor, fixed_params(6, study_opts, anchor))
+    assert message in e.value.problem
+
+
+def test_a_bad_enqueue_file_is_a_one_line_error_that_writes_nothing(a_study_report, tmp_path):
+    model, report = a_study_report
+    trials = json.loads(report.read_text())["trials"]
+    cases = [
+        ("missing", None, "cannot be read as JSON"),
+        ("report", {"trials": trials}, "is a study report, not a list of points: take the trials to run from it"),
+        ("empty", [], "must hold a non-empty JSON list of trial records"),
+        ("record", [trials[0], {"position": -1}], "record 1: must be a trial record"),
+        ("scope", [{**trials[0], "direction_scope": "per-layer"}], "has direction_scope 'per-layer', but this study's points have global directions"),
+    ]  # fmt: skip
+    for name, content, message in cases:
+        path = tmp_path / f"{name}.json"
+        if content is not None:
+            path.write_text(json.dumps(content))
+        out = tmp_path / "o"
+        result = optimize_planted(
+            (model, Path(json.loads(report.read_text())["options"]["prompts"])), out, "--direction-scope", "global",
+            "--enqueue", str(path),
+        )  # fmt: skip
+        assert result.exit_code == 2, (name, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        where = "--enqueue point 0:" if name == "scope" else f"--enqueue {path}:"
+        assert len(errors) == 1 and where in errors[0] and message in errors[0], (name, result.output)
+        assert not out.exists() and not (tmp_path / "o-optimize").exists()
+
+
+def test_points_a_study_has_run_or_waits_with_are_not_enqueued_again():
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    a, b, c, d = {"x": 0.1}, {"x": 0.2}, {"x": 0.3}, {"x": 0.4}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(params=a, distributions=dist, values=[0.0, 0.0]))
+    study.add_trial(optuna.trial.create_trial(params=b, distributions=dist, state=optuna.trial.TrialState.FAIL))
+    study.enqueue_trial(c)
+    # Run (a) or waiting (c): not again; failed (b): again; within float rounding of a new one (d): once.
+    assert study_module._new_points(study, [a, b, c, d, {"x": 0.4 + 1e-12}], 5, None) == [b, d]
+    # Room: 4 trials hold the complete and the waiting one, so one more.
+    with pytest.raises(OptionsError, match="trials 3 leaves room for 1 more trials: raise trials to at least 4"):
+        study_module._new_points(study, [b, d], 3, None)
+    # A new study's trial 0 (the full edit, about to be enqueued) counts as waiting.
+    fresh = optuna.create_study(directions=["minimize", "minimize"])
+    assert study_module._new_points(fresh, [a, b], 3, a) == [b]
+    with pytest.raises(OptionsError, match="trials 2 leaves room for 1 more trials"):
+        study_module._new_points(fresh, [b, c], 2, a)
+
+
+def test_enqueued_points_in_the_anchored_per_layer_search(planted, tmp_path):
+    """The default search: a point at the anchor's position runs as given; one at another position, or more points
+    than the trials leave room for in a new study, is a one-line exit-2 error that leaves no study behind."""
+    model, prompts = planted
+    opts = options(prompts, trials=1, langs=("en",), direction_scope="per-layer")
+    work = tmp_path / "study"
+    first = optimize_model(str(model), tmp_path / "a", opts, work_dir=work, progress=False).study.trials[0].point
+    lower = dataclasses.replace(
+        first, profile=dataclasses.replace(first.profile, mlp=LayerKernel(center=1.0, peak=0.7, width=2.0, floor=0.2))
+    )
+    job = optimize_model(
+        str(model), tmp_path / "b", dataclasses.replace(opts, trials=2), work_dir=work, enqueue=[lower], progress=False
+    )
+    assert job.study.trials[1].enqueued and job.study.trials[1].point == lower
+
+    elsewhere = dataclasses.replace(lower, position=-2 if first.position == -1 else -1)
+    cases = [
+        ("room", [lower, dataclasses.replace(lower, profile=dataclasses.replace(lower.profile, embedding=0.5))], "2",
+         "--enqueue 2 new points: the study has not run them, but --trials 2 leaves room for 1 more trials: raise --trials to at least 3"),
+        ("position", [elsewhere], "3", f"--enqueue point 0: has position {elsewhere.position}, but this study's points have position {first.position}, the anchor's"),
+    ]  # fmt: skip
+    for name, points, trials, message in cases:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps([p.to_json() for p in points]))
+        out = tmp_path / name
+        result = optimize_planted(planted, out, "--langs", "en", "--trials", trials, "--enqueue", str(path))
+        assert result.exit_code == 2, (name, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], (name, result.output)
+        assert not out.exists() and not (tmp_path / f"{name}-optimize").exists()

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "OptimizeJob",
     "write_study_point",
     "study_point",
+    "read_points",
     "point_work_dir",
     "PointJob",
     "default_work_dir",
@@ -206,6 +208,7 @@ def optimize_model(
     revision: str | None = None,
     gguf_file: str | None = None,
     token: str | bool | None = None,
+    enqueue: Sequence[Any] = (),
     progress: bool = True,
 ) -> OptimizeJob:
     """Search the edit's shape on ``model`` (:mod:`weightedit.optimize`), write the chosen point to ``out`` with the
@@ -213,6 +216,9 @@ def optimize_model(
     against the unedited model on the held-out judge prompts, into ``<work_dir>/evaluation``.
 
     The study lives in ``work_dir`` (default :func:`default_work_dir`): rerunning the same command resumes it.
+    ``enqueue``: :class:`~weightedit.optimize.space.EditPoint` objects (:func:`read_points`) the study runs as its next
+    trials, before the sampler draws any (:func:`weightedit.optimize.study.run_study`); they are checked against
+    the search space as soon as the model's shape is known, before the preparation.
 
     Raises:
         OptimizeTargetError: no judged point meets the target; the study report is written, the model is not.
@@ -221,6 +227,7 @@ def optimize_model(
     from .optimize.objective import prepare
     from .optimize.options import OptimizeOptions
     from .optimize.report import payload, rebuild_record, write_study_report
+    from .optimize.space import enqueue_params
     from .optimize.study import run_study, unjudged_reason
 
     options = options or OptimizeOptions()
@@ -231,10 +238,12 @@ def optimize_model(
     )
     _check_work_dir(work, out, source)
     loaded = load_model(source, load, progress=progress)
+    enqueue = list(enqueue)  # read twice: checked here, enqueued by the study
+    enqueue_params(enqueue, loaded.n_layers, loaded.n_post, options)  # out of the search space: fail now, not later
     fingerprint = model_fingerprint(source)
     try:
         setup = prepare(loaded, options, progress=progress)
-        result = run_study(loaded, setup, options, work, fingerprint=fingerprint, progress=progress)
+        result = run_study(loaded, setup, options, work, fingerprint=fingerprint, enqueue=enqueue, progress=progress)
         rebuild = rebuild_record(
             setup.diffs,
             setup.harmless_means,
@@ -354,6 +363,42 @@ def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any],
         raise OptionsError("point_trial", trial, f"is not a trial of {report}: use one of {_numbers(trials)}")
     is_chosen = isinstance(chosen, dict) and chosen.get("trial") == trial
     return data, trials[trial], is_chosen
+
+
+def read_points(path: Path) -> list[Any]:
+    """The points of a JSON file holding a list of trial records, as a study report's ``trials`` holds them
+    (``direction_layer``, ``position``, ``profile`` and, where set, ``direction_scope`` and ``harmless_share``;
+    other keys are ignored): what ``optimize --enqueue`` reads. Returns
+    :class:`~weightedit.optimize.space.EditPoint` objects.
+
+    Raises:
+        OptionsError: the file cannot be read, is not such a list, or a record is not a point.
+    """
+    from .errors import OptionsError
+    from .optimize.space import EditPoint
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OptionsError(
+            "enqueue", str(path), f"cannot be read as JSON ({e}); pass a file of trial records"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("trials"), list):
+        raise OptionsError(
+            "enqueue",
+            str(path),
+            "is a study report, not a list of points: take the trials to run from it, e.g. "
+            f"jq '[.trials[] | select(.trial == 0)]' {path}",
+        )
+    if not isinstance(data, list) or not data:
+        raise OptionsError("enqueue", str(path), "must hold a non-empty JSON list of trial records")
+    points = []
+    for i, record in enumerate(data):
+        try:
+            points.append(EditPoint.from_json(record))
+        except OptionsError as e:
+            raise OptionsError("enqueue", str(path), f"record {i}: {e.problem}") from None
+    return points
 
 
 def _numbers(trials: dict[int, Any]) -> str:

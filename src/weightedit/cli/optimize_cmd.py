@@ -40,7 +40,7 @@ from ._options import (
 SEARCH_OPTIONS = (
     "direction_lang", "trials", "n_train", "n_score", "sampler", "seed", "search_space", "layer_window",
     "direction_scope", "preserve_norm", "orthogonal_to_harmless", "search_harmless_share", "target_refusal",
-    "choice_rule", "kl_budget", "lang_kl_budget", "n_kl", "verify", "max_new_tokens", "trial_tokens",
+    "choice_rule", "kl_budget", "lang_kl_budget", "n_kl", "verify", "max_new_tokens", "trial_tokens", "enqueue",
 )  # fmt: skip
 
 
@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
             "weightedit optimize --model recipe:qwen2.5-coder-1.5b-instruct --langs en,zh,ar --trials 32 --out edited",
             "weightedit optimize --model ./model --langs all --trials 64 --preserve-norm --out edited --no-evaluate",
             "weightedit optimize --model ./model --langs all --trial-tokens 24 --n-kl 16 --lang-kl-budget 0.1 --out edited",
+            "weightedit optimize --model ./model --langs all --trials 24 --enqueue near-trial-0.json --out edited",
             "weightedit optimize --model ./model --point edited-optimize/optimize.json --point-trial 7 --out edited-7",
         ),
     )(optimize)
@@ -222,6 +223,15 @@ def optimize(
         bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the written model on the held-out test split.")
     ] = True,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test prompts per language for the evaluation.")] = 32,
+    enqueue: Annotated[
+        Path | None,
+        typer.Option(
+            "--enqueue",
+            help="A JSON list of trial records (as a study report's trials hold them) to run as the next trials, "
+            "before the sampler draws any; counted in --trials, each run once.",
+            show_default=False,
+        ),
+    ] = None,
     point_report: Annotated[
         Path | None,
         typer.Option(
@@ -249,7 +259,7 @@ def optimize(
     from weightedit.optimize.options import ChoiceRule, OptimizeOptions
     from weightedit.optimize.report import rate_text
     from weightedit.prompts import parse_languages
-    from weightedit.workflows import default_work_dir, optimize_model
+    from weightedit.workflows import default_work_dir, optimize_model, read_points
 
     quiet_libraries(quiet)
     if point_report is not None or point_trial is not None:
@@ -287,6 +297,7 @@ def optimize(
             True,
             "asks the trials for the share that <<orthogonal_to_harmless>> fixes at all of it: pass one of them",
         )
+    points = read_points(enqueue) if enqueue is not None else []
     codes = tuple(parse_languages(langs))
     options = OptimizeOptions(
         langs=codes,
@@ -327,6 +338,7 @@ def optimize(
             revision=revision,
             gguf_file=gguf_file,
             token=token,
+            enqueue=points,
             progress=not quiet,
         )
     except OptimizeTargetError as e:

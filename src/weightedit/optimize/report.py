@@ -264,6 +264,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         _search_text(data),
         "",
+        *_enqueued_note(data),
         f"Choice rule ({data['choice']['rule']}): {data['choice']['statement']}.",
         "",
         "## Pareto front (search estimates)",
@@ -320,6 +321,19 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['written'] or '(not written)'}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _enqueued_note(data: dict[str, Any]) -> list[str]:
+    """The trials that ran points given to the study (``--enqueue``), where there are any."""
+    numbers = [str(t["trial"]) for t in data["trials"] if t.get("enqueued")]
+    if not numbers:
+        return []
+    which = f"{', '.join(numbers[:-1])} and {numbers[-1]}" if len(numbers) > 1 else numbers[0]
+    verb = "ran points" if len(numbers) > 1 else "ran a point"
+    return [
+        f"Trial{'s' if len(numbers) > 1 else ''} {which} {verb} given to the study (enqueued), not drawn by the sampler.",
+        "",
+    ]
 
 
 def _front_note(data: dict[str, Any]) -> list[str]:

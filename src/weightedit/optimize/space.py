@@ -14,6 +14,7 @@ the anchor the study stores, and rebuild its points with the trials' own paramet
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "suggest",
     "point_from_params",
     "full_edit_params",
+    "params_of",
+    "enqueue_params",
     "direction_vector",
     "remove_harmless",
 ]
@@ -233,6 +236,124 @@ def full_edit_params(n_layers: int, options: OptimizeOptions, anchor: Anchor) ->
         params["preserve_norm"] = False
     if options.orthogonal_to_harmless is None:
         params["harmless_share"] = 0.0  # the plain mean difference
+    return params
+
+
+def params_of(
+    point: EditPoint,
+    n_layers: int,
+    n_post: int,
+    options: OptimizeOptions,
+    anchor: Anchor | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The parameters :func:`suggest` would have drawn for ``point`` (the inverse of :func:`point_from_params`):
+    what a study enqueues to run ``point`` as one of its trials.
+
+    ``fixed`` (:func:`fixed_params`; ``None`` when the anchor is not known yet) are the parameters the study does not
+    search: ``point`` must have those values, as it must have every setting the options fix (the direction's scope,
+    the harmless share, norm preservation). Without ``fixed`` those are not checked, and the direction layer and
+    position are checked against the free search's ranges only. A kernel that is ``None`` (the full edit) or has no
+    width limit (its peak at every layer) is given as the sampler's kernel of the same weights: centre 0, the widest
+    width, the floor at the peak. A point with no harmless share has share 0 (the plain mean difference).
+
+    Raises:
+        OptionsError: ``point`` is not a point of this study's search space (<<enqueue>>): the message names the
+            parameter, its value and the range or value the study allows.
+    """
+
+    def bad(name: str, value: object, allowed: str) -> OptionsError:
+        return OptionsError("enqueue", value, f"has {name} {value!r}, but this study's points have {allowed}")
+
+    scope = options.direction_scope
+    assert isinstance(scope, DirectionScope)
+    if point.per_layer != (scope is DirectionScope.PER_LAYER):
+        kind = DirectionScope.PER_LAYER.value if point.per_layer else DirectionScope.GLOBAL.value
+        raise bad("direction_scope", kind, f"{scope.value} directions (<<direction_scope>>)")
+
+    def within(name: str, value: float, low: float, high: float, hint: str = "") -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise bad(name, value, f"{name} from {low:g} to {high:g}{hint}")
+        return float(value)
+
+    params: dict[str, Any] = {}
+    fixed = fixed or {}
+    position = point.position
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise bad("position", position, "a whole-number position (-1, -2, …)")
+    if "position" in fixed and position != fixed["position"]:
+        raise bad(
+            "position",
+            position,
+            f"position {fixed['position']}, the anchor's: give the point that position, or search freely "
+            "(<<search_space>> free) in another <<work_dir>>",
+        )
+    if "position" not in fixed:
+        params["position"] = int(within("position", position, -n_post, -1))
+    # Per-layer points read no direction layer (each decoder layer has its own): theirs is not checked.
+    if not point.per_layer and "direction_layer" in fixed:
+        if not math.isclose(point.layer, fixed["direction_layer"], rel_tol=0.0, abs_tol=1e-9):
+            raise bad(
+                "direction_layer",
+                point.layer,
+                f"direction_layer {fixed['direction_layer']:g}, the anchor's (<<layer_window>> 0 fixes it): give the "
+                "point that layer, or search a window (<<layer_window>>) in another <<work_dir>>",
+            )
+    elif not point.per_layer:
+        known = anchor is not None or options.search_space is SearchSpace.FREE
+        low, high = layer_bounds(n_layers, options, anchor) if known else _layer_range(n_layers, options)
+        hint = "" if options.search_space is SearchSpace.FREE else " (the anchor's window: <<layer_window>>)"
+        params["direction_layer"] = within("direction_layer", point.layer, low, high, hint)
+    widest = float(max(n_layers, 2))
+    for part in ("attention", "mlp"):
+        k: LayerKernel | None = getattr(point.profile, part)
+        if k is None:  # no kernel: the full edit, λ = 1 at every layer
+            k = LayerKernel(center=0.0, peak=1.0, width=widest, floor=1.0)
+        elif math.isinf(k.width):  # the peak at every layer: the widest kernel with its floor at the peak
+            k = LayerKernel(center=0.0, peak=k.peak, width=widest, floor=k.peak)
+        params[f"{part}_center"] = within(f"{part} center", k.center, 0.0, float(n_layers - 1))
+        params[f"{part}_peak"] = within(f"{part} peak", k.peak, *PEAK_RANGE)
+        params[f"{part}_width"] = within(f"{part} width", k.width, 1.0, widest)
+        params[f"{part}_floor"] = within(f"{part} floor as a share of its peak", k.floor / k.peak, 0.0, 1.0)
+    params["embedding"] = within("embedding", point.profile.embedding, 0.0, 1.0)
+    keep = point.profile.preserve_norm
+    if options.preserve_norm is None:
+        params["preserve_norm"] = keep
+    elif keep != options.preserve_norm:
+        raise bad("preserve_norm", keep, f"preserve_norm {options.preserve_norm} (<<preserve_norm>>)")
+    share = point.harmless_share
+    if options.orthogonal_to_harmless is None:
+        # A point with no share (from a study that did not search it, without orthogonal_to_harmless) is the plain
+        # mean difference, share 0.
+        params["harmless_share"] = within("harmless_share", 0.0 if share is None else share, 0.0, 1.0)
+    elif (share or 0.0) != (1.0 if options.orthogonal_to_harmless else 0.0):
+        raise bad(
+            "harmless_share",
+            share,
+            f"harmless_share {1 if options.orthogonal_to_harmless else 0} (<<orthogonal_to_harmless>>)",
+        )
+    return params
+
+
+def enqueue_params(
+    points: Sequence[EditPoint],
+    n_layers: int,
+    n_post: int,
+    options: OptimizeOptions,
+    anchor: Anchor | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`params_of` for each point.
+
+    Raises:
+        OptionsError: a point is not in the study's search space; the value is ``point <i>``, its index.
+    """
+    params = []
+    for i, point in enumerate(points):
+        try:
+            params.append(params_of(point, n_layers, n_post, options, anchor, fixed))
+        except OptionsError as e:
+            raise OptionsError("enqueue", f"point {i}", e.problem) from None
     return params
 
 

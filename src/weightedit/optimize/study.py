@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from .space import (
     EditPoint,
     default_anchor,
     direction_vector,
+    enqueue_params,
     fixed_params,
     full_edit_params,
     point_from_params,
@@ -68,6 +69,8 @@ STUDY_FILE = "study.journal"
 # The name of the trials' Optuna constraint with ``lang_kl_budget``: the highest language's KL minus the bound.
 LANG_KL_CONSTRAINT = "highest_language_kl"
 _STUDY_NAME = "weightedit-optimize"
+# The user attribute of the trials that ran a point given to the study (``enqueue``).
+_ENQUEUED = "enqueued"
 # A front point is worth judging when its refusal estimate in every refusing language is within this
 # of the target (a low mean can hide a language far above it, which either choice rule fails).
 _ESTIMATE_SLACK = 0.1
@@ -80,6 +83,7 @@ class TrialRecord:
     refusal: float  # the trial estimate (first-token or judged share), mean over the refusing languages
     kl: float  # mean over languages
     per_lang: dict[str, dict[str, float]]
+    enqueued: bool = False  # a point given to the study (``enqueue``), not one the sampler drew
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +92,7 @@ class TrialRecord:
             "refusal_estimate": self.refusal,
             "kl": self.kl,
             "languages": self.per_lang,
+            **({"enqueued": True} if self.enqueued else {}),
         }
 
 
@@ -251,6 +256,7 @@ def _record(trial: optuna.trial.FrozenTrial, options: OptimizeOptions, fixed: di
         float(refusal),
         float(kl),
         trial.user_attrs.get("languages", {}),
+        enqueued=bool(trial.user_attrs.get(_ENQUEUED)),
     )
 
 
@@ -262,15 +268,18 @@ def _search(
     anchor: Anchor | None,
     fixed: dict[str, Any],
     *,
+    queued: Sequence[dict[str, Any]] = (),
     progress: bool,
 ) -> int:
-    """Run the trials the study still lacks (``fixed``: :func:`fixed_params` for ``anchor``); return how many it had
-    already."""
+    """Run the trials the study still lacks (``fixed``: :func:`fixed_params` for ``anchor``), the parameters of
+    ``queued`` (:func:`_new_points`) first; return how many it had already."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
         # The first trial is the full edit along the anchor: the direction the first-order screen ranks best.
         assert anchor is not None  # _anchor finds one for every study without trials
         study.enqueue_trial(full_edit_params(loaded.n_layers, options, anchor))
+    for params in queued:  # checked by _new_points: they run next, before the sampler draws any
+        study.enqueue_trial(params, user_attrs={_ENQUEUED: True})
     missing = options.trials - len(done)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -300,6 +309,50 @@ def _search(
 
             study.optimize(objective, n_trials=missing, callbacks=[advance], catch=())
     return len(done)
+
+
+def _discard(work_dir: Path, made: bool) -> None:
+    """Remove the study a run has just created in ``work_dir`` (its journal and lock files), and the folder when the
+    run made it and nothing else is in it."""
+    for f in work_dir.glob(STUDY_FILE + "*"):
+        f.unlink(missing_ok=True)
+    if made and not any(work_dir.iterdir()):
+        work_dir.rmdir()
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if isinstance(a[k], (bool, str)) else math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12)
+        for k in a
+    )
+
+
+def _new_points(
+    study: optuna.Study, points: list[dict[str, Any]], trials: int, first: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The parameters of ``points`` that no trial of ``study`` has, waits with, or (``first``: the full edit a new
+    study enqueues as trial 0) is about to wait with; a failed trial's do not count, so it is run again.
+
+    Raises:
+        OptionsError: more of them are new than the study's ``trials`` leave room for.
+    """
+    states = optuna.trial.TrialState
+    complete = [t.params for t in study.trials if t.state is states.COMPLETE]
+    waiting = [t.system_attrs.get("fixed_params", {}) for t in study.trials if t.state is states.WAITING]
+    waiting += [first] if first is not None else []
+    new: list[dict[str, Any]] = []
+    for p in points:
+        if not any(_same(p, q) for q in complete + waiting + new):
+            new.append(p)
+    room = trials - len(complete) - len(waiting)
+    if len(new) > room:
+        raise OptionsError(
+            "enqueue",
+            f"{len(new)} new point{'s' if len(new) > 1 else ''}",
+            f"the study has not run {'them' if len(new) > 1 else 'it'}, but <<trials>> {trials} leaves room for "
+            f"{max(room, 0)} more trials: raise <<trials>> to at least {len(complete) + len(waiting) + len(new)}",
+        )
+    return new
 
 
 def _refusing_before(judged: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]]) -> list[str]:
@@ -426,25 +479,40 @@ def run_study(
     work_dir: Path,
     *,
     fingerprint: str,
+    enqueue: Sequence[EditPoint] = (),
     progress: bool = True,
 ) -> StudyResult:
     """Run (or resume) the study in ``work_dir``, judge its front, and choose a point.
 
+    ``enqueue``: points to run as trials before the sampler draws any (each once: a point the study has already
+    run is not run again), counted in ``options.trials``; for example trials of an earlier study's report
+    (:meth:`EditPoint.from_json` reads its records), or points near them.
+
     Raises:
-        OptionsError: ``work_dir`` holds a study of another setup.
+        OptionsError: ``work_dir`` holds a study of another setup; a point of ``enqueue`` is not in the study's
+            search space, or ``options.trials`` has no room for them.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    made, fresh = not work_dir.exists(), not (work_dir / STUDY_FILE).exists()
     with _quiet_optuna():
         study = _open_study(work_dir, options, fingerprint, [t.lang for t in setup.refusing])
-    anchor = _anchor(loaded, setup, options, study)
+    try:
+        anchor = _anchor(loaded, setup, options, study)
+        fixed = fixed_params(loaded.n_layers, options, anchor)
+        first = None if study.trials or anchor is None else full_edit_params(loaded.n_layers, options, anchor)
+        points = enqueue_params(enqueue, loaded.n_layers, loaded.n_post, options, anchor, fixed)
+        queued = _new_points(study, points, options.trials, first)
+    except OptionsError:
+        if fresh:  # nothing ran: leave no study behind that would hold the folder to these options
+            _discard(work_dir, made)
+        raise
     if progress and anchor is not None and not anchor.screened:
         console.print(
             "[yellow]the first-order screen has no refusal tokens that qualify: the study is anchored at the "
             f"default point (direction layer {anchor.layer:.2f}, position {anchor.position})[/]"
         )
-    fixed = fixed_params(loaded.n_layers, options, anchor)
-    before = _search(loaded, setup, options, study, anchor, fixed, progress=progress)
+    before = _search(loaded, setup, options, study, anchor, fixed, queued=queued, progress=progress)
     timings["search"] = time.perf_counter() - t0
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     trials = [_record(t, options, fixed) for t in complete]
