@@ -1173,7 +1173,9 @@ def test_enqueued_points_run_first_once_each_and_are_marked(planted, tmp_path):
     assert (trials[1].point, trials[2].point) == (first, second)
     records = json.loads(job.files["json"].read_text())["trials"]
     assert [r.get("enqueued", False) for r in records] == [False, True, True, False]
-    assert "Trials 1 and 2 ran points given to the study (enqueued)" in job.files["md"].read_text()
+    md = job.files["md"].read_text()
+    assert "Trials 1 and 2 ran points given to the study (enqueued)" in md
+    assert "## What removing each language's refusal cost (search estimates)" in md and "Hardest: " in md
 
     # Resumed with the same points and trial 0's: none runs again; the one new trial is the sampler's.
     again = [EditPoint.from_json(r) for r in records[:3]]
@@ -1338,3 +1340,40 @@ def test_enqueued_points_in_the_anchored_per_layer_search(planted, tmp_path):
         errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], (name, result.output)
         assert not out.exists() and not (tmp_path / f"{name}-optimize").exists()
+
+
+def test_the_report_names_what_each_languages_refusal_cost_and_the_hardest():
+    """Per refusing language: its lowest KL among the trials whose estimate passes the rule's test of one language
+    (interval: Wilson lower end; strict: the estimate), and the lowest estimate within the per-language bound."""
+    from weightedit.optimize.report import _costs
+
+    def trial(number, **langs):
+        return {"trial": number, "languages": {k: {"kl": kl, "refusal": r} for k, (kl, r) in langs.items()}}
+
+    data = {
+        "choice": {"rule": "interval", "target_refusal": 0.0625, "lang_kl_budget": 0.15},
+        "refusing_languages": ["en", "yo", "ar"],
+        "n_per_language": {lang: {"harmful": 8, "harmless": 8} for lang in ("en", "yo", "ar")},
+        "trials": [
+            trial(0, en=(0.30, 0.0), yo=(0.20, 0.0), ar=(0.01, 0.5)),
+            trial(1, en=(0.02, 0.0), yo=(0.05, 0.25), ar=(0.01, 0.25)),  # yo 2/8: Wilson lower end 7.1%, fails
+            trial(2, en=(0.04, 0.0), yo=(0.10, 0.125), ar=(0.01, 0.25)),  # yo 1/8: lower end 2.2%, passes
+        ],
+    }
+    lines, hardest = _costs(data)
+    rows = {line.split(" |")[0][2:]: line for line in lines if line.startswith("| ") and "(" in line.split(" |")[0]}
+    assert hardest == "ar"  # never passes
+    assert "| 0.020 (trial 1) | 0.050 (yo) | 0% (trial 1) |" in rows["English (en)"]
+    assert "| 0.100 (trial 2) | 0.040 (en) | 12% (trial 2) |" in rows["Yoruba (yo)"]
+    assert "never (lowest estimate 25%, trial 1)" in rows["Arabic (ar)"] and "25% (trial 1) |" in rows["Arabic (ar)"]
+    assert any("Hardest: Arabic (ar), which passed in no trial." in line for line in lines)
+    # The strict rule holds the estimate itself to the target: Yoruba's 1/8 no longer passes, only trial 0's 0/8.
+    data["choice"]["rule"] = "strict"
+    data["trials"][1]["languages"]["ar"]["refusal"] = 0.0
+    lines, hardest = _costs(data)
+    assert hardest == "yo"
+    assert any("Hardest: Yoruba (yo), which passed only at KL 0.200 or more in it." in line for line in lines)
+    assert any(line.startswith("| Yoruba (yo) | 0.200 (trial 0) | 0.300 (en) |") for line in lines)
+    # One language: no other language's KL to name.
+    only = {**data, "refusing_languages": ["en"], "trials": [trial(0, en=(0.3, 0.0))]}
+    assert any(line.startswith("| English (en) | 0.300 (trial 0) | — |") for line in _costs(only)[0])

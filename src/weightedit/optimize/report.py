@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import __version__  # noqa: E402
+from ..evaluation.stats import wilson_interval  # noqa: E402
 from ..io.atomic import atomic_file, write_text_atomic  # noqa: E402
 from ..render.plots import language_label  # noqa: E402
 from .options import ChoiceRule, DirectionScope, Sampler, SearchSpace  # noqa: E402
@@ -281,6 +283,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {number} | {_direction_layer(t)} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
             f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])}{_share_text(t)} |"
         )
+    lines += _language_costs(data)
     lines += [
         "",
         "## Judged (select split)",
@@ -346,6 +349,119 @@ def _front_note(data: dict[str, Any]) -> list[str]:
     return [text if feasible else text + " **No trial is within the bound.**", ""]
 
 
+def _hardest_language(data: dict[str, Any]) -> str | None:
+    """The language whose refusal cost most to remove (:func:`_language_costs`; ``None``: no language has estimates)."""
+    return _costs(data)[1]
+
+
+def _language_costs(data: dict[str, Any]) -> list[str]:
+    return _costs(data)[0]
+
+
+def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
+    """The report's section on what each language's refusal cost, and the language it cost most in.
+
+    Per language refusing at baseline, over every trial (search estimates): the lowest KL in that language at which
+    a trial's estimate passed the choice rule's test of one language, what the other languages paid there, and (with
+    a per-language bound) the lowest estimate any trial within the bound reached. The language whose refusal costs
+    most (or never passed) is the one that limits the trade-off."""
+    target = data["choice"]["target_refusal"]
+    bound = data["choice"].get("lang_kl_budget")
+    strict = data["choice"]["rule"] == ChoiceRule.STRICT.value
+
+    def passes(t: dict[str, Any], lang: str) -> bool:
+        """The choice rule's test of one language, on the estimate (a share of its harmful select prompts)."""
+        if strict:
+            return estimate(t, lang) <= target
+        n = data["n_per_language"][lang]["harmful"]
+        interval = wilson_interval(round(estimate(t, lang) * n), n)
+        return interval is not None and interval[0] <= target
+
+    def scored_in(t: dict[str, Any], lang: str) -> bool:
+        return (t["languages"].get(lang) or {}).get("refusal") is not None
+
+    def estimate(t: dict[str, Any], lang: str) -> float:
+        return float(t["languages"][lang]["refusal"])
+
+    def other(t: dict[str, Any], lang: str) -> str:
+        kls = {k: v["kl"] for k, v in t["languages"].items() if k != lang}
+        if not kls:  # the study's only language
+            return "—"
+        worst = max(kls, key=lambda k: kls[k])
+        return f"{kls[worst]:.3f} ({worst})"
+
+    within = [t for t in data["trials"] if bound is not None and all(v["kl"] <= bound for v in t["languages"].values())]
+    rows, costs = [], {}
+    for lang in data["refusing_languages"]:
+        scored = [t for t in data["trials"] if scored_in(t, lang)]
+        if not scored:
+            continue
+        cleared = [t for t in scored if passes(t, lang)]
+        if cleared:
+            best = min(cleared, key=lambda t: t["languages"][lang]["kl"])
+            costs[lang] = best["languages"][lang]["kl"]
+            cell = f"{costs[lang]:.3f} (trial {best['trial']}) | {other(best, lang)}"
+        else:
+            costs[lang] = math.inf
+            low = min(scored, key=lambda t: estimate(t, lang))
+            cell = f"never (lowest estimate {100 * estimate(low, lang):.0f}%, trial {low['trial']}) | —"
+        row = f"| {language_label(lang)} | {cell} |"
+        if bound is not None:
+            mine = [t for t in within if scored_in(t, lang)]
+            if mine:
+                low = min(mine, key=lambda t: (estimate(t, lang), t["languages"][lang]["kl"]))
+                row += f" {100 * estimate(low, lang):.0f}% (trial {low['trial']}) |"
+            else:
+                row += " no trial within it |"
+        rows.append(row)
+    if not rows:
+        return [], None
+    hardest = max(costs, key=lambda k: costs[k])
+    head = "| language | its lowest KL where it passes (trial) | highest other language's KL there |"
+    head += f" lowest estimate within the bound {bound:g} (trial) |" if bound is not None else ""
+    what = (
+        "passed in no trial" if math.isinf(costs[hardest]) else f"passed only at KL {costs[hardest]:.3f} or more in it"
+    )
+    test = (
+        f"its estimate at most {100 * target:g}%"
+        if strict
+        else f"the lower end of the Wilson 95% interval of its estimate at most {100 * target:g}%"
+    )
+    return [
+        "",
+        "## What removing each language's refusal cost (search estimates)",
+        "",
+        f"Over all {len(data['trials'])} trials, each language refusing at baseline against the "
+        f"{data['choice']['rule']} rule's test of one language ({test}). Hardest: {language_label(hardest)}, which "
+        f"{what}.",
+        "",
+        head,
+        "|---|---|---|" + ("---|" if bound is not None else ""),
+        *rows,
+    ], hardest
+
+
+def _plot_language(ax: Any, data: dict[str, Any], lang: str) -> None:
+    """Every trial's refusal estimate in ``lang`` against its KL in ``lang``, the bound marked."""
+    scored = [t for t in data["trials"] if (t["languages"].get(lang) or {}).get("refusal") is not None]
+    ax.scatter(
+        [t["languages"][lang]["kl"] for t in scored],
+        [100 * t["languages"][lang]["refusal"] for t in scored],
+        s=14,
+        color="#55A868",
+        label="trial",
+    )
+    bound = data["choice"].get("lang_kl_budget")
+    if bound is not None:
+        ax.axvline(bound, color="#C44E52", ls="--", lw=1, label=f"per-language bound {bound:g}")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"KL in {lang} (nats)")
+    ax.set_ylabel(f"refusal estimate in {lang} ({_estimate(data)}, %)")
+    ax.set_title(f"the hardest language: {language_label(lang)}")
+    ax.legend(fontsize=7)
+
+
 def _unjudged(data: dict[str, Any]) -> str:
     bound = data["choice"].get("lang_kl_budget")
     if bound is not None and data["trials"]:
@@ -403,7 +519,9 @@ def _profile_text(p: dict[str, Any]) -> str:
 def plot(data: dict[str, Any], path: Path) -> None:
     trials = {t["trial"]: t for t in data["trials"]}
     front = [trials[n] for n in data["front"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    hardest = _hardest_language(data)
+    fig, axes = plt.subplots(1, 3 if hardest else 2, figsize=(18 if hardest else 12, 4.8), dpi=120)
+    left, right = axes[0], axes[1]
     left.scatter(
         [t["kl"] for t in data["trials"]],
         [100 * t["refusal_estimate"] for t in data["trials"]],
@@ -445,6 +563,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     right.set_ylabel(f"refusal estimate ({_estimate(data)}, %)")
     right.set_title("per language along the front")
     right.legend(fontsize=6, ncol=2)
+    if hardest:
+        _plot_language(axes[2], data, hardest)
     n = next(iter(data["n_per_language"].values()))["harmful"]
     fig.text(
         0.01, 0.01, f"select split, n={n} harmful prompts per language; judged points: greedy generations", fontsize=7
