@@ -320,6 +320,20 @@ REBUILD_RTOL = {"float32": 5e-4, "float64": 5e-4}
 REBUILD_RTOL_HALF = 2e-2  # bfloat16, float16
 
 
+def _json_file(path: Path, option: str, expected: str) -> Any:
+    """The JSON that ``path`` holds.
+
+    Raises:
+        OptionsError: (of ``option``) it cannot be read as JSON; the message asks for ``expected``.
+    """
+    from .errors import OptionsError
+
+    try:
+        return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OptionsError(option, str(path), f"cannot be read as JSON ({e}); pass {expected}") from None
+
+
 def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """A study report (``optimize.json``), the record of its trial ``trial`` (default: the chosen point), and
     whether that record is the chosen point.
@@ -330,12 +344,7 @@ def study_point(report: Path, trial: int | None = None) -> tuple[dict[str, Any],
     from .errors import OptionsError
     from .optimize.report import SCHEMA
 
-    try:
-        data = json.loads(Path(report).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise OptionsError(
-            "point", str(report), f"cannot be read as JSON ({e}); pass a study's optimize.json"
-        ) from None
+    data = _json_file(report, "point", "a study's optimize.json")
     family = SCHEMA.split("/")[0]
     if (
         not isinstance(data, dict)
@@ -377,12 +386,7 @@ def read_points(path: Path) -> list[Any]:
     from .errors import OptionsError
     from .optimize.space import EditPoint
 
-    try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise OptionsError(
-            "enqueue", str(path), f"cannot be read as JSON ({e}); pass a file of trial records"
-        ) from None
+    data = _json_file(path, "enqueue", "a file of trial records")
     if isinstance(data, dict) and isinstance(data.get("trials"), list):
         raise OptionsError(
             "enqueue",
