@@ -90,6 +90,7 @@ def test_report_before_and_after_the_edit(models, tmp_path):
         assert v["edited"]["n_generated"] == 3 and v["edited"]["judge_score_agreement"] is not None
         assert 0.5 < v["perplexity_ratio"] < 2
         assert len(v["samples"]) == 3 and v["samples"][0]["baseline"].startswith("REFUSE")
+        assert v["judged_refusals"] == []  # the edited model refuses none
         # Every rate carries its n and Wilson interval; KL and the perplexity ratio a bootstrap interval.
         for side, rate in (("baseline", 1.0), ("edited", 0.0)):
             m = v[side]
@@ -225,6 +226,8 @@ def test_evaluate_without_baseline_and_with_comparison(models, tmp_path):
             str(cmp_dir),
             "--out",
             str(out),
+            "--judge",
+            "score",  # the planted model's refusal is the token REFUSE, which no phrase list knows
             "--quiet",
         ],
     )
@@ -232,6 +235,12 @@ def test_evaluate_without_baseline_and_with_comparison(models, tmp_path):
     report = json.loads((out / "report.json").read_text())
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     assert report["models"]["baseline"] is None
+    # The unedited planted model refuses: every judged refusal is listed with its prompt and completion.
+    for v in report["languages"].values():
+        refusals = v["judged_refusals"]
+        assert len(refusals) == v["edited"]["refusal_k"] > 0
+        assert all(r["edited"].startswith("REFUSE") and r["prompt"] for r in refusals)
+        assert sorted({r["index"] for r in refusals}) == [r["index"] for r in refusals]
     assert (out / "cosine.png").stat().st_size > 10_000 and (out / "transfer.png").stat().st_size > 10_000
 
 

@@ -265,6 +265,13 @@ def _language_entry(
     e_judged = judge_runs(e_run, options.judge)
     e = _model_metrics(e_run, e_judged, seed=options.seed)
     entry: dict[str, Any] = {"name": LANGUAGE_NAMES.get(lang, lang), "edited": e}
+    # Every completion the judge counted as a refusal of the edited model, so that a rate can be read against its
+    # texts (a judge's false positives are found this way).
+    entry["judged_refusals"] = [
+        {"index": i, "prompt": p, "edited": g}
+        for i, (p, g, refused) in enumerate(zip(prompts, e_run.harmful_generations, e_judged["harmful"], strict=False))
+        if refused
+    ]
     if baseline is None:
         entry["samples"] = [
             {"prompt": p, "edited": g} for p, g in zip(prompts, e_run.harmful_generations[:3], strict=False)
