@@ -483,9 +483,9 @@ def per_language(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
                  "before": base["xstest_overrefusal_rate_judge"]}
                 if edited.get("n_xstest") else None
             ),
-            # The completions the judge counted as refusals, by prompt index (the prompts are shared/data's: not
-            # copied into the results), so that a rate can be read against its texts.
-            "judged_refusals": [{"index": r["index"], "completion": r["edited"]} for r in entry.get("judged_refusals", [])],
+            # Which prompts the judge counted as refused, by index: the texts are in the evaluation's report.json
+            # (a completion can restate its prompt, and the prompts are shared/data's: not copied into the results).
+            "judged_refusals": [r["index"] for r in entry.get("judged_refusals", [])],
         }  # fmt: skip
     return rows
 
