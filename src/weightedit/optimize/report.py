@@ -283,7 +283,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {number} | {_direction_layer(t)} | {t['position']} | {100 * t['refusal_estimate']:.0f}% | "
             f"{t['kl']:.3f} | {_highest_kl(t)} | {_profile_text(t['profile'])}{_share_text(t)} |"
         )
-    lines += _language_costs(data)
+    lines += _costs(data)[0]
     lines += [
         "",
         "## Judged (select split)",
@@ -344,18 +344,19 @@ def _front_note(data: dict[str, Any]) -> list[str]:
     bound = data["choice"].get("lang_kl_budget")
     if bound is None:
         return []
-    feasible = sum(1 for t in data["trials"] if all(v["kl"] <= bound for v in t["languages"].values()))
+    feasible = len(_within_bound(data, bound))
     text = f"Only trials with every language's KL at most {bound:g} (the per-language bound): {feasible} of {len(data['trials'])}."
     return [text if feasible else text + " **No trial is within the bound.**", ""]
 
 
-def _hardest_language(data: dict[str, Any]) -> str | None:
-    """The language whose refusal cost most to remove (:func:`_language_costs`; ``None``: no language has estimates)."""
-    return _costs(data)[1]
+def _within_bound(data: dict[str, Any], bound: float) -> list[dict[str, Any]]:
+    """The trials of the report whose every language's KL is at most ``bound``."""
+    return [t for t in data["trials"] if all(v["kl"] <= bound for v in t["languages"].values())]
 
 
-def _language_costs(data: dict[str, Any]) -> list[str]:
-    return _costs(data)[0]
+def _scored_in(t: dict[str, Any], lang: str) -> bool:
+    """Whether trial record ``t`` has a refusal estimate in ``lang`` (languages that are no objective have none)."""
+    return (t["languages"].get(lang) or {}).get("refusal") is not None
 
 
 def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
@@ -377,9 +378,6 @@ def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
         interval = wilson_interval(round(estimate(t, lang) * n), n)
         return interval is not None and interval[0] <= target
 
-    def scored_in(t: dict[str, Any], lang: str) -> bool:
-        return (t["languages"].get(lang) or {}).get("refusal") is not None
-
     def estimate(t: dict[str, Any], lang: str) -> float:
         return float(t["languages"][lang]["refusal"])
 
@@ -390,10 +388,10 @@ def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
         worst = max(kls, key=lambda k: kls[k])
         return f"{kls[worst]:.3f} ({worst})"
 
-    within = [t for t in data["trials"] if bound is not None and all(v["kl"] <= bound for v in t["languages"].values())]
+    within = _within_bound(data, bound) if bound is not None else []
     rows, costs = [], {}
     for lang in data["refusing_languages"]:
-        scored = [t for t in data["trials"] if scored_in(t, lang)]
+        scored = [t for t in data["trials"] if _scored_in(t, lang)]
         if not scored:
             continue
         cleared = [t for t in scored if passes(t, lang)]
@@ -407,7 +405,7 @@ def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
             cell = f"never (lowest estimate {100 * estimate(low, lang):.0f}%, trial {low['trial']}) | —"
         row = f"| {language_label(lang)} | {cell} |"
         if bound is not None:
-            mine = [t for t in within if scored_in(t, lang)]
+            mine = [t for t in within if _scored_in(t, lang)]
             if mine:
                 low = min(mine, key=lambda t: (estimate(t, lang), t["languages"][lang]["kl"]))
                 row += f" {100 * estimate(low, lang):.0f}% (trial {low['trial']}) |"
@@ -443,7 +441,7 @@ def _costs(data: dict[str, Any]) -> tuple[list[str], str | None]:
 
 def _plot_language(ax: Any, data: dict[str, Any], lang: str) -> None:
     """Every trial's refusal estimate in ``lang`` against its KL in ``lang``, the bound marked."""
-    scored = [t for t in data["trials"] if (t["languages"].get(lang) or {}).get("refusal") is not None]
+    scored = [t for t in data["trials"] if _scored_in(t, lang)]
     ax.scatter(
         [t["languages"][lang]["kl"] for t in scored],
         [100 * t["languages"][lang]["refusal"] for t in scored],
@@ -519,7 +517,7 @@ def _profile_text(p: dict[str, Any]) -> str:
 def plot(data: dict[str, Any], path: Path) -> None:
     trials = {t["trial"]: t for t in data["trials"]}
     front = [trials[n] for n in data["front"]]
-    hardest = _hardest_language(data)
+    hardest = _costs(data)[1]  # the language whose refusal cost most to remove, given its own panel
     fig, axes = plt.subplots(1, 3 if hardest else 2, figsize=(18 if hardest else 12, 4.8), dpi=120)
     left, right = axes[0], axes[1]
     left.scatter(
