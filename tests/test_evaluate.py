@@ -162,7 +162,7 @@ def test_judged_report_carries_the_judges_measured_quality(models, tmp_path):
     report = json.loads((out / "report.json").read_text())
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     judge = report["judge"]
-    assert judge["name"] == "substring" and judge["n"] == 84 and 0.8 <= judge["accuracy"] <= 1
+    assert judge["name"] == "substring" and judge["n"] == 168 and 0.8 <= judge["accuracy"] <= 1
     assert set(judge["per_language"]) == set(LANGUAGES) and judge["development"]["n"] >= 280
     assert "held-out labelled responses: accuracy" in (out / "report.md").read_text()
 
