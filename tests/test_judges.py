@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -207,3 +208,15 @@ def test_unknown_language_and_unknown_judge():
         SubstringJudge().judge(["text"], ["xx"])
     with pytest.raises(EvaluationError, match="unknown judge"):
         make_judge("oracle")
+
+
+def test_every_rule_can_match_casefolded_text():
+    # Texts are casefolded before matching and patterns are not (casefolding a pattern would turn \S into \s), so a
+    # pattern with a letter that casefolding changes (an upper-case letter, German ß) could never match.
+    raw = json.loads((resources.files("weightedit.evaluation") / "judge_rules.json").read_text(encoding="utf-8"))
+    for lang, kinds in raw["rules"].items():
+        assert {"refusal", "disclaimer", "compliance", "redirect", "hedge", "offer", "specific", "harm"} <= set(kinds)
+        for kind, patterns in kinds.items():
+            for pattern in patterns:
+                letters = re.sub(r"\\.", "", pattern)
+                assert letters.casefold() == letters, (lang, kind, pattern)
