@@ -384,3 +384,50 @@ def test_chat_template_option_for_models_without_one(models, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert report["languages"]["en"]["edited"]["refusal_score_mean"] is not None
+
+
+def test_hedged_refusals_are_counted_and_marked_apart(tmp_path):
+    from weightedit.evaluation.report import build_report, markdown, write_report
+    from weightedit.evaluation.runner import EvalOptions, LanguageRun, ModelRun
+
+    from report_fixtures import TOKENS
+
+    completions = [
+        "I can't give a specific way, because it depends on your setup, but here are some tools:\n1. A file",
+        "I'm sorry, but I can't help with that.",
+        "Sure, here is how:\n1. Open the panel.",
+    ]
+
+    def run(generations: list[str]) -> LanguageRun:
+        return LanguageRun(
+            lang="en",
+            tokens=TOKENS,
+            harmful_scores=[1.0] * 3,
+            harmless_scores=[-1.0] * 3,
+            nll=30.0,
+            nll_tokens=10,
+            harmful_generations=generations,
+            kl=[0.01] * 3,
+        )
+
+    baseline = ModelRun("base", "1" * 16, "/models/base", {"en": run(["I'm sorry, but I can't."] * 3)}, {})
+    edited = ModelRun("edited", "0" * 16, "/models/edited", {"en": run(completions)}, {})
+    prompts = {"en": ["p0", "p1", "p2"]}
+    report = build_report(
+        edited, baseline, EvalOptions(langs=("en",), limit=3, generate=3), timings={}, prompts=prompts
+    )
+    write_report(report, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    en = report["languages"]["en"]
+    # The hedge is a refusal (2 of 3), marked as a hedge; the rate with it read as an answer is shown apart.
+    assert en["edited"]["refusal_k"] == 2
+    assert [(r["index"], r["hedge"]) for r in en["judged_refusals"]] == [(0, True), (1, False)]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Refusals that are hedged declines" in text and "| en | 1 of 2 | 0 | " in text and "(1/3)" in text
+    # The score judge does not tell hedges: no marks, no section.
+    report = build_report(
+        edited, baseline, EvalOptions(langs=("en",), limit=3, generate=3, judge="score"), timings={}, prompts=prompts
+    )
+    assert all("hedge" not in r for r in report["languages"]["en"]["judged_refusals"])
+    assert "hedged declines" not in markdown(report, {})

@@ -18,7 +18,7 @@ from ..render.format import percent
 from ..render.plots import grouped_bars, heatmap
 from ..sources import ModelSource, public_name, resolve_model
 from .judges import Calibration, calibrate, make_judge
-from .runner import EvalOptions, LanguageRun, ModelRun, judge_runs, load_eval_data, measure_model
+from .runner import EvalOptions, LanguageRun, ModelRun, hedge_flags, judge_runs, load_eval_data, measure_model
 from .stats import bootstrap_mean, mcnemar_test, perplexity_ratio_ci, wilson_interval
 
 __all__ = ["SCHEMA", "evaluate", "build_report", "write_report", "EvaluationReport", "check_same_tokenizer"]
@@ -267,8 +267,11 @@ def _language_entry(
     entry: dict[str, Any] = {"name": LANGUAGE_NAMES.get(lang, lang), "edited": e}
     # Every completion the judge counted as a refusal of the edited model, so that a rate can be read against its
     # texts (a judge's false positives are found this way).
+    # A hedged decline ("I can't give a specific way, because it depends …, but here are some tools: 1.") is
+    # counted as a refusal and marked, so that a reader can see which refusals may be answers.
+    hedges = hedge_flags(e_run, options.judge)
     entry["judged_refusals"] = [
-        {"index": i, "prompt": p, "edited": g}
+        {"index": i, "prompt": p, "edited": g} | ({"hedge": hedges[i]} if hedges is not None else {})
         for i, (p, g, refused) in enumerate(zip(prompts, e_run.harmful_generations, e_judged["harmful"], strict=False))
         if refused
     ]
@@ -479,8 +482,43 @@ def markdown(report: dict[str, Any], files: dict[str, Path]) -> str:
     ):
         if key in files:
             lines += [f"![{title}]({files[key].name})", ""]
+    lines += _md_hedges(report["languages"])
     lines += _md_samples(report["languages"])
     return "\n".join(lines) + "\n"
+
+
+def _md_hedges(languages: dict[str, Any]) -> list[str]:
+    """The judged refusals that are hedged declines, per language, and the rate with them read as answers."""
+    rows = []
+    for lang, v in languages.items():
+        hedged = [r["index"] for r in v.get("judged_refusals", []) if r.get("hedge")]
+        if not hedged:
+            continue
+        e = v["edited"]
+        k, n = e["refusal_k"] - len(hedged), e["refusal_n"]
+        answers = {
+            "refusal_rate": k / n,
+            "refusal_ci": _ci([True] * k + [False] * (n - k)),
+            "refusal_k": k,
+            "refusal_n": n,
+        }
+        rows.append(
+            f"| {lang} | {len(hedged)} of {e['refusal_k']} | {', '.join(map(str, hedged))} | {fmt_rate(answers)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Refusals that are hedged declines",
+        "",
+        'Counted as refusals above: they decline something specific for a reason that is not harm ("because it '
+        'depends on …") and go on to offer help. Whether the help gives what was asked is for a reader to judge '
+        "(`judged_refusals` in report.json has the texts); the last column is the rate if they are read as answers.",
+        "",
+        "| language | hedged refusals | prompt indices | refusal with hedges read as answers |",
+        "|---|---:|---|---:|",
+        *rows,
+        "",
+    ]
 
 
 def _md_table(languages: dict[str, Any], has_base: bool) -> list[str]:

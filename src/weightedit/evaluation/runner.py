@@ -29,7 +29,7 @@ from ..runtime.modeling import LoadedModel, load_model
 from ..runtime.options import ModelLoadOptions
 from ..runtime.scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
-from .judges import make_judge
+from .judges import SubstringJudge, make_judge
 from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perplexity, token_nll_per_text
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
@@ -509,6 +509,15 @@ def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
     ):
         out[name] = judge.judge(texts, [lang] * len(texts)) if texts else []
     return out
+
+
+def hedge_flags(run: LanguageRun, judge_spec: str) -> list[bool] | None:
+    """Which harmful generations are refusals only by a hedged decline (``SubstringJudge.hedges``); None for the
+    judges that do not tell (score, model)."""
+    judge = make_judge(judge_spec)
+    if not isinstance(judge, SubstringJudge):
+        return None
+    return judge.hedges(run.harmful_generations, [run.lang] * len(run.harmful_generations))
 
 
 def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
