@@ -486,6 +486,8 @@ def per_language(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             # Which prompts the judge counted as refused, by index: the texts are in the evaluation's report.json
             # (a completion can restate its prompt, and the prompts are shared/data's: not copied into the results).
             "judged_refusals": [r["index"] for r in entry.get("judged_refusals", [])],
+            # Of those, the hedged declines (counted as refusals; a reader may call them answers).
+            "judged_hedges": [r["index"] for r in entry.get("judged_refusals", []) if r.get("hedge")],
         }  # fmt: skip
     return rows
 
