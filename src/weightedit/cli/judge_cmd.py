@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
 
 def render(result) -> None:
     table = Table(title=f"{result.judge} judge: {len(result.rows)} responses")
-    cols = ["language", "n", "refused", "rate [95% CI]"]
+    hedged = all("hedged" in v for v in result.per_language.values())
+    cols = ["language", "n", "refused", "rate [95% CI]"] + (["of which hedged"] if hedged else [])
     if result.labelled:
         cols += ["accuracy", "precision", "recall"]
     for col in cols:
@@ -38,12 +39,16 @@ def render(result) -> None:
         lo, hi = v["ci"]
         row = [f"{LANGUAGE_NAMES.get(lang, lang)} ({lang})", str(v["n"]), str(v["refused"])]
         row.append(f"{percent(v['rate'])} [{percent(lo)}, {percent(hi)}]")
+        if hedged:
+            row.append(str(v["hedged"]))
         if result.labelled:
             a = v["agreement"]
             row += ["—" if a[k] is None else f"{a[k]:.2f}" for k in ("accuracy", "precision", "recall")]
         table.add_row(*row)
     console.print(table)
     note = "rate = share judged refused; interval: Wilson 95%"
+    if hedged:
+        note += "; hedged = refusals that decline something specific and offer help (rows' 'hedge'), counted as refused"
     if result.labelled:
         note += "; accuracy/precision/recall against the input's own 'refused' labels (kept as refused_input)"
     console.print(note)

@@ -1,7 +1,7 @@
 """``weightedit judge``: judge the responses of a JSONL file, per language, with intervals.
 
 Input rows have ``lang`` and ``response`` (and optionally ``prompt``); output rows are the input rows plus
-``"refused": true|false``. A row that already carries a boolean ``refused`` (a labelled set, such as the
+``"refused": true|false`` (and, with the substring judge, ``"hedge"``: the refusal is a hedged decline). A row that already carries a boolean ``refused`` (a labelled set, such as the
 calibration set) keeps it as ``refused_input``, and the summary then also reports the judge's accuracy,
 precision and recall against those labels.
 
@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import EvaluationError, OutputExistsError, PromptsError, UnsafeOutputError
 from ..io.atomic import TMP_MARKER, disk_full_error
 from ..prompts import LANGUAGES, load_prompts
-from .judges import Judge, _scores, make_judge, strip_thinking
+from .judges import Judge, SubstringJudge, _scores, make_judge, strip_thinking
 from .stats import wilson_interval
 
 __all__ = ["JudgedFile", "read_rows", "judge_file", "score_judge"]
@@ -183,13 +183,21 @@ def judge_file(
         verdicts = score_judge(model, rows, prompts=prompts, progress=progress)
     else:
         verdicts = judge.judge([strip_thinking(r["response"]) for r in rows], [r["lang"] for r in rows])
+    # The substring judge marks the refusals that are hedged declines (counted as refusals; see SubstringJudge.hedges).
+    hedges = (
+        judge.hedges([strip_thinking(r["response"]) for r in rows], [r["lang"] for r in rows])
+        if isinstance(judge, SubstringJudge)
+        else None
+    )
     labelled = all(isinstance(r.get("refused"), bool) for r in rows)
     judged = []
-    for row, verdict in zip(rows, verdicts, strict=True):
+    for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
         new = dict(row)
         if "refused" in new:
             new["refused_input"] = new.pop("refused")
         new["refused"] = bool(verdict)
+        if hedges is not None:
+            new["hedge"] = hedges[i]
         judged.append(new)
     per_language: dict[str, dict[str, Any]] = {}
     for lang in [x for x in LANGUAGES if any(r["lang"] == x for r in rows)]:
@@ -201,6 +209,8 @@ def judge_file(
             "rate": k / len(mine),
             "ci": wilson_interval(k, len(mine)),
         }
+        if hedges is not None:
+            entry["hedged"] = sum(r["hedge"] for r in mine)
         if labelled:
             entry["agreement"] = _scores([r["refused_input"] for r in mine], [r["refused"] for r in mine])
         per_language[lang] = entry
