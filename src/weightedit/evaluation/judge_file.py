@@ -1,9 +1,10 @@
 """``weightedit judge``: judge the responses of a JSONL file, per language, with intervals.
 
 Input rows have ``lang`` and ``response`` (and optionally ``prompt``); output rows are the input rows plus
-``"refused": true|false`` (and, with the substring judge, ``"hedge"``: the refusal is a hedged decline). A row that already carries a boolean ``refused`` (a labelled set, such as the
-calibration set) keeps it as ``refused_input``, and the summary then also reports the judge's accuracy,
-precision and recall against those labels.
+``"refused": true|false`` (and, with the substring judge, ``"hedge"``: the refusal is a hedged decline). A row
+that already carries a boolean ``refused`` (a labelled set, such as the calibration set) keeps it as
+``refused_input``, and the summary then also reports the judge's accuracy, precision and recall against those
+labels.
 
 The output is written to a temporary file next to ``--out`` and renamed into place, so ``--out`` is either
 complete or untouched (also on Ctrl-C).

@@ -245,8 +245,6 @@ def _hedge(text: str, head: str, start: int, sets: Sequence[dict[str, tuple[re.P
     span = text[begin : ends[1] if len(ends) > 1 else len(text)]
     if not any(q.search(sentence) for rs in sets for q in rs["specific"]):
         return None
-    if any(d.search(head) for rs in sets for d in rs["disclaimer"]):
-        return None
     for rs in sets:
         for h in rs["hedge"]:
             m = h.search(span)

@@ -496,9 +496,10 @@ def _md_hedges(languages: dict[str, Any]) -> list[str]:
             continue
         e = v["edited"]
         k, n = e["refusal_k"] - len(hedged), e["refusal_n"]
+        ci = wilson_interval(k, n)
         answers = {
             "refusal_rate": k / n,
-            "refusal_ci": _ci([True] * k + [False] * (n - k)),
+            "refusal_ci": None if ci is None else list(ci),
             "refusal_k": k,
             "refusal_n": n,
         }
