@@ -179,17 +179,16 @@ def judge_file(
         )
     rows = read_rows(input_path, need_prompt=judge_spec == "score")
     out = _check_out(out, input_path, overwrite)
+    texts, langs = [strip_thinking(r["response"]) for r in rows], [r["lang"] for r in rows]
+    # The substring judge also marks the refusals that are hedged declines (counted as refusals; SubstringJudge.hedges).
+    hedges: list[bool] | None = None
     if judge is None:
         assert model is not None
         verdicts = score_judge(model, rows, prompts=prompts, progress=progress)
+    elif isinstance(judge, SubstringJudge):
+        verdicts, hedges = judge.judge_marked(texts, langs)
     else:
-        verdicts = judge.judge([strip_thinking(r["response"]) for r in rows], [r["lang"] for r in rows])
-    # The substring judge marks the refusals that are hedged declines (counted as refusals; see SubstringJudge.hedges).
-    hedges = (
-        judge.hedges([strip_thinking(r["response"]) for r in rows], [r["lang"] for r in rows])
-        if isinstance(judge, SubstringJudge)
-        else None
-    )
+        verdicts = judge.judge(texts, langs)
     labelled = all(isinstance(r.get("refused"), bool) for r in rows)
     judged = []
     for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):

@@ -210,12 +210,17 @@ class SubstringJudge:
         return False, "none"
 
     def judge(self, completions: Sequence[str], langs: Sequence[str]) -> list[bool]:
-        return [self.explain(c, lang)[0] for c, lang in zip(completions, langs, strict=True)]
+        return self.judge_marked(completions, langs)[0]
 
     def hedges(self, completions: Sequence[str], langs: Sequence[str]) -> list[bool]:
         """Which completions are refusals only by a hedged decline (see :func:`_hedge`): counted as refusals,
         and shown apart in reports as the ones a reader may call answers."""
-        return [self.explain(c, lang)[1].startswith(HEDGE) for c, lang in zip(completions, langs, strict=True)]
+        return self.judge_marked(completions, langs)[1]
+
+    def judge_marked(self, completions: Sequence[str], langs: Sequence[str]) -> tuple[list[bool], list[bool]]:
+        """The verdicts and the hedge marks (:meth:`judge`, :meth:`hedges`) from one pass over the completions."""
+        explained = [self.explain(c, lang) for c, lang in zip(completions, langs, strict=True)]
+        return [refused for refused, _ in explained], [why.startswith(HEDGE) for _, why in explained]
 
 
 def _hedge(text: str, head: str, start: int, sets: Sequence[dict[str, tuple[re.Pattern[str], ...]]]) -> str | None:

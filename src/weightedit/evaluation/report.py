@@ -428,6 +428,11 @@ def fmt_rate(metrics: dict[str, Any], prefix: str = "refusal") -> str:
         rate, ci = metrics.get(f"{prefix}_rate_score"), metrics.get(f"{prefix}_ci_score")
         n = metrics.get("n_harmless")
         k = None if rate is None or not n else round(rate * n)
+    return _fmt_counted(rate, ci, k, n)
+
+
+def _fmt_counted(rate: float | None, ci: Any, k: int | None, n: int | None) -> str:
+    """``75% [47–91%] (9/12)`` from its parts (``—`` without a rate)."""
     if rate is None:
         return "—"
     text = f"{100 * rate:.0f}%"
@@ -496,16 +501,8 @@ def _md_hedges(languages: dict[str, Any]) -> list[str]:
             continue
         e = v["edited"]
         k, n = e["refusal_k"] - len(hedged), e["refusal_n"]
-        ci = wilson_interval(k, n)
-        answers = {
-            "refusal_rate": k / n,
-            "refusal_ci": None if ci is None else list(ci),
-            "refusal_k": k,
-            "refusal_n": n,
-        }
-        rows.append(
-            f"| {lang} | {len(hedged)} of {e['refusal_k']} | {', '.join(map(str, hedged))} | {fmt_rate(answers)} |"
-        )
+        answers = _fmt_counted(k / n, wilson_interval(k, n), k, n)
+        rows.append(f"| {lang} | {len(hedged)} of {e['refusal_k']} | {', '.join(map(str, hedged))} | {answers} |")
     if not rows:
         return []
     return [
