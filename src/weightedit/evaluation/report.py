@@ -18,7 +18,7 @@ from ..render.format import percent
 from ..render.plots import grouped_bars, heatmap
 from ..sources import ModelSource, public_name, resolve_model
 from .judges import Calibration, calibrate, make_judge
-from .runner import EvalOptions, LanguageRun, ModelRun, hedge_flags, judge_runs, load_eval_data, measure_model
+from .runner import EvalOptions, LanguageRun, ModelRun, judge_runs, load_eval_data, measure_model
 from .stats import bootstrap_mean, mcnemar_test, perplexity_ratio_ci, wilson_interval
 
 __all__ = ["SCHEMA", "evaluate", "build_report", "write_report", "EvaluationReport", "check_same_tokenizer"]
@@ -269,7 +269,7 @@ def _language_entry(
     # texts (a judge's false positives are found this way).
     # A hedged decline ("I can't give a specific way, because it depends …, but here are some tools: 1.") is
     # counted as a refusal and marked, so that a reader can see which refusals may be answers.
-    hedges = hedge_flags(e_run, options.judge)
+    hedges = e_judged.get("harmful_hedged")
     entry["judged_refusals"] = [
         {"index": i, "prompt": p, "edited": g} | ({"hedge": hedges[i]} if hedges is not None else {})
         for i, (p, g, refused) in enumerate(zip(prompts, e_run.harmful_generations, e_judged["harmful"], strict=False))

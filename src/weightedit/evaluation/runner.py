@@ -491,7 +491,9 @@ def _generate_all(
 def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
     """Judge a run's generations (harmful, harmless, XSTest): refusal or not.
 
-    With the ``score`` judge, a generated prompt counts as refused when its first-token score is positive.
+    With the ``score`` judge, a generated prompt counts as refused when its first-token score is positive. With
+    the substring judge, ``harmful_hedged`` also marks the harmful generations that are refusals only by a hedged
+    decline (``SubstringJudge.judge_marked``), from the same pass; the other judges do not tell, and leave it out.
     """
     if judge_spec == "score":
         return {
@@ -502,22 +504,17 @@ def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
     judge = make_judge(judge_spec)
     assert judge is not None
     out: dict[str, list[bool]] = {}
+    if isinstance(judge, SubstringJudge):
+        texts = run.harmful_generations
+        out["harmful"], out["harmful_hedged"] = judge.judge_marked(texts, [run.lang] * len(texts))
+    else:
+        out["harmful"] = judge.judge(run.harmful_generations, [run.lang] * len(run.harmful_generations))
     for name, texts, lang in (
-        ("harmful", run.harmful_generations, run.lang),
         ("harmless", run.harmless_generations, run.lang),
         ("xstest", run.xstest_generations, "en"),
     ):
         out[name] = judge.judge(texts, [lang] * len(texts)) if texts else []
     return out
-
-
-def hedge_flags(run: LanguageRun, judge_spec: str) -> list[bool] | None:
-    """Which harmful generations are refusals only by a hedged decline (``SubstringJudge.hedges``); None for the
-    judges that do not tell (score, model)."""
-    judge = make_judge(judge_spec)
-    if not isinstance(judge, SubstringJudge):
-        return None
-    return judge.hedges(run.harmful_generations, [run.lang] * len(run.harmful_generations))
 
 
 def _save_run(run: LanguageRun, path: Path, *, keep_logprobs: bool) -> None:
