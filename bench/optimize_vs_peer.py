@@ -10,6 +10,8 @@
                                                            # heretic alone (its results JSON, for --peer-result)
     python bench/optimize_vs_peer.py --peer-result X.json --weightedit-point Y-weightedit-optimize.json --eval-kl-limit 32
                                                            # an earlier study's chosen point, written again, no search
+    python bench/optimize_vs_peer.py --peer-result X.json --weightedit-point Y.json --weightedit-point-trial 11 ...
+                                                           # another of its trials (exploratory: not its choice)
     python bench/optimize_vs_peer.py --weightedit-langs all --weightedit-trial-tokens 16 --peer-result X.json
                                                            # weightedit's trials judge 16-token completions
     python bench/optimize_vs_peer.py --weightedit-search-space free --weightedit-choice-rule strict ...
@@ -234,17 +236,18 @@ def heretic_refusal(heretic: dict[str, Any]) -> float | None:
 
 def check_point_report(args: argparse.Namespace) -> dict[str, Any]:
     """The study report ``--weightedit-point`` names, checked before anything runs: a study report with a chosen
-    point, of this model, whose direction came from the same English fit prompts heretic gets."""
+    point (or the trial ``--weightedit-point-trial`` names), of this model, whose direction came from the same
+    English fit prompts heretic gets."""
     from weightedit.errors import OptionsError
     from weightedit.sources.model import public_name
     from weightedit.workflows import study_point
 
     try:
-        data, chosen, _ = study_point(args.weightedit_point)
+        data, chosen, is_chosen = study_point(args.weightedit_point, args.weightedit_point_trial)
     except OptionsError as e:
-        bad_input(
-            f"--weightedit-point {args.weightedit_point}: {e.problem.replace('<<point_trial>>', '--point-trial')}"
-        )
+        where = "--weightedit-point-trial" if e.option == "point_trial" else "--weightedit-point"
+        given = args.weightedit_point_trial if e.option == "point_trial" else args.weightedit_point
+        bad_input(f"{where} {given}: {e.problem.replace('<<point_trial>>', '--weightedit-point-trial')}")
     options = data["options"]
     dtype = (data.get("rebuild") or {}).get("dtype", "float32")
     if dtype != "float32":
@@ -260,12 +263,13 @@ def check_point_report(args: argparse.Namespace) -> dict[str, Any]:
         bad_input(
             f"--weightedit-point {args.weightedit_point} is a study made otherwise {differ}: pass one of this model"
         )
-    return {"trial": chosen["trial"], "options": options, "seconds": data.get("seconds")}
+    return {"trial": chosen["trial"], "chosen": is_chosen, "options": options, "seconds": data.get("seconds")}
 
 
 def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str, Any]) -> dict[str, Any]:
-    """``weightedit optimize --point``: the chosen point of an earlier study report, written again (no search; the
-    report's batch size, or 16 for reports that record none, as every study of this benchmark used)."""
+    """``weightedit optimize --point``: the chosen point of an earlier study report (or the trial
+    ``--weightedit-point-trial`` names), written again (no search; the report's batch size, or 16 for reports that
+    record none, as every study of this benchmark used)."""
     out = args.work / "weightedit-model"
     done = args.work / "weightedit.json"
     report = args.weightedit_point.resolve()
@@ -273,7 +277,7 @@ def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str
         "model": args.model,
         "weightedit_point": str(report),
         "weightedit_point_sha256": hashlib.sha256(report.read_bytes()).hexdigest(),
-    }
+    } | ({"weightedit_point_trial": study["trial"]} if args.weightedit_point_trial is not None else {})
     code = source_tree()
     record = reusable(done, settings)
     if record is not None and record.get("code") == code and (out / "config.json").exists():
@@ -283,8 +287,9 @@ def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str
     cmd = [
         str(Path(sys.executable).parent / "weightedit"), "optimize", "--model", model, "--out", str(out),
         "--point", str(report), "--dtype", "float32", "--no-evaluate", "--quiet",
-    ]  # fmt: skip
-    console.print(f"weightedit: writing trial {study['trial']}, the chosen point of {report} (no search)")
+    ] + (["--point-trial", str(study["trial"])] if args.weightedit_point_trial is not None else [])  # fmt: skip
+    which = "the chosen point" if study["chosen"] else "not its chosen point: no choice rule picked it"
+    console.print(f"weightedit: writing trial {study['trial']} of {report}, {which} (no search)")
     result = run_timed(cmd, cwd=REPO, log=args.work / "weightedit-optimize.log")
     if result["exit_status"] != 0:
         raise SystemExit(f"weightedit optimize --point failed (exit {result['exit_status']}); see {result['log']}")
@@ -293,6 +298,7 @@ def write_weightedit_point(args: argparse.Namespace, model: str, study: dict[str
     written_from = load_direction(out / "weightedit" / "refusal_direction.safetensors").meta["optimize"]["written_from"]
     result["rewritten"] = {
         "trial": study["trial"],
+        "chosen": study["chosen"],
         # False: the report records no check of its directions (made before 2026-12-06), so the rebuilt direction is
         # unchecked against the study's; the model's direction file says the same (optimize.written_from).
         "checked": written_from["checked"],
@@ -702,6 +708,13 @@ def main() -> None:
         help="write the chosen point of this study report (optimize.json) with optimize --point instead of "
         "searching (the weightedit-search options are then not read)",
     )
+    parser.add_argument(
+        "--weightedit-point-trial",
+        type=int,
+        default=None,
+        help="with --weightedit-point: write this trial of the study instead of its chosen point (exploratory: no "
+        "choice rule picked it, and the results say so)",
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--work", type=Path, default=Path("/tmp/weightedit-peer-bench"))
     parser.add_argument(
@@ -721,6 +734,8 @@ def main() -> None:
         bad_input(f"--weightedit-trial-tokens {args.weightedit_trial_tokens}: must be 0 (first token) or a token count")
     if args.weightedit_point and args.peer_only:
         bad_input("--weightedit-point writes weightedit's point and --peer-only runs heretic alone: pass one of them")
+    if args.weightedit_point_trial is not None and not args.weightedit_point:
+        bad_input("--weightedit-point-trial picks a trial of a study report: pass the report with --weightedit-point")
     point_study = check_point_report(args) if args.weightedit_point else None
     if args.peer_only and args.peer_result:
         bad_input("--peer-only runs heretic and --peer-result reuses an earlier run of it: pass one of them")
@@ -812,6 +827,10 @@ def main() -> None:
         "weightedit_choice": front.get("choice") if front else None,
     }
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
+    rewritten = (ours or {}).get("rewritten")
+    if rewritten:
+        which = "its chosen point" if rewritten.get("chosen", True) else "not its chosen point (exploratory)"
+        md = f"weightedit: trial {rewritten['trial']} of {Path(ours['optimize_report']).name}, {which}\n\n{md}"
     (RESULTS / f"{stamp}.md").write_text(md + "\n")
     plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
     if ours and ours.get("optimize_report") and not args.weightedit_point:
@@ -834,7 +853,8 @@ def main() -> None:
                 shutil.copyfile(work / name, RESULTS / f"{stamp}-{suffix}")
     console.print(f"results: {RESULTS / stamp}.{{json,md,png}}")
     if verdict is not None and not verdict["dominates"]:
-        console.print("[bold yellow]weightedit's chosen point does not dominate heretic's on this run[/]")
+        point = "chosen point" if not rewritten or rewritten.get("chosen", True) else f"trial {rewritten['trial']}"
+        console.print(f"[bold yellow]weightedit's {point} does not dominate heretic's on this run[/]")
 
 
 if __name__ == "__main__":
