@@ -119,7 +119,9 @@ def main() -> None:
     Console(width=160).print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n")
+    path.write_text(
+        json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}, indent=1) + "\n"
+    )
     console.print(f"wrote {path}")
 
 

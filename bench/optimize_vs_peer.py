@@ -568,7 +568,7 @@ def table(ours: dict | None, peer: dict, *, n_judged: int, n_kl: int) -> tuple[T
     return t, "\n".join(md)
 
 
-def plot(ours: dict | None, peer: dict, path: Path) -> None:
+def plot(ours: dict | None, peer: dict, path: Path, label: str = "weightedit") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -579,7 +579,7 @@ def plot(ours: dict | None, peer: dict, path: Path) -> None:
     x = range(len(langs))
     series = [("before", peer, "before", "grey"), ("heretic", peer, "after", "tab:orange")]
     if ours:
-        series.append(("weightedit", ours, "after", "tab:blue"))
+        series.append((label, ours, "after", "tab:blue"))
     width = 0.8 / len(series)
     for i, (label, rows, key, color) in enumerate(series):
         rates = [rows[lang][key]["rate"] for lang in langs]
@@ -589,11 +589,11 @@ def plot(ours: dict | None, peer: dict, path: Path) -> None:
     ax1.set_xticks([j + width * (len(series) - 1) / 2 for j in x], langs)
     ax1.set_ylabel("judged refusal (test split)")
     ax1.legend()
-    for label, rows, color in [("heretic", peer, "tab:orange")] + ([("weightedit", ours, "tab:blue")] if ours else []):
+    for name, rows, color in [("heretic", peer, "tab:orange")] + ([(label, ours, "tab:blue")] if ours else []):
         ax2.scatter(
             [rows[lang]["kl"] for lang in langs],
             [rows[lang]["after"]["rate"] for lang in langs],
-            label=label,
+            label=name,
             color=color,
         )
         for lang in langs:
@@ -806,6 +806,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     front = json.loads(Path(ours["optimize_report"]).read_text()) if ours and ours.get("optimize_report") else None
+    rewritten = (ours or {}).get("rewritten")
     result = {
         "started": started.isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -820,6 +821,11 @@ def main() -> None:
         "summary": summaries,
         "peer_result": str(args.peer_result) if args.peer_result else None,
         "comparison": verdict,
+        # With --weightedit-point, the point written and evaluated; the weightedit_* entries below describe the study
+        # report it came from (its front, and the point its rule chose, which is another trial when "chosen" is false).
+        "weightedit_point": {"trial": rewritten["trial"], "chosen": rewritten.get("chosen", True)}
+        if rewritten
+        else None,
         "weightedit_front": front.get("front") if front else None,
         "weightedit_chosen": front.get("chosen") if front else None,
         "weightedit_verified": front.get("verified") if front else None,
@@ -827,12 +833,16 @@ def main() -> None:
         "weightedit_choice": front.get("choice") if front else None,
     }
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2, default=str))
-    rewritten = (ours or {}).get("rewritten")
     if rewritten:
         which = "its chosen point" if rewritten.get("chosen", True) else "not its chosen point (exploratory)"
         md = f"weightedit: trial {rewritten['trial']} of {Path(ours['optimize_report']).name}, {which}\n\n{md}"
     (RESULTS / f"{stamp}.md").write_text(md + "\n")
-    plot(our_rows, peer_rows, RESULTS / f"{stamp}.png")
+    point_label = (
+        "weightedit"
+        if not rewritten or rewritten.get("chosen", True)
+        else f"weightedit trial {rewritten['trial']} (not chosen)"
+    )
+    plot(our_rows, peer_rows, RESULTS / f"{stamp}.png", point_label)
     if ours and ours.get("optimize_report") and not args.weightedit_point:
         # weightedit's own study report: its front (table and plot), its choice, and the report itself (trial
         # records and counts, no prompt text), whose chosen point a later run can write again (--weightedit-point),

@@ -3,7 +3,9 @@
     python bench/peer_points.py bench/results/optimize-vs-peer/20261206T084003Z.json ... --out points
 
 Each results JSON holds one evaluated point of heretic, of weightedit or of both (a run that reused heretic's
-evaluation with ``--peer-result`` repeats it: a point is listed once, keyed by its tool and its numbers). Only runs
+evaluation with ``--peer-result`` repeats it, and a weightedit point may be written again by a later run): a point
+is listed once, the first time it appears, keyed by what was evaluated (heretic's saved model; the study and trial
+of weightedit's). Only runs
 made with the same evaluation settings are comparable, so the settings that shape the numbers (languages, judged
 and KL prompts a language, completion length, perplexity sentences) must agree across the files, or it stops.
 The table gives, per point, the pooled judged refusal with its Wilson 95% interval, the mean and highest
@@ -28,7 +30,7 @@ from rich.table import Table  # noqa: E402
 
 from weightedit.evaluation.stats import wilson_interval  # noqa: E402
 
-SHAPING = ("eval_langs", "eval_limit", "eval_kl_limit", "max_new_tokens", "ppl_limit")
+SHAPING = ("model", "eval_langs", "eval_limit", "eval_kl_limit", "max_new_tokens", "ppl_limit")
 
 
 def label(data: dict, tool: str, path: Path) -> str:
@@ -45,7 +47,19 @@ def label(data: dict, tool: str, path: Path) -> str:
     return f"weightedit {path.stem} trial {chosen.get('trial')} (chosen)"
 
 
-def points(files: list[Path]) -> list[dict]:
+def identity(data: dict, tool: str, path: Path) -> tuple:
+    """What was evaluated: heretic's saved model (its folder and write time), or weightedit's study and trial."""
+    if tool == "heretic":
+        written = data["evaluations"]["heretic"].get("settings", {})
+        return (tool, written.get("model"), written.get("model_written"), data["heretic"].get("wall_s"))
+    ours = data["weightedit"] or {}
+    rewritten = ours.get("rewritten")
+    if rewritten:
+        return (tool, Path(ours["optimize_report"]).name.split("-weightedit")[0], rewritten["trial"])
+    return (tool, path.stem, (data.get("weightedit_chosen") or {}).get("trial"))
+
+
+def points(files: list[Path]) -> tuple[list[dict], dict]:
     out: list[dict] = []
     seen: set[tuple] = set()
     shaping = None
@@ -60,7 +74,7 @@ def points(files: list[Path]) -> list[dict]:
             pooled = summary["refusal_edited_pooled"]
             rows = data["per_language"][tool]
             worst = max(rows, key=lambda lang: rows[lang]["kl"])
-            key = (tool, pooled["k"], pooled["n"], round(summary["kl_mean"], 6))
+            key = identity(data, tool, path)
             if key in seen:
                 continue
             seen.add(key)
@@ -84,7 +98,7 @@ def points(files: list[Path]) -> list[dict]:
     for tool in ("heretic", "weightedit"):  # short tags for the plot: H1, H2, … and W1, W2, … by mean KL
         for i, p in enumerate(q for q in out if q["tool"] == tool):
             p["tag"] = f"{tool[0].upper()}{i + 1}"
-    return out
+    return out, shaping or {}
 
 
 def main() -> None:
@@ -92,7 +106,7 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results JSONs of optimize_vs_peer.py")
     parser.add_argument("--out", type=Path, required=True, help="path stem of the table, JSON and plot")
     args = parser.parse_args()
-    pts = points(args.results)
+    pts, shaping = points(args.results)
 
     cols = ("tag", "point", "pooled judged refusal [Wilson 95%]", "mean KL", "highest KL", "highest perplexity ratio")
     table = Table(title="held-out test split, both tools")
@@ -139,7 +153,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=130)
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"settings": SHAPING, "points": pts}, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"settings": shaping, "files": [p.name for p in args.results], "points": pts}, indent=1) + "\n"
+    )
     print(f"wrote {args.out}.{{json,md,png}}")
 
 
