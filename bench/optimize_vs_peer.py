@@ -581,11 +581,11 @@ def plot(ours: dict | None, peer: dict, path: Path, label: str = "weightedit") -
     if ours:
         series.append((label, ours, "after", "tab:blue"))
     width = 0.8 / len(series)
-    for i, (label, rows, key, color) in enumerate(series):
+    for i, (name, rows, key, color) in enumerate(series):
         rates = [rows[lang][key]["rate"] for lang in langs]
         lo = [rows[lang][key]["rate"] - rows[lang][key]["ci"][0] for lang in langs]
         hi = [rows[lang][key]["ci"][1] - rows[lang][key]["rate"] for lang in langs]
-        ax1.bar([j + i * width for j in x], rates, width, yerr=[lo, hi], label=label, color=color, capsize=2)
+        ax1.bar([j + i * width for j in x], rates, width, yerr=[lo, hi], label=name, color=color, capsize=2)
     ax1.set_xticks([j + width * (len(series) - 1) / 2 for j in x], langs)
     ax1.set_ylabel("judged refusal (test split)")
     ax1.legend()
