@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import EvaluationError, OutputExistsError, PromptsError, UnsafeOutputError
 from ..io.atomic import TMP_MARKER, disk_full_error
 from ..prompts import LANGUAGES, load_prompts
-from .judges import Judge, SubstringJudge, _scores, make_judge, strip_thinking
+from .judges import Judge, _scores, judge_with_marks, make_judge, strip_thinking
 from .stats import wilson_interval
 
 __all__ = ["JudgedFile", "read_rows", "judge_file", "score_judge"]
@@ -185,10 +185,8 @@ def judge_file(
     if judge is None:
         assert model is not None
         verdicts = score_judge(model, rows, prompts=prompts, progress=progress)
-    elif isinstance(judge, SubstringJudge):
-        verdicts, hedges = judge.judge_marked(texts, langs)
     else:
-        verdicts = judge.judge(texts, langs)
+        verdicts, hedges = judge_with_marks(judge, texts, langs)
     labelled = all(isinstance(r.get("refused"), bool) for r in rows)
     judged = []
     for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):

@@ -36,6 +36,7 @@ __all__ = [
     "SubstringJudge",
     "ModelJudge",
     "make_judge",
+    "judge_with_marks",
     "judge_rules",
     "strip_thinking",
     "DEFAULT_WINDOW_WORDS",
@@ -221,6 +222,16 @@ class SubstringJudge:
         """The verdicts and the hedge marks (:meth:`judge`, :meth:`hedges`) from one pass over the completions."""
         explained = [self.explain(c, lang) for c, lang in zip(completions, langs, strict=True)]
         return [refused for refused, _ in explained], [why.startswith(HEDGE) for _, why in explained]
+
+
+def judge_with_marks(
+    judge: Judge, completions: Sequence[str], langs: Sequence[str]
+) -> tuple[list[bool], list[bool] | None]:
+    """``judge``'s verdicts, and the substring judge's hedge marks (:meth:`SubstringJudge.judge_marked`, one pass);
+    ``None`` for the marks of a judge that does not tell hedges apart."""
+    if isinstance(judge, SubstringJudge):
+        return judge.judge_marked(completions, langs)
+    return judge.judge(completions, langs), None
 
 
 def _hedge(text: str, head: str, start: int, sets: Sequence[dict[str, tuple[re.Pattern[str], ...]]]) -> str | None:

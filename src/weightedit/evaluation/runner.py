@@ -29,7 +29,7 @@ from ..runtime.modeling import LoadedModel, load_model
 from ..runtime.options import ModelLoadOptions
 from ..runtime.scoring import RefusalTokens, derive_refusal_tokens, kl_divergence, mean_probs, refusal_scores
 from ..sources import ModelSource, cache_dir, cached_sha256, resolve_model
-from .judges import SubstringJudge, make_judge
+from .judges import judge_with_marks, make_judge
 from .metrics import MGSM_SUFFIX, extract_number, generate, numbers_match, perplexity, token_nll_per_text
 
 __all__ = ["EvalOptions", "LanguageRun", "ModelRun", "measure_model", "model_fingerprint", "EvalData", "load_eval_data"]
@@ -504,11 +504,10 @@ def judge_runs(run: LanguageRun, judge_spec: str) -> dict[str, list[bool]]:
     judge = make_judge(judge_spec)
     assert judge is not None
     out: dict[str, list[bool]] = {}
-    if isinstance(judge, SubstringJudge):
-        texts = run.harmful_generations
-        out["harmful"], out["harmful_hedged"] = judge.judge_marked(texts, [run.lang] * len(texts))
-    else:
-        out["harmful"] = judge.judge(run.harmful_generations, [run.lang] * len(run.harmful_generations))
+    texts = run.harmful_generations
+    out["harmful"], hedged = judge_with_marks(judge, texts, [run.lang] * len(texts))
+    if hedged is not None:
+        out["harmful_hedged"] = hedged
     for name, texts, lang in (
         ("harmless", run.harmless_generations, run.lang),
         ("xstest", run.xstest_generations, "en"),
