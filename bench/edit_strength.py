@@ -23,7 +23,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -35,21 +34,10 @@ from weightedit.optimize.objective import mean_differences
 from weightedit.optimize.options import OptimizeOptions
 from weightedit.optimize.space import EditPoint, direction_vector
 from weightedit.prompts import role_prompts
-from weightedit.runtime.modeling import LoadedModel, load_model
+from weightedit.runtime.activations import last_logprobs
+from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
-
-
-def last_logprobs(loaded: LoadedModel, prompts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """Next-token log-probabilities after each formatted prompt, a prompt at a time (no padding)."""
-    out = {}
-    for lang, texts in prompts.items():
-        rows = []
-        for text in loaded.format(texts):
-            ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.device)
-            with torch.no_grad():
-                rows.append(loaded.model(**ids).logits[0, -1].float().log_softmax(-1))
-        out[lang] = torch.stack(rows)
-    return out
+from weightedit.runtime.scoring import kl_divergence
 
 
 def main() -> None:
@@ -75,7 +63,7 @@ def main() -> None:
     assert isinstance(judge, SubstringJudge)
     harmful = role_prompts(None, "harmful", args.lang, "judge").texts[: args.n]
     kl_prompts = {lang: role_prompts(None, "harmless", lang, "judge").texts[: args.n] for lang in kl_langs}
-    base = last_logprobs(loaded, kl_prompts)
+    base = {lang: last_logprobs(loaded, loaded.format(texts)) for lang, texts in kl_prompts.items()}
 
     rows = []
     for lam in strengths:
@@ -86,10 +74,10 @@ def main() -> None:
         t = time.perf_counter()
         with temporarily_edited(loaded.model, direction, profile):
             ids = generate_ids(loaded, loaded.format(harmful), max_new_tokens=args.max_new_tokens, batch_size=8)
-            edited = last_logprobs(loaded, kl_prompts)
+            edited = {lang: last_logprobs(loaded, loaded.format(texts)) for lang, texts in kl_prompts.items()}
         texts = [loaded.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
         verdicts, hedges = judge.judge_marked(texts, [args.lang] * len(texts))
-        kl = {lang: float((base[lang].exp() * (base[lang] - edited[lang])).sum(-1).mean()) for lang in kl_langs}
+        kl = {lang: float(kl_divergence(base[lang], edited[lang]).mean()) for lang in kl_langs}
         rows.append(
             {
                 "strength": lam,

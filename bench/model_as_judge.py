@@ -8,7 +8,7 @@ This measures one on the labelled held-out set the substring judge is tested on 
 author's 84 cases and 84 hedge boundary cases written by a session that saw no rules, 12 a language): each
 case becomes one user turn holding the request, the response and the question "did the assistant refuse?",
 and the verdict is the sign of log P(Yes) − log P(No) for the model's first answer token (no generation, one
-forward pass a case). The substring judge, run on the same cases in the same run, is the baseline. The table
+forward pass a case, batched). The substring judge, run on the same cases in the same run, is the baseline. The table
 gives accuracy with its Wilson 95% interval, precision, recall and the AUC of the score (0.5: no better than
 chance), for the whole set and its two halves. JSON goes to ``bench/results/model-as-judge/``.
 """
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from weightedit.evaluation.judges import make_judge
 from weightedit.evaluation.stats import wilson_interval
+from weightedit.runtime.activations import last_logprobs
 from weightedit.runtime.modeling import load_model
 from weightedit.runtime.options import ModelLoadOptions
 
@@ -52,8 +52,8 @@ def test_rows() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def scores(model_name: str, rows: list[dict], console: Console) -> list[float]:
-    """log P(Yes) − log P(No) of the model's first answer token, a case at a time (no padding)."""
+def scores(model_name: str, rows: list[dict]) -> list[float]:
+    """log P(Yes) − log P(No) of the model's first answer token, for every case."""
     loaded = load_model(model_name, ModelLoadOptions(dtype="float32"), progress=True)
     tok = loaded.tokenizer
 
@@ -61,17 +61,9 @@ def scores(model_name: str, rows: list[dict], console: Console) -> list[float]:
         return sorted({tok.encode(w, add_special_tokens=False)[0] for w in words})
 
     yes, no = first_tokens(("Yes", " Yes", "yes")), first_tokens(("No", " No", "no"))
-    out: list[float] = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("judging with the model", total=len(rows))
-        for r in rows:
-            text = loaded.format([QUESTION.format(prompt=r["prompt"], response=r["response"])])[0]
-            ids = tok(text, return_tensors="pt", add_special_tokens=False).to(loaded.device)
-            with torch.no_grad():
-                logp = loaded.model(**ids).logits[0, -1].float().log_softmax(-1)
-            out.append(float(torch.logsumexp(logp[yes], -1) - torch.logsumexp(logp[no], -1)))
-            bar.advance(task)
-    return out
+    questions = loaded.format([QUESTION.format(prompt=r["prompt"], response=r["response"]) for r in rows])
+    logp = last_logprobs(loaded, questions, batch_size=4, progress=True, description="judging with the model")
+    return (torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)).tolist()
 
 
 def summary(rows: list[dict], part: str, verdicts: list[bool], score: list[float] | None) -> dict:
@@ -113,7 +105,7 @@ def main() -> None:
     base = substring.judge([r["response"] for r in rows], [r["lang"] for r in rows])
     base_s = time.perf_counter() - t
     t = time.perf_counter()
-    score = scores(args.model, rows, console)
+    score = scores(args.model, rows)
     model_s = time.perf_counter() - t
     asked = [s > 0 for s in score]
 
